@@ -1,0 +1,116 @@
+"""YAML + dotted command-line overrides -> validated `Config`, with errors that name the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import ValidationError
+
+from dist_train.config.schema import Config
+from dist_train.errors import UserError
+
+# The quickstart ships inside the package so `dist-train run` works from any directory.
+BUILTIN = Path(__file__).resolve().parent.parent / "configs"
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["optim.lr=3e-4", "train.steps=50"]` -> nested dict. Values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{item}': expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML 1.1 reads 3e-4 as a string (no dot); accept it as the number the user meant.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else value
+            except ValueError:
+                pass
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}': {part} is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    builtin = BUILTIN / p.name
+    if not p.is_absolute() and len(p.parts) <= 2 and builtin.exists():
+        return builtin
+    raise UserError(f"config file not found: {path}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = _resolve_path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"{p}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+_TYPE_WORDS = {
+    "float_parsing": "a number", "float_type": "a number", "int_parsing": "an integer", "int_type": "an integer",
+    "int_from_float": "an integer", "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string", "model_type": "a mapping", "dict_type": "a mapping",
+}
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """First error only, as `key.path: expected ..., got ...` — one line a user can act on."""
+    e = err.errors()[0]
+    path = ".".join(str(p) for p in e["loc"])
+    got = e.get("input")
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind in _TYPE_WORDS:
+        return f"{path}: expected {_TYPE_WORDS[kind]}, got {got!r}"
+    if kind == "literal_error":
+        return f"{path}: expected one of {e['ctx']['expected']}, got {got!r}"
+    if kind == "value_error":
+        msg = str(e["ctx"]["error"]) if "ctx" in e else e["msg"]
+        # Cross-field validators already name their keys; don't prefix the section twice.
+        return msg if not path or msg.startswith(path) else f"{path}: {msg}"
+    if kind == "missing":
+        return f"{path}: required"
+    return f"{path}: {e['msg'].lower()}, got {got!r}" if path else e["msg"]
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Load `path` (or the quickstart when None), apply overrides, validate. Raises UserError."""
+    data = read_yaml(path if path is not None else BUILTIN / "quickstart.yaml")
+    data = _merge(data, parse_overrides(overrides))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,131 @@
+"""Typed schema of a run. Every field carries a one-line description; unknown keys are errors.
+
+YAML maps onto these models one to one (`optim.lr` is `Config.optim.lr`). Defaults describe the
+quickstart, so an empty YAML file is a valid (small) run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Strict):
+    name: str = Field("quickstart", description="Run name; outputs go to <run.dir>/<run.name>/.")
+    dir: str = Field("runs", description="Parent directory of all run directories.")
+
+
+class TrainSection(_Strict):
+    steps: int = Field(200, ge=1, description="Number of optimizer steps to train for.")
+    seed: int = Field(0, description="Seed for model init, data order and dropout.")
+    batch_size: int = Field(32, ge=1, description="Global batch size per optimizer step (all ranks, all micro-batches).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this value; 0 disables.")
+    log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate on the validation split every this many steps; 0 = only at the end.")
+    eval_batches: int = Field(4, ge=1, description="Validation batches per evaluation.")
+
+
+class ModelSection(_Strict):
+    name: Literal["gpt", "mlp", "cnn"] = Field("gpt", description="Reference model: byte-level GPT, MLP or small CNN.")
+    n_layer: int = Field(4, ge=1, description="Number of blocks (transformer blocks, hidden layers or conv blocks).")
+    width: int = Field(128, ge=1, description="Embedding size (gpt), hidden units (mlp) or channels (cnn).")
+    n_head: int = Field(4, ge=1, description="Attention heads (gpt only); must divide width.")
+    block_size: int = Field(64, ge=2, description="Context length in tokens (gpt only).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.name == "gpt" and self.width % self.n_head != 0:
+            raise ValueError(f"model.n_head ({self.n_head}) must divide model.width ({self.width})")
+        return self
+
+
+class DataSection(_Strict):
+    name: Literal["stdlib_bytes", "token_bin", "digits"] = Field(
+        "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, or sklearn digits.")
+    path: Optional[str] = Field(None, description="token_bin: path of the training .bin file (nanoGPT/llm.c uint16 format).")
+    val_path: Optional[str] = Field(None, description="token_bin: validation .bin file; default: the last val_fraction of `path`.")
+    vocab_size: Optional[int] = Field(None, ge=2, description="token_bin: vocabulary size; default: max token id + 1 (scanned).")
+    max_bytes: int = Field(4_000_000, ge=1024, description="stdlib_bytes: cap on corpus size in bytes (files taken in sorted order).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the data held out for validation.")
+
+
+class ParallelSection(_Strict):
+    backend: Literal["ddp", "fsdp", "deepspeed", "fairscale", "none"] = Field(
+        "ddp", description="Data-parallel backend: DDP, FSDP2, DeepSpeed ZeRO, FairScale OSS, or none (single process).")
+    stages: int = Field(1, ge=1, description="Local-learning stages the model is split into; 1 = end-to-end backprop.")
+    mixed_precision: Literal["fp32", "bf16"] = Field("fp32", description="Parameter/compute dtype policy (bf16 needs CUDA or a recent CPU).")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
+    deepspeed_config: Optional[str] = Field(None, description="Optional DeepSpeed JSON merged over the generated config.")
+    reshard_after_forward: bool = Field(True, description="FSDP2: free gathered parameters after forward (ZeRO-3 style).")
+
+
+class LocalSection(_Strict):
+    method: Literal["dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop"] = Field(
+        "dgl", description="Local-learning method used when parallel.stages > 1.")
+
+
+class OptimSection(_Strict):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (matrices only; biases, norms and embeddings are exempt).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (sgd: momentum).")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
+
+
+class TelemetrySection(_Strict):
+    energy: Literal["auto", "nvml", "rapl", "none"] = Field("auto", description="Energy source; auto tries NVML, then RAPL, else reports unavailable.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events to <run>/tb on rank 0.")
+    progress: Literal["auto", "on", "off"] = Field("auto", description="Progress bar on rank 0 (auto: only on a terminal).")
+
+
+class CheckpointSection(_Strict):
+    every: int = Field(0, ge=0, description="Save a checkpoint every this many steps; 0 = only at the end.")
+    keep: int = Field(2, ge=1, description="Keep the newest this many committed checkpoints.")
+    resume: str = Field("auto", description="auto (latest committed checkpoint if any), never, or a path to a step-N folder.")
+    at_end: bool = Field(True, description="Save a checkpoint after the last step.")
+
+
+class RuntimeSection(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (NCCL) when available, else CPU (gloo).")
+    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per process; default: leave torch's choice.")
+    start_timeout_s: float = Field(600, gt=0, description="Collective timeout during start-up (rendezvous, model set-up).")
+    steady_timeout_s: float = Field(300, gt=0, description="Collective timeout in steady-state training.")
+    save_timeout_s: float = Field(1800, gt=0, description="Collective timeout while saving or loading a checkpoint.")
+
+
+class Config(_Strict):
+    run: RunSection = Field(default_factory=RunSection, description="Naming and output location.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Training loop.")
+    model: ModelSection = Field(default_factory=ModelSection, description="Model.")
+    data: DataSection = Field(default_factory=DataSection, description="Data set and split.")
+    parallel: ParallelSection = Field(default_factory=ParallelSection, description="Parallelism.")
+    local: LocalSection = Field(default_factory=LocalSection, description="Local-learning pipeline.")
+    optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer and schedule.")
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection, description="Logging, energy, progress.")
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Checkpointing and resume.")
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection, description="Devices, threads and timeouts.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.data.name == "token_bin" and not self.data.path:
+            raise ValueError("data.path: required when data.name is token_bin")
+        image = self.data.name == "digits"
+        if image and self.model.name == "gpt":
+            raise ValueError("model.name: gpt needs a token data set (stdlib_bytes or token_bin), not digits")
+        if not image and self.model.name in ("mlp", "cnn"):
+            raise ValueError(f"model.name: {self.model.name} needs data.name=digits")
+        if self.train.batch_size % self.train.grad_accum != 0:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})")
+        return self

@@ -1,0 +1,9 @@
+"""Errors a user can fix. The CLI prints them as one line and exits 2 (no traceback)."""
+
+
+class UserError(Exception):
+    """Bad input: unknown key, wrong type, missing file, impossible layout, corrupt checkpoint."""
+
+
+class DistTimeoutError(RuntimeError):
+    """A collective did not finish within its phase's timeout; the message names rank and phase."""
