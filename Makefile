@@ -1,0 +1,33 @@
+# The two set-up commands. Both create .venv on first use and install the package into it.
+#
+# torch is pinned to 2.13.0 here because that CPU wheel is available locally on the dev/CI machines;
+# any torch >= 2.6 works (pyproject). DeepSpeed ships only an sdist whose build imports torch, so
+# everything is installed without build isolation: an isolated build would fetch a CUDA torch.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" "setuptools>=68" wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[deepspeed,fairscale,mpi,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dist-train launch configs/quickstart.yaml --nproc 2
+	@echo
+	@echo "TensorBoard logs: runs/quickstart/tb  ->  $(VENV)/bin/tensorboard --logdir runs/"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,22 @@
+"""Named benchmarks behind `dist-train bench NAME`; each measures its baseline in the same run."""
+
+from __future__ import annotations
+
+import importlib
+
+from dist_train.errors import UserError
+
+# name -> module exposing `run(quick: bool) -> dict` (the JSON document of DESIGN.md)
+BENCHMARKS = {"overhead": "dist_train.bench.overhead"}
+
+
+def run_benchmark(name: str, quick: bool, json_path: str | None) -> int:
+    if name == "list":
+        print("\n".join(sorted(BENCHMARKS)))
+        return 0
+    if name not in BENCHMARKS:
+        raise UserError(f"unknown benchmark '{name}'; available: {', '.join(sorted(BENCHMARKS))}")
+    from dist_train.bench.report import finish
+
+    result = importlib.import_module(BENCHMARKS[name]).run(quick=quick)
+    return finish(result, json_path)

@@ -1,0 +1,128 @@
+"""`dist-train` command line: run, launch, plan, bench.
+
+Bad input (a UserError anywhere) prints one line and exits 2; a collective timeout exits 1 naming
+the rank and phase. Tracebacks are kept for real bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from dist_train.errors import DistTimeoutError, UserError
+
+ERROR_DIR_ENV = "DIST_TRAIN_ERROR_DIR"  # set by `launch`: workers leave their one-line errors here
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config (configs/quickstart.yaml is built in)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train in the current process group (torchrun, srun, mpiexec) or alone")
+    _add_config_args(p)
+
+    p = sub.add_parser("launch", help="start N local workers through torch's elastic agent")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="worker processes on this node")
+    p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--node-rank", type=int, default=0, help="rank of this node")
+    p.add_argument("--master-addr", default=None, help="routable address of node 0 (required with --nnodes > 1)")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port on node 0")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart the worker group this many times on failure")
+    p.add_argument("--threads", type=int, default=None, help="OMP/torch threads per worker (default: cores / nproc)")
+
+    p = sub.add_parser("plan", help="validate config and layout, print the plan, train nothing")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=None, help="processes per node (default: from the environment, else 1)")
+    p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+
+    p = sub.add_parser("bench", help="run a named benchmark against its baseline")
+    p.add_argument("name", help="benchmark name (see `dist-train bench list`)")
+    p.add_argument("--quick", action="store_true", help="smaller version that finishes in a few minutes")
+    p.add_argument("--json", dest="json_path", default=None, help="write results as JSON to this file")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dist_train.config import load_config
+    from dist_train.config.layout import check_layout
+    from dist_train.runtime import discover, init_distributed
+    from dist_train.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    world = discover()
+    check_layout(cfg, world.world_size)  # before any collective, so bad input cannot hang a rank
+    ctx = init_distributed(cfg, world)
+    try:
+        last = train(cfg, ctx, [sys.argv[0], *sys.argv[1:]])
+    finally:
+        ctx.destroy()
+    if world.rank == 0 and last:
+        run_dir = Path(cfg.run.dir) / cfg.run.name
+        val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
+        print(f"done: step {last['step']}, loss {last['loss']:.4f}{val}, "
+              f"{last['samples_per_s']:.1f} samples/s; run dir {run_dir}")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from dist_train.runtime.launch import launch
+
+    return launch(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dist_train.train.plan import plan
+
+    print(plan(args.config, args.overrides, args.nproc, args.nnodes))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dist_train.bench import run_benchmark
+
+    return run_benchmark(args.name, quick=args.quick, json_path=args.json_path)
+
+
+def _report_worker_error(msg: str) -> None:
+    """Under `launch`, leave the message for the launcher (which prints it once for all ranks)."""
+    err_dir = os.environ.get(ERROR_DIR_ENV)
+    if err_dir:
+        rank = os.environ.get("RANK", "0")
+        Path(err_dir, f"rank{rank}.txt").write_text(msg)
+    else:
+        print(f"dist-train: error: {msg}", file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from dist_train.runtime.env import strip_deepspeed_local_rank
+
+    argv = strip_deepspeed_local_rank(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    # Overrides may come after options (`launch cfg.yaml --nproc 2 train.steps=5`), which argparse's
+    # positional matching does not allow; collect the stragglers here.
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    handler = {"run": cmd_run, "launch": cmd_launch, "plan": cmd_plan, "bench": cmd_bench}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        _report_worker_error(str(e))
+        return 2
+    except DistTimeoutError as e:
+        _report_worker_error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 130

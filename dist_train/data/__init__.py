@@ -1,0 +1,33 @@
+"""Data sets (no downloads) and the step-indexed sampler that makes data order resumable."""
+
+from __future__ import annotations
+
+from dist_train.config.schema import DataSection
+from dist_train.data.base import SPLITS, VAL_SEED, DataInfo, Dataset, Split
+from dist_train.data.sampler import StepSampler, derive_seed, rank_slice
+from dist_train.data.stdlib_bytes import build_stdlib_bytes, load_stdlib_bytes
+from dist_train.data.token_bin import build_token_bin, open_token_bin, write_token_bin
+from dist_train.data.tokens import TokenDataset
+from dist_train.errors import UserError
+
+__all__ = [
+    "DataInfo", "Dataset", "Split", "SPLITS", "VAL_SEED", "StepSampler", "rank_slice", "derive_seed",
+    "TokenDataset", "build_dataset", "build_stdlib_bytes", "load_stdlib_bytes", "build_token_bin",
+    "open_token_bin", "write_token_bin",
+]
+
+
+def build_dataset(cfg_data: DataSection, block_size: int) -> Dataset:
+    """The data set named in the config. `block_size` (model.block_size) sizes LM windows."""
+    if cfg_data.name == "stdlib_bytes":
+        return build_stdlib_bytes(cfg_data.max_bytes, cfg_data.val_fraction, block_size)
+    if cfg_data.name == "token_bin":
+        if not cfg_data.path:
+            raise UserError("data.path: required when data.name is token_bin")
+        return build_token_bin(cfg_data.path, cfg_data.val_path, cfg_data.vocab_size,
+                               cfg_data.val_fraction, block_size)
+    if cfg_data.name == "digits":
+        from dist_train.data.digits import DigitsDataset  # lazy: keeps sklearn out of LM runs
+
+        return DigitsDataset(cfg_data.val_fraction)
+    raise UserError(f"data.name: unknown data set {cfg_data.name!r}")

@@ -1,0 +1,56 @@
+"""The uniform data set API every trainer sees: `info`, `get_batch`, `sampler`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
+
+import torch
+
+from dist_train.data.sampler import Mode, StepSampler
+
+Split = Literal["train", "val"]
+SPLITS: tuple[str, ...] = ("train", "val")
+
+# Validation batches come from a fixed seed, so evaluations are comparable across runs that
+# differ in train.seed (and across resumes).
+VAL_SEED = 0x5EED
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about its data. Sizes are tokens (lm) or examples (classify)."""
+
+    task: Literal["lm", "classify"]
+    vocab_size: Optional[int]
+    input_shape: Optional[tuple[int, ...]]
+    num_classes: Optional[int]
+    train_size: int
+    val_size: int
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+class Dataset(ABC):
+    """A two-split data set addressed by integer indices that a `StepSampler` produces."""
+
+    info: DataInfo
+    sampling: ClassVar[Mode]  # "windows" for LM corpora, "epochs" for map-style data sets
+
+    @abstractmethod
+    def num_samples(self, split: Split) -> int:
+        """Size of the index space of `split` (valid window starts, or examples)."""
+
+    @abstractmethod
+    def get_batch(self, split: Split, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) on CPU for the given indices of `split`."""
+
+    def sampler(self, split: Split, seed: int, global_batch: int) -> StepSampler:
+        """Step sampler over `split`; the val sampler ignores `seed` and uses VAL_SEED."""
+        check_split(split)
+        return StepSampler(self.num_samples(split), global_batch,
+                           seed if split == "train" else VAL_SEED, self.sampling)

@@ -1,0 +1,45 @@
+"""scikit-learn's bundled 8x8 handwritten digits (1797 images, shipped with sklearn: no download)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dist_train.data.base import DataInfo, Dataset, Split, check_split
+
+# The split never depends on train.seed: runs with different seeds are evaluated on the same
+# held-out images. RandomState's stream is frozen by NumPy, so the split is stable across versions.
+SPLIT_SEED = 0
+
+
+class DigitsDataset(Dataset):
+    """Images float32 [1,8,8] in [0,1] and int64 labels 0..9; a fixed seeded train/val split."""
+
+    sampling = "epochs"
+
+    def __init__(self, val_fraction: float):
+        from sklearn.datasets import load_digits  # lazy: sklearn is slow to import, LM runs skip it
+
+        raw = load_digits()
+        images = torch.from_numpy((raw.images / 16.0).astype(np.float32)).unsqueeze(1)  # pixels are 0..16
+        labels = torch.from_numpy(raw.target.astype(np.int64))
+        n = len(labels)
+        perm = torch.from_numpy(np.random.RandomState(SPLIT_SEED).permutation(n))
+        n_val = min(max(1, round(n * val_fraction)), n - 1)
+        self.val_ids, self.train_ids = perm[:n_val], perm[n_val:]
+        self._splits = {
+            "train": (images[self.train_ids], labels[self.train_ids]),
+            "val": (images[self.val_ids], labels[self.val_ids]),
+        }
+        self.info = DataInfo(task="classify", vocab_size=None, input_shape=(1, 8, 8), num_classes=10,
+                             train_size=n - n_val, val_size=n_val)
+
+    def num_samples(self, split: Split) -> int:
+        check_split(split)
+        return len(self._splits[split][1])
+
+    def get_batch(self, split: Split, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_split(split)
+        images, labels = self._splits[split]
+        idx = indices.cpu().long()
+        return images[idx], labels[idx]

@@ -1,0 +1,82 @@
+"""uint16 token files as written by nanoGPT (bare array) and llm.c (1 KiB header + array)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from dist_train.data.tokens import TokenDataset
+from dist_train.errors import UserError
+
+LLMC_MAGIC = 20240520
+LLMC_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+_SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning for the max id (bounded memory)
+
+
+def open_token_bin(path: str | os.PathLike, key: str = "data.path") -> np.ndarray:
+    """Read-only uint16 memmap of the tokens in `path`, with or without an llm.c header.
+
+    The format is detected by the magic number: a nanoGPT file of GPT-2 tokens cannot start
+    with it (it would decode as token 54488 > the GPT-2 vocabulary).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{key}: file not found: {p}")
+    size = p.stat().st_size
+    header = np.fromfile(p, dtype="<i4", count=HEADER_INTS) if size >= HEADER_BYTES else None
+    if header is not None and header[0] == LLMC_MAGIC:
+        if header[1] != LLMC_VERSION:
+            raise UserError(f"{key}: {p}: llm.c token file version {header[1]} is not supported "
+                            f"(only version {LLMC_VERSION}, uint16 tokens)")
+        count = int(header[2])
+        if count < 0 or HEADER_BYTES + 2 * count > size:
+            raise UserError(f"{key}: {p}: header claims {count} tokens but the file holds "
+                            f"{(size - HEADER_BYTES) // 2}; truncated file?")
+        offset = HEADER_BYTES
+    else:
+        if size % 2:
+            raise UserError(f"{key}: {p}: odd file size {size}; not a uint16 token file")
+        count, offset = size // 2, 0
+    if count == 0:
+        raise UserError(f"{key}: {p}: file holds no tokens")
+    return np.memmap(p, dtype="<u2", mode="r", offset=offset, shape=(count,))
+
+
+def max_token(tokens: np.ndarray) -> int:
+    """Largest token id, scanned in chunks so a multi-GB memmap is never fully resident."""
+    return max(int(tokens[i:i + _SCAN_CHUNK].max()) for i in range(0, len(tokens), _SCAN_CHUNK))
+
+
+def build_token_bin(path: str, val_path: Optional[str], vocab_size: Optional[int],
+                    val_fraction: float, block_size: int) -> TokenDataset:
+    """Train from `path`; val from `val_path` or else the last val_fraction of `path`."""
+    data = open_token_bin(path, "data.path")
+    if val_path:
+        train, val = data, open_token_bin(val_path, "data.val_path")
+    else:
+        n_train = int(len(data) * (1.0 - val_fraction))
+        train, val = data[:n_train], data[n_train:]
+    if vocab_size is None:
+        vocab_size = max(max_token(train), max_token(val)) + 1
+    return TokenDataset(train, val, vocab_size=vocab_size, block_size=block_size, source="data.path")
+
+
+def write_token_bin(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray, llmc_header: bool = False) -> None:
+    """Write tokens as a nanoGPT bare uint16 file, or with an llm.c v1 header."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError("tokens must be one-dimensional")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.uint16).max):
+        raise ValueError("token ids must fit in uint16 (0..65535)")
+    arr = arr.astype("<u2")
+    with open(path, "wb") as fh:
+        if llmc_header:
+            header = np.zeros(HEADER_INTS, dtype="<i4")
+            header[:3] = (LLMC_MAGIC, LLMC_VERSION, arr.size)
+            fh.write(header.tobytes())
+        fh.write(arr.tobytes())

@@ -1,0 +1,56 @@
+"""A small CNN for tiny single-channel images (8x8 digits), laid out as embed -> blocks -> head.
+
+No BatchNorm: its running statistics are cross-sample state that breaks per-sample gradients and
+makes data-parallel results depend on the per-rank batch split. GroupNorm normalizes each sample
+on its own, so it has neither problem.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from dist_train.models.loss import cross_entropy
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv (padding keeps H,W) + GroupNorm + ReLU + dropout, at constant channel count."""
+
+    def __init__(self, width: int, dropout: float):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, kernel_size=3, padding=1)
+        # gcd keeps the group count a divisor of any width the user picks.
+        self.norm = nn.GroupNorm(math.gcd(8, width), width)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.act(self.norm(self.conv(x))))
+
+
+class CNN(nn.Module):
+    """forward(x [B,in_channels,H,W] float) -> logits [B,num_classes]."""
+
+    task = "classify"
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, n_layer: int,
+                 width: int, dropout: float = 0.0):
+        super().__init__()
+        # Spatial size never changes and the head pools globally, so image_size is informational.
+        self.image_size = image_size
+        self.width = width
+        self.embed = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.ReLU())
+        self.blocks = nn.ModuleList(ConvBlock(width, dropout) for _ in range(n_layer))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy: logits [B,C] vs labels [B]."""
+        return cross_entropy(outputs, targets)

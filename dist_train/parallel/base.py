@@ -1,0 +1,103 @@
+"""One interface over the data-parallel backends.
+
+The trainer never branches on the backend: it asks the backend to wrap the model, run a micro-batch
+backward (accumulating without communication until the last micro-batch), take the optimizer step
+(returning the pre-clip global gradient norm), and save or load its state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Callable, ContextManager, Iterator
+
+import torch
+from torch import nn
+
+from dist_train.config.schema import Config
+from dist_train.runtime.dist import DistContext
+
+from dist_train.optim.build import OptimizerSpec
+
+# Given the (possibly wrapped or sharded) module, describe the optimizer to build over it.
+OptimizerFactory = Callable[[nn.Module], OptimizerSpec]
+
+
+class Backend(ABC):
+    name: str = "base"
+    # Bytes per parameter held by each rank as (weights, gradients, optimizer state) for fp32 AdamW,
+    # as a function of the data-parallel size: used by `dist-train plan` for the memory estimate.
+    @classmethod
+    def bytes_per_param(cls, world: int, cfg: Config) -> tuple[float, float, float]:
+        return 4.0, 4.0, 8.0
+
+    def __init__(self, cfg: Config, ctx: DistContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.model: nn.Module  # what forward is called on (may be a wrapper)
+        self.module: nn.Module  # the user's model inside any wrapper
+        self.optimizer: torch.optim.Optimizer
+        self.accum = cfg.train.grad_accum
+
+    @abstractmethod
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        """Apply the parallelism to `model` (already on the device) and build the optimizer."""
+
+    def autocast(self) -> ContextManager:
+        """Mixed-precision context for forward; backends whose wrapper casts parameters return a no-op."""
+        if self.cfg.parallel.mixed_precision == "bf16":
+            return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def sync_context(self, is_last: bool) -> Iterator[None]:
+        """Around forward+backward of a micro-batch: skip gradient communication unless `is_last`."""
+        yield
+
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        """`loss` is the micro-batch mean; scale so accumulated gradients are the global-batch mean."""
+        (loss / self.accum).backward()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> float:
+        """Clip, step, zero gradients. Returns the global gradient norm before clipping."""
+        norm = self.clip_grad_norm(self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        limit = max_norm if max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    # --- checkpoint state -------------------------------------------------------------------
+    # Default: torch.distributed.checkpoint with torch's state-dict helpers, which understand DDP,
+    # FSDP2 (DTensor shards) and plain modules alike. Backends with their own sharded optimizer
+    # format override these.
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def save(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self.state_dict(), checkpoint_id=path)
+
+    def load(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = self.state_dict()  # the shapes/shardings to load into
+        dcp.load(state, checkpoint_id=path)
+        self.load_state_dict(state)

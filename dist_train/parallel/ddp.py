@@ -1,0 +1,28 @@
+"""DistributedDataParallel: full replicas, gradients all-reduced in buckets during backward."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dist_train.parallel.base import Backend, OptimizerFactory
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        self.module = model
+        # gradient_as_bucket_view saves one gradient-sized copy per step.
+        self.model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        self.optimizer = make_optimizer(model).build()
+
+    @contextlib.contextmanager
+    def sync_context(self, is_last: bool) -> Iterator[None]:
+        # no_sync must wrap forward too: DDP decides at forward time whether backward reduces.
+        with (contextlib.nullcontext() if is_last else self.model.no_sync()):
+            yield

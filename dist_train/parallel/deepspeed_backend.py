@@ -1,0 +1,103 @@
+"""DeepSpeed ZeRO stages 0-3, configured from the run's YAML (optionally merged with a DeepSpeed JSON).
+
+DeepSpeed owns gradient accumulation, clipping and its checkpoint format (its ZeRO optimizer keeps
+flat partitioned buffers that torch.distributed.checkpoint cannot describe), so this backend routes
+those calls to the engine. On CPU it runs over gloo with torch's own optimizers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+
+from dist_train.config.schema import Config
+from dist_train.errors import UserError
+from dist_train.parallel.base import Backend, OptimizerFactory
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    """The DeepSpeed JSON this run implies; a user file (`parallel.deepspeed_config`) overrides keys."""
+    micro = cfg.train.batch_size // (cfg.train.grad_accum * world)
+    ds = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # Our optimizers are plain torch ones; DeepSpeed only vouches for its own by default.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.train.grad_clip
+    if cfg.parallel.mixed_precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    if cfg.parallel.deepspeed_config:
+        path = Path(cfg.parallel.deepspeed_config)
+        if not path.is_file():
+            raise UserError(f"parallel.deepspeed_config: file not found: {path}")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"parallel.deepspeed_config: {path} is not valid JSON (line {e.lineno})") from None
+        ds = _merge(ds, user)
+    return ds
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    @classmethod
+    def bytes_per_param(cls, world: int, cfg: Config) -> tuple[float, float, float]:
+        stage = cfg.parallel.zero_stage
+        return (4.0 / world if stage >= 3 else 4.0, 4.0 / world if stage >= 2 else 4.0,
+                8.0 / world if stage >= 1 else 8.0)
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        if self.ctx.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)  # its INFO lines drown the training log
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model).build(),
+            config=deepspeed_config(self.cfg, self.ctx.world_size), dist_init_required=False)
+        self.model = self.engine = engine
+        self.module = engine.module
+        self.optimizer = optimizer
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()  # bf16 is applied by the engine to the parameters
+
+    def backward(self, loss, is_last: bool) -> None:
+        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        if not is_last:
+            self.engine.step()  # a non-boundary step only advances DeepSpeed's micro-step counter
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def save(self, path: str) -> None:
+        self.engine.save_checkpoint(path, tag="deepspeed")
+
+    def load(self, path: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UserError(f"checkpoint {path}: no DeepSpeed state found")

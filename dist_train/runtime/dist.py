@@ -1,0 +1,147 @@
+"""Process group, device and device mesh set-up, with per-phase collective timeouts.
+
+One process group is created with the generous start-up timeout. The trainer then moves between
+phases ("start", "steady", "save"); entering a phase re-arms the group's timeout, so a rank that
+hangs in steady state fails within `runtime.steady_timeout_s` with an error that names the rank and
+the phase, instead of freezing the job for the start-up timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from dist_train.config.schema import Config
+from dist_train.errors import DistTimeoutError, UserError
+from dist_train.runtime.env import WorldInfo, discover, export_env
+
+_TIMEOUT_WORDS = ("timed out", "timeout", "deadline")
+
+
+@dataclass
+class DistContext:
+    world: WorldInfo
+    device: torch.device
+    backend: Optional[str]  # torch.distributed backend string, None when no process group
+    mesh: Optional[object] = None  # torch.distributed.device_mesh.DeviceMesh over ("dp",)
+    timeouts: dict[str, float] = field(default_factory=dict)
+    current_phase: str = "start"
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def _set_timeout(self, seconds: float) -> None:
+        if not self.distributed:
+            return
+        # Private but stable since torch 2.2: re-arms the timeout of an existing group (gloo and
+        # nccl), which is exactly a per-phase timeout without building a second group.
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=seconds))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Run a block under phase `name`'s timeout; a collective timeout becomes DistTimeoutError."""
+        previous = self.current_phase
+        self.current_phase = name
+        self._set_timeout(self.timeouts.get(name, self.timeouts.get("start", 600.0)))
+        try:
+            yield
+        except RuntimeError as e:  # DistBackendError and gloo's timeout are RuntimeErrors
+            if isinstance(e, DistTimeoutError) or not any(w in str(e).lower() for w in _TIMEOUT_WORDS):
+                raise
+            raise DistTimeoutError(
+                f"rank {self.rank}: a collective timed out after {self.timeouts.get(name)}s in phase "
+                f"'{name}' (another rank is probably stuck or dead)") from e
+        finally:
+            self.current_phase = previous
+            self._set_timeout(self.timeouts.get(previous, 600.0))
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_mean(self, value: float) -> float:
+        """Mean of a Python float over ranks (for logging; not on the hot path)."""
+        if not self.distributed or self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def all_reduce_max(self, value: float) -> float:
+        if not self.distributed or self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device if self.backend and "nccl" in self.backend else torch.device("cpu")
+
+    def destroy(self) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def pick_device(cfg: Config, local_rank: int) -> torch.device:
+    want = cfg.runtime.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device: cuda requested but no CUDA device is available")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistContext:
+    """Discover the world, pick the device, create the process group and the data-parallel mesh."""
+    world = world or discover()
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    device = pick_device(cfg, world.local_rank)
+    timeouts = {"start": cfg.runtime.start_timeout_s, "steady": cfg.runtime.steady_timeout_s,
+                "save": cfg.runtime.save_timeout_s}
+    if cfg.parallel.backend == "none":
+        if world.world_size > 1:
+            raise UserError(f"parallel.backend: none runs one process, but the launcher started {world.world_size}")
+        return DistContext(world=world, device=device, backend=None, timeouts=timeouts)
+
+    export_env(world)
+    # nccl for CUDA tensors; gloo beside it for the CPU-side collectives (object broadcast, checkpoint
+    # planning) that every run also makes.
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, init_method="env://", rank=world.rank,
+                                world_size=world.world_size,
+                                timeout=timedelta(seconds=cfg.runtime.start_timeout_s), **kwargs)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world.world_size,), mesh_dim_names=("dp",))
+    ctx = DistContext(world=world, device=device, backend=backend, mesh=mesh, timeouts=timeouts)
+    ctx._set_timeout(timeouts["start"])
+    return ctx
+
+

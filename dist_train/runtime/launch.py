@@ -1,0 +1,85 @@
+"""`dist-train launch`: local workers started by torch's elastic agent (what torchrun runs inside).
+
+The config is validated here first, so bad input fails once, in the parent, with exit 2 — not N
+times in N workers. Workers that still reject their input (a corrupt checkpoint, say) leave a
+one-line message in a shared folder; the launcher prints it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from dist_train.config import load_config
+from dist_train.config.layout import check_layout
+from dist_train.errors import UserError
+from dist_train.runtime.env import LOOPBACK
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from dist_train.cli import ERROR_DIR_ENV
+
+    if args.nproc < 1 or args.nnodes < 1:
+        raise UserError("--nproc and --nnodes must be at least 1")
+    if not (0 <= args.node_rank < args.nnodes):
+        raise UserError(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
+    cfg = load_config(args.config, args.overrides)
+    check_layout(cfg, args.nproc * args.nnodes)
+
+    if args.nnodes > 1:
+        if not args.master_addr:
+            raise UserError("--master-addr is required with --nnodes > 1 (the routable address of node 0)")
+        if args.master_addr.startswith(LOOPBACK):
+            raise UserError(f"--master-addr {args.master_addr} is a loopback address but the job spans "
+                            f"{args.nnodes} nodes; use node 0's routable address")
+        # Static rendezvous: every node knows its rank, node 0 hosts the store.
+        rdzv = dict(rdzv_backend="static", rdzv_endpoint=f"{args.master_addr}:{args.master_port or 29500}",
+                    rdzv_configs={"rank": args.node_rank, "timeout": int(cfg.runtime.start_timeout_s)})
+    else:
+        rdzv = dict(rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{args.master_port or _free_port()}",
+                    rdzv_configs={"timeout": int(cfg.runtime.start_timeout_s)})
+
+    # One rank stands for one device: split the cores so workers do not oversubscribe the CPU.
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    err_dir = tempfile.mkdtemp(prefix="dist-train-err-")
+    os.environ[ERROR_DIR_ENV] = err_dir
+    # The agent reports a failed worker with a page of log lines; our one line says it better.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+
+    config = LaunchConfig(min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.nproc,
+                          run_id=f"dist-train-{uuid.uuid4().hex[:8]}", max_restarts=args.max_restarts,
+                          monitor_interval=0.5, start_method="spawn", **rdzv)
+    worker_args = ["-m", "dist_train", "run", str(args.config), *args.overrides]
+    try:
+        elastic_launch(config, sys.executable)(*worker_args)
+        return 0
+    except ChildFailedError as e:
+        messages = sorted(Path(err_dir).glob("rank*.txt"))
+        codes = {f.exitcode for f in e.failures.values()}
+        if messages:
+            print(f"dist-train: error: {messages[0].read_text().strip()}", file=sys.stderr)
+        else:
+            first = min(e.failures.items())
+            print(f"dist-train: error: worker rank {first[1].rank} exited with status {first[1].exitcode} "
+                  f"(see its output above)", file=sys.stderr)
+        return 2 if 2 in codes else 1
+    finally:
+        for f in Path(err_dir).glob("*"):
+            f.unlink()
+        os.rmdir(err_dir)

@@ -1,0 +1,110 @@
+"""Checkpoints in `checkpoints/step-N/`, committed by a marker written last.
+
+A folder without its marker is an interrupted save: resume ignores it and the next save removes it,
+so a crash mid-save never costs the previous checkpoint. Model and optimizer state go through the
+backend (torch.distributed.checkpoint, or DeepSpeed's own format); the trainer's small state (step,
+RNG, data position) is one file per rank, loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dist_train.errors import UserError
+from dist_train.parallel.base import Backend
+from dist_train.runtime.dist import DistContext
+
+MARKER = "COMMITTED"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def committed_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every committed checkpoint under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, root: Path) -> Optional[Path]:
+    """`checkpoint.resume` -> the folder to load, or None to start fresh."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = committed_checkpoints(root)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"checkpoint.resume: no checkpoint folder at {path}")
+    if not (path / MARKER).is_file():
+        raise UserError(f"checkpoint.resume: {path} is not a committed checkpoint (no {MARKER} marker)")
+    return path
+
+
+class Checkpointer:
+    def __init__(self, root: Path, ctx: DistContext, keep: int):
+        self.root = root
+        self.ctx = ctx
+        self.keep = keep
+
+    def save(self, step: int, backend: Backend, trainer_state: dict) -> Path:
+        path = self.root / f"step-{step}"
+        with self.ctx.phase("save"):
+            if self.ctx.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if path.exists():  # a leftover of an interrupted save of this same step
+                    shutil.rmtree(path)
+            self.ctx.barrier()
+            backend.save(str(path))
+            torch.save(trainer_state, path / f"trainer_rank{self.ctx.rank}.pt")
+            self.ctx.barrier()  # every rank's shard is on disk before the marker says so
+            if self.ctx.is_main:
+                marker = {"step": step, "world_size": self.ctx.world_size, "time": time.time()}
+                tmp = path / (MARKER + ".tmp")
+                tmp.write_text(json.dumps(marker))
+                os.replace(tmp, path / MARKER)
+                self._prune()
+            self.ctx.barrier()
+        return path
+
+    def _prune(self) -> None:
+        found = committed_checkpoints(self.root)
+        for _, old in found[: max(0, len(found) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+        # Uncommitted folders older than the newest committed one are dead saves.
+        newest = found[-1][0] if found else -1
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and int(m.group(1)) < newest and not (p / MARKER).exists():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, path: Path, backend: Backend) -> dict:
+        """Load model/optimizer into `backend`; return this rank's trainer state."""
+        with self.ctx.phase("save"):
+            try:
+                backend.load(str(path))
+                state_file = path / f"trainer_rank{self.ctx.rank}.pt"
+                if not state_file.is_file():
+                    # More ranks than when saved: the data position is global, only RNG is per rank.
+                    state_file = path / "trainer_rank0.pt"
+                state = torch.load(state_file, weights_only=True)
+            except UserError:
+                raise
+            except Exception as e:  # DCP/pickle/zip errors all mean the same to a user
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"checkpoint {path} is unreadable or corrupt: {first[:200]}") from None
+        if not isinstance(state, dict) or "step" not in state:
+            raise UserError(f"checkpoint {path} is unreadable or corrupt: trainer state has no step")
+        return state

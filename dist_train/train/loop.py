@@ -1,0 +1,106 @@
+"""End-to-end backprop training: the loop every backend runs. Read it top to bottom."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from dist_train.config.layout import check_layout
+from dist_train.config.load import dump_config
+from dist_train.config.schema import Config
+from dist_train.data import build_dataset
+from dist_train.models import build_model
+from dist_train.optim import lr_at, optimizer_spec
+from dist_train.parallel import build_backend
+from dist_train.runtime.dist import DistContext
+from dist_train.telemetry import (MetricsWriter, Progress, collect_provenance, make_energy_meter,
+                                  peak_memory_bytes, write_provenance)
+from dist_train.train import state as trainer_state
+from dist_train.train.checkpoint import Checkpointer, resolve_resume
+from dist_train.train.evaluate import evaluate
+
+
+def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
+    """Train `cfg.train.steps` steps (resuming if a checkpoint says so); return the final metrics."""
+    check_layout(cfg, ctx.world_size)
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    data = build_dataset(cfg.data, cfg.model.block_size)
+    model = build_model(cfg.model, data.info).to(ctx.device)
+    backend = build_backend(cfg, ctx)
+    with ctx.phase("start"):
+        backend.setup(model, lambda m: optimizer_spec(cfg.optim, m))
+    torch.manual_seed(cfg.train.seed + 1000 * (ctx.rank + 1))  # per-rank stream for dropout
+    sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
+
+    # Resume before touching the run directory: a bad checkpoint must leave everything as it was.
+    ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
+    start = 0
+    resume_from = resolve_resume(cfg.checkpoint.resume, ckpt.root)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, backend)
+        sampler.load_state_dict(state["sampler"])
+        trainer_state.restore_rng(state)
+        start = int(state["step"])
+
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(run_dir, enabled=ctx.is_main, tensorboard=cfg.telemetry.tensorboard)
+    if ctx.is_main:
+        writer.truncate_from(start + 1)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_provenance(run_dir / "provenance.json", collect_provenance(
+            command, {"world_size": ctx.world_size, "backend": cfg.parallel.backend,
+                      "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
+    energy = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
+    progress = Progress(total=cfg.train.steps, initial=start,
+                        enabled={"auto": "auto", "on": True, "off": False}[cfg.telemetry.progress] if ctx.is_main else False)
+    per_rank = cfg.train.batch_size // ctx.world_size
+    tokens_per_sample = cfg.model.block_size if model.task == "lm" else 1
+    last: dict = {}
+
+    with ctx.phase("steady"):
+        ctx.barrier()
+        energy.start()
+        window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
+        for step in range(start, cfg.train.steps):
+            lr = lr_at(step, cfg.optim, cfg.train.steps)
+            backend.set_lr(lr)
+            idx = sampler.next_indices(ctx.rank, ctx.world_size)  # advances the data position
+            for i, micro in enumerate(idx.chunk(cfg.train.grad_accum)):
+                is_last = i == cfg.train.grad_accum - 1
+                x, y = (t.to(ctx.device, non_blocking=True) for t in data.get_batch("train", micro))
+                with backend.sync_context(is_last):
+                    with backend.autocast():
+                        out = backend.model(x)
+                    loss = backend.module.loss(out.float(), y)
+                    backend.backward(loss, is_last)
+                loss_acc += loss.detach() / cfg.train.grad_accum
+            grad_norm = backend.step()
+            window_steps += 1
+            done = step + 1
+
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                elapsed = time.perf_counter() - window_t0
+                energy_j, power_w = energy.read()
+                samples_per_s = window_steps * cfg.train.batch_size / elapsed
+                last = {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / window_steps), "lr": lr,
+                        "grad_norm": grad_norm, "step_time_s": elapsed / window_steps,
+                        "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
+                        "peak_mem_bytes": ctx.all_reduce_max(peak_memory_bytes(ctx.device)),
+                        "energy_j": energy_j, "power_w": power_w, "energy_source": energy.source}
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                    last.update(evaluate(backend, data, ctx, cfg.train.batch_size, cfg.train.eval_batches))
+                writer.log(done, last)
+                progress.update(done, {"loss": f"{last['loss']:.3f}"})
+                window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
+
+            save_now = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
+            if save_now or (cfg.checkpoint.at_end and done == cfg.train.steps):
+                ckpt.save(done, backend, trainer_state.capture(done, sampler.state_dict()))
+                window_t0 = time.perf_counter()  # keep save time out of throughput
+    progress.close()
+    writer.close()
+    return last

@@ -1,0 +1,80 @@
+"""`dist-train plan`: validate config and layout and print what a run would do, training nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dist_train.config import load_config
+from dist_train.config.layout import check_layout
+from dist_train.config.schema import Config
+from dist_train.data import build_dataset
+from dist_train.models import build_model, count_parameters
+from dist_train.parallel import backend_class
+from dist_train.runtime.env import discover
+from dist_train.train.checkpoint import resolve_resume
+
+
+def activation_bytes(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """Bytes of leaf-module outputs for one micro-batch — roughly what autograd keeps for backward.
+
+    Run on the meta device, so it costs no memory and no compute whatever the model size.
+    """
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * 4  # fp32: the estimate is for the default precision
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -> str:
+    cfg: Config = load_config(config, overrides)
+    world = (nproc * nnodes) if nproc else discover(use_mpi4py=False).world_size
+    check_layout(cfg, world)
+    data = build_dataset(cfg.data, cfg.model.block_size)
+    with torch.device("meta"):
+        model = build_model(cfg.model, data.info)
+    n_params = count_parameters(model)
+    micro = cfg.train.batch_size // (world * cfg.train.grad_accum)
+    if data.info.task == "lm":
+        example = torch.zeros(micro, cfg.model.block_size, dtype=torch.long, device="meta")
+    else:
+        example = torch.zeros(micro, *data.info.input_shape, device="meta")
+    act = activation_bytes(model, example)
+    w, g, o = backend_class(cfg.parallel.backend).bytes_per_param(world, cfg)
+    device = "cuda (nccl)" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu (gloo)"
+    resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.run.dir) / cfg.run.name / "checkpoints")
+    zero = f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.backend == "deepspeed" else ""
+    rows = [
+        ("run", f"{cfg.run.name} -> {Path(cfg.run.dir) / cfg.run.name}"),
+        ("world", f"{world} ranks ({nnodes} node(s) x {world // nnodes}), device {device}"),
+        ("mesh", f"dp={world}" + (f", stages={cfg.parallel.stages}" if cfg.parallel.stages > 1 else "")),
+        ("backend", f"{cfg.parallel.backend}{zero}, precision {cfg.parallel.mixed_precision}"),
+        ("model", f"{cfg.model.name}: {cfg.model.n_layer} layers, width {cfg.model.width}, "
+                  f"{n_params / 1e6:.2f} M parameters"),
+        ("data", f"{cfg.data.name}: {data.info.train_size:,} train / {data.info.val_size:,} val"),
+        ("batch", f"{cfg.train.batch_size} global = {world} ranks x {cfg.train.grad_accum} micro-batches x {micro}"),
+        ("memory/rank", f"weights {_mb(n_params * w)}, grads {_mb(n_params * g)}, optimizer {_mb(n_params * o)}, "
+                        f"activations ~{_mb(act)} (estimate, fp32)"),
+        ("optimizer", f"{cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.optim.schedule} after {cfg.optim.warmup_steps} warm-up"),
+        ("steps", f"{cfg.train.steps}, checkpoint every {cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep}), "
+                  f"resume: {resume if resume else 'fresh start'}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

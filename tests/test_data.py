@@ -1,0 +1,196 @@
+"""Data sets and the step sampler: determinism, formats, splits, resumable order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dist_train.config.schema import DataSection
+from dist_train.data import (
+    StepSampler,
+    TokenDataset,
+    build_dataset,
+    build_token_bin,
+    load_stdlib_bytes,
+    open_token_bin,
+    rank_slice,
+    write_token_bin,
+)
+from dist_train.data.base import VAL_SEED
+from dist_train.data.stdlib_bytes import build_stdlib_bytes
+from dist_train.errors import UserError
+
+
+# ---- stdlib bytes -------------------------------------------------------------------------------
+
+def test_stdlib_corpus_deterministic_and_nonempty():
+    a = load_stdlib_bytes(200_000)
+    b = load_stdlib_bytes(200_000)
+    assert a.dtype == np.uint8 and len(a) == 200_000
+    assert np.array_equal(a, b)
+    assert b"import" in a.tobytes()
+
+
+def test_stdlib_dataset_split_and_batches():
+    ds = build_dataset(DataSection(name="stdlib_bytes", max_bytes=100_000, val_fraction=0.1), block_size=32)
+    info = ds.info
+    assert info.task == "lm" and info.vocab_size == 256
+    assert (info.train_size, info.val_size) == (90_000, 10_000)
+    idx = ds.sampler("train", seed=0, global_batch=8).global_indices(3)
+    x, y = ds.get_batch("train", idx)
+    assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.int64
+    # Targets are inputs shifted by one token.
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    corpus = load_stdlib_bytes(100_000)
+    start = int(idx[0])
+    assert x[0].tolist() == list(corpus[start:start + 32])
+
+
+def test_stdlib_no_files_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="no .py files"):
+        build_stdlib_bytes(10_000, 0.1, 16, root=tmp_path)
+
+
+def test_stdlib_skips_site_packages(tmp_path):
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "a.py").write_bytes(b"THIRD PARTY")
+    (tmp_path / "b.py").write_bytes(b"bbb")
+    (tmp_path / "a.py").write_bytes(b"aaa")
+    assert load_stdlib_bytes(10_000, root=tmp_path).tobytes() == b"aaabbb"
+
+
+# ---- token_bin ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("llmc", [False, True])
+def test_token_bin_round_trip(tmp_path, llmc):
+    tokens = np.arange(1000) % 300
+    path = tmp_path / "t.bin"
+    write_token_bin(path, tokens, llmc_header=llmc)
+    assert path.stat().st_size == 2 * 1000 + (1024 if llmc else 0)
+    arr = open_token_bin(path)
+    assert arr.dtype == np.uint16 and np.array_equal(arr, tokens)
+    ds = build_dataset(DataSection(name="token_bin", path=str(path), val_fraction=0.2), block_size=8)
+    assert ds.info.vocab_size == 300  # max token + 1
+    assert (ds.info.train_size, ds.info.val_size) == (800, 200)
+    x, y = ds.get_batch("val", torch.tensor([0, 5]))
+    assert x[0].tolist() == list(tokens[800:808]) and y[1].tolist() == list(tokens[806:814])
+
+
+def test_token_bin_val_path_and_vocab_from_config(tmp_path):
+    write_token_bin(tmp_path / "train.bin", np.arange(100), llmc_header=True)
+    write_token_bin(tmp_path / "val.bin", np.arange(50) + 7)
+    ds = build_token_bin(str(tmp_path / "train.bin"), str(tmp_path / "val.bin"), 1000, 0.1, 4)
+    assert ds.info.vocab_size == 1000 and (ds.info.train_size, ds.info.val_size) == (100, 50)
+
+
+def test_token_bin_errors(tmp_path):
+    with pytest.raises(UserError, match="data.path: file not found"):
+        build_dataset(DataSection(name="token_bin", path=str(tmp_path / "nope.bin")), block_size=8)
+    write_token_bin(tmp_path / "small.bin", np.arange(20))
+    with pytest.raises(UserError, match="fewer than one block"):
+        build_dataset(DataSection(name="token_bin", path=str(tmp_path / "small.bin")), block_size=64)
+    # llm.c header claiming more tokens than the file holds: truncated.
+    write_token_bin(tmp_path / "trunc.bin", np.arange(100), llmc_header=True)
+    with open(tmp_path / "trunc.bin", "r+b") as fh:
+        fh.truncate(1024 + 50)
+    with pytest.raises(UserError, match="truncated"):
+        open_token_bin(tmp_path / "trunc.bin")
+
+
+# ---- sampler ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["windows", "epochs"])
+def test_sampler_is_pure_function_of_step(mode):
+    a = StepSampler(population=37, global_batch=8, seed=5, mode=mode)
+    seq = [a.global_indices(s) for s in range(10)]
+    fresh = StepSampler(population=37, global_batch=8, seed=5, mode=mode)
+    assert torch.equal(fresh.global_indices(7), seq[7])  # no history needed
+    assert torch.equal(a.global_indices(3), seq[3])  # calling again does not change anything
+    assert all(s.dtype == torch.long and s.shape == (8,) for s in seq)
+    assert all(int(s.min()) >= 0 and int(s.max()) < 37 for s in seq)
+    assert not torch.equal(seq[0], seq[1])
+    other_seed = StepSampler(population=37, global_batch=8, seed=6, mode=mode)
+    assert not torch.equal(other_seed.global_indices(0), seq[0])
+
+
+def test_epoch_sampler_walks_permutations_across_boundaries():
+    s = StepSampler(population=10, global_batch=4, seed=0, mode="epochs")
+    walked = torch.cat([s.global_indices(i) for i in range(5)])  # 20 = exactly two epochs
+    assert sorted(walked[:10].tolist()) == list(range(10))
+    assert sorted(walked[10:].tolist()) == list(range(10))
+    assert not torch.equal(walked[:10], walked[10:])  # a new permutation each epoch
+
+
+def test_rank_slices_concatenate_to_global_batch():
+    s = StepSampler(population=1000, global_batch=12, seed=1, mode="windows")
+    g = s.global_indices(4)
+    for world in (1, 2, 3, 4):
+        parts = [rank_slice(g, r, world) for r in range(world)]
+        assert all(len(p) == 12 // world for p in parts)
+        assert torch.equal(torch.cat(parts), g)
+
+
+def test_batch_not_divisible_is_user_error():
+    g = StepSampler(population=100, global_batch=10, seed=0, mode="windows").global_indices(0)
+    with pytest.raises(UserError, match="divisible"):
+        rank_slice(g, 0, 3)
+
+
+def test_next_indices_advances_step():
+    s = StepSampler(population=100, global_batch=4, seed=0, mode="epochs")
+    first = s.next_indices(rank=1, world=2)
+    assert s.step == 1 and torch.equal(first, s.global_indices(0)[2:])
+
+
+def test_state_dict_round_trip_and_mismatch():
+    s = StepSampler(population=100, global_batch=8, seed=3, mode="windows")
+    for _ in range(5):
+        s.next_indices()
+    state = s.state_dict()
+    assert state == {"seed": 3, "global_batch": 8, "step": 5}
+    resumed = StepSampler(population=100, global_batch=8, seed=3, mode="windows")
+    resumed.load_state_dict(state)
+    assert resumed.step == 5
+    # A different world size after resume reads the same global batch, resharded.
+    assert torch.equal(torch.cat([rank_slice(resumed.global_indices(5), r, 4) for r in range(4)]),
+                       s.global_indices(5))
+    with pytest.raises(UserError, match="global batch"):
+        StepSampler(population=100, global_batch=16, seed=3, mode="windows").load_state_dict(state)
+    with pytest.raises(UserError, match="seed"):
+        StepSampler(population=100, global_batch=8, seed=4, mode="windows").load_state_dict(state)
+
+
+def test_val_sampler_ignores_train_seed():
+    ds = build_dataset(DataSection(name="stdlib_bytes", max_bytes=50_000), block_size=16)
+    a, b = ds.sampler("val", seed=0, global_batch=4), ds.sampler("val", seed=123, global_batch=4)
+    assert a.seed == b.seed == VAL_SEED
+    assert torch.equal(a.global_indices(0), b.global_indices(0))
+    assert not torch.equal(ds.sampler("train", 0, 4).global_indices(0), ds.sampler("train", 123, 4).global_indices(0))
+
+
+def test_lm_windows_cover_the_whole_split():
+    tokens = np.arange(20, dtype=np.uint16)
+    ds = TokenDataset(tokens, tokens, vocab_size=20, block_size=5, source="test")
+    last = ds.num_samples("train") - 1
+    x, y = ds.get_batch("train", torch.tensor([last]))
+    assert y[0, -1].item() == 19  # the last window ends at the last token
+    with pytest.raises(IndexError):
+        ds.get_batch("train", torch.tensor([last + 1]))
+
+
+# ---- digits -------------------------------------------------------------------------------------
+
+def test_digits_shapes_and_split():
+    ds = build_dataset(DataSection(name="digits", val_fraction=0.1), block_size=64)
+    info = ds.info
+    assert info.task == "classify" and info.input_shape == (1, 8, 8) and info.num_classes == 10
+    assert info.train_size + info.val_size == 1797 and info.val_size == 180
+    assert set(ds.train_ids.tolist()).isdisjoint(ds.val_ids.tolist())
+    x, y = ds.get_batch("train", ds.sampler("train", seed=0, global_batch=16).global_indices(0))
+    assert x.shape == (16, 1, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (16,) and y.dtype == torch.int64
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    # The split is fixed (seed 0), never a function of train.seed.
+    again = build_dataset(DataSection(name="digits", val_fraction=0.1), block_size=64)
+    assert torch.equal(again.val_ids, ds.val_ids)
