@@ -18,7 +18,7 @@ from dist_train.data import (
     write_token_bin,
 )
 from dist_train.data.base import VAL_SEED
-from dist_train.data.stdlib_bytes import build_stdlib_bytes
+from dist_train.data.stdlib_bytes import build_stdlib_bytes, split_interleaved
 from dist_train.errors import UserError
 
 
@@ -36,15 +36,24 @@ def test_stdlib_dataset_split_and_batches():
     ds = build_dataset(DataSection(name="stdlib_bytes", max_bytes=100_000, val_fraction=0.1), block_size=32)
     info = ds.info
     assert info.task == "lm" and info.vocab_size == 256
-    assert (info.train_size, info.val_size) == (90_000, 10_000)
+    assert info.train_size + info.val_size == 100_000 and 8_000 <= info.val_size <= 20_000
     idx = ds.sampler("train", seed=0, global_batch=8).global_indices(3)
     x, y = ds.get_batch("train", idx)
     assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.int64
     # Targets are inputs shifted by one token.
     assert torch.equal(x[:, 1:], y[:, :-1])
-    corpus = load_stdlib_bytes(100_000)
+    corpus, _ = split_interleaved(load_stdlib_bytes(100_000), 0.1)
     start = int(idx[0])
     assert x[0].tolist() == list(corpus[start:start + 32])
+
+
+def test_stdlib_val_chunks_spread_through_corpus():
+    data = np.arange(100 * 16, dtype=np.uint8)
+    train, val = split_interleaved(data, 0.1, chunk=16)
+    assert len(val) == 10 * 16 and len(train) == 90 * 16
+    # Val chunks come from all over the corpus, not its tail.
+    assert set(np.concatenate([train, val]).tolist()) == set(data.tolist())
+    assert val[0] != data[-16]
 
 
 def test_stdlib_no_files_is_user_error(tmp_path):

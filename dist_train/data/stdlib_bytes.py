@@ -47,10 +47,28 @@ def load_stdlib_bytes(max_bytes: int, root: str | os.PathLike | None = None) -> 
     return np.frombuffer(bytes(buf), dtype=np.uint8)
 
 
+# Validation chunks are spread through the corpus: a contiguous tail would be a few packages only
+# (sorted order ends in xml/, zipfile/, ...) and measure a different distribution from training.
+_CHUNK = 16 * 1024
+
+
+def split_interleaved(data: np.ndarray, val_fraction: float, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk `i` goes to val when round((i+1)f) > round(i f): an even val_fraction spread.
+
+    Chunks are 16 KiB, smaller for small corpora so there are always at least 50 of them.
+    """
+    chunk = chunk or max(256, min(_CHUNK, len(data) // 50))
+    n_chunks = -(-len(data) // chunk)
+    is_val = [int((i + 1) * val_fraction + 0.5) > int(i * val_fraction + 0.5) for i in range(n_chunks)]
+    train = [data[i * chunk:(i + 1) * chunk] for i in range(n_chunks) if not is_val[i]]
+    val = [data[i * chunk:(i + 1) * chunk] for i in range(n_chunks) if is_val[i]]
+    empty = np.zeros(0, dtype=data.dtype)
+    return (np.concatenate(train) if train else empty), (np.concatenate(val) if val else empty)
+
+
 def build_stdlib_bytes(max_bytes: int, val_fraction: float, block_size: int,
                        root: str | os.PathLike | None = None) -> TokenDataset:
-    """Train = first (1 - val_fraction) of the bytes, val = the rest. vocab_size 256."""
+    """Train / val = interleaved 16 KiB chunks of the corpus (val_fraction of them to val). vocab 256."""
     data = load_stdlib_bytes(max_bytes, root)
-    n_train = int(len(data) * (1.0 - val_fraction))
-    return TokenDataset(data[:n_train], data[n_train:], vocab_size=256, block_size=block_size,
-                        source="data.max_bytes")
+    train, val = split_interleaved(data, val_fraction)
+    return TokenDataset(train, val, vocab_size=256, block_size=block_size, source="data.max_bytes")
