@@ -55,6 +55,26 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _weights_only_engine():
+    """DeepSpeed's checkpoint engine, but loading with `weights_only=True`.
+
+    DeepSpeed unpickles with weights_only=False (arbitrary code on load). Its checkpoints hold
+    only tensors, containers and three small DeepSpeed classes, so allow exactly those.
+    """
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -74,6 +94,7 @@ class DeepSpeedBackend(Backend):
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=make_optimizer(model).build(),
             config=deepspeed_config(self.cfg, self.ctx.world_size), dist_init_required=False)
+        engine.checkpoint_engine = _weights_only_engine()
         self.model = self.engine = engine
         self.module = engine.module
         self.optimizer = optimizer

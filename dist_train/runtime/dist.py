@@ -88,6 +88,13 @@ class DistContext:
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if not self.distributed or self.world_size == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
     def all_reduce_max(self, value: float) -> float:
         if not self.distributed or self.world_size == 1:
             return float(value)

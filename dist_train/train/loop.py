@@ -84,7 +84,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 elapsed = time.perf_counter() - window_t0
-                energy_j, power_w = energy.read()
+                energy_j, power_w = _sum_energy(ctx, energy)
                 samples_per_s = window_steps * cfg.train.batch_size / elapsed
                 last = {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / window_steps), "lr": lr,
                         "grad_norm": grad_norm, "step_time_s": elapsed / window_steps,
@@ -103,4 +103,16 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 window_t0 = time.perf_counter()  # keep save time out of throughput
     progress.close()
     writer.close()
+    energy.close()
     return last
+
+
+def _sum_energy(ctx: DistContext, meter) -> tuple:
+    """Energy and power of the window summed over the job: each GPU once, each node's RAPL once."""
+    energy_j, power_w = meter.read()
+    counts = meter.scope == "gpu" or ctx.world.local_rank == 0
+    known = energy_j is not None and power_w is not None
+    e, p, missing = ctx.all_reduce_sum([energy_j if known and counts else 0.0,
+                                        power_w if known and counts else 0.0,
+                                        0.0 if known or not counts else 1.0])
+    return (None, None) if missing or meter.source == "unavailable" else (e, p)

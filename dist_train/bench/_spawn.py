@@ -1,0 +1,62 @@
+"""Run a function on N local gloo ranks (one CPU thread each) and return rank 0's answer.
+
+Benchmarks need a real process group but not the launcher: they start their own workers with
+`torch.multiprocessing.spawn`, give them the `env://` variables of a free local port (what torchrun
+would export), and pin each to `threads` intra-op threads so ranks do not fight over the cores.
+The worker function creates the process group itself (through `init_distributed`), so the code
+under test sets it up exactly as in a real run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+# Read by OpenMP/MKL when the child imports torch, so they must be in the environment before spawn.
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], nprocs: int, port: int, threads: int, out: str,
+           args: tuple) -> None:
+    import torch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    result = fn(rank, nprocs, *args)
+    if rank == 0:
+        Path(out).write_bytes(pickle.dumps(result))
+
+
+def run_on_ranks(fn: Callable[..., Any], nprocs: int = 2, args: tuple = (), threads: int = 1) -> Any:
+    """Call `fn(rank, world_size, *args)` in `nprocs` fresh processes; return rank 0's return value.
+
+    `fn` must be a module-level function (it is pickled into spawned interpreters). A worker that
+    raises makes this raise `torch.multiprocessing.ProcessRaisedException` with its traceback.
+    """
+    import torch.multiprocessing as mp
+
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update({k: str(threads) for k in _THREAD_VARS})
+    fd, out = tempfile.mkstemp(prefix="dist-train-bench-", suffix=".pkl")
+    os.close(fd)
+    try:
+        mp.spawn(_entry, args=(fn, nprocs, free_port(), threads, out, args), nprocs=nprocs, join=True)
+        return pickle.loads(Path(out).read_bytes())
+    finally:
+        Path(out).unlink(missing_ok=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

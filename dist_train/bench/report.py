@@ -1,0 +1,170 @@
+"""Print a benchmark's result as tables, write its JSON document, and the helpers to build one.
+
+The JSON document every benchmark's `run()` returns (DESIGN.md):
+
+    {"name": str, "machine": str, "command": str, "date": ISO-8601 UTC, "provenance": {...},
+     "results": [{...one row per measurement...}, ...],
+     "targets": [{"metric": str, "value": float, "op": ">=" | "<=", "target": float, "met": bool}, ...]}
+
+A missed target is a finding, not a failure: `finish` prints MISSED and still returns 0, so a
+benchmark on a slow or noisy machine reports honestly instead of crashing a script.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+from dist_train.telemetry._fs import atomic_write_text
+from dist_train.telemetry.provenance import _cpu_model, _total_ram_bytes, _usable_cpus
+
+OPS = (">=", "<=")
+
+
+def _compare(value: float, op: str, target: float) -> bool:
+    return value >= target if op == ">=" else value <= target
+
+
+def make_target(metric: str, value: Optional[float], op: str, target: float) -> dict[str, Any]:
+    """One `targets` entry; `met` is computed here, so no benchmark can claim a target by hand.
+
+    A missing or non-finite value never meets its target.
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    finite = value is not None and math.isfinite(float(value))
+    return {"metric": metric, "value": float(value) if finite else None, "op": op, "target": float(target),
+            "met": bool(finite and _compare(float(value), op, float(target)))}
+
+
+def machine_summary() -> str:
+    """One line naming the hardware a figure was measured on: CPU, cores, RAM, GPUs."""
+    parts = [_cpu_model() or platform.machine() or "unknown CPU"]
+    total, usable = os.cpu_count(), _usable_cpus()
+    parts.append(f"{total} cores" if usable in (None, total) else f"{usable} of {total} cores usable")
+    ram = _total_ram_bytes()
+    if ram:
+        parts.append(f"{ram / 2**30:.1f} GiB RAM")
+    gpus: list[str] = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # a broken driver must not stop a CPU benchmark from reporting
+        pass
+    if gpus:
+        names = sorted(set(gpus))
+        parts.append(", ".join(f"{gpus.count(n)}x {n}" for n in names))
+    else:
+        parts.append("no GPU")
+    return ", ".join(parts) + f"; {platform.system()} {platform.release()}"
+
+
+def command_line(argv: Optional[list[str]] = None) -> str:
+    """The command as the user typed it (program name without its venv path)."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = Path(argv[0]).name if argv else "dist-train"
+    if prog in ("__main__.py", "-m"):
+        prog = "python -m dist_train"
+    return " ".join([prog, *(shlex.quote(a) for a in argv[1:])])
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------ printing
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0:
+            return "0"
+        magnitude = abs(value)
+        if magnitude >= 1000:
+            return f"{value:,.0f}"
+        if magnitude < 1e-3:
+            return f"{value:.2e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for row in rows:
+        cols.extend(k for k in row if k not in cols)
+    return cols
+
+
+def _target_cells(t: Mapping[str, Any]) -> list[str]:
+    return [str(t["metric"]), _cell(t["value"]), f"{t['op']} {_cell(t['target'])}", "met" if t["met"] else "MISSED"]
+
+
+def _print_rich(result: Mapping[str, Any], cols: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # A fixed width keeps the table whole in logs and pipes, where rich would assume 80 columns.
+    console = Console(width=max(100, min(200, 14 * len(cols) + 10)), highlight=False)
+    table = Table(title=f"{result.get('name')} — results")
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("repeat", "order") else "right")
+    for row in result.get("results", []):
+        table.add_row(*(_cell(row.get(c)) for c in cols))
+    console.print(table)
+    targets = Table(title="targets")
+    for c in ("metric", "value", "target", "status"):
+        targets.add_column(c, justify="left" if c == "metric" else "right")
+    for t in result.get("targets", []):
+        cells = _target_cells(t)
+        cells[-1] = "[green]met[/green]" if t["met"] else "[bold red]MISSED[/bold red]"
+        targets.add_row(*cells)
+    console.print(targets)
+
+
+def _print_plain(result: Mapping[str, Any], cols: list[str]) -> None:
+    def table(header: list[str], body: list[list[str]]) -> None:
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+        for r in [header, ["-" * w for w in widths], *body]:
+            print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
+
+    print(f"{result.get('name')} — results")
+    table(cols, [[_cell(row.get(c)) for c in cols] for row in result.get("results", [])])
+    print("\ntargets")
+    table(["metric", "value", "target", "status"], [_target_cells(t) for t in result.get("targets", [])])
+
+
+def print_result(result: Mapping[str, Any]) -> None:
+    print(f"benchmark: {result.get('name')}\nmachine:   {result.get('machine')}\n"
+          f"command:   {result.get('command')}\ndate:      {result.get('date')}\n")
+    cols = _columns(result.get("results", []))
+    try:
+        _print_rich(result, cols)
+    except ImportError:
+        _print_plain(result, cols)
+    for t in result.get("targets", []):
+        status = "met" if t["met"] else "MISSED"
+        print(f"TARGET {status}: {t['metric']} = {_cell(t['value'])} (target {t['op']} {_cell(t['target'])})")
+
+
+def finish(result: dict, json_path: Optional[str]) -> int:
+    """Print `result`, write it to `json_path` when given. Returns the exit status: always 0."""
+    print_result(result)
+    if json_path:
+        atomic_write_text(Path(json_path), json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {json_path}")
+    return 0
