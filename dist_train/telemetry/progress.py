@@ -32,8 +32,9 @@ def _fmt(value: Any) -> str:
 class Progress:
     """tqdm bar over optimizer steps; `update` takes the absolute step, not an increment."""
 
-    def __init__(self, total: int, initial: int = 0, enabled: ProgressMode = "auto") -> None:
+    def __init__(self, total: int, initial: int = 0, enabled: ProgressMode = "auto", echo: bool = False) -> None:
         self.enabled = _resolve(enabled)
+        self.echo = echo  # print `note` lines even without a bar (rank 0 in a batch job)
         self._bar: Optional[Any] = None
         if self.enabled:
             from tqdm import tqdm
@@ -54,6 +55,13 @@ class Progress:
             self._bar.update(step - self._bar.n)
         else:
             self._bar.refresh()
+
+    def note(self, line: str) -> None:
+        """A line of its own above the bar (or plain, when there is no bar); only where enabled or forced."""
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        elif self.echo:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

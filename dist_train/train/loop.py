@@ -56,7 +56,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                       "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
     energy = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
     progress = Progress(total=cfg.train.steps, initial=start,
-                        enabled={"auto": "auto", "on": True, "off": False}[cfg.telemetry.progress] if ctx.is_main else False)
+                        enabled=cfg.telemetry.progress if ctx.is_main else False, echo=ctx.is_main)
     per_rank = cfg.train.batch_size // ctx.world_size
     tokens_per_sample = cfg.model.block_size if model.task == "lm" else 1
     last: dict = {}
@@ -93,6 +93,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         "energy_j": energy_j, "power_w": power_w, "energy_source": energy.source}
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                     last.update(evaluate(backend, data, ctx, cfg.train.batch_size, cfg.train.eval_batches))
+                    progress.note(f"step {done}/{cfg.train.steps}  loss {last['loss']:.4f}  "
+                                  f"val_loss {last['val_loss']:.4f}  {last['samples_per_s']:.0f} samples/s")
                 writer.log(done, last)
                 progress.update(done, {"loss": f"{last['loss']:.3f}"})
                 window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
