@@ -26,6 +26,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        # YAML 1.1 turns on/off/yes/no into booleans; keep the word (pydantic still reads it as a
+        # bool where a bool is wanted, and `telemetry.progress=off` stays the choice it names).
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()
         # YAML 1.1 reads 3e-4 as a string (no dot); accept it as the number the user meant.
         if isinstance(value, str):
             try:

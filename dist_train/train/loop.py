@@ -56,7 +56,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                       "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
     energy = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
     progress = Progress(total=cfg.train.steps, initial=start,
-                        enabled=cfg.telemetry.progress if ctx.is_main else False, echo=ctx.is_main)
+                        enabled=cfg.telemetry.progress if ctx.is_main else False,
+                        echo=ctx.is_main and cfg.telemetry.progress != "off")
     per_rank = cfg.train.batch_size // ctx.world_size
     tokens_per_sample = cfg.model.block_size if model.task == "lm" else 1
     last: dict = {}
