@@ -122,6 +122,30 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _pin_socket_interface(master_addr: str) -> None:
+    """Point gloo (and NCCL's bootstrap) at the interface that routes to the master.
+
+    Left alone, gloo binds to whatever the hostname resolves to — 127.0.1.1 on Debian — and the
+    job hangs at the first collective. Asking the kernel which local address reaches the master
+    (a UDP connect sends nothing) and naming that interface fixes it; a user's setting wins.
+    """
+    import socket
+
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master_addr, 9))
+            local = s.getsockname()[0]
+    except OSError:
+        return
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == local for a in addrs):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+            return
+
+
 def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistContext:
     """Discover the world, pick the device, create the process group and the data-parallel mesh."""
     world = world or discover()
@@ -136,6 +160,8 @@ def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistCont
         return DistContext(world=world, device=device, backend=None, timeouts=timeouts)
 
     export_env(world)
+    if world.num_nodes > 1:
+        _pin_socket_interface(world.master_addr)
     # nccl for CUDA tensors; gloo beside it for the CPU-side collectives (object broadcast, checkpoint
     # planning) that every run also makes.
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"

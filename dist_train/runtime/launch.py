@@ -54,6 +54,10 @@ def launch(args: argparse.Namespace) -> int:
         rdzv = dict(rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{args.master_port or _free_port()}",
                     rdzv_configs={"timeout": int(cfg.runtime.start_timeout_s)})
 
+    # Every node must name the same run: derive it from the rendezvous endpoint, not a random id.
+    run_id = (f"dist-train-{args.master_addr}-{args.master_port or 29500}" if args.nnodes > 1
+              else f"dist-train-{uuid.uuid4().hex[:8]}")
+
     # One rank stands for one device: split the cores so workers do not oversubscribe the CPU.
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
@@ -63,7 +67,7 @@ def launch(args: argparse.Namespace) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
 
     config = LaunchConfig(min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.nproc,
-                          run_id=f"dist-train-{uuid.uuid4().hex[:8]}", max_restarts=args.max_restarts,
+                          run_id=run_id, max_restarts=args.max_restarts,
                           monitor_interval=0.5, start_method="spawn", **rdzv)
     worker_args = ["-m", "dist_train", "run", str(args.config), *args.overrides]
     try:
