@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,9 +23,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would add a usage block)
+        self.exit(2, f"dist-train: error: {message} (see dist-train --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dist-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="train in the current process group (torchrun, srun, mpiexec) or alone")
     _add_config_args(p)
@@ -62,7 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_layout(cfg, world.world_size)  # before any collective, so bad input cannot hang a rank
     ctx = init_distributed(cfg, world)
     try:
-        last = train(cfg, ctx, [sys.argv[0], *sys.argv[1:]])
+        command = shlex.split(os.environ.get("DIST_TRAIN_COMMAND", "")) or [sys.argv[0], *sys.argv[1:]]
+        last = train(cfg, ctx, command)
     finally:
         ctx.destroy()
     if world.rank == 0 and last:
@@ -126,3 +133,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def entry() -> None:
+    """Console-script and `python -m dist_train` entry point."""
+    code = main()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() is False and os.environ.get("RANK") is not None:
+        # A distributed worker, its process group already destroyed: skip interpreter finalization.
+        # Gloo's C++ threads can still own tensors then, and freeing them while Python is torn down
+        # aborts the process ("terminate called without an active exception", pytorch#179291)
+        # *after* a clean run. Everything is flushed first.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

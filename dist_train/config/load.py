@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,6 +16,23 @@ from dist_train.errors import UserError
 BUILTIN = Path(__file__).resolve().parent.parent / "configs"
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as
+    booleans, which turns `progress: off` (a choice, not a bool) into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """`["optim.lr=3e-4", "train.steps=50"]` -> nested dict. Values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -23,13 +41,9 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"override '{item}': expected key.path=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        # YAML 1.1 turns on/off/yes/no into booleans; keep the word (pydantic still reads it as a
-        # bool where a bool is wanted, and `telemetry.progress=off` stays the choice it names).
-        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
-            value = raw.strip()
         # YAML 1.1 reads 3e-4 as a string (no dot); accept it as the number the user meant.
         if isinstance(value, str):
             try:
@@ -66,7 +80,7 @@ def _resolve_path(path: str | Path) -> Path:
 def read_yaml(path: str | Path) -> dict:
     p = _resolve_path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = _yaml(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -95,6 +109,8 @@ def format_validation_error(err: ValidationError) -> str:
         return f"{path}: unknown key"
     if kind in _TYPE_WORDS:
         return f"{path}: expected {_TYPE_WORDS[kind]}, got {got!r}"
+    if kind == "bool_for_number":
+        return f"{path}: {e['msg']}"
     if kind == "literal_error":
         return f"{path}: expected one of {e['ctx']['expected']}, got {got!r}"
     if kind == "value_error":

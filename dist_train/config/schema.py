@@ -8,12 +8,25 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # pydantic's lax mode reads `steps: true` as 1; a bool where a number belongs is a mistake.
+        if isinstance(value, bool):
+            annotation = str(cls.model_fields[info.field_name].annotation)
+            if "bool" not in annotation and ("int" in annotation or "float" in annotation):
+                word = "an integer" if "int" in annotation else "a number"
+                raise PydanticCustomError("bool_for_number", "expected {word}, got {value}",
+                                          {"word": word, "value": str(value).lower()})
+        return value
 
 
 class RunSection(_Strict):

@@ -22,6 +22,7 @@ from dist_train.errors import DistTimeoutError, UserError
 from dist_train.runtime.env import WorldInfo, discover, export_env
 
 _TIMEOUT_WORDS = ("timed out", "timeout", "deadline")
+_PEER_LOST_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe")
 
 
 @dataclass
@@ -66,12 +67,18 @@ class DistContext:
         self._set_timeout(self.timeouts.get(name, self.timeouts.get("start", 600.0)))
         try:
             yield
-        except RuntimeError as e:  # DistBackendError and gloo's timeout are RuntimeErrors
-            if isinstance(e, DistTimeoutError) or not any(w in str(e).lower() for w in _TIMEOUT_WORDS):
+        except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
+            text = str(e).lower()
+            if isinstance(e, DistTimeoutError):
                 raise
-            raise DistTimeoutError(
-                f"rank {self.rank}: a collective timed out after {self.timeouts.get(name)}s in phase "
-                f"'{name}' (another rank is probably stuck or dead)") from e
+            if any(w in text for w in _TIMEOUT_WORDS):
+                raise DistTimeoutError(
+                    f"rank {self.rank}: a collective timed out after {self.timeouts.get(name)}s in phase "
+                    f"'{name}' (another rank is probably stuck or dead)") from e
+            if any(w in text for w in _PEER_LOST_WORDS):
+                raise DistTimeoutError(f"rank {self.rank}: lost the connection to another rank in phase "
+                                       f"'{name}' (it probably died; see its output)") from e
+            raise
         finally:
             self.current_phase = previous
             self._set_timeout(self.timeouts.get(previous, 600.0))
@@ -107,8 +114,16 @@ class DistContext:
         return self.device if self.backend and "nccl" in self.backend else torch.device("cpu")
 
     def destroy(self) -> None:
-        if self.distributed:
-            dist.destroy_process_group()
+        if not self.distributed:
+            return
+        try:
+            # Leave together: a rank that tears its connections down while a peer is still talking
+            # makes gloo threads die mid-operation.
+            with self.phase("save"):
+                dist.barrier()
+        except Exception:
+            pass  # a peer already died; its error is the one that matters
+        dist.destroy_process_group()
 
 
 def pick_device(cfg: Config, local_rank: int) -> torch.device:

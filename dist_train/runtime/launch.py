@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import socket
 import sys
 import tempfile
@@ -26,6 +27,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _root_cause(error, err_dir: Path) -> str:
+    """One line for a failed worker group. Rejected input (exit 2) first; then a worker that died
+    without a word (a signal, a crash), since the survivors' messages only say they lost it."""
+    messages = {int(f.stem[4:]): f.read_text().strip() for f in err_dir.glob("rank*.txt")}
+    failures = sorted(error.failures.items())
+    for rank, failure in failures:
+        if failure.exitcode == 2 and rank in messages:
+            return messages[rank]
+    for rank, failure in failures:
+        if rank not in messages:
+            return f"worker rank {rank} exited with status {failure.exitcode} (see its output above)"
+    return messages[failures[0][0]]
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -61,6 +76,11 @@ def launch(args: argparse.Namespace) -> int:
     # One rank stands for one device: split the cores so workers do not oversubscribe the CPU.
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # The agent shares its rendezvous store with the workers by default; a restarted worker group
+    # can then read the dead group's addresses and fail to connect (pytorch/pytorch#135712).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # Workers record the command the user typed, not their own `python -m dist_train run ...`.
+    os.environ.setdefault("DIST_TRAIN_COMMAND", shlex.join(["dist-train", *sys.argv[1:]]))
     err_dir = tempfile.mkdtemp(prefix="dist-train-err-")
     os.environ[ERROR_DIR_ENV] = err_dir
     # The agent reports a failed worker with a page of log lines; our one line says it better.
@@ -74,14 +94,8 @@ def launch(args: argparse.Namespace) -> int:
         elastic_launch(config, sys.executable)(*worker_args)
         return 0
     except ChildFailedError as e:
-        messages = sorted(Path(err_dir).glob("rank*.txt"))
+        print(f"dist-train: error: {_root_cause(e, Path(err_dir))}", file=sys.stderr)
         codes = {f.exitcode for f in e.failures.values()}
-        if messages:
-            print(f"dist-train: error: {messages[0].read_text().strip()}", file=sys.stderr)
-        else:
-            first = min(e.failures.items())
-            print(f"dist-train: error: worker rank {first[1].rank} exited with status {first[1].exitcode} "
-                  f"(see its output above)", file=sys.stderr)
         return 2 if 2 in codes else 1
     finally:
         for f in Path(err_dir).glob("*"):

@@ -91,7 +91,14 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def load(self, path: Path, backend: Backend) -> dict:
-        """Load model/optimizer into `backend`; return this rank's trainer state."""
+        """Load model/optimizer into `backend`; return this rank's trainer state.
+
+        Every rank must agree the load worked before anyone goes on: a rank that failed alone would
+        otherwise leave the others to overwrite the run directory and then hang at a barrier.
+        """
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        error = None
         with self.ctx.phase("save"):
             try:
                 backend.load(str(path))
@@ -100,11 +107,25 @@ class Checkpointer:
                     # More ranks than when saved: the data position is global, only RNG is per rank.
                     state_file = path / "trainer_rank0.pt"
                 state = torch.load(state_file, weights_only=True)
-            except UserError:
-                raise
-            except Exception as e:  # DCP/pickle/zip errors all mean the same to a user
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"checkpoint {path} is unreadable or corrupt: {first[:200]}") from None
-        if not isinstance(state, dict) or "step" not in state:
-            raise UserError(f"checkpoint {path} is unreadable or corrupt: trainer state has no step")
+                if not isinstance(state, dict) or "step" not in state:
+                    raise UserError(f"checkpoint {path} is unreadable or corrupt: {state_file.name} has no step")
+            except UserError as e:
+                error = str(e)
+            except (Exception, CheckpointException) as e:  # DCP, pickle and zip errors mean the same here
+                error = f"checkpoint {path} is unreadable or corrupt: {_describe(e)}"
+            failed = self.ctx.all_reduce_max(1.0 if error else 0.0)
+        if error:
+            raise UserError(error)
+        if failed:
+            raise UserError(f"checkpoint {path} is unreadable or corrupt: another rank could not load its part")
         return state
+
+
+def _describe(e: BaseException) -> str:
+    """One short clause for a load failure; torch's own text can be a page of advice."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    if not first or "Weights only load failed" in first or len(first) > 200:
+        cause = e.__cause__ or e.__context__
+        return type(e).__name__ + (f" ({type(cause).__name__})" if cause else "")
+    return first

@@ -1,0 +1,69 @@
+"""Shared fixtures for the multi-process tests: run the real CLI (`dist-train run` / `launch`) on a
+tiny config and read back what it logged.
+
+Every run goes under a pytest temporary directory (`run.dir`), never into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A model and data set small enough that a 2-rank run takes seconds on 2 CPU cores.
+TINY_GPT = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16",
+            "data.max_bytes=200000", "train.batch_size=8", "train.log_every=1", "optim.warmup_steps=2",
+            "train.eval_batches=1", "telemetry.tensorboard=false"]
+
+# Launcher variables that must not leak from an outer torchrun/Slurm/MPI into the runs under test.
+_WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "DIST_TRAIN_ERROR_DIR",
+               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID",
+               "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+class DistTrain:
+    """Runs the CLI in a subprocess; returns the parsed metrics.jsonl of the run."""
+
+    timeout_s = 300
+    TINY_GPT = TINY_GPT
+
+    def _call(self, argv: list[str], cwd: Path, steps: int) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in _WORLD_VARS}
+        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        cwd.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "dist_train", *argv], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=self.timeout_s)
+        out = proc.stdout
+        # Strict: a worker that aborts at exit after a complete run is a failure too (the library
+        # leaves workers with os._exit for exactly that reason; see dist_train/__main__.py).
+        if proc.returncode != 0:
+            pytest.fail(f"dist-train {' '.join(argv)} exited {proc.returncode}:\n{out[-6000:]}", pytrace=False)
+        return out
+
+    def run(self, run_dir: Path, name: str, *overrides: str, steps: int) -> list[dict]:
+        """One process, backend none."""
+        args = ["quickstart.yaml", f"run.dir={run_dir}", f"run.name={name}", f"train.steps={steps}",
+                "parallel.backend=none", "runtime.threads=1", *overrides]
+        self._call(["run", *args], run_dir, steps)
+        return self.metrics(run_dir / name)
+
+    def launch(self, run_dir: Path, name: str, *overrides: str, steps: int, nproc: int = 2) -> list[dict]:
+        """`nproc` gloo workers through the elastic agent, one thread each."""
+        args = ["quickstart.yaml", "--nproc", str(nproc), "--threads", "1", f"run.dir={run_dir}",
+                f"run.name={name}", f"train.steps={steps}", *overrides]
+        self._call(["launch", *args], run_dir, steps)
+        return self.metrics(run_dir / name)
+
+    @staticmethod
+    def metrics(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def dt() -> DistTrain:
+    return DistTrain()

@@ -1,0 +1,256 @@
+"""`dist-train launch` end to end (2 local gloo workers), worker restarts, and `dist-train plan`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dist_train.config.load import dump_config, load_config
+
+_SCRIPT = Path(sys.executable).with_name("dist-train")
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dist_train"]
+
+TINY = """\
+run: {name: tiny}
+model: {n_layer: 2, width: 32, n_head: 2, block_size: 16}
+data: {max_bytes: 200000}
+train: {batch_size: 8, steps: 4, log_every: 1, eval_batches: 1}
+runtime: {threads: 1}
+telemetry: {progress: "off"}
+"""
+
+
+def clean_env() -> dict[str, str]:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+            "MASTER_PORT", "DIST_TRAIN_ERROR_DIR")
+    return {k: v for k, v in os.environ.items()
+            if k not in drop and not k.startswith(("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))}
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("launch")
+    overrides = [f"run.dir={work / 'runs'}", "train.steps=4"]
+    proc = subprocess.run([*CLI, "launch", str(tiny_config), "--nproc", "2", *overrides], cwd=work,
+                          env=clean_env(), capture_output=True, text=True, timeout=180)
+    return proc, work / "runs" / "tiny", overrides
+
+
+def test_launch_exits_0(launched) -> None:
+    proc, run_dir, _ = launched
+    assert proc.returncode == 0, f"stderr:\n{proc.stderr}\nstdout:\n{proc.stdout}"
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"^done: step 4, loss [\d.]+, val loss [\d.]+", proc.stdout, re.M), proc.stdout
+    assert proc.stdout.count("done:") == 1  # only rank 0 reports
+
+
+def test_launch_metrics(launched) -> None:
+    _, run_dir, _ = launched
+    recs = records(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        assert r["loss"] > 0 and r["samples_per_s"] > 0 and r["lr"] > 0
+    assert "val_loss" in recs[-1]
+
+
+def test_launch_provenance(launched, tiny_config: Path) -> None:
+    _, run_dir, overrides = launched
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert isinstance(prov["git"], dict) and re.fullmatch(r"[0-9a-f]{40}", prov["git"]["sha"])
+    assert "dirty" in prov["git"]
+    assert prov["packages"].get("torch") and prov["packages"].get("dist-train")
+    command = prov["command"]
+    # the command the user typed (launch), not the workers' internal `python -m dist_train run`
+    assert isinstance(command, list) and command[:2] == ["dist-train", "launch"] and str(tiny_config) in command
+    assert all(o in command for o in overrides)
+    assert prov["extra"]["world_size"] == 2 and prov["extra"]["backend"] == "ddp"
+    assert prov["extra"]["resumed_from"] is None
+    assert prov["env"]["WORLD_SIZE"] == "2"
+
+
+def test_launch_config_yaml_is_resolved_config(launched, tiny_config: Path) -> None:
+    _, run_dir, overrides = launched
+    expected = load_config(tiny_config, overrides)
+    text = (run_dir / "config.yaml").read_text()
+    assert text == dump_config(expected)
+    assert load_config(run_dir / "config.yaml") == expected
+
+
+def test_launch_tensorboard_and_checkpoint(launched) -> None:
+    _, run_dir, _ = launched
+    events = list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    step = run_dir / "checkpoints" / "step-4"
+    marker = json.loads((step / "COMMITTED").read_text())
+    assert marker["step"] == 4 and marker["world_size"] == 2
+    assert (step / "trainer_rank0.pt").is_file() and (step / "trainer_rank1.pt").is_file()
+
+
+# -------------------------------------------------------------------------------------- restarts
+
+RESTART_STEPS = 30
+
+
+def _workers(launcher: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for p in launcher.children(recursive=True):
+        try:
+            cmd = p.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "dist_train" in cmd and "run" in cmd:
+            out.append(p)
+    return out
+
+
+def _rank(p: psutil.Process) -> int:
+    try:
+        return int(p.environ().get("RANK", "-1"))
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return -1
+
+
+def _launch_and_kill_one_worker(config: Path, work: Path, max_restarts: int, extra_env: dict | None = None,
+                                wait_s: float = 90) -> dict:
+    """Launch 2 workers, SIGKILL rank 1 once the first checkpoint is committed, wait for the launcher.
+
+    rc is None when the launcher had not finished `wait_s` seconds after the kill (it is then killed).
+    """
+    run_dir = work / "runs" / "tiny"
+    argv = [*CLI, "launch", str(config), "--nproc", "2", "--max-restarts", str(max_restarts),
+            f"run.dir={work / 'runs'}", f"train.steps={RESTART_STEPS}", "checkpoint.every=2",
+            "checkpoint.keep=2"]
+    env = clean_env()
+    env.update(extra_env or {})
+    out, err = (work / "stdout.txt").open("w"), (work / "stderr.txt").open("w")
+    launcher = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err)
+    killed = None
+    rc = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and launcher.poll() is None:
+            if list((run_dir / "checkpoints").glob("step-*/COMMITTED")):
+                break
+            time.sleep(0.05)
+        assert launcher.poll() is None, "launcher finished before the first checkpoint was seen"
+        workers = _workers(psutil.Process(launcher.pid))
+        assert len(workers) == 2, [w.cmdline() for w in workers]
+        victim = max(workers, key=_rank)  # rank 1 (any worker if ranks cannot be read)
+        killed = {"pid": victim.pid, "rank": _rank(victim),
+                  "committed": sorted(int(p.parent.name.split("-")[1])
+                                      for p in (run_dir / "checkpoints").glob("step-*/COMMITTED"))}
+        victim.send_signal(signal.SIGKILL)
+        try:
+            rc = launcher.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+    finally:
+        if launcher.poll() is None:
+            for w in _workers(psutil.Process(launcher.pid)):
+                w.kill()
+            launcher.kill()
+            launcher.wait()
+        out.close()
+        err.close()
+    assert killed["committed"] and max(killed["committed"]) < RESTART_STEPS, (
+        f"the kill must land mid-run: {killed}")
+    return {"rc": rc, "run_dir": run_dir, "killed": killed,
+            "stdout": (work / "stdout.txt").read_text(), "stderr": (work / "stderr.txt").read_text()}
+
+
+def _assert_restarted_and_finished(res: dict) -> None:
+    report = f"{res['killed']}\nexit: {res['rc']}\nstderr:\n{res['stderr'][-4000:]}\nstdout:\n{res['stdout']}"
+    assert res["rc"] == 0, report
+    run_dir = res["run_dir"]
+    steps = [r["step"] for r in records(run_dir / "metrics.jsonl")]
+    # resumed from the last committed checkpoint: every step exactly once, through the last one
+    assert steps == list(range(1, RESTART_STEPS + 1)), report
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["extra"]["resumed_from"], "the restarted workers must have resumed from a checkpoint"
+    assert (run_dir / "checkpoints" / f"step-{RESTART_STEPS}" / "COMMITTED").is_file()
+    assert f"done: step {RESTART_STEPS}" in res["stdout"], report
+
+
+@pytest.mark.timeout(240)
+def test_max_restarts_restarts_a_killed_worker(tiny_config: Path, tmp_path: Path) -> None:
+    _assert_restarted_and_finished(_launch_and_kill_one_worker(tiny_config, tmp_path, max_restarts=1, wait_s=60))
+
+
+@pytest.fixture(scope="module")
+def killed_without_restarts(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _launch_and_kill_one_worker(tiny_config, tmp_path_factory.mktemp("norestart"), max_restarts=0)
+
+
+@pytest.mark.timeout(240)
+def test_no_restarts_a_killed_worker_fails_the_job(killed_without_restarts: dict) -> None:
+    res = killed_without_restarts
+    assert res["rc"] != 0, res
+    steps = [r["step"] for r in records(res["run_dir"] / "metrics.jsonl")]
+    assert steps and steps[-1] < RESTART_STEPS
+    assert "done:" not in res["stdout"]
+
+
+def test_no_restarts_launcher_names_the_dead_worker(killed_without_restarts: dict) -> None:
+    res = killed_without_restarts
+    assert res["rc"] == 1, res
+    last = [line for line in res["stderr"].splitlines() if line.strip()][-1]
+    assert last.startswith("dist-train: error: worker rank 1 exited with status -9"), res["stderr"]
+    assert "AttributeError" not in res["stderr"]
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def _plan_rows(stdout: str) -> dict[str, str]:
+    rows = {}
+    for line in stdout.splitlines():
+        key, _, value = line.partition("  ")
+        rows[key.strip()] = value.strip()
+    return rows
+
+
+def test_plan_prints_the_plan_and_creates_nothing(tiny_config: Path, tmp_path: Path) -> None:
+    from dist_train.data import build_dataset
+    from dist_train.models import build_model, count_parameters
+
+    runs = tmp_path / "runs"
+    proc = subprocess.run([*CLI, "plan", str(tiny_config), "--nproc", "2", f"run.dir={runs}"], cwd=tmp_path,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = _plan_rows(proc.stdout)
+    assert rows["world"].startswith("2 ranks (1 node(s) x 2)"), rows
+    assert "cpu (gloo)" in rows["world"]
+    assert rows["backend"].startswith("ddp"), rows
+    cfg = load_config(tiny_config)
+    model = build_model(cfg.model, build_dataset(cfg.data, cfg.model.block_size).info)
+    assert f"{count_parameters(model) / 1e6:.2f} M parameters" in rows["model"], rows
+    assert re.search(r"weights [\d.]+ MiB, grads [\d.]+ MiB, optimizer [\d.]+ MiB, activations ~[\d.]+ MiB",
+                     rows["memory/rank"]), rows
+    assert rows["batch"].startswith("8 global = 2 ranks x 1 micro-batches x 4"), rows
+    assert "fresh start" in rows["steps"]
+    assert not runs.exists(), "plan must not create the run directory"
+    assert not list(tmp_path.glob("runs*")) and sorted(p.name for p in tmp_path.iterdir()) == []
