@@ -69,7 +69,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg, world)
     try:
         command = shlex.split(os.environ.get("DIST_TRAIN_COMMAND", "")) or [sys.argv[0], *sys.argv[1:]]
-        last = train(cfg, ctx, command)
+        if cfg.parallel.stages > 1:
+            from dist_train.train.local_loop import train_local
+
+            last = train_local(cfg, ctx, command)
+        else:
+            last = train(cfg, ctx, command)
     finally:
         ctx.destroy()
     if world.rank == 0 and last:
@@ -138,14 +143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 def entry() -> None:
     """Console-script and `python -m dist_train` entry point."""
     code = main()
-    import torch.distributed as dist
+    if os.environ.get("RANK") is not None:  # a distributed worker: see exit_worker
+        from dist_train.runtime.dist import exit_worker
 
-    if dist.is_available() and dist.is_initialized() is False and os.environ.get("RANK") is not None:
-        # A distributed worker, its process group already destroyed: skip interpreter finalization.
-        # Gloo's C++ threads can still own tensors then, and freeing them while Python is torn down
-        # aborts the process ("terminate called without an active exception", pytorch#179291)
-        # *after* a clean run. Everything is flushed first.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_worker(code)
     raise SystemExit(code)

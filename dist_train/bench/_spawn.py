@@ -36,6 +36,9 @@ def _entry(rank: int, fn: Callable[..., Any], nprocs: int, port: int, threads: i
     result = fn(rank, nprocs, *args)
     if rank == 0:
         Path(out).write_bytes(pickle.dumps(result))
+    from dist_train.runtime.dist import exit_worker
+
+    exit_worker(0)
 
 
 def run_on_ranks(fn: Callable[..., Any], nprocs: int = 2, args: tuple = (), threads: int = 1) -> Any:

@@ -8,15 +8,30 @@ from dist_train.errors import UserError
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Raise UserError naming the key when the config cannot run on `world_size` ranks."""
-    if cfg.parallel.stages > 1:
-        raise UserError(f"parallel.stages: {cfg.parallel.stages} local-learning stages are not available in "
-                        "this release; use parallel.stages=1 (end-to-end backprop)")
-    if cfg.parallel.backend == "none" and world_size > 1:
+    stages = cfg.parallel.stages
+    if stages > 1:
+        if stages > cfg.model.n_layer:
+            raise UserError(f"parallel.stages: {stages} stages but the model has only {cfg.model.n_layer} blocks "
+                            "(model.n_layer)")
+        if world_size % stages != 0:
+            raise UserError(f"parallel.stages: {stages} stages do not divide the world size {world_size} "
+                            "(each stage needs the same number of data-parallel ranks)")
+        cuts = cfg.parallel.cut_points
+        if cuts is not None and (len(cuts) != stages - 1 or
+                                 any(b <= a for a, b in zip([0, *cuts], [*cuts, cfg.model.n_layer]))):
+            raise UserError(f"parallel.cut_points: {cuts} must be {stages - 1} strictly increasing block "
+                            f"indices inside 1..{cfg.model.n_layer - 1}")
+        if cfg.local.method in ("man", "noprop"):
+            raise UserError(f"local.method: {cfg.local.method} is not available in this release")
+        if cfg.parallel.backend not in ("ddp", "none"):
+            raise UserError(f"parallel.backend: {cfg.parallel.backend} inside local-learning stages is not "
+                            "available in this release; use ddp")
+        if cfg.train.grad_accum != 1:
+            raise UserError("train.grad_accum: local-learning stages train on every micro-batch; use 1")
+    if cfg.parallel.backend == "none" and world_size > stages:
         raise UserError(f"parallel.backend: none runs one process, but {world_size} ranks were requested")
-    per_step = world_size * cfg.train.grad_accum
+    dp = world_size // stages if world_size % stages == 0 else world_size
+    per_step = dp * cfg.train.grad_accum
     if cfg.train.batch_size % per_step != 0:
-        raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by world size x grad_accum "
-                        f"({world_size} x {cfg.train.grad_accum} = {per_step})")
-    if cfg.model.name == "gpt" and cfg.parallel.stages > cfg.model.n_layer:
-        raise UserError(f"parallel.stages: {cfg.parallel.stages} stages but the model has only "
-                        f"{cfg.model.n_layer} layers")
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by data-parallel size x "
+                        f"grad_accum ({dp} x {cfg.train.grad_accum} = {per_step})")

@@ -74,6 +74,7 @@ class ParallelSection(_Strict):
     backend: Literal["ddp", "fsdp", "deepspeed", "fairscale", "none"] = Field(
         "ddp", description="Data-parallel backend: DDP, FSDP2, DeepSpeed ZeRO, FairScale OSS, or none (single process).")
     stages: int = Field(1, ge=1, description="Local-learning stages the model is split into; 1 = end-to-end backprop.")
+    cut_points: Optional[list[int]] = Field(None, description="Block index where each stage after the first begins; default: balanced by parameter count.")
     mixed_precision: Literal["fp32", "bf16"] = Field("fp32", description="Parameter/compute dtype policy (bf16 needs CUDA or a recent CPU).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     deepspeed_config: Optional[str] = Field(None, description="Optional DeepSpeed JSON merged over the generated config.")
@@ -83,6 +84,7 @@ class ParallelSection(_Strict):
 class LocalSection(_Strict):
     method: Literal["dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop"] = Field(
         "dgl", description="Local-learning method used when parallel.stages > 1.")
+    max_in_flight: int = Field(2, ge=1, description="Activation messages a stage may have in flight before it waits (back-pressure).")
 
 
 class OptimSection(_Strict):

@@ -169,7 +169,7 @@ def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistCont
     device = pick_device(cfg, world.local_rank)
     timeouts = {"start": cfg.runtime.start_timeout_s, "steady": cfg.runtime.steady_timeout_s,
                 "save": cfg.runtime.save_timeout_s}
-    if cfg.parallel.backend == "none":
+    if cfg.parallel.backend == "none" and cfg.parallel.stages == 1:
         if world.world_size > 1:
             raise UserError(f"parallel.backend: none runs one process, but the launcher started {world.world_size}")
         return DistContext(world=world, device=device, backend=None, timeouts=timeouts)
@@ -193,3 +193,19 @@ def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistCont
     return ctx
 
 
+
+
+def exit_worker(code: int) -> None:
+    """End a distributed worker whose process group is destroyed, skipping interpreter finalization.
+
+    Gloo's C++ threads can still own tensors then, and freeing them while Python is torn down
+    aborts the process ("terminate called without an active exception", pytorch#179291) *after*
+    a clean run. Everything is flushed first; nothing is left for atexit handlers to do.
+    """
+    import sys
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -45,20 +45,11 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         trainer_state.restore_rng(state)
         start = int(state["step"])
 
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(run_dir, enabled=ctx.is_main, tensorboard=cfg.telemetry.tensorboard)
-    if ctx.is_main:
-        writer.truncate_from(start + 1)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        write_provenance(run_dir / "provenance.json", collect_provenance(
-            command, {"world_size": ctx.world_size, "backend": cfg.parallel.backend,
-                      "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
+    writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from)
     energy = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
     progress = Progress(total=cfg.train.steps, initial=start,
                         enabled=cfg.telemetry.progress if ctx.is_main else False,
                         echo=ctx.is_main and cfg.telemetry.progress != "off")
-    per_rank = cfg.train.batch_size // ctx.world_size
     tokens_per_sample = cfg.model.block_size if model.task == "lm" else 1
     last: dict = {}
 
@@ -84,14 +75,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             done = step + 1
 
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                elapsed = time.perf_counter() - window_t0
-                energy_j, power_w = _sum_energy(ctx, energy)
-                samples_per_s = window_steps * cfg.train.batch_size / elapsed
-                last = {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / window_steps), "lr": lr,
-                        "grad_norm": grad_norm, "step_time_s": elapsed / window_steps,
-                        "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
-                        "peak_mem_bytes": ctx.all_reduce_max(peak_memory_bytes(ctx.device)),
-                        "energy_j": energy_j, "power_w": power_w, "energy_source": energy.source}
+                last = _window_metrics(cfg, ctx, energy, done, lr, grad_norm, loss_acc, window_steps,
+                                       time.perf_counter() - window_t0, tokens_per_sample)
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                     last.update(evaluate(backend, data, ctx, cfg.train.batch_size, cfg.train.eval_batches))
                     progress.note(f"step {done}/{cfg.train.steps}  loss {last['loss']:.4f}  "
@@ -108,6 +93,33 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     writer.close()
     energy.close()
     return last
+
+
+def _open_run_dir(cfg: Config, ctx: DistContext, run_dir: Path, start: int, command: list[str],
+                  resume_from) -> MetricsWriter:
+    """Rank 0 writes the resolved config and provenance, and drops metrics past the resume point."""
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(run_dir, enabled=ctx.is_main, tensorboard=cfg.telemetry.tensorboard)
+    if ctx.is_main:
+        writer.truncate_from(start + 1)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_provenance(run_dir / "provenance.json", collect_provenance(
+            command, {"world_size": ctx.world_size, "backend": cfg.parallel.backend,
+                      "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
+    return writer
+
+
+def _window_metrics(cfg: Config, ctx: DistContext, energy, done: int, lr: float, grad_norm: float,
+                    loss_acc: torch.Tensor, steps: int, elapsed: float, tokens_per_sample: int) -> dict:
+    """The logged record for a window of `steps` steps; the loss is averaged over ranks."""
+    energy_j, power_w = _sum_energy(ctx, energy)
+    samples_per_s = steps * cfg.train.batch_size / elapsed
+    return {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / steps), "lr": lr,
+            "grad_norm": grad_norm, "step_time_s": elapsed / steps,
+            "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
+            "peak_mem_bytes": ctx.all_reduce_max(peak_memory_bytes(ctx.device)),
+            "energy_j": energy_j, "power_w": power_w, "energy_source": energy.source}
 
 
 def _sum_energy(ctx: DistContext, meter) -> tuple:

@@ -51,30 +51,42 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     with torch.device("meta"):
         model = build_model(cfg.model, data.info)
     n_params = count_parameters(model)
-    micro = cfg.train.batch_size // (world * cfg.train.grad_accum)
+    dp = world // cfg.parallel.stages
+    micro = cfg.train.batch_size // (dp * cfg.train.grad_accum)
     if data.info.task == "lm":
         example = torch.zeros(micro, cfg.model.block_size, dtype=torch.long, device="meta")
     else:
         example = torch.zeros(micro, *data.info.input_shape, device="meta")
     act = activation_bytes(model, example)
-    w, g, o = backend_class(cfg.parallel.backend).bytes_per_param(world, cfg)
+    w, g, o = backend_class(cfg.parallel.backend).bytes_per_param(dp, cfg)
+    # A pipeline rank holds one stage: about 1/K of the parameters and of the activations.
+    per_rank = n_params / cfg.parallel.stages
+    act = act / cfg.parallel.stages
     device = "cuda (nccl)" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu (gloo)"
     resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.run.dir) / cfg.run.name / "checkpoints")
     zero = f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.backend == "deepspeed" else ""
     rows = [
         ("run", f"{cfg.run.name} -> {Path(cfg.run.dir) / cfg.run.name}"),
         ("world", f"{world} ranks ({nnodes} node(s) x {world // nnodes}), device {device}"),
-        ("mesh", f"dp={world}" + (f", stages={cfg.parallel.stages}" if cfg.parallel.stages > 1 else "")),
+        ("mesh", (f"stage={cfg.parallel.stages} x " if cfg.parallel.stages > 1 else "") + f"dp={dp}"),
         ("backend", f"{cfg.parallel.backend}{zero}, precision {cfg.parallel.mixed_precision}"),
         ("model", f"{cfg.model.name}: {cfg.model.n_layer} layers, width {cfg.model.width}, "
                   f"{n_params / 1e6:.2f} M parameters"),
         ("data", f"{cfg.data.name}: {data.info.train_size:,} train / {data.info.val_size:,} val"),
-        ("batch", f"{cfg.train.batch_size} global = {world} ranks x {cfg.train.grad_accum} micro-batches x {micro}"),
-        ("memory/rank", f"weights {_mb(n_params * w)}, grads {_mb(n_params * g)}, optimizer {_mb(n_params * o)}, "
+        ("batch", f"{cfg.train.batch_size} global = {dp} dp ranks x {cfg.train.grad_accum} micro-batches x {micro}"),
+        ("memory/rank", f"weights {_mb(per_rank * w)}, grads {_mb(per_rank * g)}, optimizer {_mb(per_rank * o)}, "
                         f"activations ~{_mb(act)} (estimate, fp32)"),
         ("optimizer", f"{cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.optim.schedule} after {cfg.optim.warmup_steps} warm-up"),
         ("steps", f"{cfg.train.steps}, checkpoint every {cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep}), "
                   f"resume: {resume if resume else 'fresh start'}"),
     ]
+    if cfg.parallel.stages > 1:
+        from dist_train.local.split import stage_block_ranges
+
+        ranges = stage_block_ranges(model, cfg.parallel.stages, cfg.parallel.cut_points)
+        parts = [("embed + " if i == 0 else "") + f"blocks {r.start}-{r.stop - 1}" +
+                 (" + head" if i == len(ranges) - 1 else " + aux head") for i, r in enumerate(ranges)]
+        rows.insert(3, ("stages", f"{cfg.local.method}: " + " | ".join(parts) +
+                        f"; {world // cfg.parallel.stages} data-parallel rank(s) per stage"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
