@@ -126,3 +126,19 @@ def test_plan_rejects_impossible_pipelines(tmp_path, overrides, nproc, words):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_pipeline_resume_is_exact(tmp_path):
+    """6 steps straight vs 3 steps, stop, resume to 6: every stage logs the same losses for 4-6.
+    (Constant lr after warm-up, so the schedule does not depend on train.steps.)"""
+    common = [*TINY, "optim.schedule=constant", "checkpoint.every=0", "checkpoint.at_end=true"]
+    straight = _launch(tmp_path / "a", *common)
+    _launch(tmp_path / "b", *common, "train.steps=3")
+    resumed = _launch(tmp_path / "b", *common)
+    for k in range(2):
+        a = _records(straight / "stages" / f"stage{k}" / "metrics.jsonl")
+        b = _records(resumed / "stages" / f"stage{k}" / "metrics.jsonl")
+        assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no duplicated lines after resume
+        assert [r["loss"] for r in b[3:]] == pytest.approx([r["loss"] for r in a[3:]], rel=1e-6), f"stage {k}"
+    marker = json.loads((resumed / "checkpoints" / "step-6" / "COMMITTED").read_text())
+    assert marker["world_size"] == 2

@@ -26,6 +26,8 @@ from dist_train.models import build_model
 from dist_train.optim import lr_at, optimizer_spec
 from dist_train.runtime.dist import DistContext
 from dist_train.telemetry import MetricsWriter, peak_memory_bytes
+from dist_train.train import state as trainer_state
+from dist_train.train.checkpoint import Checkpointer, resolve_resume
 from dist_train.train.loop import _open_run_dir
 
 
@@ -36,6 +38,34 @@ class StageTrainer(nn.Module):
         super().__init__()
         self.stage = stage
         self.head = head
+
+
+class StageState:
+    """What a stage checkpoints: its blocks, head and optimizer, under a `stage{k}` prefix so the
+    stages' shards sit side by side in one torch.distributed.checkpoint folder."""
+
+    def __init__(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer):
+        self.key, self.module, self.optimizer = f"stage{index}", module, optimizer
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {self.key: {"model": model_sd, "optim": optim_sd}}
+
+    def save(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=path)
+
+    def load(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state[self.key]["model"],
+                       optim_state_dict=state[self.key]["optim"])
 
 
 def build_stage(cfg: Config, data_info, layout):
@@ -64,16 +94,29 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     link = StageLink(layout.prev_rank, layout.next_rank, ctx.device, cfg.local.max_in_flight)
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
     run_dir = Path(cfg.run.dir) / cfg.run.name
-    writer = _open_run_dir(cfg, ctx, run_dir, 0, command, None) if ctx.is_main else None
+
+    # Each stage saves its own shard (keys prefixed by stage); resume before touching the run dir.
+    state = StageState(layout.stage, trainer, optimizer)
+    ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
+    start = 0
+    resume_from = resolve_resume(cfg.checkpoint.resume, ckpt.root)
+    if resume_from is not None:
+        saved = ckpt.load(resume_from, state)
+        sampler.load_state_dict(saved["sampler"])
+        trainer_state.restore_rng(saved)
+        start = int(saved["step"])
+    writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from) if ctx.is_main else None
     stage_writer = MetricsWriter(run_dir / "stages" / f"stage{layout.stage}", enabled=layout.lead,
                                  tensorboard=cfg.telemetry.tensorboard)
+    if layout.lead:
+        stage_writer.truncate_from(start + 1)
     last: dict = {}
     loss_fn = model.loss
 
     with ctx.phase("steady"):
         ctx.barrier()
         t0, busy, loss_acc, window = time.perf_counter(), 0.0, 0.0, 0
-        for step in range(cfg.train.steps):
+        for step in range(start, cfg.train.steps):
             lr = lr_at(step, cfg.optim, cfg.train.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -87,7 +130,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             busy_t0 = time.perf_counter()
             h = trainer.stage(x)
             if not layout.last:
-                if step == 0:
+                if step == start:
                     link.send_shapes(h, y)
                 link.send(h.detach(), y, step)  # before backward: the next stage starts at once
                 loss = method.local_loss(trainer.head, h, y, x.detach(), info)
@@ -115,6 +158,12 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 if layout.last:
                     last = record
                 t0, busy, loss_acc, window = time.perf_counter(), 0.0, 0.0, 0
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or \
+                    (cfg.checkpoint.at_end and done == cfg.train.steps):
+                # Every stage has finished step `done` when the save's barrier passes, and the
+                # activations of step `done` have been consumed: a consistent cut of the pipeline.
+                ckpt.save(done, state, trainer_state.capture(done, sampler.state_dict()))
+                t0 = time.perf_counter()
         link.drain()
         last.update(evaluate_pipeline(cfg, ctx, data, trainer, link, layout, loss_fn))
         ctx.barrier()
