@@ -328,3 +328,11 @@ def test_default_dump_round_trips(tmp_path: Path) -> None:
     cfg = Config()
     p = _write(tmp_path / "config.yaml", dump_config(cfg))
     assert load_config(p) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid_on_two_ranks(path: Path) -> None:
+    from dist_train.config.layout import check_layout
+
+    check_layout(load_config(path), 2)
