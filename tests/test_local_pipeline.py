@@ -142,3 +142,24 @@ def test_pipeline_resume_is_exact(tmp_path):
         assert [r["loss"] for r in b[3:]] == pytest.approx([r["loss"] for r in a[3:]], rel=1e-6), f"stage {k}"
     marker = json.loads((resumed / "checkpoints" / "step-6" / "COMMITTED").read_text())
     assert marker["world_size"] == 2
+
+
+def test_asynchronous_mode_replays_instead_of_idling(tmp_path):
+    """A heavy first stage (5 of 6 blocks) and a light second one: in asynchronous mode the second
+    stage trains on replayed batches while it waits, within the reuse cap, and still consumes every
+    activation the first stage sends."""
+    run = _launch(tmp_path, *TINY, "model.n_layer=6", "parallel.cut_points=[5]", "train.steps=12",
+                  "local.asynchronous=true", "local.replay_size=4", "local.max_reuse=3")
+    s1 = _records(run / "stages" / "stage1" / "metrics.jsonl")
+    assert [r["step"] for r in s1] == list(range(1, 13))  # every upstream step consumed once, in order
+    last = s1[-1]
+    assert 0 < last["replays"] <= 12 * 2  # each batch: 1 fresh use + at most 2 replays
+    assert last["max_reuse_seen"] <= 3 and last["mean_staleness"] >= 0
+    assert "replays" not in _records(run / "stages" / "stage0" / "metrics.jsonl")[-1]  # stage 0 reads data
+
+
+def test_asynchronous_mode_needs_one_rank_per_stage(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dist_train", "plan", "quickstart.yaml", "--nproc", "4",
+                           f"run.dir={tmp_path}", "parallel.stages=2", "local.asynchronous=true"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "local.asynchronous" in proc.stderr

@@ -26,6 +26,9 @@ def check_layout(cfg: Config, world_size: int) -> None:
         if cfg.parallel.backend not in ("ddp", "none"):
             raise UserError(f"parallel.backend: {cfg.parallel.backend} inside local-learning stages is not "
                             "available in this release; use ddp")
+        if cfg.local.asynchronous and world_size != stages:
+            raise UserError("local.asynchronous: replay needs one rank per stage (replicas would replay "
+                            "different batches and their gradient averaging would deadlock)")
         if cfg.train.grad_accum != 1:
             raise UserError("train.grad_accum: local-learning stages train on every micro-batch; use 1")
     if cfg.parallel.backend == "none" and world_size > stages:

@@ -68,6 +68,13 @@ class StageLink:
         meta = torch.empty(1 + int(torch.tensor(self.tgt_shape).prod()), dtype=torch.int64, device=self.device)
         self._posted[tag] = (dist.irecv(act, self.prev, tag=tag), dist.irecv(meta, self.prev, tag=tag), act, meta)
 
+    def ready(self, tag: int = TRAIN_TAG) -> bool:
+        """Has the next message fully arrived? Never blocks (posts the receive if needed)."""
+        if tag not in self._posted:
+            self._post(tag)
+        w_act, w_meta, _, _ = self._posted[tag]
+        return w_act.is_completed() and w_meta.is_completed()
+
     def recv(self, expected_step: int, tag: int = TRAIN_TAG, prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (activation, targets) from the previous stage; posts the following receive."""
         if tag not in self._posted:

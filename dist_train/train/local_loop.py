@@ -21,6 +21,7 @@ from dist_train.local.layout import stage_layout
 from dist_train.local.link import EVAL_TAG, StageLink
 from dist_train.local.method import StageInfo
 from dist_train.local.methods import get_method
+from dist_train.local.replay import ReplayBuffer
 from dist_train.local.split import split_model, stage_block_ranges
 from dist_train.models import build_model
 from dist_train.optim import lr_at, optimizer_spec
@@ -113,6 +114,28 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     last: dict = {}
     loss_fn = model.loss
 
+    def update(x: torch.Tensor, y: torch.Tensor, send_step: int | None) -> torch.Tensor:
+        """Forward, (send on), local loss, backward, step: one update of this stage."""
+        h = trainer.stage(x)
+        if not layout.last:
+            if send_step is not None:
+                if send_step == start:
+                    link.send_shapes(h, y)
+                link.send(h.detach(), y, send_step)  # before backward: the next stage starts at once
+            loss = method.local_loss(trainer.head, h, y, x.detach(), info)
+        else:
+            loss = loss_fn(h.float(), y)
+        loss.backward()
+        _average_gradients(trainer, dp_group, layout.dp_size)
+        if cfg.train.grad_clip > 0:
+            nn.utils.clip_grad_norm_(trainer.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # Stage 0 reads its own data and never waits, so only later stages replay.
+    replay = (ReplayBuffer(cfg.local.replay_size, cfg.local.max_reuse)
+              if cfg.local.asynchronous and not layout.first else None)
     with ctx.phase("steady"):
         ctx.barrier()
         t0, busy, loss_acc, window = time.perf_counter(), 0.0, 0.0, 0
@@ -126,22 +149,16 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             else:
                 if link.act_shape is None:
                     link.recv_shapes()
+                # Asynchronous mode: rather than idle until the next activation arrives, replay.
+                while replay is not None and not link.ready() and (old := replay.sample()) is not None:
+                    busy_t0 = time.perf_counter()
+                    update(old[0], old[1], None)
+                    busy += time.perf_counter() - busy_t0
                 x, y = link.recv(step, prefetch=step + 1 < cfg.train.steps)
+                if replay is not None:
+                    replay.add(x, y, step)
             busy_t0 = time.perf_counter()
-            h = trainer.stage(x)
-            if not layout.last:
-                if step == start:
-                    link.send_shapes(h, y)
-                link.send(h.detach(), y, step)  # before backward: the next stage starts at once
-                loss = method.local_loss(trainer.head, h, y, x.detach(), info)
-            else:
-                loss = loss_fn(h.float(), y)
-            loss.backward()
-            _average_gradients(trainer, dp_group, layout.dp_size)
-            if cfg.train.grad_clip > 0:
-                nn.utils.clip_grad_norm_(trainer.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = update(x, y, step)
             busy += time.perf_counter() - busy_t0
             loss_acc += float(loss.detach())
             window += 1
@@ -152,7 +169,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                           "samples_per_s": window * cfg.train.batch_size / elapsed,
                           "idle_fraction": max(0.0, 1.0 - busy / elapsed),
                           "bytes_sent": link.bytes_sent, "tensors_sent": link.tensors_sent,
-                          "sent_requires_grad": link.sent_requires_grad, "peak_mem_bytes": peak_memory_bytes(ctx.device),
+                          "sent_requires_grad": link.sent_requires_grad,
+                          **(_replay_metrics(replay) if replay is not None else {}), "peak_mem_bytes": peak_memory_bytes(ctx.device),
                           "stage": layout.stage}
                 stage_writer.log(done, record)
                 if layout.last:
@@ -235,3 +253,8 @@ def _average_gradients(module: nn.Module, group, dp_size: int) -> None:
     flat /= dp_size
     for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(reduced)
+
+
+def _replay_metrics(replay: ReplayBuffer) -> dict:
+    return {"replays": replay.replays, "max_reuse_seen": replay.max_uses,
+            "mean_staleness": replay.staleness_sum / replay.replays if replay.replays else 0.0}
