@@ -89,7 +89,7 @@ CASES = {
     "wrong_type": (["optim.lr=fast"], False, ["optim.lr: expected a number, got 'fast'"]),
     "missing_data": (["data.name=token_bin", "data.path=/nonexistent.bin"], False,
                      ["data.path", "/nonexistent.bin", "not found"]),
-    "batch_not_divisible": (["train.batch_size=7"], True, ["train.batch_size", "7", "world size"]),
+    "batch_not_divisible": (["train.batch_size=7"], True, ["train.batch_size", "7", "data-parallel size"]),
     "stages": (["parallel.stages=3"], False, ["parallel.stages", "3"]),
     "backend_none_two_ranks": (["parallel.backend=none"], True, ["parallel.backend", "none", "2"]),
     "missing_config": ([], False, ["config file not found", "nope.yaml"]),

@@ -250,7 +250,7 @@ def test_plan_prints_the_plan_and_creates_nothing(tiny_config: Path, tmp_path: P
     assert f"{count_parameters(model) / 1e6:.2f} M parameters" in rows["model"], rows
     assert re.search(r"weights [\d.]+ MiB, grads [\d.]+ MiB, optimizer [\d.]+ MiB, activations ~[\d.]+ MiB",
                      rows["memory/rank"]), rows
-    assert rows["batch"].startswith("8 global = 2 ranks x 1 micro-batches x 4"), rows
+    assert rows["batch"].startswith("8 global = 2 dp ranks x 1 micro-batches x 4"), rows
     assert "fresh start" in rows["steps"]
     assert not runs.exists(), "plan must not create the run directory"
     assert not list(tmp_path.glob("runs*")) and sorted(p.name for p in tmp_path.iterdir()) == []
