@@ -97,7 +97,8 @@ def test_method_trains_locally(method_name, model_name, stage):
     loss = loss_at(7)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
-    head_grads = [p.grad for p in head.parameters()]
+    # Trainable head parameters only: MAN's EMA copy is frozen on purpose (moved by the EMA update).
+    head_grads = [p.grad for p in head.parameters() if p.requires_grad]
     stage_grads = [p.grad for p in st.modules.parameters()]
     assert head_grads and all(g is not None for g in head_grads)
     assert any(g.abs().sum() > 0 for g in head_grads)
@@ -105,7 +106,7 @@ def test_method_trains_locally(method_name, model_name, stage):
     assert any(g.abs().sum() > 0 for g in stage_grads)
     assert st.stage_input.grad is None  # isolation: nothing flows into what the stage received
 
-    opt = torch.optim.Adam([*st.modules.parameters(), *head.parameters()], lr=1e-2)
+    opt = torch.optim.Adam([*st.modules.parameters(), *(p for p in head.parameters() if p.requires_grad)], lr=1e-2)
     initial = loss.item()
     for step in range(20):
         opt.zero_grad(set_to_none=True)
@@ -151,12 +152,26 @@ def test_tpsgd_projection_fixed_and_per_stage():
 
 
 def test_get_method_errors():
-    assert set(METHODS) == {"dgl", "mono_forward", "infopro", "auglocal", "forward_forward", "tpsgd"}
+    assert set(METHODS) == {"dgl", "mono_forward", "infopro", "auglocal", "forward_forward", "tpsgd", "man"}
     for name in METHODS:
         assert get_method(name).name == name
-    for name in ("man", "noprop"):
+    for name in ("noprop",):
         msg = f"local.method: {name} is not available yet: needs runtime support"
         with pytest.raises(UserError, match=msg):
             get_method(name)
     with pytest.raises(UserError, match="local.method: bogus"):
         get_method("bogus")
+
+
+def test_man_ema_moves_toward_the_received_weights():
+    from dist_train.local.methods.man import MAN, flat_block_weights
+
+    block = torch.nn.Linear(4, 4)
+    head = MAN(momentum=0.5).build_head(StageInfo(index=0, num_stages=2, task="classify", width=4, num_classes=3,
+                                                  later_blocks=(block,), model_name="mlp"))
+    assert not any(p.requires_grad for p in head.ema.parameters())  # frozen between updates
+    target = torch.nn.Linear(4, 4)
+    before = flat_block_weights(head.ema)
+    MAN(momentum=0.5).update_ema(head, flat_block_weights(target))
+    after = flat_block_weights(head.ema)
+    assert torch.allclose(after, 0.5 * before + 0.5 * flat_block_weights(target))

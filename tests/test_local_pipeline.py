@@ -163,3 +163,16 @@ def test_asynchronous_mode_needs_one_rank_per_stage(tmp_path):
                            f"run.dir={tmp_path}", "parallel.stages=2", "local.asynchronous=true"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "local.asynchronous" in proc.stderr
+
+
+def test_man_sends_weights_back_rarely_and_trains(tmp_path):
+    """MAN: the second stage sends its first block's weights back every `man_every` steps (the one
+    opt-in backward message: weights, never gradients); the first stage folds them into its EMA."""
+    run = _launch(tmp_path, *TINY, "local.method=man", "local.man_every=2", "train.steps=6")
+    s0 = _records(run / "stages" / "stage0" / "metrics.jsonl")
+    s1 = _records(run / "stages" / "stage1" / "metrics.jsonl")
+    block_params = 32 * 32 * 12 + 32 * 13  # one GPT block at width 32: attention + MLP + norms
+    assert s1[-1]["weight_bytes_sent"] == 3 * block_params * 4  # steps 1, 3, 5: fp32 weights
+    assert 0 <= s0[-2]["weight_msgs_received"] <= 3
+    assert s1[-1]["sent_requires_grad"] == 0 and s1[-1]["bytes_sent"] == 0  # no activations backward
+    assert s0[-1]["loss"] < s0[0]["loss"]

@@ -21,7 +21,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
                                  any(b <= a for a, b in zip([0, *cuts], [*cuts, cfg.model.n_layer]))):
             raise UserError(f"parallel.cut_points: {cuts} must be {stages - 1} strictly increasing block "
                             f"indices inside 1..{cfg.model.n_layer - 1}")
-        if cfg.local.method in ("man", "noprop"):
+        if cfg.local.method == "noprop":
             raise UserError(f"local.method: {cfg.local.method} is not available in this release")
         if cfg.parallel.backend not in ("ddp", "none"):
             raise UserError(f"parallel.backend: {cfg.parallel.backend} inside local-learning stages is not "

@@ -85,6 +85,7 @@ class LocalSection(_Strict):
     method: Literal["dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop"] = Field(
         "dgl", description="Local-learning method used when parallel.stages > 1.")
     max_in_flight: int = Field(2, ge=1, description="Activation messages a stage may have in flight before it waits (back-pressure).")
+    man_every: int = Field(10, ge=1, description="MAN: steps between the next stage's weight messages (the one backward channel).")
     asynchronous: bool = Field(False, description="While waiting for the previous stage, train on a replayed batch instead of idling.")
     replay_size: int = Field(4, ge=1, description="Asynchronous mode: batches kept per stage for replay.")
     max_reuse: int = Field(3, ge=1, description="Asynchronous mode: times a batch may be trained on in all.")

@@ -3,6 +3,7 @@
 Sends are non-blocking with a bounded number in flight (back-pressure: a fast stage blocks once it
 is `max_in_flight` messages ahead instead of queueing without limit). The receive for the next
 message is posted as soon as the current one is taken, so communication overlaps compute.
+The one backward message is opt-in: MAN's weights (never gradients), sent every few steps.
 Every tensor that crosses is a detached leaf — `sent_requires_grad` counts any that is not, so
 a test can prove that no gradient or autograd graph ever spans two ranks.
 """
@@ -10,13 +11,46 @@ a test can prove that no gradient or autograd graph ever spans two ranks.
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-TRAIN_TAG, EVAL_TAG, SHAPE_TAG = 0, 1, 2
+TRAIN_TAG, EVAL_TAG, SHAPE_TAG, WEIGHT_TAG = 0, 1, 2, 3
 _MAX_DIMS = 8
+
+
+class _Pending:
+    """Receives in flight, with a completion flag that can be read without blocking.
+
+    `Work.is_completed()` is not reliable for gloo's point-to-point work (it stays False until
+    `wait()` is called), so a short-lived thread waits (torch releases the GIL there) and sets an
+    event; `done()` then answers truthfully on gloo and NCCL alike.
+    """
+
+    def __init__(self, works: list, buffers: tuple):
+        self.works, self.buffers = works, buffers
+        self._event = threading.Event()
+        self._error: Optional[BaseException] = None
+        threading.Thread(target=self._wait_all, daemon=True).start()
+
+    def _wait_all(self) -> None:
+        try:
+            for work in self.works:
+                work.wait()
+        except BaseException as e:  # surfaced to the caller in wait()
+            self._error = e
+        self._event.set()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self) -> tuple:
+        self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self.buffers
 
 
 class StageLink:
@@ -32,6 +66,9 @@ class StageLink:
         self.bytes_sent = 0
         self.tensors_sent = 0
         self.sent_requires_grad = 0
+        self.weight_bytes_sent = 0
+        self._weights_out: list = []
+        self._weights_in: Optional[tuple] = None
 
     # -- shapes are exchanged once, so receive buffers can be allocated ahead of time -----------
     def send_shapes(self, act: torch.Tensor, tgt: torch.Tensor) -> None:
@@ -66,22 +103,20 @@ class StageLink:
     def _post(self, tag: int) -> None:
         act = torch.empty(self.act_shape, dtype=torch.float32, device=self.device)
         meta = torch.empty(1 + int(torch.tensor(self.tgt_shape).prod()), dtype=torch.int64, device=self.device)
-        self._posted[tag] = (dist.irecv(act, self.prev, tag=tag), dist.irecv(meta, self.prev, tag=tag), act, meta)
+        self._posted[tag] = _Pending([dist.irecv(act, self.prev, tag=tag), dist.irecv(meta, self.prev, tag=tag)],
+                                     (act, meta))
 
     def ready(self, tag: int = TRAIN_TAG) -> bool:
         """Has the next message fully arrived? Never blocks (posts the receive if needed)."""
         if tag not in self._posted:
             self._post(tag)
-        w_act, w_meta, _, _ = self._posted[tag]
-        return w_act.is_completed() and w_meta.is_completed()
+        return self._posted[tag].done()
 
     def recv(self, expected_step: int, tag: int = TRAIN_TAG, prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (activation, targets) from the previous stage; posts the following receive."""
         if tag not in self._posted:
             self._post(tag)
-        w_act, w_meta, act, meta = self._posted.pop(tag)
-        w_act.wait()
-        w_meta.wait()
+        act, meta = self._posted.pop(tag).wait()
         if prefetch:
             self._post(tag)
         step = int(meta[0])
@@ -89,7 +124,27 @@ class StageLink:
             raise RuntimeError(f"stage link out of order: expected step {expected_step}, got {step}")
         return act, meta[1:].view(self.tgt_shape)
 
+    # -- MAN's opt-in backward channel: weights of this stage's first block, to the previous stage --
+    def send_weights(self, flat: torch.Tensor) -> None:
+        flat = flat.detach().contiguous()
+        self._weights_out.append((dist.isend(flat, self.prev, tag=WEIGHT_TAG), flat))
+        self.weight_bytes_sent += flat.numel() * flat.element_size()
+
+    def poll_weights(self, numel: int, block: bool = False) -> Optional[torch.Tensor]:
+        """The next weight message from the next stage if it has arrived (or, with `block`, when it does)."""
+        if self._weights_in is None:
+            buf = torch.empty(numel, dtype=torch.float32, device=self.device)
+            self._weights_in = _Pending([dist.irecv(buf, self.next, tag=WEIGHT_TAG)], (buf,))
+        if not block and not self._weights_in.done():
+            return None
+        (buf,) = self._weights_in.wait()
+        self._weights_in = None
+        return buf
+
     def drain(self) -> None:
+        for work, _ in self._weights_out:
+            work.wait()
+        self._weights_out.clear()
         while self._in_flight:
             for work in self._in_flight.popleft()[0]:
                 work.wait()

@@ -33,6 +33,8 @@ class LocalMethod(ABC):
     name: str = "base"
     # True when stages need no activations from the previous stage at all (NoProp).
     independent_stages: bool = False
+    # True when a stage needs its successor's weights (MAN): the one opt-in backward channel.
+    sends_weights_back: bool = False
 
     @abstractmethod
     def build_head(self, info: StageInfo) -> nn.Module:

@@ -21,6 +21,7 @@ from dist_train.local.layout import stage_layout
 from dist_train.local.link import EVAL_TAG, StageLink
 from dist_train.local.method import StageInfo
 from dist_train.local.methods import get_method
+from dist_train.local.methods.man import flat_block_weights
 from dist_train.local.replay import ReplayBuffer
 from dist_train.local.split import split_model, stage_block_ranges
 from dist_train.models import build_model
@@ -134,6 +135,12 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         return loss.detach()
 
     # Stage 0 reads its own data and never waits, so only later stages replay.
+    # MAN: the next stage's first-block weights arrive every `man_every` steps (count known ahead).
+    man = getattr(method, "sends_weights_back", False)
+    weight_msgs = len(range(start, cfg.train.steps, cfg.local.man_every)) if man else 0
+    weights_numel = sum(p.numel() for p in trainer.head.ema.parameters()) if man and not layout.last else 0
+    weights_got = 0
+
     replay = (ReplayBuffer(cfg.local.replay_size, cfg.local.max_reuse)
               if cfg.local.asynchronous and not layout.first else None)
     with ctx.phase("steady"):
@@ -157,9 +164,15 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 x, y = link.recv(step, prefetch=step + 1 < cfg.train.steps)
                 if replay is not None:
                     replay.add(x, y, step)
+            if man and not layout.last and weights_got < weight_msgs:
+                if (flat := link.poll_weights(weights_numel)) is not None:
+                    method.update_ema(trainer.head, flat)
+                    weights_got += 1
             busy_t0 = time.perf_counter()
             loss = update(x, y, step)
             busy += time.perf_counter() - busy_t0
+            if man and not layout.first and (step - start) % cfg.local.man_every == 0:
+                link.send_weights(flat_block_weights(trainer.stage.blocks[0]))
             loss_acc += float(loss.detach())
             window += 1
             done = step + 1
@@ -170,6 +183,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                           "idle_fraction": max(0.0, 1.0 - busy / elapsed),
                           "bytes_sent": link.bytes_sent, "tensors_sent": link.tensors_sent,
                           "sent_requires_grad": link.sent_requires_grad,
+                          **({"weight_bytes_sent": link.weight_bytes_sent, "weight_msgs_received": weights_got}
+                             if man else {}),
                           **(_replay_metrics(replay) if replay is not None else {}), "peak_mem_bytes": peak_memory_bytes(ctx.device),
                           "stage": layout.stage}
                 stage_writer.log(done, record)
@@ -182,6 +197,9 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 # activations of step `done` have been consumed: a consistent cut of the pipeline.
                 ckpt.save(done, state, trainer_state.capture(done, sampler.state_dict()))
                 t0 = time.perf_counter()
+        while man and not layout.last and weights_got < weight_msgs:  # take the late ones
+            method.update_ema(trainer.head, link.poll_weights(weights_numel, block=True))
+            weights_got += 1
         link.drain()
         last.update(evaluate_pipeline(cfg, ctx, data, trainer, link, layout, loss_fn))
         ctx.barrier()

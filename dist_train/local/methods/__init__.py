@@ -2,8 +2,9 @@
 
 Each is a `LocalMethod` (see `dist_train.local.method`) that builds an auxiliary head for a
 non-last stage and computes its local loss, for the GPT, MLP and CNN reference models.
-MAN and NoProp are named in the spec but need runtime support first (MAN sends weights backward;
-NoProp needs stages that run without activations), so asking for them is a clear user error.
+MAN's runtime side (weights sent backward at a low frequency) lives in the stage runtime. NoProp is
+named in the spec but needs stages that run without activations, so asking for it is a clear user
+error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dist_train.local.methods.auglocal import AugLocal
 from dist_train.local.methods.dgl import DGL
 from dist_train.local.methods.forward_forward import ForwardForward
 from dist_train.local.methods.infopro import InfoPro
+from dist_train.local.methods.man import MAN
 from dist_train.local.methods.mono_forward import MonoForward
 from dist_train.local.methods.tpsgd import TpSGD
 
@@ -24,10 +26,11 @@ METHODS: dict[str, type[LocalMethod]] = {
     "auglocal": AugLocal,
     "forward_forward": ForwardForward,
     "tpsgd": TpSGD,
+    "man": MAN,
 }
 
 # Named in the spec, recognised, but not runnable yet.
-NOT_AVAILABLE = ("man", "noprop")
+NOT_AVAILABLE = ("noprop",)
 
 
 def get_method(name: str) -> LocalMethod:
@@ -40,5 +43,5 @@ def get_method(name: str) -> LocalMethod:
     return cls()
 
 
-__all__ = ["METHODS", "NOT_AVAILABLE", "get_method", "AugLocal", "DGL", "ForwardForward", "InfoPro",
+__all__ = ["METHODS", "NOT_AVAILABLE", "get_method", "AugLocal", "DGL", "ForwardForward", "InfoPro", "MAN",
            "MonoForward", "TpSGD"]
