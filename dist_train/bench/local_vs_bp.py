@@ -89,12 +89,12 @@ SIZES: dict[str, dict[str, Any]] = {
              "gpt": {"model": QUICKSTART, "steps": 300, "warmup_steps": 20, "eval_batches": 16,
                      "lrs": [1.5e-3, 3e-3, 6e-3], "seeds": [0, 1, 2]},
              "digits": {"model": DIGITS, "steps": 400, "warmup_steps": 20, "eval_batches": 11,
-                        "lrs": [1e-3, 3e-3, 1e-2], "seeds": [0, 1, 2]}},
+                        "lrs": [1e-3, 3e-3, 1e-2, 3e-2], "seeds": [0, 1, 2]}},
     "quick": {"repeats": 2, "warmup": 5, "measured": 20, "log_every": 5, "heap_steps": 6, "model": QUICKSTART,
               "gpt": {"model": QUICKSTART, "steps": 60, "warmup_steps": 10, "eval_batches": 8,
                       "lrs": [3e-3, 6e-3], "seeds": [0, 1]},
               "digits": {"model": DIGITS, "steps": 150, "warmup_steps": 10, "eval_batches": 11,
-                         "lrs": [1e-3, 3e-3, 1e-2], "seeds": [0, 1, 2]}},
+                         "lrs": [1e-3, 3e-3, 1e-2, 3e-2], "seeds": [0, 1, 2]}},
     # tests: a tiny model and a few steps; proves the benchmark runs and reports, measures nothing
     "smoke": {"repeats": 1, "warmup": 2, "measured": 2, "log_every": 2, "heap_steps": 2, "model": TINY,
               "gpt": {"model": TINY, "steps": 3, "warmup_steps": 1, "eval_batches": 1,
@@ -571,6 +571,24 @@ def local_reference(cfg) -> dict[str, Any]:
     return out
 
 
+def pipeline_stage_losses(rank: int, world: int, overrides: list[str], run_dir: str) -> list[list[float]]:
+    """Per-stage, per-step losses of the real 2-rank pipeline (train_local, log_every=1): what
+    `local_reference` must reproduce. For tests; run it with `run_on_ranks`."""
+    from dist_train.runtime import discover, init_distributed
+    from dist_train.train.local_loop import train_local
+
+    cfg = _config([*overrides, "parallel.backend=ddp", "train.log_every=1", f"run.dir={run_dir}", "run.name=pipe"])
+    ctx = init_distributed(cfg, discover())
+    try:
+        train_local(cfg, ctx, ["test"])
+        ctx.barrier()
+        stages = Path(run_dir) / "pipe" / "stages"
+        return [[r["loss"] for r in _records(stages / f"stage{k}" / "metrics.jsonl")]
+                for k in range(cfg.parallel.stages)]
+    finally:
+        ctx.destroy()
+
+
 def _quality_job(job: dict[str, Any]) -> dict[str, Any]:
     """One training run for the quality table (runs in a pool worker with one thread)."""
     torch.set_num_threads(1)
@@ -712,7 +730,7 @@ def _heap_rows(heap: dict[str, dict]) -> tuple[list[dict], dict[str, float]]:
     rows = []
     for m in METHODS:
         d = heap[m]["heap_delta"] + [None] * (2 - len(heap[m]["heap_delta"]))
-        rows.append({"part": "live-heap", "repeat": "1", "method": m, "mem_r0": d[0] / mib,
+        rows.append({"part": "heap", "repeat": "1", "method": m, "mem_r0": d[0] / mib,
                      "mem_r1": None if d[1] is None else d[1] / mib, "L_mem": local / max(heap[m]["heap_delta"])})
     ratios = {f"heap_{m}": local / max(heap[m]["heap_delta"]) for m in METHODS if m != "local"}
     return rows, ratios

@@ -60,10 +60,11 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_dicts(base: dict, over: dict) -> dict:
+    """Recursive merge: mappings merge key by key, anything else in `over` replaces."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -125,7 +126,7 @@ def format_validation_error(err: ValidationError) -> str:
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
     """Load `path` (or the quickstart when None), apply overrides, validate. Raises UserError."""
     data = read_yaml(path if path is not None else BUILTIN / "quickstart.yaml")
-    data = _merge(data, parse_overrides(overrides))
+    data = merge_dicts(data, parse_overrides(overrides))
     try:
         return Config.model_validate(data)
     except ValidationError as err:

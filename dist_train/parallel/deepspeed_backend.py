@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from dist_train.config.load import merge_dicts
 from dist_train.config.schema import Config
 from dist_train.errors import UserError
 from dist_train.parallel.base import Backend, OptimizerFactory
@@ -44,15 +45,8 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
             user = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"parallel.deepspeed_config: {path} is not valid JSON (line {e.lineno})") from None
-        ds = _merge(ds, user)
+        ds = merge_dicts(ds, user)
     return ds
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _weights_only_engine():

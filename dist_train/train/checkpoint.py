@@ -129,3 +129,17 @@ def _describe(e: BaseException) -> str:
         cause = e.__cause__ or e.__context__
         return type(e).__name__ + (f" ({type(cause).__name__})" if cause else "")
     return first
+
+
+def resume(ckpt: Checkpointer, resume_setting: str, holder, sampler) -> tuple[int, Optional[Path]]:
+    """Load the checkpoint `checkpoint.resume` names (if any) into `holder` (a backend, or anything
+    with save/load), restore the data position and RNG; return (first step to run, folder)."""
+    from dist_train.train import state as trainer_state
+
+    folder = resolve_resume(resume_setting, ckpt.root)
+    if folder is None:
+        return 0, None
+    saved = ckpt.load(folder, holder)
+    sampler.load_state_dict(saved["sampler"])
+    trainer_state.restore_rng(saved)
+    return int(saved["step"]), folder

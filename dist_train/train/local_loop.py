@@ -29,7 +29,7 @@ from dist_train.optim import lr_at, optimizer_spec
 from dist_train.runtime.dist import DistContext
 from dist_train.telemetry import MetricsWriter, peak_memory_bytes
 from dist_train.train import state as trainer_state
-from dist_train.train.checkpoint import Checkpointer, resolve_resume
+from dist_train.train.checkpoint import Checkpointer, resume
 from dist_train.train.loop import _open_run_dir
 
 
@@ -100,13 +100,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     # Each stage saves its own shard (keys prefixed by stage); resume before touching the run dir.
     state = StageState(layout.stage, trainer, optimizer)
     ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
-    start = 0
-    resume_from = resolve_resume(cfg.checkpoint.resume, ckpt.root)
-    if resume_from is not None:
-        saved = ckpt.load(resume_from, state)
-        sampler.load_state_dict(saved["sampler"])
-        trainer_state.restore_rng(saved)
-        start = int(saved["step"])
+    start, resume_from = resume(ckpt, cfg.checkpoint.resume, state, sampler)
     writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from) if ctx.is_main else None
     stage_writer = MetricsWriter(run_dir / "stages" / f"stage{layout.stage}", enabled=layout.lead,
                                  tensorboard=cfg.telemetry.tensorboard)

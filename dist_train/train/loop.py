@@ -18,7 +18,7 @@ from dist_train.runtime.dist import DistContext
 from dist_train.telemetry import (MetricsWriter, Progress, collect_provenance, make_energy_meter,
                                   peak_memory_bytes, write_provenance)
 from dist_train.train import state as trainer_state
-from dist_train.train.checkpoint import Checkpointer, resolve_resume
+from dist_train.train.checkpoint import Checkpointer, resume
 from dist_train.train.evaluate import evaluate
 
 
@@ -37,13 +37,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
     # Resume before touching the run directory: a bad checkpoint must leave everything as it was.
     ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
-    start = 0
-    resume_from = resolve_resume(cfg.checkpoint.resume, ckpt.root)
-    if resume_from is not None:
-        state = ckpt.load(resume_from, backend)
-        sampler.load_state_dict(state["sampler"])
-        trainer_state.restore_rng(state)
-        start = int(state["step"])
+    start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler)
 
     writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from)
     energy = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
