@@ -42,6 +42,9 @@ median over repeats is reported.
               launch to the end of backward (waiting for the all-reduces) / wall time. bp-1dev: 0.
   cpu_ms_step process CPU time per step (slower rank): the work a rank did, whatever other
               tenants of a shared machine took.
+  live heap   a cross-check of the memory figure free of allocator retention: a separate, untimed
+              short pass per method in which a dispatch mode samples glibc's live heap (mallinfo2)
+              after every aten op; reported as the "heap" rows (not used by the targets).
 
 Quality: final validation loss (GPT) and accuracy (digits, MLP 4 x 128) of DGL vs end-to-end BP,
 each over an lr sweep and several seeds; each method's lr is chosen by its mean validation
