@@ -57,7 +57,6 @@ tests/test_bench_local.py checks this copy of it). Quality jobs run two at a tim
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import math
 import os
@@ -70,6 +69,7 @@ from unittest import mock
 
 import torch
 
+from dist_train.bench.memory import live_heap_mode, peak_rss, reset_peak_rss
 from dist_train.bench.report import command_line, machine_summary, make_target, utc_now
 
 WORLD = 2
@@ -131,80 +131,6 @@ def _config(overrides: list[str]):
 def _median(values: list[Optional[float]]) -> Optional[float]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(finite) if finite else None
-
-
-def _status_bytes(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss() -> int:
-    hwm = _status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm
-    from dist_train.telemetry import peak_memory_bytes
-
-    return int(peak_memory_bytes("cpu") or 0)
-
-
-def _reset_peak_rss() -> tuple[int, bool]:
-    """Free what can be freed, restart the peak-RSS counter; returns (current RSS, reset worked)."""
-    gc.collect()
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    ok = False
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (Linux >= 4.0)
-            fh.write("5")
-        ok = True
-    return int(_status_bytes("VmRSS") or _peak_rss()), ok
-
-
-def _live_heap_bytes() -> Optional[int]:
-    """Bytes glibc's malloc has handed out and not taken back (mallinfo2: uordblks + hblkhd):
-    live allocations only, without the freed memory the allocator keeps resident."""
-    try:
-        import ctypes
-
-        class _MallInfo2(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-        info = libc.mallinfo2()
-        return int(info.uordblks + info.hblkhd)
-    except (OSError, AttributeError):
-        return None
-
-
-def _live_heap_mode():
-    """A dispatch mode that samples the live heap after every aten op (forward, backward and
-    optimizer alike) and keeps the maximum. It slows a step by about a third, so it runs in its
-    own short pass, never in a timed run."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LiveHeapPeak(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.base = self.peak = _live_heap_bytes() or 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            now = _live_heap_bytes() or 0
-            if now > self.peak:
-                self.peak = now
-            return out
-
-    return LiveHeapPeak()
 
 
 def _prewarm(cfg, data) -> None:
@@ -467,8 +393,8 @@ def _method_worker(rank: int, world: int, method: str, overrides: list[str], war
         data = build_dataset(cfg.data, cfg.model.block_size)
         _prewarm(cfg, data)
         ctx.barrier()
-        rss0, reset_ok = _reset_peak_rss()
-        mode = _live_heap_mode() if live_heap else contextlib.nullcontext()
+        rss0, reset_ok = reset_peak_rss()
+        mode = live_heap_mode() if live_heap else contextlib.nullcontext()
         with mode:
             if method == "local":
                 out = _run_local(cfg, ctx, data, warmup, command)
@@ -476,7 +402,7 @@ def _method_worker(rank: int, world: int, method: str, overrides: list[str], war
                 out = _run_bp(cfg, ctx, data, warmup, command)
             else:
                 out = _run_pipe(cfg, ctx, data, warmup, method)
-        peak = _peak_rss()
+        peak = peak_rss()
         out.update(rank=rank, mem_delta=peak - rss0, rss_peak=peak, rss_before=rss0, peak_reset=reset_ok,
                    threads=torch.get_num_threads(),
                    heap_delta=(mode.peak - mode.base) if live_heap else None)

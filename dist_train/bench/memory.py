@@ -1,0 +1,86 @@
+"""Process-memory probes for benchmarks on Linux: peak resident set that can be reset, and the
+live malloc heap (free of what the allocator keeps resident after frees).
+
+`ru_maxrss` cannot be reset and is mostly interpreter and torch for small models, so comparisons
+of it sit near 1 whatever the method; these probes measure what a method adds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Optional
+
+
+def status_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss() -> int:
+    hwm = status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    from dist_train.telemetry import peak_memory_bytes
+
+    return int(peak_memory_bytes("cpu") or 0)
+
+
+def reset_peak_rss() -> tuple[int, bool]:
+    """Free what can be freed, restart the peak-RSS counter; returns (current RSS, reset worked)."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    ok = False
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (Linux >= 4.0)
+            fh.write("5")
+        ok = True
+    return int(status_bytes("VmRSS") or peak_rss()), ok
+
+
+def live_heap_bytes() -> Optional[int]:
+    """Bytes glibc's malloc has handed out and not taken back (mallinfo2: uordblks + hblkhd):
+    live allocations only, without the freed memory the allocator keeps resident."""
+    try:
+        import ctypes
+
+        class _MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+    except (OSError, AttributeError):
+        return None
+
+
+def live_heap_mode():
+    """A dispatch mode that samples the live heap after every aten op (forward, backward and
+    optimizer alike) and keeps the maximum. It slows a step by about a third, so it runs in its
+    own short pass, never in a timed run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LiveHeapPeak(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = self.peak = live_heap_bytes() or 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            now = live_heap_bytes() or 0
+            if now > self.peak:
+                self.peak = now
+            return out
+
+    return LiveHeapPeak()
