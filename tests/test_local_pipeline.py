@@ -10,13 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dist_train.config import load_config
-from dist_train.data import build_dataset
-from dist_train.local.layout import stage_layout
-from dist_train.optim import lr_at, optimizer_spec
-from dist_train.train.local_loop import build_stage
+from dist_train.local.reference import local_reference
 
 TINY = ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_batches=2",
@@ -29,29 +25,7 @@ def _records(path: Path) -> list[dict]:
 
 def _reference(overrides: list[str]) -> list[list[float]]:
     """Both stages in one process, sequentially: what the pipeline must compute, step for step."""
-    cfg = load_config(None, overrides)
-    data = build_dataset(cfg.data, cfg.model.block_size)
-    parts = []
-    for k in range(cfg.parallel.stages):
-        layout = stage_layout(k, cfg.parallel.stages, cfg.parallel.stages)
-        model, trainer, method, info = build_stage(cfg, data.info, layout)
-        parts.append((layout, model, trainer, method, info, optimizer_spec(cfg.optim, trainer).build()))
-    sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
-    losses = [[] for _ in parts]
-    for step in range(cfg.train.steps):
-        x, y = data.get_batch("train", sampler.next_indices(0, 1))
-        for k, (layout, model, trainer, method, info, opt) in enumerate(parts):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.optim, cfg.train.steps)
-            h = trainer.stage(x)
-            loss = model.loss(h, y) if layout.last else method.local_loss(trainer.head, h, y, x.detach(), info)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainer.parameters(), cfg.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[k].append(float(loss.detach()))
-            x = h.detach()
-    return losses
+    return local_reference(load_config(None, overrides))["losses"]
 
 
 def _launch(tmp: Path, *overrides: str) -> Path:
