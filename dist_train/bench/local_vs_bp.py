@@ -71,7 +71,7 @@ import torch
 
 from dist_train.bench.memory import live_heap_mode, peak_rss, reset_peak_rss
 from dist_train.local.reference import local_reference  # noqa: F401  (also used by tests)
-from dist_train.bench.report import command_line, machine_summary, make_target, utc_now
+from dist_train.bench.report import pick_size, command_line, machine_summary, make_target, utc_now
 
 WORLD = 2
 MICRO_BATCHES = 4
@@ -107,7 +107,6 @@ SIZES: dict[str, dict[str, Any]] = {
                          "lrs": [3e-3], "seeds": [0]}},
 }
 # Hidden knob for the test suite: DIST_TRAIN_BENCH_SIZE=smoke overrides --quick / full.
-SIZE_ENV = "DIST_TRAIN_BENCH_SIZE"
 
 TARGETS = {
     "speed_1dev": ("samples/s: local pipeline / one-device BP (median of per-repeat ratios)", ">=", 1.6),
@@ -614,10 +613,7 @@ def _heap_rows(heap: dict[str, dict]) -> tuple[list[dict], dict[str, float]]:
 def run(quick: bool) -> dict[str, Any]:
     from dist_train.telemetry import collect_provenance
 
-    size_name = os.environ.get(SIZE_ENV) or ("quick" if quick else "full")
-    if size_name not in SIZES:
-        raise ValueError(f"{SIZE_ENV}={size_name!r}: expected one of {sorted(SIZES)}")
-    size = SIZES[size_name]
+    size_name, size = pick_size(SIZES, quick)
     command, started = command_line(), utc_now()
     t_start = time.perf_counter()
     repeats = []

@@ -40,7 +40,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import statistics
 import tempfile
 import threading
@@ -51,7 +50,7 @@ from unittest import mock
 
 import torch
 
-from dist_train.bench.report import command_line, machine_summary, make_target, utc_now
+from dist_train.bench.report import pick_size, command_line, machine_summary, make_target, utc_now
 from dist_train.data.base import Dataset
 from dist_train.data.sampler import StepSampler
 
@@ -68,7 +67,6 @@ SIZES = {
     "smoke": {"lockstep": 1, "sequential": 1, "warmup": 2, "measured": 4},  # tests: runs, measures nothing
 }
 # Hidden knob for the test suite: DIST_TRAIN_BENCH_SIZE=smoke overrides --quick / full.
-SIZE_ENV = "DIST_TRAIN_BENCH_SIZE"
 
 
 # ---------------------------------------------------------------------------- baton and clock
@@ -347,10 +345,7 @@ def run(quick: bool) -> dict[str, Any]:
     from dist_train.bench._spawn import run_on_ranks
     from dist_train.telemetry import collect_provenance
 
-    size_name = os.environ.get(SIZE_ENV) or ("quick" if quick else "full")
-    if size_name not in SIZES:
-        raise ValueError(f"{SIZE_ENV}={size_name!r}: expected one of {sorted(SIZES)}")
-    size = SIZES[size_name]
+    size_name, size = pick_size(SIZES, quick)
     command, started = command_line(), utc_now()
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-overhead-") as run_dir:
         out = run_on_ranks(_worker, nprocs=WORLD, args=(size, run_dir), threads=1)

@@ -168,3 +168,16 @@ def finish(result: dict, json_path: Optional[str]) -> int:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {json_path}")
     return 0
+
+
+SIZE_ENV = "DIST_TRAIN_BENCH_SIZE"  # smoke | quick | full: tests ask for a tiny size this way
+
+
+def pick_size(sizes: dict, quick: bool) -> tuple[str, dict]:
+    """The benchmark size: `DIST_TRAIN_BENCH_SIZE` if set, else quick or full."""
+    import os
+
+    name = os.environ.get(SIZE_ENV) or ("quick" if quick else "full")
+    if name not in sizes:
+        raise ValueError(f"{SIZE_ENV}={name!r}: expected one of {sorted(sizes)}")
+    return name, sizes[name]

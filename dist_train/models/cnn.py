@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from dist_train.models.loss import cross_entropy
+from dist_train.models.base import EmbedBlocksHead
 
 
 class ConvBlock(nn.Module):
@@ -30,7 +30,7 @@ class ConvBlock(nn.Module):
         return self.drop(self.act(self.norm(self.conv(x))))
 
 
-class CNN(nn.Module):
+class CNN(EmbedBlocksHead):
     """forward(x [B,in_channels,H,W] float) -> logits [B,num_classes]."""
 
     task = "classify"
@@ -45,12 +45,3 @@ class CNN(nn.Module):
         self.blocks = nn.ModuleList(ConvBlock(width, dropout) for _ in range(n_layer))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy: logits [B,C] vs labels [B]."""
-        return cross_entropy(outputs, targets)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dist_train.models.loss import cross_entropy
+from dist_train.models.base import EmbedBlocksHead
 
 
 class Embedding(nn.Module):
@@ -98,7 +98,7 @@ class Head(nn.Module):
         return self.out(self.ln(x))
 
 
-class GPT(nn.Module):
+class GPT(EmbedBlocksHead):
     """Decoder-only language model. forward(idx [B,T] int64) -> logits [B,T,vocab_size]."""
 
     task = "lm"
@@ -134,16 +134,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=resid_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=resid_std)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy: logits [B,T,V] vs targets [B,T]."""
-        return cross_entropy(outputs, targets)
 
     def num_flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), as in nanoGPT / torchtitan MFU.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dist_train.models.loss import cross_entropy
+from dist_train.models.base import EmbedBlocksHead
 
 
 class MLPBlock(nn.Module):
@@ -21,7 +21,7 @@ class MLPBlock(nn.Module):
         return self.drop(self.act(self.fc(x)))
 
 
-class MLP(nn.Module):
+class MLP(EmbedBlocksHead):
     """forward(x [B,*input_shape] float) -> logits [B,num_classes].
 
     `n_layer` hidden blocks follow the input projection, so `len(blocks) == n_layer` for every
@@ -37,12 +37,3 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(MLPBlock(width, dropout) for _ in range(n_layer))
         self.head = nn.Linear(width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy: logits [B,C] vs labels [B]."""
-        return cross_entropy(outputs, targets)
