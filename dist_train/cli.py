@@ -80,8 +80,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if world.rank == 0 and last:
         run_dir = Path(cfg.run.dir) / cfg.run.name
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
+        val += f", val acc {last['val_acc']:.3f}" if "val_acc" in last else ""
         print(f"done: step {last['step']}, loss {last['loss']:.4f}{val}, "
               f"{last['samples_per_s']:.1f} samples/s; run dir {run_dir}")
+        if "sample" in last:
+            print(f"sample: {cfg.train.sample_prompt}{last['sample']}")
     return 0
 
 

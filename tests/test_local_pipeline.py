@@ -81,6 +81,45 @@ def test_only_detached_activations_and_targets_cross(pipeline):
     assert s1["bytes_sent"] == 0  # the last stage sends nothing: no gradient goes back
 
 
+def test_targets_can_stay_off_the_wire(tmp_path, pipeline):
+    """local.send_targets=false: every stage reads its own targets from the deterministic sampler,
+    only the activation crosses (no targets, no step header), and training is unchanged."""
+    run = _launch(tmp_path, *TINY, "local.send_targets=false")
+    s0 = _records(run / "stages" / "stage0" / "metrics.jsonl")[-1]
+    assert s0["tensors_sent"] == 6 and s0["bytes_sent"] == 6 * 8 * 16 * 32 * 4
+    for k in range(2):
+        a = [r["loss"] for r in _records(run / "stages" / f"stage{k}" / "metrics.jsonl")]
+        b = [r["loss"] for r in _records(pipeline / "stages" / f"stage{k}" / "metrics.jsonl")]
+        assert a == b, f"stage {k}"
+
+
+def test_generation_runs_through_the_stages(tmp_path):
+    """A sample generated through 2 ranks (the last stage returns each sampled byte to stage 0)
+    equals the same stages chained in one process, byte for byte."""
+    overrides = [*TINY, "train.sample_tokens=24", "train.sample_prompt=import"]
+    run = _launch(tmp_path, *overrides)
+    ref = local_reference(load_config(None, [f"run.dir={tmp_path}", *overrides]))
+    text = (run / "sample.txt").read_text()
+    assert text == "import" + ref["sample"] and len(ref["sample"]) > 0
+
+
+@pytest.mark.parametrize("extra", [[], [*MLP]], ids=["gpt", "mlp"])
+def test_noprop_stages_train_without_traffic(tmp_path, extra):
+    """NoProp: each stage reads (x, y) itself and denoises its own step; not one byte crosses in
+    training, the losses equal the sequential reference, and evaluation chains the stages."""
+    overrides = [*TINY, "local.method=noprop", *extra]
+    run = _launch(tmp_path, *overrides)
+    ref = local_reference(load_config(None, [f"run.dir={tmp_path}", *overrides]))
+    for k in range(2):
+        recs = _records(run / "stages" / f"stage{k}" / "metrics.jsonl")
+        assert [r["loss"] for r in recs] == pytest.approx(ref["losses"][k], rel=1e-5), f"stage {k}"
+        assert recs[-1]["bytes_sent"] == 0 and recs[-1]["tensors_sent"] == 0
+    main = _records(run / "metrics.jsonl")[-1]
+    assert main["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
+    if extra:
+        assert main["val_acc"] == pytest.approx(ref["val_acc"], abs=1e-6)
+
+
 def test_pipeline_run_dir(pipeline):
     main = _records(pipeline / "metrics.jsonl")
     assert main[-1]["step"] == 6 and "val_loss" in main[-1] and main[-1]["val_loss"] > 0
@@ -90,7 +129,9 @@ def test_pipeline_run_dir(pipeline):
 @pytest.mark.parametrize("overrides, nproc, words", [
     (["parallel.stages=5"], 2, ["parallel.stages", "blocks"]),       # more stages than blocks
     (["parallel.stages=2"], 3, ["parallel.stages", "divide"]),        # K does not divide the world
-    (["parallel.stages=2", "local.method=noprop"], 2, ["local.method"]),
+    (["parallel.stages=2", "local.method=noprop", "local.asynchronous=true"], 2, ["local.asynchronous"]),
+    (["parallel.stages=2", "local.method=man", "parallel.backend=fsdp"], 4, ["local.method", "man"]),
+    (["parallel.stages=2", "parallel.backend=fairscale"], 4, ["parallel.backend"]),
     (["parallel.stages=2", "parallel.cut_points=[1,2]"], 2, ["parallel.cut_points"]),
 ])
 def test_plan_rejects_impossible_pipelines(tmp_path, overrides, nproc, words):

@@ -21,11 +21,16 @@ def check_layout(cfg: Config, world_size: int) -> None:
                                  any(b <= a for a, b in zip([0, *cuts], [*cuts, cfg.model.n_layer]))):
             raise UserError(f"parallel.cut_points: {cuts} must be {stages - 1} strictly increasing block "
                             f"indices inside 1..{cfg.model.n_layer - 1}")
-        if cfg.local.method == "noprop":
-            raise UserError(f"local.method: {cfg.local.method} is not available in this release")
-        if cfg.parallel.backend not in ("ddp", "none"):
-            raise UserError(f"parallel.backend: {cfg.parallel.backend} inside local-learning stages is not "
-                            "available in this release; use ddp")
+        dp = world_size // stages
+        if cfg.parallel.backend == "fairscale" and dp > 1:
+            raise UserError("parallel.backend: fairscale is not offered inside local-learning stages; "
+                            "use ddp, fsdp or deepspeed")
+        if cfg.local.method == "man" and cfg.parallel.backend in ("fsdp", "deepspeed") and dp > 1:
+            raise UserError(f"local.method: man sends its first block's whole weights backward, which a sharded "
+                            f"stage ({cfg.parallel.backend}) does not hold; use parallel.backend ddp")
+        if cfg.local.method == "noprop" and cfg.local.asynchronous:
+            raise UserError("local.asynchronous: noprop stages never wait for each other, so there is nothing "
+                            "to replay; set it to false")
         if cfg.local.asynchronous and world_size != stages:
             raise UserError("local.asynchronous: replay needs one rank per stage (replicas would replay "
                             "different batches and their gradient averaging would deadlock)")

@@ -43,6 +43,9 @@ class TrainSection(_Strict):
     log_every: int = Field(10, ge=1, description="Log metrics every this many steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate on the validation split every this many steps; 0 = only at the end.")
     eval_batches: int = Field(4, ge=1, description="Validation batches per evaluation.")
+    sample_tokens: int = Field(0, ge=0, description="Language models: tokens to generate after training (written to <run>/sample.txt); 0 = none.")
+    sample_prompt: str = Field("def ", description="Prompt for the generated sample (UTF-8 bytes on a byte-level corpus).")
+    sample_temperature: float = Field(0.8, gt=0, description="Softmax temperature for sampling.")
 
 
 class ModelSection(_Strict):
@@ -89,6 +92,7 @@ class LocalSection(_Strict):
     asynchronous: bool = Field(False, description="While waiting for the previous stage, train on a replayed batch instead of idling.")
     replay_size: int = Field(4, ge=1, description="Asynchronous mode: batches kept per stage for replay.")
     max_reuse: int = Field(3, ge=1, description="Asynchronous mode: times a batch may be trained on in all.")
+    send_targets: bool = Field(True, description="Send each batch's targets with its activation. False: every stage reads its targets from the deterministic sampler, so only activations cross (half a backprop pipeline's bytes).")
 
 
 class OptimSection(_Strict):

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-TRAIN_TAG, EVAL_TAG, SHAPE_TAG, WEIGHT_TAG = 0, 1, 2, 3
+TRAIN_TAG, EVAL_TAG, SHAPE_TAG, WEIGHT_TAG, GEN_TAG = 0, 1, 2, 3, 4
 _MAX_DIMS = 8
 
 
@@ -54,13 +54,20 @@ class _Pending:
 
 
 class StageLink:
+    """`send_targets=False` (training traffic only): every stage reads its own targets from the
+    deterministic sampler, so only activations cross, and no step header either: messages between
+    one pair of ranks on one tag arrive in the order they were sent (torch.distributed's p2p
+    guarantee), which is what the header checked. Evaluation messages always carry targets."""
+
     def __init__(self, prev_rank: Optional[int], next_rank: Optional[int], device: torch.device,
-                 max_in_flight: int = 2):
+                 max_in_flight: int = 2, send_targets: bool = True):
         self.prev, self.next = prev_rank, next_rank
         self.device = device
         self.max_in_flight = max_in_flight
+        self._with_targets = {TRAIN_TAG: send_targets, EVAL_TAG: True}
         self._in_flight: collections.deque = collections.deque()
         self._posted: dict[int, tuple] = {}
+        self._shapes_sent = False
         self.act_shape: Optional[tuple[int, ...]] = None
         self.tgt_shape: Optional[tuple[int, ...]] = None
         self.bytes_sent = 0
@@ -71,14 +78,15 @@ class StageLink:
         self._weights_in: Optional[tuple] = None
 
     # -- shapes are exchanged once, so receive buffers can be allocated ahead of time -----------
-    def send_shapes(self, act: torch.Tensor, tgt: torch.Tensor) -> None:
+    def _send_shapes(self, act: torch.Tensor, tgt: torch.Tensor) -> None:
         header = torch.zeros(2 * _MAX_DIMS + 2, dtype=torch.int64)
         header[0], header[1] = act.dim(), tgt.dim()
         header[2:2 + act.dim()] = torch.tensor(act.shape)
         header[2 + _MAX_DIMS:2 + _MAX_DIMS + tgt.dim()] = torch.tensor(tgt.shape)
         dist.send(header.to(self.device), self.next, tag=SHAPE_TAG)
+        self._shapes_sent = True
 
-    def recv_shapes(self) -> None:
+    def _recv_shapes(self) -> None:
         header = torch.zeros(2 * _MAX_DIMS + 2, dtype=torch.int64, device=self.device)
         dist.recv(header, self.prev, tag=SHAPE_TAG)
         header = header.cpu().tolist()
@@ -87,38 +95,50 @@ class StageLink:
 
     # -- forward traffic ---------------------------------------------------------------------
     def send(self, act: torch.Tensor, tgt: torch.Tensor, step: int, tag: int = TRAIN_TAG) -> None:
-        """Send (activation, [step] + targets) to the next stage without waiting."""
+        """Send the activation (and, on this tag, [step] + targets) to the next stage without waiting."""
         if act.requires_grad or act.grad_fn is not None:
             self.sent_requires_grad += 1
+        if not self._shapes_sent:
+            self._send_shapes(act, tgt)
         act = act.detach().float().contiguous()
-        meta = torch.cat([torch.tensor([step], dtype=torch.int64, device=tgt.device), tgt.reshape(-1).long()])
+        buffers = [act]
+        if self._with_targets[tag]:
+            buffers.append(torch.cat([torch.tensor([step], dtype=torch.int64, device=tgt.device),
+                                      tgt.reshape(-1).long()]))
         while len(self._in_flight) >= self.max_in_flight:
             for work in self._in_flight.popleft()[0]:
                 work.wait()
-        works = [dist.isend(act, self.next, tag=tag), dist.isend(meta, self.next, tag=tag)]
-        self._in_flight.append((works, act, meta))  # keep the buffers alive until sent
-        self.bytes_sent += act.numel() * act.element_size() + meta.numel() * meta.element_size()
-        self.tensors_sent += 2
+        works = [dist.isend(b, self.next, tag=tag) for b in buffers]
+        self._in_flight.append((works, buffers))  # keep the buffers alive until sent
+        self.bytes_sent += sum(b.numel() * b.element_size() for b in buffers)
+        self.tensors_sent += len(buffers)
 
     def _post(self, tag: int) -> None:
-        act = torch.empty(self.act_shape, dtype=torch.float32, device=self.device)
-        meta = torch.empty(1 + int(torch.tensor(self.tgt_shape).prod()), dtype=torch.int64, device=self.device)
-        self._posted[tag] = _Pending([dist.irecv(act, self.prev, tag=tag), dist.irecv(meta, self.prev, tag=tag)],
-                                     (act, meta))
+        if self.act_shape is None:
+            self._recv_shapes()
+        buffers = [torch.empty(self.act_shape, dtype=torch.float32, device=self.device)]
+        if self._with_targets[tag]:
+            numel = 1 + int(torch.tensor(self.tgt_shape).prod())
+            buffers.append(torch.empty(numel, dtype=torch.int64, device=self.device))
+        self._posted[tag] = _Pending([dist.irecv(b, self.prev, tag=tag) for b in buffers], tuple(buffers))
 
     def ready(self, tag: int = TRAIN_TAG) -> bool:
-        """Has the next message fully arrived? Never blocks (posts the receive if needed)."""
+        """Has the next message fully arrived? Never blocks once shapes are known (posts the receive if needed)."""
         if tag not in self._posted:
             self._post(tag)
         return self._posted[tag].done()
 
-    def recv(self, expected_step: int, tag: int = TRAIN_TAG, prefetch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (activation, targets) from the previous stage; posts the following receive."""
+    def recv(self, expected_step: int, tag: int = TRAIN_TAG,
+             prefetch: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The next (activation, targets or None) from the previous stage; posts the following receive."""
         if tag not in self._posted:
             self._post(tag)
-        act, meta = self._posted.pop(tag).wait()
+        buffers = self._posted.pop(tag).wait()
         if prefetch:
             self._post(tag)
+        if len(buffers) == 1:
+            return buffers[0], None
+        act, meta = buffers
         step = int(meta[0])
         if step != expected_step:
             raise RuntimeError(f"stage link out of order: expected step {expected_step}, got {step}")

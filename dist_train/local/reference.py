@@ -18,49 +18,73 @@ def local_reference(cfg) -> dict[str, Any]:
     """The local pipeline's arithmetic with its stages trained one after the other in one process
     (synchronous mode): per-stage loss per step, then the main path's validation loss/accuracy
     over the same validation batches the trainers evaluate on."""
-    from dist_train.train.local_loop import build_stage  # train -> local is the allowed direction at run time
+    from dist_train.models.loss import cross_entropy
+    from dist_train.train.local_stage import build_stage  # train -> local is the allowed direction at run time
 
     data = build_dataset(cfg.data, cfg.model.block_size)
     k_stages = cfg.parallel.stages
     parts = []
     for k in range(k_stages):
-        layout = stage_layout(k, k_stages, k_stages)
-        model, trainer, method, info = build_stage(cfg, data.info, layout)
-        parts.append((layout, model, trainer, method, info, optimizer_spec(cfg.optim, trainer).build()))
+        trainer, info = build_stage(cfg, data.info, stage_layout(k, k_stages, k_stages))
+        parts.append((trainer, optimizer_spec(cfg.optim, trainer).build()))
+    independent = parts[0][0].method.independent_stages
+    if independent:  # the pipeline's NoProp stages draw their noise from these streams
+        streams = [torch.Generator().manual_seed(cfg.train.seed + 1000 * k) for k in range(k_stages)]
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
     losses: list[list[float]] = [[] for _ in parts]
     for step in range(cfg.train.steps):
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         x, y = data.get_batch("train", sampler.next_indices(0, 1))
-        for k, (layout, model, trainer, method, info, opt) in enumerate(parts):
+        h = x
+        for k, (trainer, opt) in enumerate(parts):
             for group in opt.param_groups:
                 group["lr"] = lr
-            h = trainer.stage(x)
-            if layout.last:
-                loss = model.loss(h.float(), y)
+            if independent:
+                torch.set_rng_state(streams[k].get_state())
+                _, loss = trainer(x, y)
+                streams[k].set_state(torch.get_rng_state())
             else:
-                loss = method.local_loss(trainer.head, h, y, x.detach(), info)
+                h, loss = trainer(h, y)
+                h = h.detach()
             loss.backward()
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainer.parameters(), cfg.train.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses[k].append(float(loss.detach()))
-            x = h.detach()
     val_sampler = data.sampler("val", 0, cfg.train.batch_size)
     loss_sum, correct = 0.0, 0.0
-    last_model = parts[-1][1]
+    classify = parts[-1][0].info.task == "classify"
     with torch.no_grad():
-        for _, _, trainer, *_ in parts:
+        for trainer, _ in parts:
             trainer.eval()
         for _ in range(cfg.train.eval_batches):
-            h, y = data.get_batch("val", val_sampler.next_indices(0, 1))
-            for _, _, trainer, *_ in parts:
-                h = trainer.stage(h)
-            loss_sum += float(last_model.loss(h.float(), y))
-            if last_model.task == "classify":
+            x, y = data.get_batch("val", val_sampler.next_indices(0, 1))
+            h = None if independent else x
+            for trainer, _ in parts:
+                h = trainer(x, z=h) if independent else trainer(h)
+            loss_sum += float(cross_entropy(h.float(), y))
+            if classify:
                 correct += float((h.argmax(-1) == y).float().mean())
-    out = {"losses": losses, "val_loss": loss_sum / cfg.train.eval_batches}
-    if last_model.task == "classify":
-        out["val_acc"] = correct / cfg.train.eval_batches
+        out = {"losses": losses, "val_loss": loss_sum / cfg.train.eval_batches}
+        if classify:
+            out["val_acc"] = correct / cfg.train.eval_batches
+        if cfg.train.sample_tokens and not classify:
+            out["sample"] = _sample([t for t, _ in parts], independent, cfg, data)
     return out
+
+
+def _sample(trainers, independent: bool, cfg, data) -> str:
+    """The pipeline's generation, with the stages chained in one process."""
+    from dist_train.train.generate import decode, next_token, prompt_ids
+
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    ids = prompt_ids(cfg, data)
+    start = len(ids)
+    for _ in range(cfg.train.sample_tokens):
+        window = ids[-cfg.model.block_size:].view(1, -1)
+        h = None if independent else window
+        for trainer in trainers:
+            h = trainer(window, z=h) if independent else trainer(h)
+        ids = torch.cat([ids, next_token(h, cfg.train.sample_temperature, gen)])
+    return decode(ids[start:].tolist(), data.info.vocab_size)

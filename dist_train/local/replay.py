@@ -47,6 +47,18 @@ class ReplayBuffer:
         self.staleness_sum += staleness
         return entry.x, entry.y, staleness
 
+    # Checkpointed with the trainer state (tensors, ints and lists only, so it loads weights-only).
+    def state_dict(self) -> dict:
+        return {"x": [e.x for e in self.entries], "y": [e.y for e in self.entries],
+                "step": [e.step for e in self.entries], "uses": [e.uses for e in self.entries],
+                "newest": self.newest, "replays": self.replays, "staleness_sum": self.staleness_sum}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.entries.clear()
+        for x, y, step, uses in zip(state["x"], state["y"], state["step"], state["uses"]):
+            self.entries.append(_Entry(x.to(device), y.to(device), step, uses))
+        self.newest, self.replays, self.staleness_sum = state["newest"], state["replays"], state["staleness_sum"]
+
     @property
     def max_uses(self) -> int:
         return max((e.uses for e in self.entries), default=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from abc import ABC, abstractmethod
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
@@ -32,9 +32,15 @@ class Backend(ABC):
     def bytes_per_param(cls, world: int, cfg: Config) -> tuple[float, float, float]:
         return 4.0, 4.0, 8.0
 
-    def __init__(self, cfg: Config, ctx: DistContext):
+    def __init__(self, cfg: Config, ctx: DistContext, mesh=None, checkpoint_key: Optional[str] = None):
+        """`mesh`: the 1-D data-parallel DeviceMesh to replicate or shard over (default: every rank;
+        a local-learning stage passes its own sub-mesh). `checkpoint_key`: a prefix for this
+        backend's entries, so that several stages' shards can share one checkpoint folder."""
         self.cfg = cfg
         self.ctx = ctx
+        self.mesh = mesh if mesh is not None else ctx.mesh
+        self.dp_size = self.mesh.size() if self.mesh is not None else 1
+        self.checkpoint_key = checkpoint_key
         self.model: nn.Module  # what forward is called on (may be a wrapper)
         self.module: nn.Module  # the user's model inside any wrapper
         self.optimizer: torch.optim.Optimizer
@@ -91,19 +97,22 @@ class Backend(ABC):
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 
+    def _keyed(self, state: dict) -> dict:
+        return {self.checkpoint_key: state} if self.checkpoint_key else state
+
     def save(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
 
         with warnings.catch_warnings():
             # Without a process group DCP warns that it assumes one process: that is backend none.
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-            dcp.save(self.state_dict(), checkpoint_id=path)
+            dcp.save(self._keyed(self.state_dict()), checkpoint_id=path)
 
     def load(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
 
-        state = self.state_dict()  # the shapes/shardings to load into
+        state = self._keyed(self.state_dict())  # the shapes/shardings to load into
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
             dcp.load(state, checkpoint_id=path)
-        self.load_state_dict(state)
+        self.load_state_dict(state[self.checkpoint_key] if self.checkpoint_key else state)

@@ -18,7 +18,8 @@ class DDPBackend(Backend):
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         self.module = model
         # gradient_as_bucket_view saves one gradient-sized copy per step.
-        self.model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        self.model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                         process_group=self.mesh.get_group())
         self.optimizer = make_optimizer(model).build()
 
     @contextlib.contextmanager

@@ -69,6 +69,54 @@ def _weights_only_engine():
     return WeightsOnlyCheckpointEngine()
 
 
+class _SubMeshMPU:
+    """The parallel-state object DeepSpeed accepts (Megatron's `mpu` protocol) for one stage.
+
+    Data parallelism is the stage's sub-mesh. The "model-parallel" group is this rank alone: a stage
+    is a whole model of its own, and DeepSpeed all-reduces gradient norms over that group, which
+    would otherwise couple the stages' clipping and make one stage wait for another.
+    """
+
+    def __init__(self, mesh):
+        import torch.distributed as dist
+
+        self._dp = mesh.get_group()
+        me = dist.get_rank()
+        alone = None
+        for rank in range(dist.get_world_size()):  # new_group is collective: every rank makes every group
+            group = dist.new_group([rank])
+            if rank == me:
+                alone = group
+        self._alone = alone
+
+    def get_data_parallel_group(self):
+        return self._dp
+
+    def get_data_parallel_world_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(self._dp)
+
+    def get_data_parallel_rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(self._dp)
+
+    def get_model_parallel_group(self):
+        return self._alone
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    # Newer DeepSpeed asks for the tensor-parallel names; there is no tensor parallelism here.
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -85,9 +133,15 @@ class DeepSpeedBackend(Backend):
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)  # its INFO lines drown the training log
+        # On a sub-mesh (a local-learning stage's replicas) DeepSpeed learns its data-parallel group
+        # from a Megatron-style `mpu`; on the whole world it needs none.
+        mpu = _SubMeshMPU(self.mesh) if self.mesh is not self.ctx.mesh else None
+        config = deepspeed_config(self.cfg, self.dp_size)
+        if self.checkpoint_key:  # stages save under different tags on purpose
+            config.setdefault("checkpoint", {})["tag_validation"] = "Ignore"
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model).build(),
-            config=deepspeed_config(self.cfg, self.ctx.world_size), dist_init_required=False)
+            model=model, optimizer=make_optimizer(model).build(), mpu=mpu, config=config,
+            dist_init_required=False)
         engine.checkpoint_engine = _weights_only_engine()
         self.model = self.engine = engine
         self.module = engine.module
@@ -108,11 +162,13 @@ class DeepSpeedBackend(Backend):
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
+    # Stages of a pipeline are separate models: each saves under its own tag (its checkpoint key).
     def save(self, path: str) -> None:
-        self.engine.save_checkpoint(path, tag="deepspeed")
+        self.engine.save_checkpoint(path, tag=self.checkpoint_key or "deepspeed")
 
     def load(self, path: str) -> None:
-        load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+        load_path, _ = self.engine.load_checkpoint(path, tag=self.checkpoint_key or "deepspeed",
+                                                   load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"checkpoint {path}: no DeepSpeed state found")

@@ -29,10 +29,12 @@ class FSDPBackend(Backend):
         if self.cfg.parallel.mixed_precision == "bf16":
             # Compute in bf16, reduce gradients in fp32 so accumulation over ranks loses nothing.
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kwargs = {"mesh": self.ctx.mesh, "reshard_after_forward": self.cfg.parallel.reshard_after_forward}
+        kwargs = {"mesh": self.mesh, "reshard_after_forward": self.cfg.parallel.reshard_after_forward}
         if mp is not None:
             kwargs["mp_policy"] = mp
-        for block in getattr(model, "blocks", []):
+        # A model may name its own sharding units (a pipeline stage does); otherwise its blocks.
+        units = model.fsdp_units() if hasattr(model, "fsdp_units") else getattr(model, "blocks", [])
+        for block in units:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self.model = self.module = model

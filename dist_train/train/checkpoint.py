@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -131,9 +131,11 @@ def _describe(e: BaseException) -> str:
     return first
 
 
-def resume(ckpt: Checkpointer, resume_setting: str, holder, sampler) -> tuple[int, Optional[Path]]:
+def resume(ckpt: Checkpointer, resume_setting: str, holder, sampler,
+           on_state: Optional[Callable[[dict], None]] = None) -> tuple[int, Optional[Path]]:
     """Load the checkpoint `checkpoint.resume` names (if any) into `holder` (a backend, or anything
-    with save/load), restore the data position and RNG; return (first step to run, folder)."""
+    with save/load), restore the data position and RNG, hand the rank's saved trainer state to
+    `on_state` (for extra state such as a replay buffer); return (first step to run, folder)."""
     from dist_train.train import state as trainer_state
 
     folder = resolve_resume(resume_setting, ckpt.root)
@@ -142,4 +144,6 @@ def resume(ckpt: Checkpointer, resume_setting: str, holder, sampler) -> tuple[in
     saved = ckpt.load(folder, holder)
     sampler.load_state_dict(saved["sampler"])
     trainer_state.restore_rng(saved)
+    if on_state is not None:
+        on_state(saved)
     return int(saved["step"]), folder

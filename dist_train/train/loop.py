@@ -20,6 +20,7 @@ from dist_train.telemetry import (MetricsWriter, Progress, collect_provenance, m
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resume
 from dist_train.train.evaluate import evaluate
+from dist_train.train.generate import generate, write_sample
 
 
 def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
@@ -83,6 +84,10 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if save_now or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 ckpt.save(done, backend, trainer_state.capture(done, sampler.state_dict()))
                 window_t0 = time.perf_counter()  # keep save time out of throughput
+        if cfg.train.sample_tokens and model.task == "lm":
+            last["sample"] = generate(cfg, ctx, data, backend)
+            if ctx.is_main:
+                write_sample(cfg, run_dir, last["sample"])
     progress.close()
     writer.close()
     energy.close()

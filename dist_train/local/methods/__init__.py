@@ -2,9 +2,8 @@
 
 Each is a `LocalMethod` (see `dist_train.local.method`) that builds an auxiliary head for a
 non-last stage and computes its local loss, for the GPT, MLP and CNN reference models.
-MAN's runtime side (weights sent backward at a low frequency) lives in the stage runtime. NoProp is
-named in the spec but needs stages that run without activations, so asking for it is a clear user
-error.
+MAN's runtime side (weights sent backward at a low frequency) lives in the stage runtime. NoProp
+builds whole stages of its own (each reads x and denoises a label embedding), so it has no heads.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from dist_train.local.methods.forward_forward import ForwardForward
 from dist_train.local.methods.infopro import InfoPro
 from dist_train.local.methods.man import MAN
 from dist_train.local.methods.mono_forward import MonoForward
+from dist_train.local.methods.noprop import NoProp
 from dist_train.local.methods.tpsgd import TpSGD
 
 METHODS: dict[str, type[LocalMethod]] = {
@@ -27,21 +27,17 @@ METHODS: dict[str, type[LocalMethod]] = {
     "forward_forward": ForwardForward,
     "tpsgd": TpSGD,
     "man": MAN,
+    "noprop": NoProp,
 }
-
-# Named in the spec, recognised, but not runnable yet.
-NOT_AVAILABLE = ("noprop",)
 
 
 def get_method(name: str) -> LocalMethod:
     """A fresh instance of the method called `name` (default options)."""
-    if name in NOT_AVAILABLE:
-        raise UserError(f"local.method: {name} is not available yet: needs runtime support")
     cls = METHODS.get(name)
     if cls is None:
         raise UserError(f"local.method: {name} is not a known method (choose one of: {', '.join(METHODS)})")
     return cls()
 
 
-__all__ = ["METHODS", "NOT_AVAILABLE", "get_method", "AugLocal", "DGL", "ForwardForward", "InfoPro", "MAN",
-           "MonoForward", "TpSGD"]
+__all__ = ["METHODS", "get_method", "AugLocal", "DGL", "ForwardForward", "InfoPro", "MAN", "MonoForward",
+           "NoProp", "TpSGD"]

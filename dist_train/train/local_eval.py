@@ -1,0 +1,117 @@
+"""Evaluation and generation through all stages of a local-learning pipeline (main path only;
+auxiliary heads are training scaffolding).
+
+Every data-parallel replica runs its own chain of stages (stage k, replica d talks to stage k±1,
+replica d), so an FSDP2 or DeepSpeed stage's collectives see all of its replicas.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_train.local.link import EVAL_TAG, GEN_TAG
+from dist_train.models.loss import cross_entropy
+from dist_train.train.generate import decode, next_token, prompt_ids, write_sample
+
+
+@torch.no_grad()
+def evaluate_pipeline(cfg, ctx, data, backend, link, layout) -> dict:
+    """Mean validation loss (and accuracy for classifiers) on the last stage, over the replicas."""
+    model = backend.model
+    model.eval()
+    independent = backend.module.method.independent_stages
+    sampler = data.sampler("val", 0, cfg.train.batch_size)
+    loss_sum, correct = 0.0, 0.0
+    for i in range(cfg.train.eval_batches):
+        idx = sampler.next_indices(layout.dp_rank, layout.dp_size)
+        if layout.first or independent:
+            x, y = (t.to(ctx.device) for t in data.get_batch("val", idx))
+        received = None
+        if not layout.first:
+            received, y = link.recv(i, tag=EVAL_TAG, prefetch=False)
+        with backend.autocast():
+            out = model(x, z=received) if independent else model(x if layout.first else received)
+        if layout.last:
+            loss_sum += float(cross_entropy(out.float(), y))
+            if backend.module.info.task == "classify":
+                correct += float((out.argmax(-1) == y).float().mean())
+        else:
+            link.send(out, y, i, tag=EVAL_TAG)
+    link.drain()
+    model.train()
+    if not layout.last:
+        return {}
+    metrics = {"val_loss": replica_mean(backend, loss_sum / cfg.train.eval_batches)}
+    if backend.module.info.task == "classify":
+        metrics["val_acc"] = replica_mean(backend, correct / cfg.train.eval_batches)
+    return metrics
+
+
+def replica_mean(backend, value: float) -> float:
+    """Mean of a scalar over this stage's data-parallel replicas."""
+    if backend.dp_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=backend.ctx.device)
+    dist.all_reduce(t, group=backend.mesh.get_group())
+    return float(t) / backend.dp_size
+
+
+@torch.no_grad()
+def generate_pipeline(cfg, ctx, data, backend, layout, run_dir: Path) -> str | None:
+    """Sample `train.sample_tokens` tokens through the stages, one token per trip; stage 0 gets the text.
+
+    Each trip sends the context ids with the activation (NoProp stages read the ids themselves);
+    the last stage samples the next token and returns it to stage 0. That token is the one message
+    going backward, an integer at inference time; training never sends anything back.
+    """
+    model = backend.model
+    model.eval()
+    independent = backend.module.method.independent_stages
+    first_rank = layout.dp_rank  # stage 0, this replica
+    last_rank = (layout.num_stages - 1) * layout.dp_size + layout.dp_rank
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    ids = prompt_ids(cfg, data) if layout.first else None
+    prompt_len = 0 if ids is None else len(ids)
+    for _ in range(cfg.train.sample_tokens):
+        if layout.first:
+            window = ids[-cfg.model.block_size:].view(1, -1).to(ctx.device)
+            received = None
+        else:
+            window, received = _recv_trip(layout.prev_rank, ctx.device, cfg.model.width)
+        with backend.autocast():
+            out = model(window, z=received) if independent else model(window if layout.first else received)
+        if not layout.last:
+            _send_trip(layout.next_rank, window, out.float())
+            if layout.first:
+                nxt = torch.zeros(1, dtype=torch.long, device=ctx.device)
+                dist.recv(nxt, last_rank, tag=GEN_TAG)
+                ids = torch.cat([ids, nxt.cpu()])
+            continue
+        nxt = next_token(out, cfg.train.sample_temperature, gen)
+        dist.send(nxt.to(ctx.device), first_rank, tag=GEN_TAG)
+    model.train()
+    if not layout.first:
+        return None
+    text = decode(ids[prompt_len:].tolist(), data.info.vocab_size)
+    if layout.lead:
+        write_sample(cfg, run_dir, text)
+    return text
+
+
+def _send_trip(dst: int, window: torch.Tensor, act: torch.Tensor) -> None:
+    dist.send(torch.tensor([window.size(1)], dtype=torch.long, device=window.device), dst, tag=GEN_TAG)
+    dist.send(window.contiguous(), dst, tag=GEN_TAG)
+    dist.send(act.contiguous(), dst, tag=GEN_TAG)
+
+
+def _recv_trip(src: int, device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = torch.zeros(1, dtype=torch.long, device=device)
+    dist.recv(n, src, tag=GEN_TAG)
+    window = torch.zeros(1, int(n), dtype=torch.long, device=device)
+    dist.recv(window, src, tag=GEN_TAG)
+    act = torch.zeros(1, int(n), width, dtype=torch.float32, device=device)
+    dist.recv(act, src, tag=GEN_TAG)
+    return window, act
