@@ -17,7 +17,8 @@ import pytest
 # A model and data set small enough that a 2-rank run takes seconds on 2 CPU cores.
 TINY_GPT = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16",
             "data.max_bytes=200000", "train.batch_size=8", "train.log_every=1", "optim.warmup_steps=2",
-            "train.eval_batches=1", "telemetry.tensorboard=false"]
+            "train.eval_batches=1", "telemetry.tensorboard=false",
+            "parallel.stages=1"]  # end-to-end backprop (the quickstart itself is a 2-stage pipeline)
 
 # Launcher variables that must not leak from an outer torchrun/Slurm/MPI into the runs under test.
 _WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
@@ -48,14 +49,14 @@ class DistTrain:
     def run(self, run_dir: Path, name: str, *overrides: str, steps: int) -> list[dict]:
         """One process, backend none."""
         args = ["quickstart.yaml", f"run.dir={run_dir}", f"run.name={name}", f"train.steps={steps}",
-                "parallel.backend=none", "runtime.threads=1", *overrides]
+                "parallel.backend=none", "parallel.stages=1", "runtime.threads=1", *overrides]
         self._call(["run", *args], run_dir, steps)
         return self.metrics(run_dir / name)
 
     def launch(self, run_dir: Path, name: str, *overrides: str, steps: int, nproc: int = 2) -> list[dict]:
         """`nproc` gloo workers through the elastic agent, one thread each."""
         args = ["quickstart.yaml", "--nproc", str(nproc), "--threads", "1", f"run.dir={run_dir}",
-                f"run.name={name}", f"train.steps={steps}", *overrides]
+                f"run.name={name}", f"train.steps={steps}", "parallel.stages=1", *overrides]
         self._call(["launch", *args], run_dir, steps)
         return self.metrics(run_dir / name)
 

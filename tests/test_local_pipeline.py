@@ -16,7 +16,8 @@ from dist_train.local.reference import local_reference
 
 TINY = ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_batches=2",
-        "optim.warmup_steps=2", "checkpoint.at_end=false", "parallel.stages=2"]
+        "optim.warmup_steps=2", "checkpoint.at_end=false", "parallel.stages=2",
+        "local.send_targets=true"]  # the general contract (the quickstart keeps targets off the wire)
 
 
 def _records(path: Path) -> list[dict]:
@@ -79,6 +80,26 @@ def test_only_detached_activations_and_targets_cross(pipeline):
     assert s0["sent_requires_grad"] == 0
     s1 = _records(pipeline / "stages" / "stage1" / "metrics.jsonl")[-1]
     assert s1["bytes_sent"] == 0  # the last stage sends nothing: no gradient goes back
+
+
+def test_micro_batches_stream_and_give_the_whole_batch_update(tmp_path, pipeline):
+    """train.grad_accum=2: each batch crosses as 2 micro-batches (twice the messages, same bytes),
+    the stages accumulate, and the losses equal the reference's and, up to float32 summation order,
+    the whole-batch run's. Evaluation midway (different message shapes) works alongside."""
+    overrides = [*TINY, "train.grad_accum=2", "train.eval_every=3"]
+    run = _launch(tmp_path, *overrides)
+    ref = _reference([f"run.dir={tmp_path}", *overrides])
+    whole = _records(pipeline / "stages" / "stage0" / "metrics.jsonl")[1]  # after step 2
+    for k in range(2):
+        recs = _records(run / "stages" / f"stage{k}" / "metrics.jsonl")
+        got = [r["loss"] for r in recs]
+        assert got == pytest.approx(ref[k], rel=1e-5), f"stage {k}"
+        full = [r["loss"] for r in _records(pipeline / "stages" / f"stage{k}" / "metrics.jsonl")]
+        assert got == pytest.approx(full, rel=1e-5), f"stage {k}"
+    assert "val_loss" in _records(run / "stages" / "stage1" / "metrics.jsonl")[2]  # step 3
+    s0 = _records(run / "stages" / "stage0" / "metrics.jsonl")[1]  # after step 2, before the evaluation
+    # Same activations and targets, cut in two: one more 8-byte step header per step.
+    assert s0["tensors_sent"] == 2 * whole["tensors_sent"] and s0["bytes_sent"] == whole["bytes_sent"] + 2 * 8
 
 
 def test_targets_can_stay_off_the_wire(tmp_path, pipeline):
@@ -164,13 +185,23 @@ def test_asynchronous_mode_replays_instead_of_idling(tmp_path):
     stage trains on replayed batches while it waits, within the reuse cap, and still consumes every
     activation the first stage sends."""
     run = _launch(tmp_path, *TINY, "model.n_layer=6", "parallel.cut_points=[5]", "train.steps=12",
-                  "local.asynchronous=true", "local.replay_size=4", "local.max_reuse=3")
+                  "local.asynchronous=true", "local.replay_size=4", "local.max_reuse=3", "checkpoint.at_end=true")
     s1 = _records(run / "stages" / "stage1" / "metrics.jsonl")
     assert [r["step"] for r in s1] == list(range(1, 13))  # every upstream step consumed once, in order
     last = s1[-1]
     assert 0 < last["replays"] <= 12 * 2  # each batch: 1 fresh use + at most 2 replays
     assert last["max_reuse_seen"] <= 3 and last["mean_staleness"] >= 0
     assert "replays" not in _records(run / "stages" / "stage0" / "metrics.jsonl")[-1]  # stage 0 reads data
+    # The replay buffer is part of the stage's checkpoint, and loads back as it was.
+    import torch
+
+    from dist_train.local.replay import ReplayBuffer
+
+    saved = torch.load(run / "checkpoints" / "step-12" / "trainer_rank1.pt", weights_only=True)["replay"]
+    assert len(saved["x"]) == 4 and saved["step"] == list(range(8, 12)) and saved["replays"] == last["replays"]
+    buf = ReplayBuffer(4, 3)
+    buf.load_state_dict(saved, torch.device("cpu"))
+    assert buf.state_dict()["uses"] == saved["uses"] and torch.equal(buf.entries[0].x, saved["x"][0])
 
 
 def test_asynchronous_mode_needs_one_rank_per_stage(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=4", "train.log_every=1", "train.eval_batches=1",
-        "optim.warmup_steps=2", "checkpoint.at_end=false"]
+        "optim.warmup_steps=2", "checkpoint.at_end=false", "parallel.stages=1"]
 HAVE_NETNS = os.geteuid() == 0 and shutil.which("ip") is not None
 
 

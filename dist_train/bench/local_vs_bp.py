@@ -30,8 +30,8 @@ median over repeats is reported.
               /proc/self/clear_refs ("5"). The delta is thus what the method adds: weights,
               gradients, optimizer state, activations, communication buffers. The absolute peak
               (what peak_mem_bytes shows) is reported beside it.
-  bytes/sample over all ranks: local: the link's own `bytes_sent` counter (activations as
-              float32 plus [step] + int64 targets). gpipe / 1f1b: counted from the tensors that
+  bytes/sample over all ranks: local: the link's own `bytes_sent` counter (float32 activations
+              only: local.send_targets=false, every stage reads its targets from the sampler). gpipe / 1f1b: counted from the tensors that
               cross: stage 0's outputs (forward) and, of the same size, the gradients stage 1
               sends back for its inputs, plus the 4-byte gradient-norm all-reduce. ddp: the
               gradient bucket payload seen by a comm hook (torch's own `allreduce_hook`) times
@@ -80,7 +80,7 @@ RANKS = {"local": 2, "bp-1dev": 1, "gpipe": 2, "1f1b": 2, "ddp": 2}
 
 _COMMON = ["runtime.device=cpu", "runtime.threads=1", "train.eval_every=0", "checkpoint.every=0",
            "checkpoint.at_end=false", "checkpoint.resume=never", "telemetry.tensorboard=false",
-           'telemetry.progress="off"', "telemetry.energy=none"]
+           'telemetry.progress="off"', "telemetry.energy=none", "parallel.stages=1"]
 QUICKSTART = ["model.name=gpt", "data.name=stdlib_bytes", "model.n_layer=4", "model.width=128", "model.n_head=4",
               "model.block_size=64", "train.batch_size=32"]
 TINY = ["model.name=gpt", "data.name=stdlib_bytes", "model.n_layer=2", "model.width=32", "model.n_head=2",
@@ -383,7 +383,7 @@ def _method_worker(rank: int, world: int, method: str, overrides: list[str], war
     from dist_train.runtime import discover, init_distributed
     from dist_train.train import local_loop, loop  # noqa: F401
 
-    extra = {"local": ["parallel.backend=ddp", "parallel.stages=2", "local.method=dgl"],
+    extra = {"local": ["parallel.backend=ddp", "parallel.stages=2", "local.method=dgl", "local.send_targets=false"],
              "bp-1dev": ["parallel.backend=none"], "ddp": ["parallel.backend=ddp"],
              "gpipe": ["parallel.backend=ddp"], "1f1b": ["parallel.backend=ddp"]}[method]
     cfg = _config([*overrides, *extra, f"run.dir={run_dir}", f"run.name={run_name}"])

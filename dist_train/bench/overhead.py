@@ -168,13 +168,14 @@ def _timing(sampler: _TimedSampler, warmup: int, measured: int) -> dict[str, flo
 
 
 def bench_config(run_dir: str, name: str, warmup: int, measured: int):
-    """The quickstart with everything that is not the training step switched off or made rare."""
+    """The quickstart model trained end to end with DDP (the quickstart itself is a local pipeline),
+    everything that is not the training step switched off or made rare."""
     from dist_train.config import load_config
 
     # +1 step: step warmup+measured-1 ends when step warmup+measured asks for its batch; that last
     # step (with the final log and evaluation after it) is outside the window.
     return load_config(None, [
-        "parallel.backend=ddp", "runtime.device=cpu", "runtime.threads=1",
+        "parallel.backend=ddp", "parallel.stages=1", "runtime.device=cpu", "runtime.threads=1",
         f"train.steps={warmup + measured + 1}", f"train.log_every={min(LOG_EVERY, warmup)}",
         "train.eval_every=0", "train.eval_batches=1",
         "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=never",

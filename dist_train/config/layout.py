@@ -13,6 +13,9 @@ def check_layout(cfg: Config, world_size: int) -> None:
         if stages > cfg.model.n_layer:
             raise UserError(f"parallel.stages: {stages} stages but the model has only {cfg.model.n_layer} blocks "
                             "(model.n_layer)")
+        if world_size < stages:
+            raise UserError(f"parallel.stages: {stages} stages need at least {stages} ranks, got {world_size} "
+                            f"(launch with: dist-train launch <config> --nproc {stages}; or set parallel.stages=1)")
         if world_size % stages != 0:
             raise UserError(f"parallel.stages: {stages} stages do not divide the world size {world_size} "
                             "(each stage needs the same number of data-parallel ranks)")
@@ -34,8 +37,8 @@ def check_layout(cfg: Config, world_size: int) -> None:
         if cfg.local.asynchronous and world_size != stages:
             raise UserError("local.asynchronous: replay needs one rank per stage (replicas would replay "
                             "different batches and their gradient averaging would deadlock)")
-        if cfg.train.grad_accum != 1:
-            raise UserError("train.grad_accum: local-learning stages train on every micro-batch; use 1")
+        if cfg.local.asynchronous and cfg.train.grad_accum != 1:
+            raise UserError("local.asynchronous: replay trains on whole batches; use train.grad_accum=1")
     if cfg.parallel.backend == "none" and world_size > stages:
         raise UserError(f"parallel.backend: none runs one process, but {world_size} ranks were requested")
     dp = world_size // stages if world_size % stages == 0 else world_size

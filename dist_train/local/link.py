@@ -67,9 +67,8 @@ class StageLink:
         self._with_targets = {TRAIN_TAG: send_targets, EVAL_TAG: True}
         self._in_flight: collections.deque = collections.deque()
         self._posted: dict[int, tuple] = {}
-        self._shapes_sent = False
-        self.act_shape: Optional[tuple[int, ...]] = None
-        self.tgt_shape: Optional[tuple[int, ...]] = None
+        self._shapes_sent: set[int] = set()
+        self._shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # tag -> (act, targets)
         self.bytes_sent = 0
         self.tensors_sent = 0
         self.sent_requires_grad = 0
@@ -77,29 +76,32 @@ class StageLink:
         self._weights_out: list = []
         self._weights_in: Optional[tuple] = None
 
-    # -- shapes are exchanged once, so receive buffers can be allocated ahead of time -----------
-    def _send_shapes(self, act: torch.Tensor, tgt: torch.Tensor) -> None:
-        header = torch.zeros(2 * _MAX_DIMS + 2, dtype=torch.int64)
-        header[0], header[1] = act.dim(), tgt.dim()
-        header[2:2 + act.dim()] = torch.tensor(act.shape)
-        header[2 + _MAX_DIMS:2 + _MAX_DIMS + tgt.dim()] = torch.tensor(tgt.shape)
+    # -- shapes are exchanged once per tag (training micro-batches and evaluation batches differ),
+    # so receive buffers can be allocated ahead of time ---------------------------------------
+    def _send_shapes(self, act: torch.Tensor, tgt: torch.Tensor, tag: int) -> None:
+        header = torch.zeros(2 * _MAX_DIMS + 3, dtype=torch.int64)
+        header[0], header[1], header[2] = tag, act.dim(), tgt.dim()
+        header[3:3 + act.dim()] = torch.tensor(act.shape)
+        header[3 + _MAX_DIMS:3 + _MAX_DIMS + tgt.dim()] = torch.tensor(tgt.shape)
         dist.send(header.to(self.device), self.next, tag=SHAPE_TAG)
-        self._shapes_sent = True
+        self._shapes_sent.add(tag)
 
-    def _recv_shapes(self) -> None:
-        header = torch.zeros(2 * _MAX_DIMS + 2, dtype=torch.int64, device=self.device)
+    def _recv_shapes(self, tag: int) -> None:
+        header = torch.zeros(2 * _MAX_DIMS + 3, dtype=torch.int64, device=self.device)
         dist.recv(header, self.prev, tag=SHAPE_TAG)
         header = header.cpu().tolist()
-        self.act_shape = tuple(header[2:2 + header[0]])
-        self.tgt_shape = tuple(header[2 + _MAX_DIMS:2 + _MAX_DIMS + header[1]])
+        if header[0] != tag:  # both sides open tags in the same order (train before eval)
+            raise RuntimeError(f"stage link: expected the shapes of tag {tag}, got tag {header[0]}")
+        self._shapes[tag] = (tuple(header[3:3 + header[1]]),
+                             tuple(header[3 + _MAX_DIMS:3 + _MAX_DIMS + header[2]]))
 
     # -- forward traffic ---------------------------------------------------------------------
     def send(self, act: torch.Tensor, tgt: torch.Tensor, step: int, tag: int = TRAIN_TAG) -> None:
         """Send the activation (and, on this tag, [step] + targets) to the next stage without waiting."""
         if act.requires_grad or act.grad_fn is not None:
             self.sent_requires_grad += 1
-        if not self._shapes_sent:
-            self._send_shapes(act, tgt)
+        if tag not in self._shapes_sent:
+            self._send_shapes(act, tgt, tag)
         act = act.detach().float().contiguous()
         buffers = [act]
         if self._with_targets[tag]:
@@ -114,11 +116,12 @@ class StageLink:
         self.tensors_sent += len(buffers)
 
     def _post(self, tag: int) -> None:
-        if self.act_shape is None:
-            self._recv_shapes()
-        buffers = [torch.empty(self.act_shape, dtype=torch.float32, device=self.device)]
+        if tag not in self._shapes:
+            self._recv_shapes(tag)
+        act_shape, tgt_shape = self._shapes[tag]
+        buffers = [torch.empty(act_shape, dtype=torch.float32, device=self.device)]
         if self._with_targets[tag]:
-            numel = 1 + int(torch.tensor(self.tgt_shape).prod())
+            numel = 1 + int(torch.tensor(tgt_shape).prod())
             buffers.append(torch.empty(numel, dtype=torch.int64, device=self.device))
         self._posted[tag] = _Pending([dist.irecv(b, self.prev, tag=tag) for b in buffers], tuple(buffers))
 
@@ -142,7 +145,7 @@ class StageLink:
         step = int(meta[0])
         if step != expected_step:
             raise RuntimeError(f"stage link out of order: expected step {expected_step}, got {step}")
-        return act, meta[1:].view(self.tgt_shape)
+        return act, meta[1:].view(self._shapes[tag][1])
 
     # -- MAN's opt-in backward channel: weights of this stage's first block, to the previous stage --
     def send_weights(self, flat: torch.Tensor) -> None:

@@ -32,26 +32,32 @@ def local_reference(cfg) -> dict[str, Any]:
         streams = [torch.Generator().manual_seed(cfg.train.seed + 1000 * k) for k in range(k_stages)]
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
     losses: list[list[float]] = [[] for _ in parts]
+    micro = cfg.train.grad_accum  # the pipeline streams the batch as micro-batches, accumulating
     for step in range(cfg.train.steps):
         lr = lr_at(step, cfg.optim, cfg.train.steps)
-        x, y = data.get_batch("train", sampler.next_indices(0, 1))
-        h = x
-        for k, (trainer, opt) in enumerate(parts):
+        for _, opt in parts:
             for group in opt.param_groups:
                 group["lr"] = lr
-            if independent:
-                torch.set_rng_state(streams[k].get_state())
-                _, loss = trainer(x, y)
-                streams[k].set_state(torch.get_rng_state())
-            else:
-                h, loss = trainer(h, y)
-                h = h.detach()
-            loss.backward()
+        step_loss = [0.0] * k_stages
+        for part in sampler.next_indices(0, 1).chunk(micro):
+            x, y = data.get_batch("train", part)
+            h = x
+            for k, (trainer, _) in enumerate(parts):
+                if independent:
+                    torch.set_rng_state(streams[k].get_state())
+                    _, loss = trainer(x, y)
+                    streams[k].set_state(torch.get_rng_state())
+                else:
+                    h, loss = trainer(h, y)
+                    h = h.detach()
+                (loss / micro).backward()
+                step_loss[k] += float(loss.detach()) / micro
+        for k, (trainer, opt) in enumerate(parts):
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainer.parameters(), cfg.train.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses[k].append(float(loss.detach()))
+            losses[k].append(step_loss[k])
     val_sampler = data.sampler("val", 0, cfg.train.batch_size)
     loss_sum, correct = 0.0, 0.0
     classify = parts[-1][0].info.task == "classify"

@@ -23,7 +23,7 @@ from dist_train.local.methods.man import flat_block_weights
 from dist_train.local.replay import ReplayBuffer
 from dist_train.optim import lr_at, optimizer_spec
 from dist_train.runtime.dist import DistContext
-from dist_train.telemetry import MetricsWriter, peak_memory_bytes
+from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resume
 from dist_train.train.local_eval import evaluate_pipeline, generate_pipeline, replica_mean
@@ -64,16 +64,15 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         stage_writer.truncate_from(start + 1)
     last: dict = {}
 
-    def update(x: torch.Tensor, y: torch.Tensor, send_step: int | None) -> torch.Tensor:
-        """Forward, (send on), local loss, backward, step: one update of this stage."""
+    def forward_backward(x: torch.Tensor, y: torch.Tensor, msg: int | None, is_last: bool) -> torch.Tensor:
+        """Forward, (send on), local loss, backward of one micro-batch; gradients accumulate."""
         send = None
-        if send_step is not None and not layout.last and not independent:
+        if msg is not None and not layout.last and not independent:
             # Sent before the local loss and backward, so the next stage starts at once.
-            send = lambda h: link.send(h.detach(), y, send_step)  # noqa: E731
-        with backend.sync_context(True), backend.autocast():
+            send = lambda h: link.send(h.detach(), y, msg)  # noqa: E731
+        with backend.sync_context(is_last), backend.autocast():
             _, loss = backend.model(x, y, on_activation=send)
-        backend.backward(loss, is_last=True)
-        backend.step()
+        backend.backward(loss, is_last)  # scaled by 1/grad_accum: the step sees the batch mean
         return loss.detach()
 
     # MAN: the next stage's first-block weights arrive every `man_every` steps (count known ahead).
@@ -81,6 +80,13 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     weight_msgs = len(range(start, cfg.train.steps, cfg.local.man_every)) if man else 0
     weights_numel = sum(p.numel() for p in trainer.head.ema.parameters()) if man and not layout.last else 0
     weights_got = 0
+    # The batch streams through as `grad_accum` micro-batches (message i*M + m), each stage
+    # accumulating their gradients: the update of the whole batch, with one micro-batch of
+    # activations alive at a time.
+    micro = cfg.train.grad_accum
+    progress = Progress(total=cfg.train.steps, initial=start,
+                        enabled=cfg.telemetry.progress if layout.last and layout.lead else False,
+                        echo=layout.last and layout.lead and cfg.telemetry.progress != "off")
 
     with ctx.phase("steady"):
         ctx.barrier()
@@ -88,28 +94,34 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         for step in range(start, cfg.train.steps):
             backend.set_lr(lr := lr_at(step, cfg.optim, cfg.train.steps))
             idx = sampler.next_indices(layout.dp_rank, layout.dp_size)  # every stage keeps the data position
-            if reads_targets:
-                x, y = (t.to(ctx.device) for t in data.get_batch("train", idx))
-            if not layout.first and not independent:
-                # Asynchronous mode: rather than idle until the next activation arrives, replay.
-                while replay is not None and not link.ready() and (old := replay.sample()) is not None:
-                    busy_t0 = time.perf_counter()
-                    update(old[0], old[1], None)
-                    busy += time.perf_counter() - busy_t0
-                x, sent_y = link.recv(step, prefetch=step + 1 < cfg.train.steps)
-                y = sent_y if sent_y is not None else y
-                if replay is not None:
-                    replay.add(x, y, step)
-            if man and not layout.last and weights_got < weight_msgs:
-                if (flat := link.poll_weights(weights_numel)) is not None:
-                    method.update_ema(trainer.head, flat)
-                    weights_got += 1
+            for m, part in enumerate(idx.chunk(micro)):
+                msg = step * micro + m
+                if reads_targets:
+                    x, y = (t.to(ctx.device) for t in data.get_batch("train", part))
+                if not layout.first and not independent:
+                    # Asynchronous mode (one micro-batch per step): rather than idle until the
+                    # next activation arrives, train on a replayed batch.
+                    while replay is not None and not link.ready() and (old := replay.sample()) is not None:
+                        busy_t0 = time.perf_counter()
+                        forward_backward(old[0], old[1], None, True)
+                        backend.step()
+                        busy += time.perf_counter() - busy_t0
+                    x, sent_y = link.recv(msg, prefetch=msg + 1 < cfg.train.steps * micro)
+                    y = sent_y if sent_y is not None else y
+                    if replay is not None:
+                        replay.add(x, y, step)
+                if man and m == 0 and not layout.last and weights_got < weight_msgs:
+                    if (flat := link.poll_weights(weights_numel)) is not None:
+                        method.update_ema(trainer.head, flat)
+                        weights_got += 1
+                busy_t0 = time.perf_counter()
+                loss_acc += float(forward_backward(x, y, msg, m == micro - 1)) / micro
+                busy += time.perf_counter() - busy_t0
             busy_t0 = time.perf_counter()
-            loss = update(x, y, step)
+            backend.step()
             busy += time.perf_counter() - busy_t0
             if man and not layout.first and (step - start) % cfg.local.man_every == 0:
                 link.send_weights(flat_block_weights(trainer.stage.blocks[0]))
-            loss_acc += float(loss)
             window += 1
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
@@ -123,7 +135,13 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                              if man else {}),
                           **(_replay_metrics(replay) if replay is not None else {}),
                           "peak_mem_bytes": peak_memory_bytes(ctx.device), "stage": layout.stage}
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+                    record.update(evaluate_pipeline(cfg, ctx, data, backend, link, layout))
+                    if "val_loss" in record:
+                        progress.note(f"step {done}/{cfg.train.steps}  loss {record['loss']:.4f}  "
+                                      f"val_loss {record['val_loss']:.4f}  {record['samples_per_s']:.0f} samples/s")
                 stage_writer.log(done, record)
+                progress.update(done, {"loss": record["loss"]})
                 if layout.last:
                     last = record
                 t0, busy, loss_acc, window = time.perf_counter(), 0.0, 0.0, 0
@@ -141,6 +159,10 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             weights_got += 1
         link.drain()
         last.update(evaluate_pipeline(cfg, ctx, data, backend, link, layout))
+        if "val_loss" in last:
+            progress.note(f"step {last['step']}/{cfg.train.steps}  loss {last['loss']:.4f}  "
+                          f"val_loss {last['val_loss']:.4f}  {last['samples_per_s']:.0f} samples/s")
+        progress.close()
         sample = (generate_pipeline(cfg, ctx, data, backend, layout, run_dir)
                   if cfg.train.sample_tokens and info.task == "lm" else None)
         ctx.barrier()

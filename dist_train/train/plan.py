@@ -58,18 +58,21 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     else:
         example = torch.zeros(micro, *data.info.input_shape, device="meta")
     act = activation_bytes(model, example)
-    w, g, o = backend_class(cfg.parallel.backend).bytes_per_param(dp, cfg)
+    # A stage with one replica runs unwrapped: nothing to average or shard.
+    backend = "none" if cfg.parallel.stages > 1 and dp == 1 else cfg.parallel.backend
+    w, g, o = backend_class(backend).bytes_per_param(dp, cfg)
     # A pipeline rank holds one stage: about 1/K of the parameters and of the activations.
     per_rank = n_params / cfg.parallel.stages
     act = act / cfg.parallel.stages
     device = "cuda (nccl)" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu (gloo)"
     resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.run.dir) / cfg.run.name / "checkpoints")
-    zero = f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.backend == "deepspeed" else ""
+    zero = f" ZeRO-{cfg.parallel.zero_stage}" if backend == "deepspeed" else ""
+    where = (" inside each stage" if dp > 1 else " (one replica per stage)") if cfg.parallel.stages > 1 else ""
     rows = [
         ("run", f"{cfg.run.name} -> {Path(cfg.run.dir) / cfg.run.name}"),
         ("world", f"{world} ranks ({nnodes} node(s) x {world // nnodes}), device {device}"),
         ("mesh", (f"stage={cfg.parallel.stages} x " if cfg.parallel.stages > 1 else "") + f"dp={dp}"),
-        ("backend", f"{cfg.parallel.backend}{zero}, precision {cfg.parallel.mixed_precision}"),
+        ("backend", f"{backend}{zero}{where}, precision {cfg.parallel.mixed_precision}"),
         ("model", f"{cfg.model.name}: {cfg.model.n_layer} layers, width {cfg.model.width}, "
                   f"{n_params / 1e6:.2f} M parameters"),
         ("data", f"{cfg.data.name}: {data.info.train_size:,} train / {data.info.val_size:,} val"),
