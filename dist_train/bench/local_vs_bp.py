@@ -6,7 +6,9 @@ compared at an equal number of devices. Two parts.
 Throughput (byte-level GPT, quickstart size: 4 layers, width 128, 4 heads, context 64; global batch
 32; AdamW lr 3e-3; synchronous local mode), five configurations, each run in fresh processes:
 
-  local   `dist_train.train.local_loop.train_local`, unmodified: 2 stages on 2 ranks, DGL heads.
+  local   `dist_train.train.local_loop.train_local`, unmodified: 2 stages on 2 ranks, DGL heads,
+          the batch streamed as the same M = 4 micro-batches as the BP pipelines (train.grad_accum:
+          each stage accumulates, so the update is the whole batch's), targets off the wire.
   bp-1dev `dist_train.train.loop.train` with parallel.backend=none: one process, one thread.
   gpipe   a 2-stage BP pipeline on 2 ranks written here with torch.distributed.pipelining
   1f1b    (`PipelineStage` over the same `split_model` stages, `ScheduleGPipe` / `Schedule1F1B`,
@@ -383,7 +385,8 @@ def _method_worker(rank: int, world: int, method: str, overrides: list[str], war
     from dist_train.runtime import discover, init_distributed
     from dist_train.train import local_loop, loop  # noqa: F401
 
-    extra = {"local": ["parallel.backend=ddp", "parallel.stages=2", "local.method=dgl", "local.send_targets=false"],
+    extra = {"local": ["parallel.backend=ddp", "parallel.stages=2", "local.method=dgl", "local.send_targets=false",
+                       f"train.grad_accum={MICRO_BATCHES}"],
              "bp-1dev": ["parallel.backend=none"], "ddp": ["parallel.backend=ddp"],
              "gpipe": ["parallel.backend=ddp"], "1f1b": ["parallel.backend=ddp"]}[method]
     cfg = _config([*overrides, *extra, f"run.dir={run_dir}", f"run.name={run_name}"])
