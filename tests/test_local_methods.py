@@ -13,38 +13,9 @@ from dist_train.local.method import StageInfo
 from dist_train.local.methods import METHODS, get_method
 from dist_train.local.methods.auglocal import AugLocal
 from dist_train.local.methods.tpsgd import TpSGD
-from dist_train.local.split import stage_block_ranges
-from dist_train.models import CNN, GPT, MLP
+from local_models import fit, make_batch, make_model, stage_info  # tests/ is on sys.path
 
 torch.set_num_threads(1)  # shared 2-core machine; these models are tiny anyway
-
-
-def make_model(name: str, n_layer: int = 4):
-    torch.manual_seed(0)
-    if name == "gpt":
-        return GPT(vocab_size=256, n_layer=n_layer, width=32, n_head=2, block_size=8)
-    if name == "mlp":
-        return MLP(in_features=64, num_classes=10, n_layer=n_layer, width=32)
-    return CNN(in_channels=1, image_size=8, num_classes=10, n_layer=n_layer, width=8)
-
-
-def make_batch(name: str):
-    g = torch.Generator().manual_seed(1)
-    if name == "gpt":
-        x = torch.randint(0, 256, (4, 8), generator=g)
-        return x, torch.roll(x, -1, dims=1)  # learnable next-token-like targets
-    if name == "mlp":
-        return torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
-    return torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-
-
-def stage_info(model, name: str, index: int, num_stages: int) -> tuple[StageInfo, range]:
-    blocks = stage_block_ranges(model, num_stages)[index]
-    info = StageInfo(index=index, num_stages=num_stages, task=model.task, width=model.width,
-                     num_classes=256 if name == "gpt" else 10,
-                     later_blocks=tuple(model.blocks[i] for i in range(blocks.stop, len(model.blocks))),
-                     model_name=name)
-    return info, blocks
 
 
 class LocalStage:
@@ -108,14 +79,8 @@ def test_method_trains_locally(method_name, model_name, stage):
     assert any(g.abs().sum() > 0 for g in stage_grads)
     assert st.stage_input.grad is None  # isolation: nothing flows into what the stage received
 
-    opt = torch.optim.Adam([*st.modules.parameters(), *(p for p in head.parameters() if p.requires_grad)], lr=1e-2)
     initial = loss.item()
-    for step in range(20):
-        opt.zero_grad(set_to_none=True)
-        loss_at(step).backward()
-        opt.step()
-    with torch.no_grad():
-        final = loss_at(7).item()
+    final = fit([*st.modules.parameters(), *(p for p in head.parameters() if p.requires_grad)], loss_at)
     assert math.isfinite(final) and final < initial, (initial, final)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_train.config import load_config
-from dist_train.local.reference import local_reference
+from dist_train.train.local_reference import local_reference
 
 TINY = ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_batches=2",

@@ -72,7 +72,7 @@ from unittest import mock
 import torch
 
 from dist_train.bench.memory import live_heap_mode, peak_rss, reset_peak_rss
-from dist_train.local.reference import local_reference  # noqa: F401  (also used by tests)
+from dist_train.train.local_reference import local_reference  # noqa: F401  (also used by tests)
 from dist_train.bench.report import pick_size, command_line, machine_summary, make_target, utc_now
 
 WORLD = 2

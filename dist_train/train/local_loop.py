@@ -55,8 +55,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler,
                                 on_state=lambda s: replay.load_state_dict(s["replay"], ctx.device)
                                 if replay is not None and "replay" in s else None)
-    if independent and start == 0:
-        torch.manual_seed(cfg.train.seed + 1000 * layout.stage + layout.dp_rank)  # each stage its own noise
+    if start == 0:  # each stage and replica its own stream (NoProp noise, dropout); resume restores it
+        torch.manual_seed(cfg.train.seed + 1000 * layout.stage + layout.dp_rank)
     writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from) if ctx.is_main else None
     stage_writer = MetricsWriter(run_dir / "stages" / f"stage{layout.stage}", enabled=layout.lead,
                                  tensorboard=cfg.telemetry.tensorboard)

@@ -11,15 +11,16 @@ import torch
 
 from dist_train.data import build_dataset
 from dist_train.local.layout import stage_layout
+from dist_train.models.loss import cross_entropy
 from dist_train.optim import lr_at, optimizer_spec
+from dist_train.train.generate import decode, next_token, prompt_ids
+from dist_train.train.local_stage import build_stage
 
 
 def local_reference(cfg) -> dict[str, Any]:
     """The local pipeline's arithmetic with its stages trained one after the other in one process
     (synchronous mode): per-stage loss per step, then the main path's validation loss/accuracy
     over the same validation batches the trainers evaluate on."""
-    from dist_train.models.loss import cross_entropy
-    from dist_train.train.local_stage import build_stage  # train -> local is the allowed direction at run time
 
     data = build_dataset(cfg.data, cfg.model.block_size)
     k_stages = cfg.parallel.stages
@@ -82,8 +83,6 @@ def local_reference(cfg) -> dict[str, Any]:
 
 def _sample(trainers, independent: bool, cfg, data) -> str:
     """The pipeline's generation, with the stages chained in one process."""
-    from dist_train.train.generate import decode, next_token, prompt_ids
-
     gen = torch.Generator().manual_seed(cfg.train.seed)
     ids = prompt_ids(cfg, data)
     start = len(ids)
