@@ -46,9 +46,9 @@ def test_replicated_stages_match_the_single_process_reference(tmp_path, backend)
     assert _records(run / "metrics.jsonl")[-1]["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
     # Not vacuous: the reference moves, and a half-batch (unaveraged) replica would not match it.
     assert ref["losses"][1][0] != pytest.approx(ref["losses"][1][-1], rel=1e-3)
-    if backend == "fsdp":
-        # Each stage's shards went to the one checkpoint folder under its own prefix; resuming
-        # from it with two more steps continues the same run.
+    if backend in ("fsdp", "deepspeed"):
+        # Each stage's shards went to the one checkpoint folder under its own key (DCP prefix or
+        # DeepSpeed tag); resuming from it with two more steps continues the same run.
         more = _launch(tmp_path, *overrides, "train.steps=7")
         assert more.returncode == 0, more.stderr[-3000:]
         straight = local_reference(load_config(None, [f"run.dir={tmp_path}", *overrides, "train.steps=7"]))
