@@ -164,6 +164,17 @@ def test_plan_rejects_impossible_pipelines(tmp_path, overrides, nproc, words):
     assert all(w in lines[0] for w in words), lines[0]
 
 
+@pytest.mark.parametrize("overrides, words", [
+    (["parallel.backend=fsdp"], ["stage=2 x dp=2", "fsdp inside each stage", "aux head", "activations forward"]),
+    (["local.method=noprop"], ["own embed + blocks 0-1 + denoiser", "no traffic in training"]),
+])
+def test_plan_shows_the_stage_layout(tmp_path, overrides, words):
+    proc = subprocess.run([sys.executable, "-m", "dist_train", "plan", "quickstart.yaml", "--nproc", "4",
+                           f"run.dir={tmp_path}", *overrides], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert all(w in proc.stdout for w in words), proc.stdout
+
+
 def test_pipeline_resume_is_exact(tmp_path):
     """6 steps straight vs 3 steps, stop, resume to 6: every stage logs the same losses for 4-6.
     (Constant lr after warm-up, so the schedule does not depend on train.steps.)"""

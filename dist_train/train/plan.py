@@ -87,9 +87,18 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
         from dist_train.local.split import stage_block_ranges
 
         ranges = stage_block_ranges(model, cfg.parallel.stages, cfg.parallel.cut_points)
-        parts = [("embed + " if i == 0 else "") + f"blocks {r.start}-{r.stop - 1}" +
-                 (" + head" if i == len(ranges) - 1 else " + aux head") for i, r in enumerate(ranges)]
+        last = len(ranges) - 1
+        if cfg.local.method == "noprop":  # every stage encodes x itself and denoises one step
+            parts = [f"own embed + blocks {r.start}-{r.stop - 1} + denoiser" + (" + head" if i == last else "")
+                     for i, r in enumerate(ranges)]
+            traffic = "no traffic in training"
+        else:
+            parts = [("embed + " if i == 0 else "") + f"blocks {r.start}-{r.stop - 1}" +
+                     (" + head" if i == last else " + aux head") for i, r in enumerate(ranges)]
+            traffic = "activations forward" + ("" if cfg.local.send_targets else " (targets read locally)")
+            if cfg.local.method == "man":
+                traffic += f", weights back every {cfg.local.man_every} steps"
         rows.insert(3, ("stages", f"{cfg.local.method}: " + " | ".join(parts) +
-                        f"; {world // cfg.parallel.stages} data-parallel rank(s) per stage"))
+                        f"; {world // cfg.parallel.stages} data-parallel rank(s) per stage; {traffic}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
