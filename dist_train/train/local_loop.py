@@ -90,7 +90,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
     with ctx.phase("steady"):
         ctx.barrier()
-        t0, busy, loss_acc, window = time.perf_counter(), 0.0, 0.0, 0
+        t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
         for step in range(start, cfg.train.steps):
             backend.set_lr(lr := lr_at(step, cfg.optim, cfg.train.steps))
             idx = sampler.next_indices(layout.dp_rank, layout.dp_size)  # every stage keeps the data position
@@ -115,7 +115,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         method.update_ema(trainer.head, flat)
                         weights_got += 1
                 busy_t0 = time.perf_counter()
-                loss_acc += float(forward_backward(x, y, msg, m == micro - 1)) / micro
+                # A device tensor, read at log time: a float() here would sync the GPU every micro-batch.
+                loss_acc += forward_backward(x, y, msg, m == micro - 1) / micro
                 busy += time.perf_counter() - busy_t0
             busy_t0 = time.perf_counter()
             backend.step()
@@ -126,7 +127,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 elapsed = time.perf_counter() - t0
-                record = {"step": done, "loss": replica_mean(backend, loss_acc / window), "lr": lr,
+                record = {"step": done, "loss": replica_mean(backend, float(loss_acc) / window), "lr": lr,
                           "samples_per_s": window * cfg.train.batch_size / elapsed,
                           "idle_fraction": max(0.0, 1.0 - busy / elapsed),
                           "bytes_sent": link.bytes_sent, "tensors_sent": link.tensors_sent,
@@ -144,7 +145,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 progress.update(done, {"loss": record["loss"]})
                 if layout.last:
                     last = record
-                t0, busy, loss_acc, window = time.perf_counter(), 0.0, 0.0, 0
+                t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or \
                     (cfg.checkpoint.at_end and done == cfg.train.steps):
                 # Every stage has finished step `done` when the save's barrier passes, and the
