@@ -77,7 +77,8 @@ class ParallelSection(_Strict):
     backend: Literal["ddp", "fsdp", "deepspeed", "fairscale", "none"] = Field(
         "ddp", description="Data-parallel backend: DDP, FSDP2, DeepSpeed ZeRO, FairScale OSS, or none (single process).")
     stages: int = Field(1, ge=1, description="Local-learning stages the model is split into; 1 = end-to-end backprop.")
-    cut_points: Optional[list[int]] = Field(None, description="Block index where each stage after the first begins; default: balanced by parameter count.")
+    cut_points: Optional[list[int]] = Field(None, description="Block index where each stage after the first begins; default: balanced as parallel.balance says.")
+    balance: Literal["params", "measured"] = Field("params", description="Without cut_points: balance stages by parameter count, or by each block's forward+backward time measured on the run's device (rank 0 measures; a resumed run keeps its cuts).")
     mixed_precision: Literal["fp32", "bf16"] = Field("fp32", description="Parameter/compute dtype policy (bf16 needs CUDA or a recent CPU).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     deepspeed_config: Optional[str] = Field(None, description="Optional DeepSpeed JSON merged over the generated config.")

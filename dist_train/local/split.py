@@ -51,6 +51,7 @@ def check_cuts(cuts: Sequence[int], n_blocks: int, stages: int) -> list[int]:
 
 
 def stage_block_ranges(model: nn.Module, stages: int, cuts: Optional[Sequence[int]] = None) -> list[range]:
+    """The blocks of each stage: at `cuts` if given, else balanced by parameter count."""
     blocks = model.blocks
     if cuts is None:
         cuts = balanced_cuts([sum(p.numel() for p in b.parameters()) for b in blocks], stages)

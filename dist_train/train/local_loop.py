@@ -9,6 +9,7 @@ NoProp stages need no activations at all: each reads (x, y) itself and trains wi
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resume
 from dist_train.train.local_eval import evaluate_pipeline, generate_pipeline, replica_mean
-from dist_train.train.local_stage import build_stage, stage_backend
+from dist_train.train.local_stage import build_stage, measured_cuts, stage_backend
 from dist_train.train.loop import _open_run_dir
 
 
@@ -35,7 +36,9 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     check_layout(cfg, ctx.world_size)
     layout = stage_layout(ctx.rank, ctx.world_size, cfg.parallel.stages)
     data = build_dataset(cfg.data, cfg.model.block_size)
-    trainer, info = build_stage(cfg, data.info, layout)
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    balance = measured_cuts(cfg, ctx, data, run_dir / "stages" / "balance.json")
+    trainer, info = build_stage(cfg, data.info, layout, balance["cut_points"] if balance else None)
     method = trainer.method
     trainer.to(ctx.device)
     backend = stage_backend(cfg, ctx, layout)
@@ -46,7 +49,6 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     link = StageLink(layout.prev_rank, layout.next_rank, ctx.device, cfg.local.max_in_flight,
                      send_targets=cfg.local.send_targets)
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
-    run_dir = Path(cfg.run.dir) / cfg.run.name
 
     replay = (ReplayBuffer(cfg.local.replay_size, cfg.local.max_reuse)
               if cfg.local.asynchronous and not layout.first and not independent else None)
@@ -58,6 +60,9 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     if start == 0:  # each stage and replica its own stream (NoProp noise, dropout); resume restores it
         torch.manual_seed(cfg.train.seed + 1000 * layout.stage + layout.dp_rank)
     writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from) if ctx.is_main else None
+    if balance is not None and ctx.is_main:  # the cuts a resumed run must keep
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        (run_dir / "stages" / "balance.json").write_text(json.dumps(balance, indent=1))
     stage_writer = MetricsWriter(run_dir / "stages" / f"stage{layout.stage}", enabled=layout.lead,
                                  tensorboard=cfg.telemetry.tensorboard)
     if layout.lead:

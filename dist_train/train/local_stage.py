@@ -9,21 +9,26 @@ has to reduce. Called without targets it runs only the main path (evaluation, ge
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from dist_train.config.schema import Config
+from dist_train.errors import UserError
 from dist_train.local.layout import StageLayout
 from dist_train.local.method import LocalMethod, StageInfo
 from dist_train.local.methods import get_method
-from dist_train.local.split import Stage, stage_block_ranges
+from dist_train.local.balance import measure_block_costs
+from dist_train.local.split import Stage, balanced_cuts, stage_block_ranges
 from dist_train.models import build_model
 from dist_train.models.loss import cross_entropy
 from dist_train.parallel import backend_class
 from dist_train.parallel.base import Backend
 from dist_train.runtime.dist import DistContext
+from dist_train.train.checkpoint import resolve_resume
 
 
 class StageTrainer(nn.Module):
@@ -72,12 +77,14 @@ class NoPropTrainer(nn.Module):
         return self.method.logits(self.stage, z, self.info) if self.info.index == self.info.num_stages - 1 else z
 
 
-def build_stage(cfg: Config, data_info, layout: StageLayout) -> tuple[nn.Module, StageInfo]:
+def build_stage(cfg: Config, data_info, layout: StageLayout,
+                cuts: Optional[list[int]] = None) -> tuple[nn.Module, StageInfo]:
     """Build the full model from the run's seed (identical on every rank), keep this rank's stage,
-    and let the rest go: a rank holds only its own blocks and head."""
+    and let the rest go: a rank holds only its own blocks and head. `cuts`: block indices where
+    stages begin (default: `parallel.cut_points`, else balanced by parameter count)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data_info)
-    ranges = stage_block_ranges(model, layout.num_stages, cfg.parallel.cut_points)
+    ranges = stage_block_ranges(model, layout.num_stages, cuts if cuts is not None else cfg.parallel.cut_points)
     mine = ranges[layout.stage]
     method = get_method(cfg.local.method)
     info = StageInfo(index=layout.stage, num_stages=layout.num_stages, task=model.task, width=cfg.model.width,
@@ -94,6 +101,38 @@ def build_stage(cfg: Config, data_info, layout: StageLayout) -> tuple[nn.Module,
     info = dataclasses.replace(info, later_blocks=())
     trainer.info = info
     return trainer, info
+
+
+def measured_cuts(cfg: Config, ctx: DistContext, data, saved: Path) -> Optional[dict]:
+    """`parallel.balance: measured` (and no explicit cut points): rank 0 times every block on one
+    micro-batch on its device and every rank takes its cuts. A run that resumes keeps the cuts it
+    was saved with (`saved`, written beside the stage metrics), or its shards would not fit."""
+    if cfg.parallel.stages == 1 or cfg.parallel.cut_points is not None or cfg.parallel.balance != "measured":
+        return None
+    choice = None
+    if ctx.rank == 0:
+        try:
+            if saved.is_file() and resolve_resume(cfg.checkpoint.resume, saved.parent.parent / "checkpoints"):
+                choice = json.loads(saved.read_text())
+            else:
+                torch.manual_seed(cfg.train.seed)
+                model = build_model(cfg.model, data.info)
+                micro = cfg.train.batch_size // (ctx.world_size // cfg.parallel.stages * cfg.train.grad_accum)
+                example, _ = data.get_batch("train", torch.arange(micro))
+                costs = measure_block_costs(model, example, ctx.device)
+                choice = {"balance": "measured", "device": str(ctx.device), "micro_batch": micro,
+                          "block_costs_s": costs, "cut_points": balanced_cuts(costs, cfg.parallel.stages)}
+        except UserError as e:  # every rank must learn of it, or the others wait in the broadcast
+            choice = {"error": str(e)}
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        choice = box[0]
+    if "error" in choice:
+        raise UserError(choice["error"])
+    return choice
 
 
 def stage_backend(cfg: Config, ctx: DistContext, layout: StageLayout) -> Backend:

@@ -98,6 +98,8 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
             traffic = "activations forward" + ("" if cfg.local.send_targets else " (targets read locally)")
             if cfg.local.method == "man":
                 traffic += f", weights back every {cfg.local.man_every} steps"
+        if cfg.parallel.balance == "measured" and cfg.parallel.cut_points is None:
+            traffic += "; cuts shown by parameter count, the run measures its own at start"
         rows.insert(3, ("stages", f"{cfg.local.method}: " + " | ".join(parts) +
                         f"; {world // cfg.parallel.stages} data-parallel rank(s) per stage; {traffic}"))
     width = max(len(k) for k, _ in rows)
