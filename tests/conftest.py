@@ -7,24 +7,19 @@ Every run goes under a pytest temporary directory (`run.dir`), never into the re
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import TINY_YAML, clean_env  # tests/ is on sys.path
+
 # A model and data set small enough that a 2-rank run takes seconds on 2 CPU cores.
 TINY_GPT = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16",
             "data.max_bytes=200000", "train.batch_size=8", "train.log_every=1", "optim.warmup_steps=2",
             "train.eval_batches=1", "telemetry.tensorboard=false",
             "parallel.stages=1"]  # end-to-end backprop (the quickstart itself is a 2-stage pipeline)
-
-# Launcher variables that must not leak from an outer torchrun/Slurm/MPI into the runs under test.
-_WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
-               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "DIST_TRAIN_ERROR_DIR",
-               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID",
-               "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 class DistTrain:
     """Runs the CLI in a subprocess; returns the parsed metrics.jsonl of the run."""
@@ -33,8 +28,7 @@ class DistTrain:
     TINY_GPT = TINY_GPT
 
     def _call(self, argv: list[str], cwd: Path, steps: int) -> str:
-        env = {k: v for k, v in os.environ.items() if k not in _WORLD_VARS}
-        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = clean_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         cwd.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([sys.executable, "-m", "dist_train", *argv], cwd=cwd, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -68,3 +62,11 @@ class DistTrain:
 @pytest.fixture(scope="session")
 def dt() -> DistTrain:
     return DistTrain()
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A whole tiny config file (end-to-end backprop), for tests that pass a config path."""
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path

@@ -8,7 +8,6 @@ traceback, and must leave an existing run directory exactly as it was.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import socket
 import subprocess
@@ -19,27 +18,8 @@ from typing import Optional
 
 import pytest
 
-_SCRIPT = Path(sys.executable).with_name("dist-train")
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dist_train"]
+from cli_helpers import CLI, clean_env  # tests/ is on sys.path
 
-TINY = """\
-run: {name: tiny}
-model: {n_layer: 2, width: 32, n_head: 2, block_size: 16}
-data: {max_bytes: 200000}
-train: {batch_size: 8, steps: 4, log_every: 1, eval_batches: 1}
-runtime: {threads: 1}
-telemetry: {progress: "off"}
-"""
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment minus any launcher variables a surrounding job may have set."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "DIST_TRAIN_ERROR_DIR")
-    env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))}
-    env.update(extra)
-    return env
 
 
 def free_port() -> int:
@@ -72,13 +52,6 @@ def snapshot(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under `root`."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(TINY)
-    return path
 
 
 # ------------------------------------------------------------------------------ bad config / layout

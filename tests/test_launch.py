@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,35 +15,12 @@ import pytest
 
 from dist_train.config.load import dump_config, load_config
 
-_SCRIPT = Path(sys.executable).with_name("dist-train")
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dist_train"]
+from cli_helpers import CLI, clean_env  # tests/ is on sys.path
 
-TINY = """\
-run: {name: tiny}
-model: {n_layer: 2, width: 32, n_head: 2, block_size: 16}
-data: {max_bytes: 200000}
-train: {batch_size: 8, steps: 4, log_every: 1, eval_batches: 1}
-runtime: {threads: 1}
-telemetry: {progress: "off"}
-"""
-
-
-def clean_env() -> dict[str, str]:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "DIST_TRAIN_ERROR_DIR")
-    return {k: v for k, v in os.environ.items()
-            if k not in drop and not k.startswith(("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))}
 
 
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(TINY)
-    return path
 
 
 # ------------------------------------------------------------------------------------ end to end

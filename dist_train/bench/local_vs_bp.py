@@ -73,7 +73,7 @@ import torch
 
 from dist_train.bench.memory import live_heap_mode, peak_rss, reset_peak_rss
 from dist_train.train.local_reference import local_reference  # noqa: F401  (also used by tests)
-from dist_train.bench.report import pick_size, command_line, machine_summary, make_target, utc_now
+from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
 WORLD = 2
 MICRO_BATCHES = 4
@@ -614,8 +614,6 @@ def _heap_rows(heap: dict[str, dict]) -> tuple[list[dict], dict[str, float]]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    from dist_train.telemetry import collect_provenance
-
     size_name, size = pick_size(SIZES, quick)
     command, started = command_line(), utc_now()
     t_start = time.perf_counter()
@@ -654,12 +652,5 @@ def run(quick: bool) -> dict[str, Any]:
              "figures": {"speed": "median over repeats of per-repeat ratios",
                          "memory": "VmHWM minus VmRSS at method start, max over ranks",
                          "quality": "mean over seeds at each method's best lr on validation"}}
-    return {
-        "name": "local-vs-bp",
-        "machine": machine_summary(),
-        "command": command,
-        "date": started,
-        "provenance": collect_provenance(command.split(), setup),
-        "results": [*speed_rows, *heap_rows, *quality_rows],
-        "targets": targets,
-    }
+    return document("local-vs-bp", command, started, setup, [*speed_rows, *heap_rows, *quality_rows],
+                    targets)

@@ -50,7 +50,7 @@ from unittest import mock
 
 import torch
 
-from dist_train.bench.report import pick_size, command_line, machine_summary, make_target, utc_now
+from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 from dist_train.data.base import Dataset
 from dist_train.data.sampler import StepSampler
 
@@ -344,7 +344,6 @@ def _rows(runs: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
 
 def run(quick: bool) -> dict[str, Any]:
     from dist_train.bench._spawn import run_on_ranks
-    from dist_train.telemetry import collect_provenance
 
     size_name, size = pick_size(SIZES, quick)
     command, started = command_line(), utc_now()
@@ -358,12 +357,5 @@ def run(quick: bool) -> dict[str, Any]:
              "model": "quickstart GPT (4 layers, width 128, 4 heads, block 64, vocab 256)",
              "clock": "StepSampler stamps per step, slower rank, mean over the measured steps",
              "figure": "median over lockstep repeats of framework/handwritten step time"}
-    return {
-        "name": "overhead",
-        "machine": machine_summary(),
-        "command": command,
-        "date": started,
-        "provenance": collect_provenance(command.split(), setup),
-        "results": rows,
-        "targets": [make_target(METRIC, lockstep_median["ratio"], "<=", TARGET_RATIO)],
-    }
+    return document("overhead", command, started, setup, rows,
+                    [make_target(METRIC, lockstep_median["ratio"], "<=", TARGET_RATIO)])

@@ -81,6 +81,14 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def document(name: str, command: str, started: str, setup: dict, results: list, targets: list) -> dict[str, Any]:
+    """A benchmark's result in the shape BENCHMARKS.md and `--json` use, with the run's provenance."""
+    from dist_train.telemetry import collect_provenance
+
+    return {"name": name, "machine": machine_summary(), "command": command, "date": started,
+            "provenance": collect_provenance(command.split(), setup), "results": results, "targets": targets}
+
+
 # ------------------------------------------------------------------------------------ printing
 
 

@@ -87,13 +87,14 @@ class DistContext:
         if self.distributed:
             dist.barrier()
 
-    def all_reduce_mean(self, value: float) -> float:
-        """Mean of a Python float over ranks (for logging; not on the hot path)."""
-        if not self.distributed or self.world_size == 1:
+    def all_reduce_mean(self, value: float, group=None) -> float:
+        """Mean of a Python float over ranks, or over `group` (for logging; not on the hot path)."""
+        size = self.world_size if group is None or not self.distributed else dist.get_world_size(group)
+        if not self.distributed or size == 1:
             return float(value)
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        dist.all_reduce(t, group=group)
+        return float(t.item()) / size
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         if not self.distributed or self.world_size == 1:

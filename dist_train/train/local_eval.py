@@ -54,9 +54,7 @@ def replica_mean(backend, value: float) -> float:
     """Mean of a scalar over this stage's data-parallel replicas."""
     if backend.dp_size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=backend.ctx.device)
-    dist.all_reduce(t, group=backend.mesh.get_group())
-    return float(t) / backend.dp_size
+    return backend.ctx.all_reduce_mean(value, group=backend.mesh.get_group())
 
 
 @torch.no_grad()
