@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch.distributed as dist
 from torch import nn
 
 from dist_train.config.load import merge_dicts
@@ -78,8 +79,6 @@ class _SubMeshMPU:
     """
 
     def __init__(self, mesh):
-        import torch.distributed as dist
-
         self._dp = mesh.get_group()
         me = dist.get_rank()
         alone = None
@@ -93,13 +92,9 @@ class _SubMeshMPU:
         return self._dp
 
     def get_data_parallel_world_size(self) -> int:
-        import torch.distributed as dist
-
         return dist.get_world_size(self._dp)
 
     def get_data_parallel_rank(self) -> int:
-        import torch.distributed as dist
-
         return dist.get_rank(self._dp)
 
     def get_model_parallel_group(self):
