@@ -24,7 +24,7 @@ def test_label_embedding_and_schedule():
     assert torch.allclose(u.norm(dim=1), torch.full((10,), math.sqrt(32)))
     model = make_model("mlp", n_layer=2)
     method = NoProp()
-    stages = [method.build_stage(model, b, i) for i, b in (stage_info(model, "mlp", k, 2) for k in range(2))]
+    stages = [method.build_stage(model, b, i).net for i, b in (stage_info(model, "mlp", k, 2) for k in range(2))]
     assert torch.equal(stages[0].label_embedding, stages[1].label_embedding)  # independent of stage index
     assert torch.equal(stages[0].label_embedding, u)
     for steps in (1, 2, 3, 8):
@@ -71,7 +71,7 @@ def test_stage_trains(model_name, index):
     x, y = make_batch(model_name)
     info, blocks = stage_info(model, model_name, index, 2)
     method = NoProp()
-    stage = method.build_stage(model, blocks, info)
+    stage = method.build_stage(model, blocks, info).net
     assert (stage.classifier is not None) == (index == 1)
 
     def loss_at(seed: int) -> torch.Tensor:
@@ -120,7 +120,7 @@ def test_digits_end_to_end_chain():
     method = NoProp()
     infos = [StageInfo(index=k, num_stages=2, task="classify", width=64, num_classes=10, later_blocks=(),
                        model_name="mlp") for k in range(2)]
-    stages = [method.build_stage(model, range(k, k + 1), info) for k, info in enumerate(infos)]
+    stages = [method.build_stage(model, range(k, k + 1), info).net for k, info in enumerate(infos)]
     opts = [torch.optim.Adam(s.parameters(), lr=3e-3) for s in stages]
     g = torch.Generator().manual_seed(0)
     for _ in range(300):

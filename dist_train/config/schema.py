@@ -85,15 +85,59 @@ class ParallelSection(_Strict):
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered parameters after forward (ZeRO-3 style).")
 
 
+class InfoProOptions(_Strict):
+    lambda1_first: float = Field(1.0, ge=0, description="InfoPro: reconstruction weight lambda1 of the first stage (falls linearly to lambda1_last).")
+    lambda1_last: float = Field(0.0, ge=0, description="InfoPro: reconstruction weight lambda1 of the last local stage.")
+    lambda2_first: float = Field(0.1, ge=0, description="InfoPro: task weight lambda2 of the first stage (rises linearly to lambda2_last).")
+    lambda2_last: float = Field(1.0, ge=0, description="InfoPro: task weight lambda2 of the last local stage.")
+
+
+class AugLocalOptions(_Strict):
+    ratio: float = Field(0.5, gt=0, le=1, description="AugLocal: depth of the first stage's auxiliary network as a fraction of the layers after it (shrinks linearly with depth).")
+    min_depth: int = Field(1, ge=1, description="AugLocal: smallest auxiliary depth.")
+
+
+class MANOptions(_Strict):
+    momentum: float = Field(0.995, ge=0, lt=1, description="MAN: EMA momentum m of the next stage's first block (paper: 0.995).")
+    every: int = Field(1, ge=1, description="MAN: steps between weight messages from the next stage (1 = every step, as in the paper).")
+    delay: int = Field(2, ge=1, description="MAN: a weight message sent after step s is applied at the start of step s + delay (fixed, so runs are deterministic).")
+
+
+class ForwardForwardOptions(_Strict):
+    threshold: Optional[float] = Field(None, gt=0, description="Forward-Forward: goodness threshold theta; default: the layer's number of units.")
+    label_scale: float = Field(1.0, gt=0, description="Forward-Forward: value written into the input's first C entries for the label (one-hot).")
+
+
+class TpSGDOptions(_Strict):
+    dim: Optional[int] = Field(None, ge=1, description="tpSGD: unused by the paper's rule (targets have the layer's own width); kept for configs that set it.")
+
+
+class NoPropOptions(_Strict):
+    steps: Optional[int] = Field(None, ge=1, description="NoProp: diffusion steps T (a multiple of parallel.stages; each stage owns T/K denoising blocks); default: T = K.")
+    eta: float = Field(0.1, gt=0, description="NoProp: eta, the weight of the SNR-weighted denoising loss (paper's Eq. 8).")
+    max_alpha_bar: float = Field(0.99, gt=0, lt=1, description="NoProp: alpha_bar at the last step T (cosine schedule from 0).")
+    learn_embedding: bool = Field(False, description="NoProp: learn the label embedding U jointly (its gradient is summed over the stages each step: a small all-reduce) instead of keeping it fixed.")
+
+
 class LocalSection(_Strict):
     method: Literal["dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop"] = Field(
         "dgl", description="Local-learning method used when parallel.stages > 1.")
     max_in_flight: int = Field(2, ge=1, description="Activation messages a stage may have in flight before it waits (back-pressure).")
-    man_every: int = Field(10, ge=1, description="MAN: steps between the next stage's weight messages (the one backward channel).")
     asynchronous: bool = Field(False, description="While waiting for the previous stage, train on a replayed batch instead of idling.")
     replay_size: int = Field(4, ge=1, description="Asynchronous mode: batches kept per stage for replay.")
     max_reuse: int = Field(3, ge=1, description="Asynchronous mode: times a batch may be trained on in all.")
     send_targets: bool = Field(True, description="Send each batch's targets with its activation. False: every stage reads its targets from the deterministic sampler, so only activations cross (half a backprop pipeline's bytes).")
+    infopro: InfoProOptions = Field(default_factory=InfoProOptions, description="InfoPro hyperparameters.")
+    auglocal: AugLocalOptions = Field(default_factory=AugLocalOptions, description="AugLocal hyperparameters.")
+    man: MANOptions = Field(default_factory=MANOptions, description="MAN hyperparameters.")
+    forward_forward: ForwardForwardOptions = Field(default_factory=ForwardForwardOptions, description="Forward-Forward hyperparameters.")
+    tpsgd: TpSGDOptions = Field(default_factory=TpSGDOptions, description="tpSGD hyperparameters.")
+    noprop: NoPropOptions = Field(default_factory=NoPropOptions, description="NoProp hyperparameters.")
+
+    def options(self, method: str) -> dict:
+        """The `local.<method>.*` options as constructor keyword arguments (none for dgl, mono_forward)."""
+        section = getattr(self, method, None)
+        return section.model_dump() if isinstance(section, BaseModel) else {}
 
 
 class OptimSection(_Strict):

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-TRAIN_TAG, EVAL_TAG, SHAPE_TAG, WEIGHT_TAG, GEN_TAG = 0, 1, 2, 3, 4
+TRAIN_TAG, EVAL_TAG, SHAPE_TAG, WEIGHT_TAG, GEN_TAG, STATS_TAG = 0, 1, 2, 3, 4, 5
 _MAX_DIMS = 8
 
 

@@ -1,8 +1,12 @@
 """The interface every local-learning method implements.
 
-A stage k < K-1 trains f_k (its blocks) together with an auxiliary head g_k on a local loss
-L_k = method.local_loss(g_k, h_k, targets, stage_input). The last stage trains on the task loss.
-Only (h_k.detach(), targets) travel to the next stage; no gradient crosses a stage boundary.
+A method builds the StageModule of each stage (`build_stage`, see `dist_train.local.stage`). Most
+methods keep the common form and only supply an auxiliary head and a local loss: a stage k < K-1
+trains f_k (its blocks) together with g_k on L_k = method.local_loss(g_k, h_k, targets, x), the last
+stage on the task loss, and only h_k.detach() travels on; no gradient crosses a stage boundary.
+Methods that need more (Forward-Forward's positive and negative streams, MAN's weights sent back,
+NoProp's denoising steps) override `build_stage`. Hyperparameters come from `local.<method>.*`
+(the constructor's keyword arguments).
 
 Shapes: for the GPT, h is [B, T, width] and targets [B, T] (next-byte ids); for the MLP, h is
 [B, width]; for the CNN, h is [B, width, H, W]; classifier targets are [B].
@@ -31,10 +35,16 @@ class StageInfo:
 
 class LocalMethod(ABC):
     name: str = "base"
-    # True when stages need no activations from the previous stage at all (NoProp).
-    independent_stages: bool = False
-    # True when a stage needs its successor's weights (MAN): the one opt-in backward channel.
-    sends_weights_back: bool = False
+    # True when the local loss needs the model input x on every stage (InfoPro reconstructs it):
+    # non-first stages then read x from the deterministic sampler, as they read targets.
+    needs_input: bool = False
+
+    def build_stage(self, model: nn.Module, blocks: range, info: StageInfo) -> nn.Module:
+        """The StageModule for the model's `blocks` as stage `info.index`: by default the common
+        form, the blocks plus this method's auxiliary head (`HeadStage`)."""
+        from dist_train.local.stage import HeadStage  # stage.py builds on this interface
+
+        return HeadStage(model, blocks, self, info)
 
     @abstractmethod
     def build_head(self, info: StageInfo) -> nn.Module:
@@ -42,5 +52,6 @@ class LocalMethod(ABC):
 
     @abstractmethod
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                   stage_input: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
-        """Scalar local loss of a non-last stage. `stage_input` is what the stage received (detached)."""
+                   x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
+        """Scalar local loss of a non-last stage. `x` is the model input (detached) when the method
+        `needs_input`, else None."""

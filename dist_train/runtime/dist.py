@@ -96,11 +96,13 @@ class DistContext:
         dist.all_reduce(t, group=group)
         return float(t.item()) / size
 
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        if not self.distributed or self.world_size == 1:
+    def all_reduce_sum(self, values: list[float], group=None) -> list[float]:
+        """Sums of Python floats over ranks, or over `group`."""
+        size = self.world_size if group is None or not self.distributed else dist.get_world_size(group)
+        if not self.distributed or size == 1:
             return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
         return t.tolist()
 
     def all_reduce_max(self, value: float) -> float:

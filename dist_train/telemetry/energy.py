@@ -42,6 +42,9 @@ class EnergyMeter:
 
     source: str = "unavailable"
     scope: Optional[str] = None  # "gpu", "node", or None when nothing is measured
+    # Which device a "gpu" meter reads (its NVML UUID, else its index): two ranks sharing one GPU
+    # (several pipeline stages on one card) must not both count it in a job's total.
+    device_key: Optional[str] = None
 
     def __init__(self, detail: str = "") -> None:
         # Why no energy is reported (or what is measured); the trainer logs it once at start.
@@ -251,13 +254,22 @@ def _open_nvml(nvml: Any, device_index: Optional[int], interval_s: float) -> tup
     # Probe once: the counter exists on Volta and newer; older GPUs (or old pynvml without the
     # function) answer NOT_SUPPORTED / AttributeError, and we fall back to power sampling.
     try:
+        key = str(nvml.nvmlDeviceGetUUID(handle))
+    except Exception:
+        key = f"index {0 if device_index is None else device_index}"
+    meter: EnergyMeter
+    try:
         nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-        return NvmlCounterMeter(nvml, handle, detail="GPU cumulative energy counter"), ""
+        meter = NvmlCounterMeter(nvml, handle, detail="GPU cumulative energy counter")
+        meter.device_key = key
+        return meter, ""
     except Exception:
         pass
     try:
         nvml.nvmlDeviceGetPowerUsage(handle)
-        return NvmlPowerMeter(nvml, handle, detail="GPU power sampled and integrated", interval_s=interval_s), ""
+        meter = NvmlPowerMeter(nvml, handle, detail="GPU power sampled and integrated", interval_s=interval_s)
+        meter.device_key = key
+        return meter, ""
     except Exception as e:
         _nvml_shutdown(nvml)
         return None, f"the GPU reports neither energy nor power ({e})"

@@ -1,15 +1,16 @@
-"""Local-learning pipeline training: this rank trains one gradient-isolated stage.
+"""Local-learning pipeline training: this rank trains one gradient-isolated stage. Read it top to bottom.
 
-Stage 0 reads the data; every later stage receives the activation (and, by default, the targets)
-from the stage before it, runs forward, its local loss (the task loss on the last stage), backward
-and its own optimizer step, and streams the detached activation on. Nothing ever flows backward, so
-no stage waits for another's backward pass: after a one-time fill the stages run concurrently.
-NoProp stages need no activations at all: each reads (x, y) itself and trains with zero traffic.
+The rank holds one `StageModule` (`dist_train.local.stage`): stage 0 reads the data, every later stage
+receives what the stage before it sent, runs forward, its local loss (the task loss on the last
+stage), backward and its own optimizer step, and streams its message on. Nothing flows backward
+unless a method's channel sends it (MAN's weights); no stage ever waits for another's backward pass.
+The loop knows no method by name: methods differ only in their stage module and channels.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -18,18 +19,19 @@ import torch
 from dist_train.config.layout import check_layout
 from dist_train.config.schema import Config
 from dist_train.data import build_dataset
+from dist_train.local.build import build_stage, measured_cuts, stage_backend
+from dist_train.local.channels import ChannelContext, build_channels
+from dist_train.local.evaluate import evaluate_pipeline, generate_pipeline, replica_mean
 from dist_train.local.layout import stage_layout
 from dist_train.local.link import StageLink
-from dist_train.local.methods.man import flat_block_weights
-from dist_train.local.replay import ReplayBuffer
+from dist_train.local.stats import StageStats, top_level_row
 from dist_train.optim import lr_at, optimizer_spec
 from dist_train.runtime.dist import DistContext
-from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
+from dist_train.telemetry import MetricsWriter, Progress, make_energy_meter, peak_memory_bytes
 from dist_train.train import state as trainer_state
-from dist_train.train.checkpoint import Checkpointer, resume
-from dist_train.train.local_eval import evaluate_pipeline, generate_pipeline, replica_mean
-from dist_train.train.local_stage import build_stage, measured_cuts, stage_backend
-from dist_train.train.loop import _open_run_dir
+from dist_train.train.checkpoint import Checkpointer, resolve_resume, resume
+from dist_train.train.generate import write_sample
+from dist_train.train.loop import due, write_run_info
 
 
 def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
@@ -37,163 +39,187 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     layout = stage_layout(ctx.rank, ctx.world_size, cfg.parallel.stages)
     data = build_dataset(cfg.data, cfg.model.block_size)
     run_dir = Path(cfg.run.dir) / cfg.run.name
-    balance = measured_cuts(cfg, ctx, data, run_dir / "stages" / "balance.json")
-    trainer, info = build_stage(cfg, data.info, layout, balance["cut_points"] if balance else None)
-    method = trainer.method
-    trainer.to(ctx.device)
+    ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
+    balance = measured_cuts(cfg, ctx, data, run_dir / "stages" / "balance.json",
+                            resuming=lambda: bool(resolve_resume(cfg.checkpoint.resume, ckpt.root)))
+    stage, info = build_stage(cfg, data.info, layout, balance["cut_points"] if balance else None)
+    stage.to(ctx.device)
     backend = stage_backend(cfg, ctx, layout)
-    backend.setup(trainer, lambda m: optimizer_spec(cfg.optim, m))
-    independent = method.independent_stages
-    # Who reads data: stage 0 always; every stage under NoProp, or when targets stay off the wire.
-    reads_targets = layout.first or independent or not cfg.local.send_targets
+    backend.setup(stage, lambda m: optimizer_spec(cfg.optim, m))
+    # Who reads data: the stages that need x, and every stage when targets stay off the wire.
+    reads_data = stage.reads_data or not cfg.local.send_targets or not stage.receives_activations
+    receives = not layout.first and stage.receives_activations
     link = StageLink(layout.prev_rank, layout.next_rank, ctx.device, cfg.local.max_in_flight,
                      send_targets=cfg.local.send_targets)
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
+    micro = cfg.train.grad_accum  # the batch streams through as `micro` micro-batches, accumulated
 
-    replay = (ReplayBuffer(cfg.local.replay_size, cfg.local.max_reuse)
-              if cfg.local.asynchronous and not layout.first and not independent else None)
-    # Each stage saves its own shard (keys prefixed by stage); resume before touching the run dir.
-    ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
-    start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler,
-                                on_state=lambda s: replay.load_state_dict(s["replay"], ctx.device)
-                                if replay is not None and "replay" in s else None)
-    if start == 0:  # each stage and replica its own stream (NoProp noise, dropout); resume restores it
-        torch.manual_seed(cfg.train.seed + 1000 * layout.stage + layout.dp_rank)
-    writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from) if ctx.is_main else None
-    if balance is not None and ctx.is_main:  # the cuts a resumed run must keep
-        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-        (run_dir / "stages" / "balance.json").write_text(json.dumps(balance, indent=1))
-    stage_writer = MetricsWriter(run_dir / "stages" / f"stage{layout.stage}", enabled=layout.lead,
-                                 tensorboard=cfg.telemetry.tensorboard)
-    if layout.lead:
-        stage_writer.truncate_from(start + 1)
-    last: dict = {}
-
-    def forward_backward(x: torch.Tensor, y: torch.Tensor, msg: int | None, is_last: bool) -> torch.Tensor:
+    def forward_backward(x, received, y, msg, is_last) -> torch.Tensor:
         """Forward, (send on), local loss, backward of one micro-batch; gradients accumulate."""
         send = None
-        if msg is not None and not layout.last and not independent:
-            # Sent before the local loss and backward, so the next stage starts at once.
-            send = lambda h: link.send(h.detach(), y, msg)  # noqa: E731
+        if msg is not None and not layout.last and stage.receives_activations:
+            send = lambda h: link.send(h, y, msg)  # noqa: E731  (before the loss: the next stage starts)
         with backend.sync_context(is_last), backend.autocast():
-            _, loss = backend.model(x, y, on_activation=send)
+            loss = backend.model(x=x, received=received, y=y, on_activation=send)
         backend.backward(loss, is_last)  # scaled by 1/grad_accum: the step sees the batch mean
         return loss.detach()
 
-    # MAN: the next stage's first-block weights arrive every `man_every` steps (count known ahead).
-    man = method.sends_weights_back
-    weight_msgs = len(range(start, cfg.train.steps, cfg.local.man_every)) if man else 0
-    weights_numel = sum(p.numel() for p in trainer.head.ema.parameters()) if man and not layout.last else 0
-    weights_got = 0
-    # The batch streams through as `grad_accum` micro-batches (message i*M + m), each stage
-    # accumulating their gradients: the update of the whole batch, with one micro-batch of
-    # activations alive at a time.
-    micro = cfg.train.grad_accum
-    progress = Progress(total=cfg.train.steps, initial=start,
-                        enabled=cfg.telemetry.progress if layout.last and layout.lead else False,
-                        echo=layout.last and layout.lead and cfg.telemetry.progress != "off")
+    def train_on(received, y) -> None:  # one whole extra update (asynchronous mode's replay)
+        forward_backward(None, received, y, None, True)
+        backend.step()
+
+    # Resume before touching the run directory (channels' state is part of the checkpoint).
+    box: dict = {}
+    start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler, on_state=box.update)
+    channels = build_channels(stage, ChannelContext(cfg, layout, link, ctx.device, start, train_on))
+    for ch in channels:
+        if ch.state_dict() is not None and ch.name in box:
+            ch.load_state_dict(box[ch.name])
+    if start == 0:  # each stage and replica its own stream (negatives, noise, dropout); resume restores it
+        torch.manual_seed(cfg.train.seed + 1000 * layout.stage + layout.dp_rank)
+    collector = layout.last and layout.lead  # writes the run's top-level metrics
+    if ctx.is_main:
+        write_run_info(cfg, ctx, run_dir, command, resume_from)
+        if balance is not None:  # the cuts a resumed run must keep
+            (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+            (run_dir / "stages" / "balance.json").write_text(json.dumps(balance, indent=1))
+    ctx.barrier()  # the run dir exists before the collector opens its writer there
+    writer = MetricsWriter(run_dir, enabled=collector, tensorboard=cfg.telemetry.tensorboard)
+    stage_writer = MetricsWriter(run_dir / "stages" / f"stage{layout.stage}", enabled=layout.lead,
+                                 tensorboard=cfg.telemetry.tensorboard)
+    for w in (writer, stage_writer):
+        w.truncate_from(start + 1)
+    energy, counts = _energy_meter(cfg, ctx)
+    stats = StageStats(layout, ctx.device, ctx.distributed)
+    progress = Progress(total=cfg.train.steps, initial=start, enabled=cfg.telemetry.progress if collector else False,
+                        echo=collector and cfg.telemetry.progress != "off")
+    tokens_per_sample = cfg.model.block_size if info.task == "lm" else 1
+    last: dict = {}
 
     with ctx.phase("steady"):
         ctx.barrier()
+        energy.start()
         t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
         for step in range(start, cfg.train.steps):
             backend.set_lr(lr := lr_at(step, cfg.optim, cfg.train.steps))
+            for ch in channels:
+                ch.before_step(step)
             idx = sampler.next_indices(layout.dp_rank, layout.dp_size)  # every stage keeps the data position
             for m, part in enumerate(idx.chunk(micro)):
-                msg = step * micro + m
-                if reads_targets:
+                msg, x, received, y = step * micro + m, None, None, None
+                if reads_data:
                     x, y = (t.to(ctx.device) for t in data.get_batch("train", part))
-                if not layout.first and not independent:
-                    # Asynchronous mode (one micro-batch per step): rather than idle until the
-                    # next activation arrives, train on a replayed batch.
-                    while replay is not None and not link.ready() and (old := replay.sample()) is not None:
-                        busy_t0 = time.perf_counter()
-                        forward_backward(old[0], old[1], None, True)
-                        backend.step()
-                        busy += time.perf_counter() - busy_t0
-                    x, sent_y = link.recv(msg, prefetch=msg + 1 < cfg.train.steps * micro)
+                if receives:
+                    for ch in channels:
+                        ch.before_receive()
+                    received, sent_y = link.recv(msg, prefetch=msg + 1 < cfg.train.steps * micro)
                     y = sent_y if sent_y is not None else y
-                    if replay is not None:
-                        replay.add(x, y, step)
-                if man and m == 0 and not layout.last and weights_got < weight_msgs:
-                    if (flat := link.poll_weights(weights_numel)) is not None:
-                        method.update_ema(trainer.head, flat)
-                        weights_got += 1
+                    for ch in channels:
+                        ch.on_received(received, y, step)
                 busy_t0 = time.perf_counter()
                 # A device tensor, read at log time: a float() here would sync the GPU every micro-batch.
-                loss_acc += forward_backward(x, y, msg, m == micro - 1) / micro
+                loss_acc += forward_backward(x if stage.reads_data else None, received, y, msg, m == micro - 1) / micro
                 busy += time.perf_counter() - busy_t0
             busy_t0 = time.perf_counter()
             backend.step()
             busy += time.perf_counter() - busy_t0
-            if man and not layout.first and (step - start) % cfg.local.man_every == 0:
-                link.send_weights(flat_block_weights(trainer.stage.blocks[0]))
+            for ch in channels:
+                ch.after_step(step)
             window += 1
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
+            if due(done, cfg.train.log_every) or evaluating:
                 elapsed = time.perf_counter() - t0
-                record = {"step": done, "loss": replica_mean(backend, float(loss_acc) / window), "lr": lr,
-                          "samples_per_s": window * cfg.train.batch_size / elapsed,
-                          "idle_fraction": max(0.0, 1.0 - busy / elapsed),
-                          "bytes_sent": link.bytes_sent, "tensors_sent": link.tensors_sent,
-                          "sent_requires_grad": link.sent_requires_grad,
-                          **({"weight_bytes_sent": link.weight_bytes_sent, "weight_msgs_received": weights_got}
-                             if man else {}),
-                          **(_replay_metrics(replay) if replay is not None else {}),
-                          "peak_mem_bytes": peak_memory_bytes(ctx.device), "stage": layout.stage}
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+                record = _stage_record(cfg, ctx, backend, layout, link, channels, energy, counts, done, lr,
+                                       float(loss_acc) / window, window, elapsed, busy)
+                if evaluating:
                     record.update(evaluate_pipeline(cfg, ctx, data, backend, link, layout))
-                    if "val_loss" in record:
-                        progress.note(f"step {done}/{cfg.train.steps}  loss {record['loss']:.4f}  "
-                                      f"val_loss {record['val_loss']:.4f}  {record['samples_per_s']:.0f} samples/s")
                 stage_writer.log(done, record)
-                progress.update(done, {"loss": record["loss"]})
-                if layout.last:
-                    last = record
+                stats.send(record)
+                if collector:
+                    last = top_level_row(done, lr, stats.gather(record), tokens_per_sample, energy.source,
+                                         {k: v for k, v in record.items() if k.startswith("val_")})
+                    writer.log(done, last)
+                    _progress(progress, cfg, last)
                 t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or \
-                    (cfg.checkpoint.at_end and done == cfg.train.steps):
+            if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 # Every stage has finished step `done` when the save's barrier passes, and the
                 # activations of step `done` have been consumed: a consistent cut of the pipeline.
                 saved = trainer_state.capture(done, sampler.state_dict())
-                if replay is not None:
-                    saved["replay"] = replay.state_dict()
+                saved.update({ch.name: s for ch in channels if (s := ch.state_dict()) is not None})
                 ckpt.save(done, backend, saved)
                 t0 = time.perf_counter()
-        while man and not layout.last and weights_got < weight_msgs:  # take the late ones
-            method.update_ema(trainer.head, link.poll_weights(weights_numel, block=True))
-            weights_got += 1
+        for ch in channels:
+            ch.finish()
         link.drain()
-        last.update(evaluate_pipeline(cfg, ctx, data, backend, link, layout))
-        if "val_loss" in last:
-            progress.note(f"step {last['step']}/{cfg.train.steps}  loss {last['loss']:.4f}  "
-                          f"val_loss {last['val_loss']:.4f}  {last['samples_per_s']:.0f} samples/s")
+        stats.drain()
         progress.close()
-        sample = (generate_pipeline(cfg, ctx, data, backend, layout, run_dir)
+        sample = (generate_pipeline(cfg, ctx, data, backend, layout)
                   if cfg.train.sample_tokens and info.task == "lm" else None)
         ctx.barrier()
-    # The last stage owns the task loss; hand its record to rank 0 for metrics.jsonl and the summary.
-    last = _from_last_stage(ctx, layout, last)
-    if sample is not None and ctx.is_main:
+    last = _from_collector(ctx, layout, last)
+    if sample is not None:
         last["sample"] = sample
-    if writer is not None:
-        writer.log(last["step"], {k: v for k, v in last.items() if k not in ("stage", "sample")})
-        writer.close()
+        if layout.first and layout.lead:
+            write_sample(cfg, run_dir, sample)
+    writer.close()
     stage_writer.close()
+    energy.close()
     return last
 
 
-def _from_last_stage(ctx: DistContext, layout, record: dict) -> dict:
+def _stage_record(cfg, ctx, backend, layout, link, channels, energy, counts, done, lr, loss, window, elapsed,
+                  busy) -> dict:
+    """This stage's logged figures for a window of `window` steps (loss and energy over its replicas)."""
+    e, p = energy.read()
+    known = e is not None and p is not None
+    e_stage, p_stage, e_counted, p_counted, missing = (
+        backend.ctx.all_reduce_sum([e or 0.0, p or 0.0, (e or 0.0) * counts, (p or 0.0) * counts,
+                                    0.0 if known else 1.0], group=backend.mesh.get_group())
+        if backend.dp_size > 1 else (e or 0.0, p or 0.0, (e or 0.0) * counts, (p or 0.0) * counts,
+                                     0.0 if known else 1.0))
+    unknown = missing or energy.source == "unavailable"
+    record = {"step": done, "loss": replica_mean(backend, loss), "lr": lr,
+              "samples_per_s": window * cfg.train.batch_size / elapsed,
+              "idle_fraction": max(0.0, 1.0 - busy / elapsed),
+              "bytes_sent": link.bytes_sent, "tensors_sent": link.tensors_sent,
+              "sent_requires_grad": link.sent_requires_grad,
+              "peak_mem_bytes": peak_memory_bytes(ctx.device), "stage": layout.stage,
+              "energy_j": None if unknown else e_stage, "power_w": None if unknown else p_stage,
+              "energy_j_counted": None if unknown else e_counted, "power_w_counted": None if unknown else p_counted,
+              "energy_source": energy.source}
+    for ch in channels:
+        record.update(ch.metrics())
+    return record
+
+
+def _energy_meter(cfg, ctx):
+    """This rank's energy meter, and whether it counts toward the job's total: each GPU (or each
+    node's RAPL package counters) once, however many stages share it."""
+    meter = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
+    key = (socket.gethostname(), getattr(meter, "device_key", None) if meter.scope == "gpu" else "node")
+    keys = [key]
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        keys = [None] * ctx.world_size
+        dist.all_gather_object(keys, key)
+    return meter, float(keys.index(key) == ctx.rank)
+
+
+def _progress(progress: Progress, cfg, row: dict) -> None:
+    progress.update(row["step"], {"loss": row["loss"]})
+    if "val_loss" in row:
+        progress.note(f"step {row['step']}/{cfg.train.steps}  loss {row['loss']:.4f}  "
+                      f"val_loss {row['val_loss']:.4f}  {row['samples_per_s']:.0f} samples/s")
+
+
+def _from_collector(ctx: DistContext, layout, record: dict) -> dict:
+    """The collector's final row, on every rank (rank 0 prints the summary)."""
     import torch.distributed as dist
 
     if not ctx.distributed:
         return record
     objs = [record if (layout.last and layout.lead) else None]
-    src = ctx.world_size - layout.dp_size  # the lead rank of the last stage
-    dist.broadcast_object_list(objs, src=src)
+    dist.broadcast_object_list(objs, src=ctx.world_size - layout.dp_size)
     return objs[0]
-
-
-def _replay_metrics(replay: ReplayBuffer) -> dict:
-    return {"replays": replay.replays, "max_reuse_seen": replay.max_uses,
-            "mean_staleness": replay.staleness_sum / replay.replays if replay.replays else 0.0}

@@ -13,8 +13,9 @@ from dist_train.data import build_dataset
 from dist_train.local.layout import stage_layout
 from dist_train.models.loss import cross_entropy
 from dist_train.optim import lr_at, optimizer_spec
-from dist_train.train.generate import decode, next_token, prompt_ids
-from dist_train.train.local_stage import build_stage
+from dist_train.local.build import build_stage
+from dist_train.local.methods.man import MANStage, ema_schedule, flat_block_weights
+from dist_train.models.sampling import decode, next_token, prompt_ids
 
 
 def local_reference(cfg) -> dict[str, Any]:
@@ -28,9 +29,12 @@ def local_reference(cfg) -> dict[str, Any]:
     for k in range(k_stages):
         trainer, info = build_stage(cfg, data.info, stage_layout(k, k_stages, k_stages))
         parts.append((trainer, optimizer_spec(cfg.optim, trainer).build()))
-    independent = parts[0][0].method.independent_stages
-    if independent:  # the pipeline's NoProp stages draw their noise from these streams
-        streams = [torch.Generator().manual_seed(cfg.train.seed + 1000 * k) for k in range(k_stages)]
+    independent = not parts[0][0].receives_activations
+    # Each pipeline stage draws its randomness (negatives, noise, dropout) from its own stream.
+    streams = [torch.Generator().manual_seed(cfg.train.seed + 1000 * k) for k in range(k_stages)]
+    # MAN: stage k+1's first block after each step, applied to stage k's EMA on the channel's schedule.
+    man = isinstance(parts[0][0], MANStage)
+    sent: list[dict[int, torch.Tensor]] = [{} for _ in parts]
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
     losses: list[list[float]] = [[] for _ in parts]
     micro = cfg.train.grad_accum  # the pipeline streams the batch as micro-batches, accumulating
@@ -39,18 +43,22 @@ def local_reference(cfg) -> dict[str, Any]:
         for _, opt in parts:
             for group in opt.param_groups:
                 group["lr"] = lr
+        if man:
+            for k, (trainer, _) in enumerate(parts[:-1]):
+                method = trainer.method
+                if ema_schedule(step, 0, method.every, method.delay):
+                    method.update_ema(trainer.head, sent[k + 1].pop(step - method.delay))
         step_loss = [0.0] * k_stages
         for part in sampler.next_indices(0, 1).chunk(micro):
             x, y = data.get_batch("train", part)
-            h = x
+            received = None
             for k, (trainer, _) in enumerate(parts):
-                if independent:
-                    torch.set_rng_state(streams[k].get_state())
-                    _, loss = trainer(x, y)
-                    streams[k].set_state(torch.get_rng_state())
-                else:
-                    h, loss = trainer(h, y)
-                    h = h.detach()
+                box: list = []
+                torch.set_rng_state(streams[k].get_state())
+                loss = trainer(x=x if trainer.reads_data else None, received=received, y=y,
+                               on_activation=box.append)
+                streams[k].set_state(torch.get_rng_state())
+                received = None if independent else box[0].detach()
                 (loss / micro).backward()
                 step_loss[k] += float(loss.detach()) / micro
         for k, (trainer, opt) in enumerate(parts):
@@ -59,6 +67,8 @@ def local_reference(cfg) -> dict[str, Any]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses[k].append(step_loss[k])
+            if man and k > 0 and step % trainer.method.every == 0:
+                sent[k][step] = flat_block_weights(trainer.blocks[0])
     val_sampler = data.sampler("val", 0, cfg.train.batch_size)
     loss_sum, correct = 0.0, 0.0
     classify = parts[-1][0].info.task == "classify"
@@ -67,9 +77,9 @@ def local_reference(cfg) -> dict[str, Any]:
             trainer.eval()
         for _ in range(cfg.train.eval_batches):
             x, y = data.get_batch("val", val_sampler.next_indices(0, 1))
-            h = None if independent else x
+            h = None
             for trainer, _ in parts:
-                h = trainer(x, z=h) if independent else trainer(h)
+                h = trainer(x=x if trainer.reads_data else None, received=h)
             loss_sum += float(cross_entropy(h.float(), y))
             if classify:
                 correct += float((h.argmax(-1) == y).float().mean())
@@ -88,8 +98,8 @@ def _sample(trainers, independent: bool, cfg, data) -> str:
     start = len(ids)
     for _ in range(cfg.train.sample_tokens):
         window = ids[-cfg.model.block_size:].view(1, -1)
-        h = None if independent else window
+        h = None
         for trainer in trainers:
-            h = trainer(window, z=h) if independent else trainer(h)
+            h = trainer(x=window if trainer.reads_data else None, received=h)
         ids = torch.cat([ids, next_token(h, cfg.train.sample_temperature, gen)])
     return decode(ids[start:].tolist(), data.info.vocab_size)

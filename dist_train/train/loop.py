@@ -69,10 +69,11 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             window_steps += 1
             done = step + 1
 
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
+            if due(done, cfg.train.log_every) or evaluating:
                 last = _window_metrics(cfg, ctx, energy, done, lr, grad_norm, loss_acc, window_steps,
                                        time.perf_counter() - window_t0, tokens_per_sample)
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                if evaluating:
                     last.update(evaluate(backend, data, ctx, cfg.train.batch_size, cfg.train.eval_batches))
                     progress.note(f"step {done}/{cfg.train.steps}  loss {last['loss']:.4f}  "
                                   f"val_loss {last['val_loss']:.4f}  {last['samples_per_s']:.0f} samples/s")
@@ -80,8 +81,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 progress.update(done, {"loss": f"{last['loss']:.3f}"})
                 window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
 
-            save_now = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
-            if save_now or (cfg.checkpoint.at_end and done == cfg.train.steps):
+            if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 ckpt.save(done, backend, trainer_state.capture(done, sampler.state_dict()))
                 window_t0 = time.perf_counter()  # keep save time out of throughput
         if cfg.train.sample_tokens and model.task == "lm":
@@ -94,18 +94,27 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     return last
 
 
+def due(done: int, every: int) -> bool:
+    """Is a periodic action (log, eval, save) due after step `done`? `every` = 0 means never."""
+    return every > 0 and done % every == 0
+
+
+def write_run_info(cfg: Config, ctx: DistContext, run_dir: Path, command: list[str], resume_from) -> None:
+    """The run directory with the resolved config and the run's provenance (rank 0 only)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    write_provenance(run_dir / "provenance.json", collect_provenance(
+        command, {"world_size": ctx.world_size, "backend": cfg.parallel.backend, "stages": cfg.parallel.stages,
+                  "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
+
+
 def _open_run_dir(cfg: Config, ctx: DistContext, run_dir: Path, start: int, command: list[str],
                   resume_from) -> MetricsWriter:
     """Rank 0 writes the resolved config and provenance, and drops metrics past the resume point."""
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(run_dir, enabled=ctx.is_main, tensorboard=cfg.telemetry.tensorboard)
     if ctx.is_main:
+        write_run_info(cfg, ctx, run_dir, command, resume_from)
         writer.truncate_from(start + 1)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        write_provenance(run_dir / "provenance.json", collect_provenance(
-            command, {"world_size": ctx.world_size, "backend": cfg.parallel.backend,
-                      "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
     return writer
 
 

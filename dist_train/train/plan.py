@@ -97,7 +97,7 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
                      (" + head" if i == last else " + aux head") for i, r in enumerate(ranges)]
             traffic = "activations forward" + ("" if cfg.local.send_targets else " (targets read locally)")
             if cfg.local.method == "man":
-                traffic += f", weights back every {cfg.local.man_every} steps"
+                traffic += f", weights back every {cfg.local.man.every} step(s)"
         if cfg.parallel.balance == "measured" and cfg.parallel.cut_points is None:
             traffic += "; cuts shown by parameter count, the run measures its own at start"
         rows.insert(3, ("stages", f"{cfg.local.method}: " + " | ".join(parts) +

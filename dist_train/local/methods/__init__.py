@@ -1,12 +1,13 @@
 """The local-learning methods, by config name (`local.method`).
 
-Each is a `LocalMethod` (see `dist_train.local.method`) that builds an auxiliary head for a
-non-last stage and computes its local loss, for the GPT, MLP and CNN reference models.
-MAN's runtime side (weights sent backward at a low frequency) lives in the stage runtime. NoProp
-builds whole stages of its own (each reads x and denoises a label embedding), so it has no heads.
+Each is a `LocalMethod` (see `dist_train.local.method`) that builds the StageModule of each stage
+(`dist_train.local.stage`): most as blocks + auxiliary head + local loss; Forward-Forward, MAN and
+NoProp with stage modules of their own. A new method is one file plus one line here.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from dist_train.errors import UserError
 from dist_train.local.method import LocalMethod
@@ -31,12 +32,12 @@ METHODS: dict[str, type[LocalMethod]] = {
 }
 
 
-def get_method(name: str) -> LocalMethod:
-    """A fresh instance of the method called `name` (default options)."""
+def get_method(name: str, options: Optional[dict] = None) -> LocalMethod:
+    """A fresh instance of the method called `name`, with its `local.<name>.*` options (else defaults)."""
     cls = METHODS.get(name)
     if cls is None:
         raise UserError(f"local.method: {name} is not a known method (choose one of: {', '.join(METHODS)})")
-    return cls()
+    return cls(**(options or {}))
 
 
 __all__ = ["METHODS", "get_method", "AugLocal", "DGL", "ForwardForward", "InfoPro", "MAN", "MonoForward",

@@ -79,7 +79,7 @@ class AugLocalHead(nn.Module):
 class AugLocal(LocalMethod):
     name = "auglocal"
 
-    def __init__(self, ratio: float = 0.5):
+    def __init__(self, ratio: float = 0.5, min_depth: int = 1):
         if ratio <= 0:
             raise UserError(f"local.method: auglocal depth ratio must be > 0, got {ratio}")
         self.ratio = ratio
@@ -95,5 +95,5 @@ class AugLocal(LocalMethod):
         return AugLocalHead([fresh_copy(later[i]) for i in idx], output_head(info), idx)
 
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                   stage_input: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
+                   x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
         return cross_entropy(head(h), targets)

@@ -31,6 +31,6 @@ class DGL(LocalMethod):
         return small_classifier(info)
 
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                   stage_input: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
+                   x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
         # The same mean cross-entropy as the model's task loss, so local and final losses compare.
         return cross_entropy(head(h), targets)

@@ -1,36 +1,32 @@
-"""Forward-Forward, adapted to one supervised local stage.
+"""Forward-Forward, supervised, as Hinton defines it (arXiv 2212.13345, sections 2 and 3.3).
 
-Hinton, "The Forward-Forward Algorithm: Some Preliminary Investigations", arXiv 2212.13345.
+The label is embedded into the input: the first C entries of the flattened input are replaced by
+one-hot(y) (times `local.forward_forward.label_scale`), as Hinton does with the first 10 pixels of
+MNIST. Positive data carries the true label, negative data the same input with a wrong label drawn
+uniformly from the C − 1 others (Hinton's simplest negatives). Every layer (the embedding layer and
+each block) is trained on its own activations y_j only, with the logistic loss of Eq. (1),
 
-FF trains each layer to give high "goodness" (sum of squared activities) to positive data and low
-goodness to negative data, with a per-layer logistic loss on goodness - threshold. In the
-supervised variant the label is part of the input: positive = (x, true label), negative =
-(x, wrong label), and prediction tries every label and picks the best goodness.
+    p(positive) = σ( Σ_j y_j² − θ ),
+    L_layer = −log σ(G_pos − θ) − log(1 − σ(G_neg − θ)) = softplus(θ − G_pos) + softplus(G_neg − θ),
 
-Adaptation here (the stage's blocks are arbitrary, so the label cannot be put into the stage's
-input without changing the model): the head combines the stage output with a learned label
-embedding,
+G = Σ_j y_j² the layer's goodness (sum over all its units), θ = `threshold` (default: the number of
+units, so unit-size activities sit at the threshold). Between layers the activity vector is
+length-normalised and detached, so a layer passes on only the direction of its output and no
+gradient reaches the layer below. A stage's local loss is the sum of its layers' losses (mean over
+examples); the last stage trains the same way (the model's softmax head is not used).
 
-    z(h, y) = ReLU(P · norm(features(h)) + E[y]),    goodness g(h, y) = mean_j z_j^2,
-    loss = softplus(-(g(h, y+) - theta)) + softplus(g(h, y-) - theta),
+Prediction (section 3.3): run the input once with each label embedded and pick the label with the
+highest goodness accumulated over every layer but the first. In the pipeline each stage adds its
+layers' goodness to a running total that travels with the activations; the last stage returns the
+totals [B, C] as its scores (so `val_acc` is the goodness prediction; `val_loss` is the
+cross-entropy of those scores, a figure for monitoring, not a calibrated likelihood).
 
-trained together with the stage, so the gradient of the FF loss reaches the stage's blocks through
-P. WHY each piece:
-  * norm = LayerNorm without affine, as FF length-normalises a layer's input: the goodness must
-    come from the direction of h, not from its scale (else the stage could just grow h).
-  * mean instead of sum of squares (= sum / D, theta = 1 instead of theta = D): keeps the logistic
-    argument O(1) whatever the head width D, so one learning rate fits all models.
-  * negatives: one wrong label per example, y- = (y + U{1..C-1}) mod C -- uniform over the wrong
-    labels (Hinton also uses the net's own hardest wrong label; that needs a goodness for all C
-    labels, C = vocabulary for the GPT, too costly per step).
-  * randomness: torch's global RNG (`torch.randint` / `torch.randperm` on h's device). Seeding from
-    the batch content would need a host sync per step (bad for a GPU pipeline); the framework seeds
-    torch per rank, so runs stay reproducible.
-  * GPT: every position is an example with its next token as label; positions are subsampled to at
-    most `max_positions` per step (uniformly, without replacement) to keep the head cheap.
-  * CNN: maps are averaged over space first.
+Across ranks a training message is the positive and negative activations stacked, [2B, ...]: twice
+a greedy method's bytes, inherent to FF. Only the classifiers (MLP, CNN) are supported: on the
+byte-level GPT the label is the next token, and embedding it in a causal input would leak it.
 
-`predict(head, h)` gives the FF decision rule (argmax over labels of the goodness).
+Named choices: normalisation to RMS 1 (length √n) instead of length 1, which only rescales the next
+layer's input; negatives drawn uniformly, not the hardest wrong label.
 """
 
 from __future__ import annotations
@@ -43,64 +39,118 @@ from torch import nn
 
 from dist_train.errors import UserError
 from dist_train.local.method import LocalMethod, StageInfo
-from dist_train.local.methods._common import check_info, features, flat_examples
+from dist_train.local.stage import StageModule
 
 
-class ForwardForwardHead(nn.Module):
-    def __init__(self, info: StageInfo, dim: int):
-        super().__init__()
-        self.model_name = info.model_name
-        self.num_classes = info.num_classes
-        self.norm = nn.LayerNorm(info.width, elementwise_affine=False)
-        self.proj = nn.Linear(info.width, dim)
-        self.label = nn.Embedding(info.num_classes, dim)
+def embed_label(x: torch.Tensor, labels: torch.Tensor, num_classes: int, scale: float) -> torch.Tensor:
+    """x [B, ...] with its first C flattened entries replaced by scale * one-hot(labels)."""
+    flat = x.reshape(x.size(0), -1).clone()
+    flat[:, :num_classes] = scale * F.one_hot(labels, num_classes).to(flat.dtype)
+    return flat.view_as(x)
 
-    def examples(self, h: torch.Tensor) -> torch.Tensor:
-        """[..., W] normalised per-example features (CNN pooled)."""
-        return self.norm(features(h, self.model_name))
 
-    def goodness(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """x [N, W] normalised features, labels [N] -> goodness [N] (float32)."""
-        z = F.relu(self.proj(x) + self.label(labels))
-        return z.float().pow(2).mean(dim=-1)
+def goodness(y: torch.Tensor) -> torch.Tensor:
+    """G = Σ_j y_j² per example (float32), over all of a layer's units."""
+    return y.float().pow(2).flatten(1).sum(dim=1)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Goodness of every label: [..., C]. O(N*C*D) -- for evaluation, not for the local loss."""
-        x = self.proj(self.examples(h))
-        z = F.relu(x.unsqueeze(-2) + self.label.weight)
-        return z.float().pow(2).mean(dim=-1)
+
+def normalise(y: torch.Tensor) -> torch.Tensor:
+    """Length-normalise per example (to RMS 1) and detach: the next layer sees only the direction."""
+    flat = y.detach().flatten(1)
+    rms = flat.float().pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)
+    return (flat / rms.to(flat.dtype)).view_as(y)
+
+
+def ff_layer_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mean over examples of softplus(θ − G_pos) + softplus(G_neg − θ) (Hinton's Eq. 1, both sides)."""
+    return (F.softplus(threshold - g_pos) + F.softplus(g_neg - threshold)).mean()
 
 
 class ForwardForward(LocalMethod):
     name = "forward_forward"
 
-    def __init__(self, dim: Optional[int] = None, threshold: float = 1.0, max_positions: int = 256):
-        if max_positions < 1:
-            raise UserError(f"local.method: forward_forward max_positions must be >= 1, got {max_positions}")
-        self.dim = dim  # head width D; None = the stage width
-        self.threshold = threshold
-        self.max_positions = max_positions
+    def __init__(self, threshold: Optional[float] = None, label_scale: float = 1.0):
+        if threshold is not None and threshold <= 0:
+            raise UserError(f"local.forward_forward.threshold: must be > 0, got {threshold}")
+        self.threshold, self.label_scale = threshold, label_scale
 
-    def build_head(self, info: StageInfo) -> nn.Module:
-        check_info(info)
+    def build_stage(self, model: nn.Module, blocks: range, info: StageInfo) -> StageModule:
+        if info.task != "classify":
+            raise UserError("local.method: forward_forward needs a classifier (model.name mlp or cnn): its "
+                            "prediction embeds each candidate label in the input, which a causal language "
+                            "model's next-token label cannot be")
         if info.num_classes < 2:
             raise UserError("local.method: forward_forward needs at least 2 classes for negative labels")
-        return ForwardForwardHead(info, self.dim or info.width)
+        return FFStage(model, blocks, self, info)
 
-    def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                   stage_input: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
-        x, y = flat_examples(head.examples(h), targets)
-        if info.task == "lm" and x.size(0) > self.max_positions:
-            keep = torch.randperm(x.size(0), device=x.device)[: self.max_positions]
-            x, y = x[keep], y[keep]
-        c = head.num_classes
-        y_neg = (y + torch.randint(1, c, y.shape, device=y.device)) % c
-        g_pos = head.goodness(x, y)
-        g_neg = head.goodness(x, y_neg)
-        # softplus(-a) = -log sigmoid(a): the logistic loss of "positive is good, negative is not".
-        return (F.softplus(self.threshold - g_pos) + F.softplus(g_neg - self.threshold)).mean()
+    def build_head(self, info: StageInfo) -> nn.Module:
+        raise UserError("local.method: forward_forward has no auxiliary head (each layer trains on its goodness)")
 
-    @staticmethod
-    def predict(head: ForwardForwardHead, h: torch.Tensor) -> torch.Tensor:
-        """FF inference: the label whose goodness is highest, [...] ids."""
-        return head(h).argmax(dim=-1)
+    def local_loss(self, head, h, targets, x, info) -> torch.Tensor:
+        raise UserError("local.method: forward_forward's loss is per layer, computed by its stage module")
+
+
+class FFStage(StageModule):
+    """The stage's FF layers: the embedding layer (stage 0) and its blocks."""
+
+    def __init__(self, model: nn.Module, blocks: range, method: ForwardForward, info: StageInfo):
+        super().__init__(info)
+        self.method = method
+        self.embed = model.embed if self.first else None
+        self.blocks = nn.ModuleList(model.blocks[i] for i in blocks)
+        self.reads_data = self.first
+
+    def layers(self) -> list[nn.Module]:
+        return ([self.embed] if self.embed is not None else []) + list(self.blocks)
+
+    def _threshold(self, y: torch.Tensor) -> float:
+        return self.method.threshold if self.method.threshold is not None else float(y[0].numel())
+
+    def _labelled(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return embed_label(x, labels, self.info.num_classes, self.method.label_scale)
+
+    def forward(self, x: Optional[torch.Tensor] = None, received: Optional[torch.Tensor] = None,
+                y: Optional[torch.Tensor] = None, on_activation=None):
+        return self._predict(x, received) if y is None else self._train(x, received, y, on_activation)
+
+    def _train(self, x, received, y, on_activation) -> torch.Tensor:
+        if self.first:
+            c = self.info.num_classes
+            wrong = (y + torch.randint(1, c, y.shape, device=y.device)) % c
+            h = torch.cat([self._labelled(x, y), self._labelled(x, wrong)])
+        else:
+            h = received  # [2B, ...]: positives then negatives, normalised by the previous stage
+        loss = torch.zeros((), device=h.device)
+        for layer in self.layers():
+            out = layer(h)
+            g_pos, g_neg = goodness(out).chunk(2)
+            loss = loss + ff_layer_loss(g_pos, g_neg, self._threshold(out))
+            h = normalise(out)
+        if on_activation is not None:
+            on_activation(h)
+        return loss
+
+    def _predict(self, x, received) -> torch.Tensor:
+        c = self.info.num_classes
+        if self.first:  # every candidate label, label-major: rows [j*B, (j+1)*B) carry label j
+            b = x.size(0)
+            h = torch.cat([self._labelled(x, torch.full((b,), j, dtype=torch.long, device=x.device))
+                           for j in range(c)])
+            total = torch.zeros(c * b, device=x.device)
+        else:
+            h, total = received[:, :-1], received[:, -1]
+            if h.dim() > 2:  # CNN maps travel with the total as one extra channel
+                total = total.flatten(1)[:, 0]
+            h = h.contiguous()
+        for i, layer in enumerate(self.layers()):
+            out = layer(h)
+            if not (self.first and i == 0):  # Hinton: the goodness of every layer but the first
+                total = total + goodness(out)
+            h = normalise(out)
+        if self.last:
+            return total.view(c, -1).t()  # [B, C] goodness of each label
+        if h.dim() > 2:
+            extra = total.view(-1, 1, *([1] * (h.dim() - 2))).expand(-1, 1, *h.shape[2:])
+        else:
+            extra = total.view(-1, 1)
+        return torch.cat([h.float(), extra.float()], dim=1)

@@ -107,12 +107,18 @@ class InfoProHead(nn.Module):
 class InfoPro(LocalMethod):
     name = "infopro"
 
+    def __init__(self, lambda1_first: float = 1.0, lambda1_last: float = 0.0, lambda2_first: float = 0.1,
+                 lambda2_last: float = 1.0):
+        self.lambda1 = (lambda1_first, lambda1_last)
+        self.lambda2 = (lambda2_first, lambda2_last)
+
     def build_head(self, info: StageInfo) -> nn.Module:
         check_info(info)
         return InfoProHead(info)
 
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                   stage_input: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
+                   x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
+        stage_input = x
         lam1, lam2 = depth_weights(info.index, info.num_stages)
         loss = lam2 * cross_entropy(head(h), targets)
         if stage_input is not None and lam1 > 0:

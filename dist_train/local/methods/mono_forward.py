@@ -47,6 +47,6 @@ class MonoForward(LocalMethod):
         return MonoForwardHead(info)
 
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                   stage_input: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
+                   x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
         # Cross-entropy over the goodness scores, as in the paper.
         return cross_entropy(head(h), targets)

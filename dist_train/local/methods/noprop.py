@@ -37,6 +37,7 @@ from torch import nn
 
 from dist_train.local.method import LocalMethod, StageInfo
 from dist_train.local.methods._common import GlobalAvgPool, check_info
+from dist_train.local.stage import StageModule
 from dist_train.models.loss import cross_entropy
 
 # Any fixed constant; what matters is that it does not depend on the stage or rank, so every stage
@@ -129,26 +130,51 @@ class NoPropStage(nn.Module):
         return F.embedding(y, self.label_embedding)
 
 
+class NoPropStageModule(StageModule):
+    """NoProp as the stage loop sees it: reads x itself, receives nothing in training; at inference
+    it refines the z the previous stage produced (z_0 on the first stage)."""
+
+    reads_data = True
+    receives_activations = False
+
+    def __init__(self, model: nn.Module, blocks: range, method: "NoProp", info: StageInfo):
+        super().__init__(info)
+        self.net = NoPropStage(model, blocks, info)
+        self.method = method
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.net.blocks
+
+    def forward(self, x: Optional[torch.Tensor] = None, received: Optional[torch.Tensor] = None,
+                y: Optional[torch.Tensor] = None, on_activation=None):
+        if y is not None:
+            return self.method.loss(self.net, x, y, self.info)
+        z = received if received is not None else self.method.initial_z(x, self.info)
+        z = self.method.denoise(self.net, x, z, self.info)
+        return self.method.logits(self.net, z, self.info) if self.last else z
+
+
 class NoProp(LocalMethod):
     name = "noprop"
-    independent_stages = True
 
-    def __init__(self, max_alpha_bar: float = MAX_ALPHA_BAR):
+    def __init__(self, steps: Optional[int] = None, eta: float = 0.1, max_alpha_bar: float = MAX_ALPHA_BAR,
+                 learn_embedding: bool = False):
+        self.steps, self.eta, self.learn_embedding = steps, eta, learn_embedding
         self.max_alpha_bar = max_alpha_bar
 
     def schedule(self, info: StageInfo) -> torch.Tensor:
         return alpha_bar_schedule(info.num_stages, self.max_alpha_bar)
 
     def build_head(self, info: StageInfo) -> nn.Module:
-        raise NotImplementedError("noprop has no auxiliary heads: its stages are built with build_stage "
-                                  "(the pipeline calls build_stage/loss for independent_stages methods)")
+        raise NotImplementedError("noprop has no auxiliary heads: its stages are built with build_stage")
 
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                   stage_input: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
+                   x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
         raise NotImplementedError("noprop has no activation-based local loss: use NoProp.loss(stage, x, y, info)")
 
-    def build_stage(self, model: nn.Module, blocks: range, info: StageInfo) -> NoPropStage:
-        return NoPropStage(model, blocks, info)
+    def build_stage(self, model: nn.Module, blocks: range, info: StageInfo) -> NoPropStageModule:
+        return NoPropStageModule(model, blocks, self, info)
 
     def sample_z(self, u: torch.Tensor, ab: float) -> torch.Tensor:
         """z ~ q(z | y) = N(sqrt(ab) u_y, (1 - ab) I), from torch's global RNG (seeded by the caller)."""

@@ -65,6 +65,6 @@ class TpSGD(LocalMethod):
         return TpSGDHead(info, self.dim or info.width)
 
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                   stage_input: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
+                   x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
         # float32 MSE: bf16 squared errors lose visible precision.
         return F.mse_loss(head(h).float(), head.target(targets).float())

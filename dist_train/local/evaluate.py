@@ -7,33 +7,31 @@ replica d), so an FSDP2 or DeepSpeed stage's collectives see all of its replicas
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
 from dist_train.local.link import EVAL_TAG, GEN_TAG
 from dist_train.models.loss import cross_entropy
-from dist_train.train.generate import decode, next_token, prompt_ids, write_sample
+from dist_train.models.sampling import decode, next_token, prompt_ids
 
 
 @torch.no_grad()
-def evaluate_pipeline(cfg, ctx, data, backend, link, layout) -> dict:
+def evaluate_pipeline(cfg, ctx, data, backend, link, layout, split: str = "val") -> dict:
     """Mean validation loss (and accuracy for classifiers) on the last stage, over the replicas."""
     model = backend.model
     model.eval()
-    independent = backend.module.method.independent_stages
-    sampler = data.sampler("val", 0, cfg.train.batch_size)
+    stage = backend.module
+    sampler = data.sampler(split, 0, cfg.train.batch_size)
     loss_sum, correct = 0.0, 0.0
     for i in range(cfg.train.eval_batches):
         idx = sampler.next_indices(layout.dp_rank, layout.dp_size)
-        if layout.first or independent:
-            x, y = (t.to(ctx.device) for t in data.get_batch("val", idx))
-        received = None
+        x = received = None
+        if stage.reads_data or not stage.receives_activations:
+            x, y = (t.to(ctx.device) for t in data.get_batch(split, idx))
         if not layout.first:
             received, y = link.recv(i, tag=EVAL_TAG, prefetch=False)
         with backend.autocast():
-            out = model(x, z=received) if independent else model(x if layout.first else received)
+            out = model(x=x, received=received)
         if layout.last:
             loss_sum += float(cross_entropy(out.float(), y))
             if backend.module.info.task == "classify":
@@ -44,9 +42,9 @@ def evaluate_pipeline(cfg, ctx, data, backend, link, layout) -> dict:
     model.train()
     if not layout.last:
         return {}
-    metrics = {"val_loss": replica_mean(backend, loss_sum / cfg.train.eval_batches)}
+    metrics = {f"{split}_loss": replica_mean(backend, loss_sum / cfg.train.eval_batches)}
     if backend.module.info.task == "classify":
-        metrics["val_acc"] = replica_mean(backend, correct / cfg.train.eval_batches)
+        metrics[f"{split}_acc"] = replica_mean(backend, correct / cfg.train.eval_batches)
     return metrics
 
 
@@ -58,7 +56,7 @@ def replica_mean(backend, value: float) -> float:
 
 
 @torch.no_grad()
-def generate_pipeline(cfg, ctx, data, backend, layout, run_dir: Path) -> str | None:
+def generate_pipeline(cfg, ctx, data, backend, layout) -> str | None:
     """Sample `train.sample_tokens` tokens through the stages, one token per trip; stage 0 gets the text.
 
     Each trip sends the context ids with the activation (NoProp stages read the ids themselves);
@@ -67,7 +65,7 @@ def generate_pipeline(cfg, ctx, data, backend, layout, run_dir: Path) -> str | N
     """
     model = backend.model
     model.eval()
-    independent = backend.module.method.independent_stages
+    independent = not backend.module.receives_activations
     first_rank = layout.dp_rank  # stage 0, this replica
     last_rank = (layout.num_stages - 1) * layout.dp_size + layout.dp_rank
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -80,7 +78,7 @@ def generate_pipeline(cfg, ctx, data, backend, layout, run_dir: Path) -> str | N
         else:
             window, received = _recv_trip(layout.prev_rank, ctx.device, cfg.model.width)
         with backend.autocast():
-            out = model(window, z=received) if independent else model(window if layout.first else received)
+            out = model(x=window if (layout.first or independent) else None, received=received)
         if not layout.last:
             _send_trip(layout.next_rank, window, out.float())
             if layout.first:
@@ -93,10 +91,7 @@ def generate_pipeline(cfg, ctx, data, backend, layout, run_dir: Path) -> str | N
     model.train()
     if not layout.first:
         return None
-    text = decode(ids[prompt_len:].tolist(), data.info.vocab_size)
-    if layout.lead:
-        write_sample(cfg, run_dir, text)
-    return text
+    return decode(ids[prompt_len:].tolist(), data.info.vocab_size)
 
 
 def _send_trip(dst: int, window: torch.Tensor, act: torch.Tensor) -> None:

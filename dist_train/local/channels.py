@@ -1,0 +1,97 @@
+"""Channels: traffic and work beside the forward stream, as hooks the stage loop calls.
+
+The stage loop streams micro-batches forward and nothing else. Anything more is a `Channel`:
+MAN's weights sent backward (owned by the MAN stage module), the replay buffer of asynchronous
+mode (owned by the runtime). The loop calls every channel's hooks at fixed points and knows none by
+name; a channel's state goes into the stage's checkpoint under the channel's `name`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from dist_train.local.replay import ReplayBuffer
+
+
+@dataclass
+class ChannelContext:
+    """What a channel may use: the run's config, this rank's place, the link to its neighbours, and
+    `train_on(x, y)`, one whole extra local update (forward, backward, optimizer step) on a batch."""
+
+    cfg: Any
+    layout: Any
+    link: Any
+    device: torch.device
+    start: int  # the first step this run trains (after a resume)
+    train_on: Callable[[torch.Tensor, torch.Tensor], None]
+
+
+class Channel:
+    name = "channel"
+
+    def before_receive(self) -> None:
+        """The stage is about to wait for the next micro-batch (asynchronous mode fills the wait)."""
+
+    def on_received(self, x: torch.Tensor, y: Optional[torch.Tensor], step: int) -> None:
+        """A micro-batch arrived from the previous stage."""
+
+    def before_step(self, step: int) -> None:
+        """A new step begins (before its first micro-batch)."""
+
+    def after_step(self, step: int) -> None:
+        """This stage has taken its optimizer step for `step`."""
+
+    def finish(self) -> None:
+        """Training is over: complete outstanding traffic (every message sent is received)."""
+
+    def metrics(self) -> dict:
+        """Figures for this stage's log record."""
+        return {}
+
+    def state_dict(self) -> Optional[dict]:
+        """Checkpointed state, or None when the channel has none."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ReplayChannel(Channel):
+    """Asynchronous mode (after DGL's asynchronous variant): while the next activation has not
+    arrived, train on a replayed batch (least-used, then freshest; capped reuse) instead of idling."""
+
+    name = "replay"
+
+    def __init__(self, ctx: ChannelContext):
+        self.ctx = ctx
+        self.buffer = ReplayBuffer(ctx.cfg.local.replay_size, ctx.cfg.local.max_reuse)
+
+    def before_receive(self) -> None:
+        while not self.ctx.link.ready() and (old := self.buffer.sample()) is not None:
+            self.ctx.train_on(old[0], old[1])
+
+    def on_received(self, x, y, step) -> None:
+        self.buffer.add(x, y, step)
+
+    def metrics(self) -> dict:
+        b = self.buffer
+        return {"replays": b.replays, "max_reuse_seen": b.max_uses,
+                "mean_staleness": b.staleness_sum / b.replays if b.replays else 0.0}
+
+    def state_dict(self) -> dict:
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.load_state_dict(state, self.ctx.device)
+
+
+def build_channels(stage, ctx: ChannelContext) -> list[Channel]:
+    """The stage's own channels, then the runtime's (replay in asynchronous mode, on stages that
+    wait for a previous one)."""
+    channels = list(stage.channels(ctx))
+    if ctx.cfg.local.asynchronous and not ctx.layout.first and stage.receives_activations:
+        channels.append(ReplayChannel(ctx))
+    return channels
