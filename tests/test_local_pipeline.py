@@ -127,10 +127,12 @@ def test_generation_runs_through_the_stages(tmp_path):
     assert text == "import" + ref["sample"] and len(ref["sample"]) > 0
 
 
-@pytest.mark.parametrize("extra", [[], [*MLP]], ids=["gpt", "mlp"])
+@pytest.mark.parametrize("extra", [[], [*MLP], [*MLP, "local.noprop.steps=4", "local.noprop.learn_embedding=true"]],
+                         ids=["gpt", "mlp", "mlp-T4-learned-U"])
 def test_noprop_stages_train_without_traffic(tmp_path, extra):
-    """NoProp: each stage reads (x, y) itself and denoises its own step; not one byte crosses in
-    training, the losses equal the sequential reference, and evaluation chains the stages."""
+    """NoProp: each stage reads (x, y) itself and denoises its own steps (T = K, or T = 4 over K = 2);
+    not one activation crosses in training, the losses equal the sequential reference, and evaluation
+    chains the stages. A learned label embedding costs only its own small all-reduce."""
     overrides = [*TINY, "local.method=noprop", *extra]
     run = _launch(tmp_path, *overrides)
     ref = local_reference(load_config(None, [f"run.dir={tmp_path}", *overrides]))
@@ -138,6 +140,8 @@ def test_noprop_stages_train_without_traffic(tmp_path, extra):
         recs = _records(run / "stages" / f"stage{k}" / "metrics.jsonl")
         assert [r["loss"] for r in recs] == pytest.approx(ref["losses"][k], rel=1e-5), f"stage {k}"
         assert recs[-1]["bytes_sent"] == 0 and recs[-1]["tensors_sent"] == 0
+        if "local.noprop.learn_embedding=true" in extra:  # 2 all-reduces of U [10, 32] fp32 per step
+            assert recs[-1]["embedding_sync_bytes"] == 6 * 2 * (10 * 32 * 4)  # ring factor 2(N-1)/N = 1
     main = _records(run / "metrics.jsonl")[-1]
     assert main["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
     if extra:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dist_train.data.digits import DigitsDataset
+from dist_train.errors import UserError
 from dist_train.local.method import StageInfo
 from dist_train.local.methods.noprop import (NoProp, alpha_bar_schedule, label_embedding,
                                              posterior_coefficients)
@@ -24,7 +25,7 @@ def test_label_embedding_and_schedule():
     assert torch.allclose(u.norm(dim=1), torch.full((10,), math.sqrt(32)))
     model = make_model("mlp", n_layer=2)
     method = NoProp()
-    stages = [method.build_stage(model, b, i).net for i, b in (stage_info(model, "mlp", k, 2) for k in range(2))]
+    stages = [method.build_stage(model, b, i) for i, b in (stage_info(model, "mlp", k, 2) for k in range(2))]
     assert torch.equal(stages[0].label_embedding, stages[1].label_embedding)  # independent of stage index
     assert torch.equal(stages[0].label_embedding, u)
     for steps in (1, 2, 3, 8):
@@ -70,21 +71,21 @@ def test_stage_trains(model_name, index):
     model = make_model(model_name)
     x, y = make_batch(model_name)
     info, blocks = stage_info(model, model_name, index, 2)
-    method = NoProp()
-    stage = method.build_stage(model, blocks, info).net
+    method = NoProp(steps=4)  # T = 4 over K = 2: two denoising steps per stage
+    stage = method.build_stage(model, blocks, info)
+    assert list(stage.steps) == ([1, 2] if index == 0 else [3, 4]) and len(stage.nets) == 2
     assert (stage.classifier is not None) == (index == 1)
 
     def loss_at(seed: int) -> torch.Tensor:
         torch.manual_seed(seed)  # the same z samples at start and end
-        return method.loss(stage, x, y, info)
+        return stage(x=x, y=y)
 
     loss = loss_at(7)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
-    grads = [p.grad for p in stage.parameters()]
-    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    for block in stage.blocks:
-        assert any(p.grad.abs().sum() > 0 for p in block.parameters())
+    for net in stage.nets:  # every step's network learns
+        for block in net.blocks:
+            assert any(p.grad.abs().sum() > 0 for p in block.parameters())
 
     initial = loss.item()
     final = fit(stage.parameters(), loss_at)
@@ -92,16 +93,45 @@ def test_stage_trains(model_name, index):
 
     # Inference shapes: z has u_y's shape; the last stage maps z_T to logits.
     with torch.no_grad():
-        z = method.initial_z(x, info)
-        assert z.shape == stage.target(y).shape and z.dtype == torch.float32
-        z = method.denoise(stage, x, z, info)
-        assert z.shape == stage.target(y).shape and torch.isfinite(z).all()
+        z = stage(x=x) if index == 0 else stage(x=x, received=method.initial_z(x, info))
+        want = (*y.shape, info.num_classes) if index == 1 else stage.target(y).shape
+        assert z.shape == want and torch.isfinite(z).all()
+
+
+def test_loss_is_the_papers_snr_weighted_objective():
+    """Eq. 8 of NoProp, recomputed here from its definition: stage k's loss is the sum over its steps
+    of (eta/2)(SNR(t) - SNR(t-1)) ||u_hat_t(z_{t-1}, x) - u_y||^2, z_{t-1} ~ N(sqrt(ab_{t-1}) u_y,
+    (1 - ab_{t-1}) I), plus -log p(y | z_T) with z_T ~ q(z_T | y) on the last stage."""
+    model = make_model("mlp")
+    x, y = make_batch("mlp")
+    eta, T, cap = 0.3, 4, 0.95
+    method = NoProp(steps=T, eta=eta, max_alpha_bar=cap)
+    for index in (0, 1):
+        info, blocks = stage_info(model, "mlp", index, 2)
+        stage = method.build_stage(model, blocks, info)
+        torch.manual_seed(3)
+        got = stage(x=x, y=y)
+        # By hand: the schedule, SNR, and the same noise draws in the same order.
+        ab = [cap * math.sin(math.pi / 2 * t / T) ** 2 for t in range(T + 1)]
+        snr = [a / (1 - a) for a in ab]
+        u = stage.label_embedding[y]
+        torch.manual_seed(3)
+        want = torch.zeros(())
+        for net, t in zip(stage.nets, (1, 2) if index == 0 else (3, 4)):
+            z = math.sqrt(ab[t - 1]) * u + math.sqrt(1 - ab[t - 1]) * torch.randn_like(u)
+            want = want + eta / 2 * (snr[t] - snr[t - 1]) * ((net(x, z) - u) ** 2).sum(1).mean()
         if index == 1:
-            logits = method.logits(stage, z, info)
-            assert logits.shape == (*y.shape, info.num_classes)
-        else:
-            with pytest.raises(ValueError):
-                method.logits(stage, z, info)
+            z_T = math.sqrt(ab[T]) * u + math.sqrt(1 - ab[T]) * torch.randn_like(u)
+            logits = stage.classifier(z_T)
+            want = want - torch.log_softmax(logits, 1)[torch.arange(len(y)), y].mean()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_steps_must_divide_among_stages():
+    model = make_model("mlp")
+    info, blocks = stage_info(model, "mlp", 0, 2)
+    with pytest.raises(UserError, match="local.noprop.steps"):
+        NoProp(steps=3).build_stage(model, blocks, info)
 
 
 def test_not_an_auxiliary_head_method():
@@ -120,18 +150,18 @@ def test_digits_end_to_end_chain():
     method = NoProp()
     infos = [StageInfo(index=k, num_stages=2, task="classify", width=64, num_classes=10, later_blocks=(),
                        model_name="mlp") for k in range(2)]
-    stages = [method.build_stage(model, range(k, k + 1), info).net for k, info in enumerate(infos)]
+    stages = [method.build_stage(model, range(k, k + 1), info) for k, info in enumerate(infos)]
     opts = [torch.optim.Adam(s.parameters(), lr=3e-3) for s in stages]
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
         idx = torch.randint(0, len(y_train), (64,), generator=g)
-        for stage, opt, info in zip(stages, opts, infos):  # independent losses: no activations shared
+        for stage, opt in zip(stages, opts):  # independent losses: no activations shared
             opt.zero_grad(set_to_none=True)
-            method.loss(stage, x_train[idx], y_train[idx], info).backward()
+            stage(x=x_train[idx], y=y_train[idx]).backward()
             opt.step()
     with torch.no_grad():
-        z = method.initial_z(x_val, infos[0])
-        for stage, info in zip(stages, infos):
-            z = method.denoise(stage, x_val, z, info)
-        acc = (method.logits(stages[-1], z, infos[-1]).argmax(-1) == y_val).float().mean().item()
+        z = None
+        for stage in stages:
+            z = stage(x=x_val, received=z)
+        acc = (z.argmax(-1) == y_val).float().mean().item()
     assert acc > 0.85, acc

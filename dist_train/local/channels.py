@@ -41,6 +41,10 @@ class Channel:
     def before_step(self, step: int) -> None:
         """A new step begins (before its first micro-batch)."""
 
+    def before_update(self) -> None:
+        """Gradients of the step are complete (after backward and the replicas' reduction), the
+        optimizer step (clip, update) comes next."""
+
     def after_step(self, step: int) -> None:
         """This stage has taken its optimizer step for `step`."""
 

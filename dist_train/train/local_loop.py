@@ -121,6 +121,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 loss_acc += forward_backward(x if stage.reads_data else None, received, y, msg, m == micro - 1) / micro
                 busy += time.perf_counter() - busy_t0
             busy_t0 = time.perf_counter()
+            for ch in channels:
+                ch.before_update()
             backend.step()
             busy += time.perf_counter() - busy_t0
             for ch in channels:

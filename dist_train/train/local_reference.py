@@ -35,6 +35,10 @@ def local_reference(cfg) -> dict[str, Any]:
     # MAN: stage k+1's first block after each step, applied to stage k's EMA on the channel's schedule.
     man = isinstance(parts[0][0], MANStage)
     sent: list[dict[int, torch.Tensor]] = [{} for _ in parts]
+    # NoProp with a learned label embedding: one U, its copies' gradients summed before the update
+    # and the copies averaged after it (the pipeline's EmbeddingSync channel).
+    shared_u = [t.label_embedding for t, _ in parts if isinstance(getattr(t, "label_embedding", None),
+                                                                  torch.nn.Parameter)]
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
     losses: list[list[float]] = [[] for _ in parts]
     micro = cfg.train.grad_accum  # the pipeline streams the batch as micro-batches, accumulating
@@ -61,6 +65,10 @@ def local_reference(cfg) -> dict[str, Any]:
                 received = None if independent else box[0].detach()
                 (loss / micro).backward()
                 step_loss[k] += float(loss.detach()) / micro
+        if shared_u:
+            total = torch.stack([u.grad for u in shared_u]).sum(0)
+            for u in shared_u:
+                u.grad = total.clone()
         for k, (trainer, opt) in enumerate(parts):
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainer.parameters(), cfg.train.grad_clip)
@@ -69,6 +77,11 @@ def local_reference(cfg) -> dict[str, Any]:
             losses[k].append(step_loss[k])
             if man and k > 0 and step % trainer.method.every == 0:
                 sent[k][step] = flat_block_weights(trainer.blocks[0])
+        if shared_u:
+            with torch.no_grad():
+                mean = torch.stack([u for u in shared_u]).mean(0)
+                for u in shared_u:
+                    u.copy_(mean)
     val_sampler = data.sampler("val", 0, cfg.train.batch_size)
     loss_sum, correct = 0.0, 0.0
     classify = parts[-1][0].info.task == "classify"

@@ -8,6 +8,8 @@ states its own head and loss.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -74,3 +76,18 @@ def small_classifier(info: StageInfo) -> nn.Module:
         return nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, c))
     return nn.Sequential(nn.Conv2d(w, w, kernel_size=3, padding=1), nn.ReLU(), GlobalAvgPool(),
                          nn.Linear(w, c))
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """Same architecture, new tensors, new random init, trainable (AugLocal's and MAN's heads copy the
+    architecture of later blocks, never their weights; NoProp's extra steps copy a stage's blocks)."""
+    clone = copy.deepcopy(module)
+    for sub in clone.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    for p in clone.parameters():
+        p.grad = None  # deepcopy also copies .grad and a frozen flag; the copy starts clean
+        p.requires_grad_(True)
+    clone.train()
+    return clone

@@ -37,21 +37,9 @@ from torch import nn
 from dist_train.errors import UserError
 from dist_train.local.channels import Channel, ChannelContext
 from dist_train.local.method import LocalMethod, StageInfo
-from dist_train.local.methods._common import small_classifier
+from dist_train.local.methods._common import fresh_copy, small_classifier
 from dist_train.local.stage import HeadStage
 from dist_train.models.loss import cross_entropy
-
-
-def fresh_copy(block: nn.Module) -> nn.Module:
-    """Same architecture, new parameters (re-initialised), trainable."""
-    clone = copy.deepcopy(block)
-    for sub in clone.modules():
-        if callable(getattr(sub, "reset_parameters", None)):
-            sub.reset_parameters()
-    for p in clone.parameters():
-        p.grad = None
-        p.requires_grad_(True)
-    return clone
 
 
 class MANHead(nn.Module):

@@ -8,21 +8,31 @@ needs only (x, y, t): its input z_{t-1} is *sampled* from the known noising proc
 not computed by the stage before it. So all K stages train at once with no traffic between ranks;
 only inference chains them, sending z_t from stage t to stage t+1.
 
-Here stage k (0-based) of K is diffusion step t = k+1 of T = K:
-  * Label embedding: a FIXED random U [C, width], rows scaled to norm sqrt(width) so every entry of
-    u_y = U[y] has about unit size, the same scale as the unit-variance noise (the SNR schedule then
-    means what it says, and the MSE starts O(1)). The paper may learn U jointly with the blocks; that
-    would make every stage depend on every other stage's U gradient (traffic), so U is fixed: it is
-    generated on the CPU from one seed, independent of the stage index, so every rank builds the same
-    U with no communication.
-  * Schedule: alpha_bar_t = cap * sin^2(pi t / 2T), t = 0..T (cosine-style). alpha_bar_0 = 0 exactly,
-    so z_0 is pure noise and inference can start from its mean (zeros) without knowing y;
-    alpha_bar_T = cap < 1 keeps z_T noisy enough that the classifier on it sees a spread of inputs.
-    q(z_t | y) = N(sqrt(ab_t) u_y, (1 - ab_t) I).
-  * Stage t: h = embed(x) + W_z z_{t-1} -> its blocks -> readout u_hat; loss = MSE(u_hat, u_y).
-    The last stage also owns the classifier p(y | z_T), trained by cross-entropy on z_T ~ q(z_T | y).
-  * Inference: z_0 = 0, z_t = mean of q(z_t | z_{t-1}, u = u_hat_t) (see `posterior_coefficients`),
-    logits = classifier(z_T).
+T diffusion steps, independent of the number of stages K: stage k owns the T/K consecutive steps
+t = kT/K + 1 .. (k+1)T/K, each with its own denoising network û_t(z_{t-1}, x) (the paper's one
+block per step). The objective is the paper's NoProp-DT loss (arXiv 2503.24322, Eq. 8):
+
+    L = E_{q(z_T|y)}[-log p̂(y | z_T)] + D_KL(q(z_0|y) || p(z_0))
+        + (T/2) η E_{t~U{1..T}}[ (SNR(t) - SNR(t-1)) ||û_t(z_{t-1}, x) - u_y||² ],   SNR(t) = ᾱ_t / (1 - ᾱ_t),
+
+with z_{t-1} ~ q(z_{t-1} | y) = N(sqrt(ᾱ_{t-1}) u_y, (1 - ᾱ_{t-1}) I). Stage k minimises its own part:
+the expectation over t written out as the sum over its own steps, (η/2)(SNR(t) - SNR(t-1))·||û_t - u_y||²
+(squared norm over the embedding, mean over examples), plus, on the last stage, the classifier's
+cross-entropy on z_T ~ q(z_T | y). With ᾱ_0 = 0, q(z_0 | y) = N(0, I) = p(z_0), so the KL term is 0.
+  * Label embedding U [C, width]: fixed random directions of norm sqrt(width) (every entry about unit
+    size, the scale of the unit-variance noise), generated from one seed so every rank builds the
+    same U with no communication. `learn_embedding` makes U a parameter, as the paper may: each stage
+    holds a copy, and their gradients are summed over the stages before every update (an all-reduce
+    of C x width floats per step, counted), so the copies stay equal.
+  * Schedule: ᾱ_t = cap · sin²(π t / 2T), t = 0..T (cosine). ᾱ_0 = 0 exactly, so z_0 is pure noise and
+    inference starts from its mean (zeros) without knowing y; ᾱ_T = cap < 1 keeps SNR(T) finite.
+  * Step network: h = embed(x) + W_z z_{t-1} -> the stage's blocks (a fresh copy per step beyond the
+    first) -> readout û_t.
+  * Inference: z_0 = 0, z_t = the mean of q(z_t | z_{t-1}, u = û_t) (see `posterior_coefficients`),
+    through every step of every stage; the last stage's classifier maps z_T to logits.
+Named simplifications: inference takes the posterior mean instead of sampling (repeatable evaluation);
+a stage trains all its steps on every batch (the paper samples one t per update); the KL term is left
+out because it is identically 0 under this schedule.
 """
 
 from __future__ import annotations
@@ -36,7 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_train.local.method import LocalMethod, StageInfo
-from dist_train.local.methods._common import GlobalAvgPool, check_info
+from dist_train.local.methods._common import GlobalAvgPool, check_info, fresh_copy
+from dist_train.errors import UserError
+from dist_train.local.channels import Channel
 from dist_train.local.stage import StageModule
 from dist_train.models.loss import cross_entropy
 
@@ -87,18 +99,17 @@ class NoPropStage(nn.Module):
     The last stage also owns the classifier on z_T.
     """
 
-    def __init__(self, model: nn.Module, blocks: range, info: StageInfo):
+    def __init__(self, model: nn.Module, blocks: range, info: StageInfo, fresh: bool = False, with_classifier: bool = False):
         super().__init__()
         check_info(info)
         w = info.width
         self.model_name = info.model_name
-        # Persistent, as tpSGD's projection: moves with .to() and is saved with the stage, so a
-        # checkpoint keeps the targets it was trained on even if the seed constant changes.
-        self.register_buffer("label_embedding", label_embedding(info.num_classes, w))
         # deepcopy, not model.embed itself: stages train independently (maybe on different ranks),
         # so each needs its own encoder; the copy starts from the model's own initialisation.
         self.encoder = copy.deepcopy(model.embed)
         self.blocks = nn.ModuleList(model.blocks[i] for i in blocks)
+        if fresh:  # a later step of the same stage: same architecture, its own initialisation
+            self.encoder, self.blocks = fresh_copy(self.encoder), fresh_copy(self.blocks)
         # z enters additively after the embedding: a per-position (GPT) / per-example (MLP, CNN
         # broadcast over H, W) shift of the hidden, the cheapest way to condition the blocks on z.
         self.z_proj = nn.Linear(w, w)
@@ -111,13 +122,14 @@ class NoPropStage(nn.Module):
         else:
             self.readout = nn.Linear(w, w)
         self.classifier: Optional[nn.Module] = None
-        if info.index == info.num_stages - 1:
+        if with_classifier:
             # z_T is a label-space vector ([B, T, W] or [B, W]), which the GPT and MLP heads take as
             # is. The CNN head pools over H, W first and cannot take [B, W]; its pool and flatten
             # have no parameters, so its final Linear(width, classes) is the whole trainable head.
             self.classifier = model.head[-1] if info.model_name == "cnn" else model.head
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """û_t(z_{t-1}, x): the step's prediction of u_y."""
         h = self.encoder(x)
         zp = self.z_proj(z)
         h = h + (zp[:, :, None, None] if self.model_name == "cnn" else zp)
@@ -125,34 +137,56 @@ class NoPropStage(nn.Module):
             h = block(h)
         return self.readout(h)
 
-    def target(self, y: torch.Tensor) -> torch.Tensor:
-        """u_y = U[y]: [B, T, W] for GPT next-byte ids [B, T], [B, W] for labels [B]."""
-        return F.embedding(y, self.label_embedding)
-
-
 class NoPropStageModule(StageModule):
-    """NoProp as the stage loop sees it: reads x itself, receives nothing in training; at inference
-    it refines the z the previous stage produced (z_0 on the first stage)."""
+    """Stage k of K: diffusion steps t = kT/K + 1 .. (k+1)T/K, one network each, and the label
+    embedding U. Reads x itself, receives nothing in training; at inference it refines the z the
+    previous stage produced (z_0 = 0 on the first stage) through its steps."""
 
     reads_data = True
     receives_activations = False
 
     def __init__(self, model: nn.Module, blocks: range, method: "NoProp", info: StageInfo):
         super().__init__(info)
-        self.net = NoPropStage(model, blocks, info)
         self.method = method
+        self.steps = method.stage_steps(info)
+        last = self.last
+        self.nets = nn.ModuleList(NoPropStage(model, blocks, info, fresh=i > 0,
+                                              with_classifier=last and i == len(self.steps) - 1)
+                                  for i in range(len(self.steps)))
+        u = label_embedding(info.num_classes, info.width)
+        if method.learn_embedding:
+            self.label_embedding = nn.Parameter(u)
+        else:
+            # Persistent: moves with .to() and is saved with the stage, so a checkpoint keeps the
+            # targets it was trained on even if the seed constant changes.
+            self.register_buffer("label_embedding", u)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.net.blocks
+        return nn.ModuleList(b for net in self.nets for b in net.blocks)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.nets)
+
+    @property
+    def classifier(self) -> Optional[nn.Module]:
+        return self.nets[-1].classifier
+
+    def target(self, y: torch.Tensor) -> torch.Tensor:
+        """u_y = U[y]: [B, T, W] for GPT next-byte ids [B, T], [B, W] for labels [B]."""
+        return F.embedding(y, self.label_embedding)
 
     def forward(self, x: Optional[torch.Tensor] = None, received: Optional[torch.Tensor] = None,
                 y: Optional[torch.Tensor] = None, on_activation=None):
         if y is not None:
-            return self.method.loss(self.net, x, y, self.info)
+            return self.method.loss(self, x, y)
         z = received if received is not None else self.method.initial_z(x, self.info)
-        z = self.method.denoise(self.net, x, z, self.info)
-        return self.method.logits(self.net, z, self.info) if self.last else z
+        for net, t in zip(self.nets, self.steps):
+            z = self.method.denoise(net, x, z, t, self.info)
+        return self.classifier(z) if self.last else z
+
+    def channels(self, ctx) -> list:
+        return [EmbeddingSync(self, ctx)] if self.method.learn_embedding else []
 
 
 class NoProp(LocalMethod):
@@ -160,18 +194,41 @@ class NoProp(LocalMethod):
 
     def __init__(self, steps: Optional[int] = None, eta: float = 0.1, max_alpha_bar: float = MAX_ALPHA_BAR,
                  learn_embedding: bool = False):
+        if steps is not None and steps < 1:
+            raise UserError(f"local.noprop.steps: must be >= 1, got {steps}")
+        if eta <= 0 or not 0 < max_alpha_bar < 1:
+            raise UserError(f"local.noprop: eta must be > 0 and max_alpha_bar in (0, 1), got {eta}, {max_alpha_bar}")
         self.steps, self.eta, self.learn_embedding = steps, eta, learn_embedding
         self.max_alpha_bar = max_alpha_bar
 
+    def total_steps(self, info: StageInfo) -> int:
+        t = self.steps or info.num_stages
+        if t % info.num_stages:
+            raise UserError(f"local.noprop.steps: {t} diffusion steps cannot be shared evenly by "
+                            f"{info.num_stages} stages (use a multiple of parallel.stages)")
+        return t
+
+    def stage_steps(self, info: StageInfo) -> range:
+        """The diffusion steps t (1-based) stage `info.index` owns."""
+        per = self.total_steps(info) // info.num_stages
+        return range(info.index * per + 1, (info.index + 1) * per + 1)
+
     def schedule(self, info: StageInfo) -> torch.Tensor:
-        return alpha_bar_schedule(info.num_stages, self.max_alpha_bar)
+        return alpha_bar_schedule(self.total_steps(info), self.max_alpha_bar)
+
+    def snr_weight(self, info: StageInfo, t: int) -> float:
+        """(η/2)·(SNR(t) − SNR(t−1)): the weight of step t's squared error in Eq. 8 (with the
+        expectation over uniform t times T written out as a sum)."""
+        ab = self.schedule(info)
+        snr = lambda a: float(a) / (1.0 - float(a))  # noqa: E731
+        return 0.5 * self.eta * (snr(ab[t]) - snr(ab[t - 1]))
 
     def build_head(self, info: StageInfo) -> nn.Module:
         raise NotImplementedError("noprop has no auxiliary heads: its stages are built with build_stage")
 
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
                    x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
-        raise NotImplementedError("noprop has no activation-based local loss: use NoProp.loss(stage, x, y, info)")
+        raise NotImplementedError("noprop has no activation-based local loss: its stage module computes it")
 
     def build_stage(self, model: nn.Module, blocks: range, info: StageInfo) -> NoPropStageModule:
         return NoPropStageModule(model, blocks, self, info)
@@ -180,23 +237,21 @@ class NoProp(LocalMethod):
         """z ~ q(z | y) = N(sqrt(ab) u_y, (1 - ab) I), from torch's global RNG (seeded by the caller)."""
         return math.sqrt(ab) * u + math.sqrt(1.0 - ab) * torch.randn_like(u)
 
-    def loss(self, stage: NoPropStage, x: torch.Tensor, y: torch.Tensor, info: StageInfo) -> torch.Tensor:
-        """MSE(u_hat, u_y) of step t = index+1; the last stage adds CE of classifier(z_T) vs y.
-
-        The paper weights step t's MSE by eta * (SNR(t) - SNR(t-1)). Each stage has its own Adam
-        optimizer, which is invariant to a constant scale of its loss, so the weight is dropped.
-        The KL(q(z_0 | y) || p(z_0)) term is constant with a fixed U (ab_0 = 0: q(z_0 | y) = N(0, I)),
-        so it is dropped too.
-        """
+    def loss(self, stage: NoPropStageModule, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Σ_t (η/2)(SNR(t) − SNR(t−1))·||û_t(z_{t−1}, x) − u_y||² over the stage's steps, plus (last
+        stage) −log p̂(y | z_T) with z_T ~ q(z_T | y). Neither needs the previous stage."""
+        info = stage.info
         ab = self.schedule(info)
-        t = info.index + 1
-        u = stage.target(y)  # float32
-        z_prev = self.sample_z(u, float(ab[t - 1]))
-        # float32 MSE: under bf16 autocast squared errors lose visible precision.
-        loss = F.mse_loss(stage(x, z_prev).float(), u)
+        u = stage.target(y).float()
+        loss = torch.zeros((), device=u.device)
+        for net, t in zip(stage.nets, stage.steps):
+            z_prev = self.sample_z(u.detach(), float(ab[t - 1]))
+            # float32 squared error: under bf16 autocast squared errors lose visible precision.
+            sq = (net(x, z_prev).float() - u).pow(2).sum(dim=-1).mean()
+            loss = loss + self.snr_weight(info, t) * sq
         if stage.classifier is not None:
             # z_T comes from q(z_T | y), not from the chain: training the classifier needs no traffic.
-            z_t = self.sample_z(u, float(ab[info.num_stages]))
+            z_t = self.sample_z(u.detach(), float(ab[-1]))
             loss = loss + cross_entropy(stage.classifier(z_t), y)
         return loss
 
@@ -205,14 +260,56 @@ class NoProp(LocalMethod):
         shape = (*x.shape[:2], info.width) if info.model_name == "gpt" else (x.size(0), info.width)
         return torch.zeros(shape, dtype=torch.float32, device=x.device)
 
-    def denoise(self, stage: NoPropStage, x: torch.Tensor, z_prev: torch.Tensor, info: StageInfo) -> torch.Tensor:
-        """z_t = E[z_t | z_{t-1}, u = u_hat]: deterministic, so evaluation is repeatable."""
-        a, b = posterior_coefficients(self.schedule(info), info.index + 1)
+    def denoise(self, net: NoPropStage, x: torch.Tensor, z_prev: torch.Tensor, t: int, info: StageInfo) -> torch.Tensor:
+        """z_t = E[z_t | z_{t-1}, u = û_t]: deterministic, so evaluation is repeatable."""
+        a, b = posterior_coefficients(self.schedule(info), t)
         z_prev = z_prev.float()
-        return a * stage(x, z_prev).float() + b * z_prev
+        return a * net(x, z_prev).float() + b * z_prev
 
-    def logits(self, stage: NoPropStage, z_last: torch.Tensor, info: StageInfo) -> torch.Tensor:
-        """Class / next-byte logits from z_T; only the last stage has the classifier."""
-        if stage.classifier is None:
-            raise ValueError(f"noprop: stage {info.index} of {info.num_stages} has no classifier (only the last does)")
-        return stage.classifier(z_last)
+
+class EmbeddingSync(Channel):
+    """learn_embedding: every stage holds a copy of U. Its gradient is summed over the stages before
+    each update (the gradient of the whole objective with respect to the one shared U), and the
+    copies are averaged after the update (each stage clips its own gradient norm, so the updates may
+    differ slightly; the average keeps one U). Two all-reduces of C x width floats per step."""
+
+    name = "noprop_embedding"
+
+    def __init__(self, stage: NoPropStageModule, ctx):
+        self.stage, self.ctx = stage, ctx
+        self.bytes = 0
+
+    def before_update(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        g = self.stage.label_embedding.grad
+        if g is None:
+            g = torch.zeros_like(self.stage.label_embedding)
+        # Replicas of a stage already hold the same (averaged) gradient: sum over all ranks, then
+        # divide by the replicas per stage.
+        dist.all_reduce(g)
+        g.div_(self.ctx.layout.dp_size)
+        self.stage.label_embedding.grad = g
+        self._count(g)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        u = self.stage.label_embedding
+        dist.all_reduce(u.data)
+        u.data.div_(dist.get_world_size())
+        self._count(u)
+
+    def _count(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        self.bytes += int(2 * (world - 1) / world * t.numel() * t.element_size())
+
+    def metrics(self) -> dict:
+        return {"embedding_sync_bytes": self.bytes}
