@@ -31,6 +31,13 @@ def check_layout(cfg: Config, world_size: int) -> None:
         if cfg.local.method == "man" and cfg.parallel.backend in ("fsdp", "deepspeed") and dp > 1:
             raise UserError(f"local.method: man sends its first block's whole weights backward, which a sharded "
                             f"stage ({cfg.parallel.backend}) does not hold; use parallel.backend ddp")
+        if cfg.local.method == "forward_forward" and cfg.model.name == "gpt":
+            raise UserError("local.method: forward_forward needs a classifier (model.name mlp or cnn): its "
+                            "prediction embeds each candidate label in the input")
+        t = cfg.local.noprop.steps
+        if cfg.local.method == "noprop" and t is not None and t % stages:
+            raise UserError(f"local.noprop.steps: {t} diffusion steps cannot be shared evenly by {stages} "
+                            "stages (use a multiple of parallel.stages)")
         if cfg.local.method == "noprop" and cfg.local.asynchronous:
             raise UserError("local.asynchronous: noprop stages never wait for each other, so there is nothing "
                             "to replay; set it to false")

@@ -19,14 +19,15 @@ from dist_train.local.replay import ReplayBuffer
 @dataclass
 class ChannelContext:
     """What a channel may use: the run's config, this rank's place, the link to its neighbours, and
-    `train_on(x, y)`, one whole extra local update (forward, backward, optimizer step) on a batch."""
+    `train_on(x, received, y)`, one whole extra local update (forward, backward, optimizer step) on a
+    micro-batch: `x` the raw input (None unless the stage reads data), `received` what came in."""
 
     cfg: Any
     layout: Any
     link: Any
     device: torch.device
     start: int  # the first step this run trains (after a resume)
-    train_on: Callable[[torch.Tensor, torch.Tensor], None]
+    train_on: Callable[[Optional[torch.Tensor], torch.Tensor, torch.Tensor], None]
 
 
 class Channel:
@@ -35,8 +36,8 @@ class Channel:
     def before_receive(self) -> None:
         """The stage is about to wait for the next micro-batch (asynchronous mode fills the wait)."""
 
-    def on_received(self, x: torch.Tensor, y: Optional[torch.Tensor], step: int) -> None:
-        """A micro-batch arrived from the previous stage."""
+    def on_received(self, x: Optional[torch.Tensor], received: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        """A micro-batch arrived from the previous stage (`x`: the raw input, if the stage reads it)."""
 
     def before_step(self, step: int) -> None:
         """A new step begins (before its first micro-batch)."""
@@ -75,10 +76,11 @@ class ReplayChannel(Channel):
 
     def before_receive(self) -> None:
         while not self.ctx.link.ready() and (old := self.buffer.sample()) is not None:
-            self.ctx.train_on(old[0], old[1])
+            received, y, _, x = old
+            self.ctx.train_on(x, received, y)
 
-    def on_received(self, x, y, step) -> None:
-        self.buffer.add(x, y, step)
+    def on_received(self, x, received, y, step) -> None:
+        self.buffer.add(received, y, step, inp=x)  # a stage that reads data (InfoPro) replays its input too
 
     def metrics(self) -> dict:
         b = self.buffer

@@ -21,6 +21,7 @@ class _Entry:
     y: torch.Tensor
     step: int
     uses: int = 1  # the fresh batch is trained on once when it arrives
+    inp: Optional[torch.Tensor] = None  # the raw input too, for a stage that reads it (InfoPro)
 
 
 class ReplayBuffer:
@@ -31,12 +32,13 @@ class ReplayBuffer:
         self.replays = 0
         self.staleness_sum = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
-        self.entries.append(_Entry(x, y, step))  # the link allocates fresh buffers per message
+    def add(self, x: torch.Tensor, y: torch.Tensor, step: int, inp: Optional[torch.Tensor] = None) -> None:
+        self.entries.append(_Entry(x, y, step, inp=inp))  # the link allocates fresh buffers per message
         self.newest = max(self.newest, step)
 
-    def sample(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
-        """The least-used entry still under the reuse cap (freshest on ties), or None."""
+    def sample(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]]]:
+        """(activation, targets, staleness, raw input or None) of the least-used entry still under
+        the reuse cap (freshest on ties), or None."""
         usable = [e for e in self.entries if e.uses < self.max_reuse]
         if not usable:
             return None
@@ -45,18 +47,21 @@ class ReplayBuffer:
         staleness = self.newest - entry.step
         self.replays += 1
         self.staleness_sum += staleness
-        return entry.x, entry.y, staleness
+        return entry.x, entry.y, staleness, entry.inp
 
     # Checkpointed with the trainer state (tensors, ints and lists only, so it loads weights-only).
     def state_dict(self) -> dict:
         return {"x": [e.x for e in self.entries], "y": [e.y for e in self.entries],
+                "inp": [e.inp if e.inp is not None else torch.empty(0) for e in self.entries],
                 "step": [e.step for e in self.entries], "uses": [e.uses for e in self.entries],
                 "newest": self.newest, "replays": self.replays, "staleness_sum": self.staleness_sum}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.entries.clear()
-        for x, y, step, uses in zip(state["x"], state["y"], state["step"], state["uses"]):
-            self.entries.append(_Entry(x.to(device), y.to(device), step, uses))
+        inputs = state.get("inp", [torch.empty(0)] * len(state["x"]))
+        for x, y, step, uses, inp in zip(state["x"], state["y"], state["step"], state["uses"], inputs):
+            self.entries.append(_Entry(x.to(device), y.to(device), step, uses,
+                                       inp.to(device) if inp.numel() else None))
         self.newest, self.replays, self.staleness_sum = state["newest"], state["replays"], state["staleness_sum"]
 
     @property

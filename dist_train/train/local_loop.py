@@ -64,8 +64,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         backend.backward(loss, is_last)  # scaled by 1/grad_accum: the step sees the batch mean
         return loss.detach()
 
-    def train_on(received, y) -> None:  # one whole extra update (asynchronous mode's replay)
-        forward_backward(None, received, y, None, True)
+    def train_on(x, received, y) -> None:  # one whole extra update (asynchronous mode's replay)
+        forward_backward(x, received, y, None, True)
         backend.step()
 
     # Resume before touching the run directory (channels' state is part of the checkpoint).
@@ -115,7 +115,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                     received, sent_y = link.recv(msg, prefetch=msg + 1 < cfg.train.steps * micro)
                     y = sent_y if sent_y is not None else y
                     for ch in channels:
-                        ch.on_received(received, y, step)
+                        ch.on_received(x if stage.reads_data else None, received, y, step)
                 busy_t0 = time.perf_counter()
                 # A device tensor, read at log time: a float() here would sync the GPU every micro-batch.
                 loss_acc += forward_backward(x if stage.reads_data else None, received, y, msg, m == micro - 1) / micro

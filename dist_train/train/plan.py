@@ -88,14 +88,17 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
 
         ranges = stage_block_ranges(model, cfg.parallel.stages, cfg.parallel.cut_points)
         last = len(ranges) - 1
-        if cfg.local.method == "noprop":  # every stage encodes x itself and denoises one step
-            parts = [f"own embed + blocks {r.start}-{r.stop - 1} + denoiser" + (" + head" if i == last else "")
+        if cfg.local.method == "noprop":  # every stage encodes x itself and denoises T/K steps
+            per = (cfg.local.noprop.steps or cfg.parallel.stages) // cfg.parallel.stages
+            parts = [f"{per} x (own embed + blocks {r.start}-{r.stop - 1} + denoiser)" + (" + head" if i == last else "")
                      for i, r in enumerate(ranges)]
-            traffic = "no traffic in training"
+            traffic = "no activations in training" + (", label-embedding all-reduce per step"
+                                                      if cfg.local.noprop.learn_embedding else "")
         else:
             parts = [("embed + " if i == 0 else "") + f"blocks {r.start}-{r.stop - 1}" +
                      (" + head" if i == last else " + aux head") for i, r in enumerate(ranges)]
-            traffic = "activations forward" + ("" if cfg.local.send_targets else " (targets read locally)")
+            traffic = ("positive and negative activations forward (2x)" if cfg.local.method == "forward_forward"
+                       else "activations forward") + ("" if cfg.local.send_targets else " (targets read locally)")
             if cfg.local.method == "man":
                 traffic += f", weights back every {cfg.local.man.every} step(s)"
         if cfg.parallel.balance == "measured" and cfg.parallel.cut_points is None:
