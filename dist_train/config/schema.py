@@ -86,10 +86,10 @@ class ParallelSection(_Strict):
 
 
 class InfoProOptions(_Strict):
-    lambda1_first: float = Field(1.0, ge=0, description="InfoPro: reconstruction weight lambda1 of the first stage (falls linearly to lambda1_last).")
-    lambda1_last: float = Field(0.0, ge=0, description="InfoPro: reconstruction weight lambda1 of the last local stage.")
-    lambda2_first: float = Field(0.1, ge=0, description="InfoPro: task weight lambda2 of the first stage (rises linearly to lambda2_last).")
-    lambda2_last: float = Field(1.0, ge=0, description="InfoPro: task weight lambda2 of the last local stage.")
+    lambda1_first: Optional[float] = Field(None, ge=0, description="InfoPro: reconstruction weight lambda1 of the first stage, moving linearly to lambda1_last at the last local stage; default: the official code's value for this number of stages (K=2: 5; K=4: 1; K=8, 16: 5).")
+    lambda2_first: Optional[float] = Field(None, ge=0, description="InfoPro: task weight lambda2 of the first stage, moving linearly to lambda2_last; default: the official code's value for this number of stages (K=2: 0.5; K=4, 8, 16: 0).")
+    lambda1_last: Optional[float] = Field(None, ge=0, description="InfoPro: reconstruction weight lambda1 of the last local stage; default: the official code's value for this number of stages (K=4, 8: 0; K=16: 0.5).")
+    lambda2_last: Optional[float] = Field(None, ge=0, description="InfoPro: task weight lambda2 of the last local stage; default: the official code's value for this number of stages (K=4, 8, 16: 1).")
 
 
 class AugLocalOptions(_Strict):
