@@ -93,8 +93,9 @@ class InfoProOptions(_Strict):
 
 
 class AugLocalOptions(_Strict):
-    ratio: float = Field(0.5, gt=0, le=1, description="AugLocal: depth of the first stage's auxiliary network as a fraction of the layers after it (shrinks linearly with depth).")
-    min_depth: int = Field(1, ge=1, description="AugLocal: smallest auxiliary depth.")
+    depth: int = Field(3, ge=1, description="AugLocal: d, the auxiliary depth (layers copied from the later ones) of the first stage (official README, ResNet-110: 3).")
+    decay: float = Field(0.5, ge=0, le=1, description="AugLocal: tau, the pyramidal decay coefficient: the depth falls linearly from d towards min_depth over the local stages (official README: 0.5).")
+    min_depth: int = Field(1, ge=1, description="AugLocal: d_min, the smallest auxiliary depth (official code: 1).")
 
 
 class MANOptions(_Strict):
