@@ -110,7 +110,7 @@ class ForwardForwardOptions(_Strict):
 
 
 class TpSGDOptions(_Strict):
-    dim: Optional[int] = Field(None, ge=1, description="tpSGD: unused by the paper's rule (targets have the layer's own width); kept for configs that set it.")
+    dim: Optional[int] = Field(None, ge=1, description="tpSGD: size of the target P·onehot(y); it is the stage output's width (no readout), so only that value (or null) is accepted.")
 
 
 class NoPropOptions(_Strict):
