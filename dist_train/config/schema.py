@@ -86,15 +86,16 @@ class ParallelSection(_Strict):
 
 
 class InfoProOptions(_Strict):
-    lambda1_first: float = Field(1.0, ge=0, description="InfoPro: reconstruction weight lambda1 of the first stage (falls linearly to lambda1_last).")
-    lambda1_last: float = Field(0.0, ge=0, description="InfoPro: reconstruction weight lambda1 of the last local stage.")
-    lambda2_first: float = Field(0.1, ge=0, description="InfoPro: task weight lambda2 of the first stage (rises linearly to lambda2_last).")
-    lambda2_last: float = Field(1.0, ge=0, description="InfoPro: task weight lambda2 of the last local stage.")
+    lambda1_first: Optional[float] = Field(None, ge=0, description="InfoPro: reconstruction weight lambda1 of the first stage, moving linearly to lambda1_last at the last local stage; default: the official code's value for this number of stages (K=2: 5; K=4: 1; K=8, 16: 5).")
+    lambda2_first: Optional[float] = Field(None, ge=0, description="InfoPro: task weight lambda2 of the first stage, moving linearly to lambda2_last; default: the official code's value for this number of stages (K=2: 0.5; K=4, 8, 16: 0).")
+    lambda1_last: Optional[float] = Field(None, ge=0, description="InfoPro: reconstruction weight lambda1 of the last local stage; default: the official code's value for this number of stages (K=4, 8: 0; K=16: 0.5).")
+    lambda2_last: Optional[float] = Field(None, ge=0, description="InfoPro: task weight lambda2 of the last local stage; default: the official code's value for this number of stages (K=4, 8, 16: 1).")
 
 
 class AugLocalOptions(_Strict):
-    ratio: float = Field(0.5, gt=0, le=1, description="AugLocal: depth of the first stage's auxiliary network as a fraction of the layers after it (shrinks linearly with depth).")
-    min_depth: int = Field(1, ge=1, description="AugLocal: smallest auxiliary depth.")
+    depth: int = Field(3, ge=1, description="AugLocal: d, the auxiliary depth (layers copied from the later ones) of the first stage (official README, ResNet-110: 3).")
+    decay: float = Field(0.5, ge=0, le=1, description="AugLocal: tau, the pyramidal decay coefficient: the depth falls linearly from d towards min_depth over the local stages (official README: 0.5).")
+    min_depth: int = Field(1, ge=1, description="AugLocal: d_min, the smallest auxiliary depth (official code: 1).")
 
 
 class MANOptions(_Strict):
@@ -109,7 +110,7 @@ class ForwardForwardOptions(_Strict):
 
 
 class TpSGDOptions(_Strict):
-    dim: Optional[int] = Field(None, ge=1, description="tpSGD: unused by the paper's rule (targets have the layer's own width); kept for configs that set it.")
+    dim: Optional[int] = Field(None, ge=1, description="tpSGD: size of the target P·onehot(y); it is the stage output's width (no readout), so only that value (or null) is accepted.")
 
 
 class NoPropOptions(_Strict):

@@ -43,7 +43,7 @@ def build_stage(cfg: Config, data_info, layout: StageLayout,
     info = StageInfo(index=layout.stage, num_stages=layout.num_stages, task=model.task, width=cfg.model.width,
                      num_classes=data_info.vocab_size if model.task == "lm" else data_info.num_classes,
                      later_blocks=tuple(model.blocks[i] for i in range(mine.stop, len(model.blocks))),
-                     model_name=cfg.model.name)
+                     model_name=cfg.model.name, input_shape=tuple(data_info.input_shape or ()))
     stage = method.build_stage(model, mine, info)
     # The later blocks were only an architecture reference (AugLocal copies them): drop them now.
     info = dataclasses.replace(info, later_blocks=())

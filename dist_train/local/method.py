@@ -31,6 +31,7 @@ class StageInfo:
     num_classes: int  # vocab size for "lm", classes for "classify"
     later_blocks: tuple  # the model's blocks after this stage (architecture reference, e.g. AugLocal)
     model_name: str  # "gpt", "mlp" or "cnn"
+    input_shape: tuple = ()  # one example of the model input x, e.g. (1, 8, 8); () for token ids
 
 
 class LocalMethod(ABC):

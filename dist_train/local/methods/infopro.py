@@ -1,116 +1,147 @@
-"""InfoPro: information-propagation loss = reconstruction + task, weighted by depth.
+"""InfoPro: each local stage reconstructs the model INPUT x and predicts y, weighted by depth.
 
 Wang, Ni, Song, Yang, Huang, "Revisiting Locally Supervised Learning: an Alternative to End-to-end
-Training", ICLR 2021, arXiv 2101.10832.
+Training", ICLR 2021, arXiv 2101.10832; official code github.com/blackfeather-wang/InfoPro-Pytorch.
 
-WHY: a stage trained on the task loss alone greedily throws away information that later stages
-would still have used ("short-sightedness", worse as K grows). InfoPro's upper bound on its
-information-propagation objective boils down to
+WHY: a stage trained on the task loss alone throws away information later stages would still have
+used (it is "short-sighted", worse as K grows). The paper replaces its information-propagation
+loss by the upper bound −λ1·I(h_k; x) − λ2·I(h_k; y) and estimates both mutual informations with
+learned heads: a decoder that reconstructs x and a classifier that predicts y. Local module k
+therefore minimises
 
-    L_k = lambda1_k * reconstruction(input | h_k) + lambda2_k * task(y | h_k),
+    L_k = λ1_k · L_recons(w_k(h_k), x) + λ2_k · L_task(g_k(h_k), y)                       (1)
 
-so a stage must keep enough of its input to rebuild it while becoming predictive of y. Early stages
-should keep more (reconstruction weighs more), late stages may discard task-irrelevant detail.
+with a decoder w_k and an auxiliary classifier g_k trained with the module. Early modules weigh the
+reconstruction more (keep everything about x), late modules the task term.
 
-Weights (our choice, a linear interpolation in the spirit of the paper's depth-wise schedule):
-    lambda2_k = (k + 1) / K,  lambda1_k = 1 - lambda2_k
-for stage k of K. Stage 0 of 2 gets 0.5 / 0.5; the last local stage (k = K-2) gets 1/K / (K-1)/K;
-the formula would give the last stage (k = K-1) pure task loss, which is what it trains on anyway.
+Weights across depth (the official code, `networks/resnet.py`): for local module k = 0..K-2,
 
-Reconstruction target (our choice; the paper reconstructs the image x at every module, which in a
-multi-rank pipeline would mean shipping x to every stage):
-  * stage k > 0: the stage's own input, i.e. the activation it received (exactly h's shape),
-    reconstructed with MSE. This needs no extra traffic.
-  * stage 0 receives the raw model input, whose feature size is not in StageInfo:
-      - GPT: the input is token ids [B, T]. The "reconstruction" is cross-entropy of predicting the
-        current token at each position (an identity decoder LayerNorm + Linear(W, vocab)).
-      - MLP: the flattened input [B, D] is average-pooled (parameter-free, `adaptive_avg_pool1d`) to
-        W features and reconstructed with MSE -- exact when D == W, a fixed low-pass summary
-        otherwise, so the head can be built before the first batch.
-      - CNN: the input image averaged over its channels, [B, 1, H, W'] (exact for the 1-channel
-        digits), resized to h's spatial size if needed, reconstructed with MSE.
-  * if `stage_input` is None the reconstruction term is dropped (task term only).
-The target is always detached: the reconstruction must never push a gradient into the previous
-stage (the isolation property of local learning).
+    r_k = k / (K - 2)   (0 when K = 2),
+    λ1_k = λ1_first·(1 - r_k) + λ1_last·r_k,   λ2_k = λ2_first·(1 - r_k) + λ2_last·r_k.   (2)
 
-Head: the DGL-style task classifier plus a small decoder (GPT: LayerNorm + Linear to vocab at stage
-0, else Linear-GELU-Linear; MLP: Linear-ReLU-Linear; CNN: conv3x3-ReLU-conv3x3).
+The four end points are tuned per K in the official commands (README, ResNet-110 on CIFAR-10):
+K = 2: λ1 5, λ2 0.5 (one local module); K = 4: λ1 1 -> 0, λ2 0 -> 1; K = 8: λ1 5 -> 0, λ2 0 -> 1;
+K = 16: λ1 5 -> 0.5, λ2 0 -> 1 (`PAPER_WEIGHTS`). An option left unset (`local.infopro.*: null`,
+the default) takes the value of the row whose K is nearest to the run's (ties: the larger K, so
+K = 3 uses K = 4's row, never K = 2's, whose end point is zero for both terms).
+
+Decoder w_k (the paper's decoder is bilinear upsampling to the image size, conv3x3 to 12 channels,
+BN, ReLU, conv3x3 to the image channels, sigmoid, binary cross-entropy against the image):
+  * CNN: the same, upsampling h only if its spatial size differs from x's, and without BatchNorm
+    and sigmoid: conv3x3(W -> 12) + ReLU + conv3x3(12 -> C_in), **MSE** against x [B, C_in, H, W].
+  * MLP: Linear(W, W) + ReLU + Linear(W, D) against x flattened [B, D] (D from `info.input_shape`),
+    **MSE**.
+  * GPT (adaptation): x is token ids [B, T]; "reconstructing x" is predicting the input byte at
+    every position, w = LayerNorm + Linear(W, vocab), cross-entropy against x.
+Task head g_k: the DGL-style classifier of `_common.small_classifier` with cross-entropy (the paper
+reports both a cross-entropy and a supervised-contrastive task term; its best results use the
+contrastive one with a conv+2fc head).
+
+Named simplifications: MSE instead of sigmoid + binary cross-entropy for images (the two have
+different scales, so the paper's λ values weigh the terms somewhat differently here); no BatchNorm in
+the decoder (the reference CNN avoids BatchNorm, see `models/cnn.py`); the cross-entropy task
+term, not the contrastive one.
+
+x arrives detached on every non-last stage (`needs_input`: the runtime reads it from the
+deterministic sampler, nothing extra is sent), so the reconstruction never pushes a gradient into
+another stage.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_train.errors import UserError
 from dist_train.local.method import LocalMethod, StageInfo
 from dist_train.local.methods._common import check_info, small_classifier
 from dist_train.models.loss import cross_entropy
 
+# K -> (λ1_first, λ2_first, λ1_last, λ2_last): the official README's ResNet-110 CIFAR-10 commands
+# (--ixx_1 --ixy_1 --ixx_2 --ixy_2 for --local_module_num K).
+PAPER_WEIGHTS: dict[int, tuple[float, float, float, float]] = {
+    2: (5.0, 0.5, 0.0, 0.0),
+    4: (1.0, 0.0, 0.0, 1.0),
+    8: (5.0, 0.0, 0.0, 1.0),
+    16: (5.0, 0.0, 0.5, 1.0),
+}
+DECODER_CHANNELS = 12  # the official decoder's hidden width (12 * widen, widen = 1)
 
-def depth_weights(index: int, num_stages: int) -> tuple[float, float]:
-    """(lambda1 reconstruction, lambda2 task) for stage `index` of `num_stages`."""
-    lam2 = (index + 1) / num_stages
-    return 1.0 - lam2, lam2
+
+def paper_weights(num_stages: int) -> tuple[float, float, float, float]:
+    """The official (λ1_first, λ2_first, λ1_last, λ2_last) for K stages: the row of the nearest
+    tabulated K, ties to the larger."""
+    k = min(PAPER_WEIGHTS, key=lambda t: (abs(t - num_stages), -t))
+    return PAPER_WEIGHTS[k]
+
+
+def depth_ratio(index: int, num_stages: int) -> float:
+    """r_k of Eq. (2): 0 at the first stage, 1 at the last local stage (K - 2)."""
+    return index / (num_stages - 2) if num_stages > 2 else 0.0
 
 
 class InfoProHead(nn.Module):
+    """g_k (`task`) and w_k (`decoder`) of Eq. (1)."""
+
     def __init__(self, info: StageInfo):
         super().__init__()
         w = info.width
         self.model_name = info.model_name
-        self.first = info.index == 0
         self.task = small_classifier(info)
         if info.model_name == "gpt":
-            if self.first:
-                # Identity "decoder": predict the token at the current position from h.
-                self.decoder = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, info.num_classes, bias=False))
-            else:
-                # No LayerNorm: the received residual stream's scale is part of what must be rebuilt.
-                self.decoder = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, w))
-        elif info.model_name == "mlp":
-            self.decoder = nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w))
+            self.decoder = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, info.num_classes, bias=False))
+            return
+        shape = tuple(info.input_shape)
+        if not shape:
+            raise UserError(f"local.method: infopro needs the input shape of model '{info.model_name}' "
+                            f"(StageInfo.input_shape is empty)")
+        if info.model_name == "mlp":
+            self.decoder = nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, math.prod(shape)))
         else:
-            out = 1 if self.first else w  # stage 0 rebuilds the channel-mean image
-            self.decoder = nn.Sequential(nn.Conv2d(w, w, kernel_size=3, padding=1), nn.ReLU(),
-                                         nn.Conv2d(w, out, kernel_size=3, padding=1))
+            if len(shape) != 3:
+                raise UserError(f"local.method: infopro's CNN decoder needs [C, H, W] inputs, got {shape}")
+            self.image_size = tuple(shape[1:])
+            self.decoder = nn.Sequential(
+                nn.Conv2d(w, DECODER_CHANNELS, kernel_size=3, padding=1), nn.ReLU(),
+                nn.Conv2d(DECODER_CHANNELS, shape[0], kernel_size=3, padding=1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Task logits (what the stage would predict)."""
+        """Task logits g_k(h)."""
         return self.task(h)
 
-    def reconstruction_target(self, stage_input: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        x = stage_input.detach()
-        if not self.first or self.model_name == "gpt":
-            return x  # received activation (same shape as h), or GPT token ids
-        if self.model_name == "mlp":
-            x = x.reshape(x.size(0), -1).float()
-            if x.size(1) != h.size(1):
-                x = F.adaptive_avg_pool1d(x.unsqueeze(1), h.size(1)).squeeze(1)
-            return x
-        x = x.float().mean(dim=1, keepdim=True)
-        if x.shape[-2:] != h.shape[-2:]:
-            x = F.adaptive_avg_pool2d(x, h.shape[-2:])
-        return x
+    def reconstruct(self, h: torch.Tensor) -> torch.Tensor:
+        """w_k(h): GPT byte logits [B, T, V]; MLP [B, D]; CNN [B, C_in, H, W]."""
+        if self.model_name == "cnn" and tuple(h.shape[-2:]) != self.image_size:
+            h = F.interpolate(h, size=self.image_size, mode="bilinear", align_corners=True)
+        return self.decoder(h)
 
-    def reconstruction_loss(self, h: torch.Tensor, stage_input: torch.Tensor) -> torch.Tensor:
-        target = self.reconstruction_target(stage_input, h)
-        out = self.decoder(h)
-        if self.model_name == "gpt" and self.first:
-            return cross_entropy(out, target)
+    def reconstruction_loss(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """L_recons(w_k(h), x)."""
+        out = self.reconstruct(h)
+        if self.model_name == "gpt":
+            return cross_entropy(out, x)
         # float32 MSE: under bf16 autocast a squared error loses visible precision.
-        return F.mse_loss(out.float(), target.float())
+        return F.mse_loss(out.float(), x.detach().reshape(out.shape).float())
 
 
 class InfoPro(LocalMethod):
     name = "infopro"
+    needs_input = True  # Eq. (1) reconstructs the model input x on every local stage
 
-    def __init__(self, lambda1_first: float = 1.0, lambda1_last: float = 0.0, lambda2_first: float = 0.1,
-                 lambda2_last: float = 1.0):
-        self.lambda1 = (lambda1_first, lambda1_last)
-        self.lambda2 = (lambda2_first, lambda2_last)
+    def __init__(self, lambda1_first: Optional[float] = None, lambda2_first: Optional[float] = None,
+                 lambda1_last: Optional[float] = None, lambda2_last: Optional[float] = None):
+        self.options = (lambda1_first, lambda2_first, lambda1_last, lambda2_last)
+
+    def weights(self, index: int, num_stages: int) -> tuple[float, float]:
+        """(λ1_k, λ2_k) of Eq. (2) for stage `index` of `num_stages`."""
+        l1a, l2a, l1b, l2b = (paper if mine is None else mine
+                              for mine, paper in zip(self.options, paper_weights(num_stages)))
+        r = depth_ratio(index, num_stages)
+        return l1a * (1 - r) + l1b * r, l2a * (1 - r) + l2b * r
 
     def build_head(self, info: StageInfo) -> nn.Module:
         check_info(info)
@@ -118,9 +149,9 @@ class InfoPro(LocalMethod):
 
     def local_loss(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
                    x: Optional[torch.Tensor], info: StageInfo) -> torch.Tensor:
-        stage_input = x
-        lam1, lam2 = depth_weights(info.index, info.num_stages)
-        loss = lam2 * cross_entropy(head(h), targets)
-        if stage_input is not None and lam1 > 0:
-            loss = loss + lam1 * head.reconstruction_loss(h, stage_input)
-        return loss
+        if x is None:
+            raise RuntimeError("infopro: local_loss needs the model input x (the method sets needs_input)")
+        lam1, lam2 = self.weights(info.index, info.num_stages)
+        # Both terms are always computed, so every head parameter gets a gradient (zero when its
+        # weight is 0) and the head's parameter set does not depend on the stage.
+        return lam1 * head.reconstruction_loss(h, x) + lam2 * cross_entropy(head(h), targets)
