@@ -40,7 +40,6 @@ submodule with `reset_parameters` is re-initialised, so only the architecture is
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
@@ -49,7 +48,7 @@ from torch import nn
 
 from dist_train.errors import UserError
 from dist_train.local.method import LocalMethod, StageInfo
-from dist_train.local.methods._common import check_info, output_head
+from dist_train.local.methods._common import check_info, fresh_copy, output_head
 from dist_train.models.loss import cross_entropy
 
 
@@ -65,21 +64,6 @@ def sample_indices(num_later: int, depth: int) -> list[int]:
     if depth >= num_later:
         return list(range(num_later))
     return [math.floor(num_later * s / depth + 0.5) - 1 for s in range(1, depth + 1)]
-
-
-def fresh_copy(module: nn.Module) -> nn.Module:
-    """Same architecture, new tensors, new random init."""
-    clone = copy.deepcopy(module)
-    for sub in clone.modules():
-        reset = getattr(sub, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    for p in clone.parameters():
-        # deepcopy also copies .grad and a frozen flag; the head starts clean and trainable.
-        p.grad = None
-        p.requires_grad_(True)
-    clone.train()
-    return clone
 
 
 class AugLocalHead(nn.Module):
