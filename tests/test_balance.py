@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -47,6 +48,7 @@ def test_measured_costs_see_compute_that_parameters_do_not():
     assert balanced_cuts(costs, 2) == [1]
 
 
+@pytest.mark.slow
 def test_pipeline_run_records_and_keeps_its_measured_cuts(tmp_path):
     common = [sys.executable, "-m", "dist_train", "launch", "quickstart.yaml", "--nproc", "2", "--threads", "1",
               f"run.dir={tmp_path}", "run.name=m", "parallel.balance=measured", "model.n_layer=4", "model.width=32",

@@ -87,6 +87,7 @@ def test_baton_alternates_steps() -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_overhead_benchmark_runs_and_reports_honestly(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     env = {**os.environ, "DIST_TRAIN_BENCH_SIZE": "smoke"}  # a few steps: proves it runs, measures nothing
