@@ -17,13 +17,15 @@ from dist_train.train.generate import decode, next_token, prompt_ids
 from dist_train.train.local_stage import build_stage
 
 
-def local_reference(cfg) -> dict[str, Any]:
+def local_reference(cfg, data=None) -> dict[str, Any]:
     """The local pipeline's arithmetic with its stages trained one after the other in one process
     (synchronous mode): per-stage loss per step, then the main path's validation loss/accuracy
     over the same validation batches the trainers evaluate on, and, when the data set has a test
-    split, `test_loss` / `test_acc` (classifiers: over the whole test split)."""
+    split, `test_loss` / `test_acc` (classifiers: over the whole test split). `data`: the data set
+    `cfg.data` names, already built (a sweep reuses one across runs); default: build it."""
 
-    data = build_dataset(cfg.data, cfg.model.block_size)
+    if data is None:
+        data = build_dataset(cfg.data, cfg.model.block_size)
     k_stages = cfg.parallel.stages
     parts = []
     for k in range(k_stages):
