@@ -39,8 +39,8 @@ split, the `val_fraction` before it validation, the rest training; every split h
 equally often and no image is in two splits. Images are kept as uint8 (7000 images = 21 MB) and
 returned as float32 [B, 3, 32, 32], standardised per channel with the training split's mean and
 standard deviation (the usual CIFAR-style input normalisation; without it the reference CNN spends
-its first ~100 steps on a plateau). Generating 7000 takes about a second; the set is built once
-per process and cached in memory.
+its first ~100 steps on a plateau). Generating 7000 takes 1-2 s of one core; the set is built
+once per process and cached in memory.
 """
 
 from __future__ import annotations

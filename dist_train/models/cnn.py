@@ -3,8 +3,8 @@
 
 The blocks always run at 8x8 or less: an image larger than 16 px is brought down by 4 in the
 embedding (a stride-2 3x3 conv, then 2x2 max-pooling), so a block on 32x32 shapes costs what it
-costs on 8x8 digits, and the 3x3 convolutions still see a quarter of the image each. Images of
-16 px or less (digits) keep the stride-1 stem at full resolution, exactly as before.
+costs on 8x8 digits (each 3x3 convolution then spans 12 of the 32 pixels). Images of 16 px or
+less (digits) keep the stride-1 stem at full resolution, exactly as before.
 
 No BatchNorm: its running statistics are cross-sample state that breaks per-sample gradients and
 makes data-parallel results depend on the per-rank batch split. GroupNorm normalizes each sample
