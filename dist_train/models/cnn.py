@@ -1,8 +1,8 @@
 """A small CNN for tiny images, laid out as embed -> blocks -> head: 1-channel 8x8 digits and
 3-channel 32x32 shapes32.
 
-The blocks always run at 8x8 or less: an image larger than 16 px is brought down by 4 in the
-embedding (a stride-2 3x3 conv, then 2x2 max-pooling), so a block on 32x32 shapes costs what it
+An image larger than 16 px is brought down by 4 in the embedding (a stride-2 3x3 conv, then 2x2
+max-pooling), so the blocks of 32x32 shapes run at 8x8, and a block there costs what it
 costs on 8x8 digits (each 3x3 convolution then spans 12 of the 32 pixels). Images of 16 px or
 less (digits) keep the stride-1 stem at full resolution, exactly as before.
 
