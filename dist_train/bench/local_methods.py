@@ -201,11 +201,12 @@ def _dataset(cfg):
 
 def _warm_worker() -> None:
     """Import what every run uses up front, so no run's time includes a first import."""
+    import importlib
+
     import torch
 
-    import dist_train.local.methods  # noqa: F401
-    import dist_train.train.local_reference  # noqa: F401
-
+    for module in ("dist_train.local.methods", "dist_train.train.local_reference"):
+        importlib.import_module(module)
     torch.set_num_threads(1)
 
 
