@@ -203,3 +203,82 @@ def test_digits_shapes_and_split():
     # The split is fixed (seed 0), never a function of train.seed.
     again = build_dataset(DataSection(name="digits", val_fraction=0.1), block_size=64)
     assert torch.equal(again.val_ids, ds.val_ids)
+
+
+def test_digits_test_split_leaves_val_as_it_was():
+    base = build_dataset(DataSection(name="digits", val_fraction=0.2), block_size=64)
+    ds = build_dataset(DataSection(name="digits", val_fraction=0.2, test_fraction=0.2), block_size=64)
+    assert base.info.test_size == 0
+    with pytest.raises(ValueError, match="no test split"):
+        base.sampler("test", 0, 8)
+    assert torch.equal(ds.val_ids, base.val_ids)  # the same validation images with or without test
+    info = ds.info
+    assert info.train_size + info.val_size + info.test_size == 1797 and info.test_size == 359
+    ids = [set(ds.train_ids.tolist()), set(ds.val_ids.tolist()), set(ds.test_ids.tolist())]
+    assert ids[0].isdisjoint(ids[1]) and ids[0].isdisjoint(ids[2]) and ids[1].isdisjoint(ids[2])
+    x, y = ds.get_batch("test", ds.sampler("test", seed=0, global_batch=8).global_indices(0))
+    assert x.shape == (8, 1, 8, 8) and y.shape == (8,)
+
+
+def test_stdlib_test_split_is_interleaved_and_optional():
+    from dist_train.data.stdlib_bytes import split_interleaved3
+
+    data = np.arange(100 * 16, dtype=np.uint16)
+    train, val = split_interleaved(data, 0.1, chunk=16)
+    t3, v3, e3 = split_interleaved3(data, 0.1, 0.0, chunk=16)
+    assert np.array_equal(train, t3) and np.array_equal(val, v3) and len(e3) == 0  # test 0: as before
+    train, val, test = split_interleaved3(data, 0.1, 0.1, chunk=16)
+    assert len(val) == len(test) == 10 * 16 and len(train) == 80 * 16
+    parts = [set(a.tolist()) for a in (train, val, test)]
+    assert parts[0].isdisjoint(parts[1]) and parts[0].isdisjoint(parts[2]) and parts[1].isdisjoint(parts[2])
+    assert test.max() > data[len(data) // 2] > test.min()  # spread through the corpus, not a tail
+    ds = build_dataset(DataSection(name="stdlib_bytes", max_bytes=100_000, test_fraction=0.1), block_size=16)
+    assert ds.info.test_size > 0 and ds.get_batch("test", torch.tensor([0]))[0].shape == (1, 16)
+
+
+def test_val_plus_test_fraction_below_one():
+    with pytest.raises(ValueError, match="test_fraction"):
+        DataSection(name="digits", val_fraction=0.5, test_fraction=0.5)
+
+
+# ---- shapes32 -----------------------------------------------------------------------------------
+
+def test_shapes32_is_deterministic_balanced_and_split_disjoint():
+    from dist_train.data.shapes32 import NUM_CLASSES, generate_shapes32
+
+    images, labels = generate_shapes32(400, seed=0)
+    assert images.shape == (400, 3, 32, 32) and images.dtype == np.uint8 and labels.dtype == np.int64
+    again, _ = generate_shapes32(400, seed=0)
+    assert np.array_equal(images, again)  # a pure function of (count, seed)
+    assert not np.array_equal(images, generate_shapes32(400, seed=1)[0])
+    ds = build_dataset(DataSection(name="shapes32", num_examples=1000, val_fraction=0.2, test_fraction=0.1),
+                       block_size=64)
+    info = ds.info
+    assert (info.train_size, info.val_size, info.test_size) == (700, 200, 100)
+    assert info.input_shape == (3, 32, 32) and info.num_classes == NUM_CLASSES
+    seen = {}
+    for split in ("train", "val", "test"):
+        x, y = ds.get_batch(split, torch.arange(ds.num_samples(split)))
+        assert x.shape == (ds.num_samples(split), 3, 32, 32) and x.dtype == torch.float32
+        counts = torch.bincount(y, minlength=NUM_CLASSES)
+        assert counts.min() == counts.max()  # every class equally often
+        seen[split] = {bytes(img.numpy().tobytes()) for img in ds._splits[split][0]}
+        assert len(seen[split]) == ds.num_samples(split)  # no image twice
+    assert seen["train"].isdisjoint(seen["val"]) and seen["train"].isdisjoint(seen["test"])
+    assert seen["val"].isdisjoint(seen["test"])
+    ids = [set(ds.ids[s].tolist()) for s in ("train", "val", "test")]
+    assert ids[0].isdisjoint(ids[1]) and ids[1].isdisjoint(ids[2])
+    # standardised with the training split's statistics
+    x, _ = ds.get_batch("train", torch.arange(700))
+    assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (x.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+
+
+def test_shapes32_default_test_split_and_config_checks():
+    from dist_train.config import load_config
+
+    ds = build_dataset(DataSection(name="shapes32", num_examples=200), block_size=64)
+    assert ds.info.test_size == 20 and ds.info.val_size == 20  # default: 10% test, 10% val
+    cfg = load_config(None, ["data.name=shapes32", "model.name=cnn"])
+    assert cfg.data.name == "shapes32"
+    with pytest.raises(UserError, match="gpt"):
+        load_config(None, ["data.name=shapes32", "model.name=gpt"])

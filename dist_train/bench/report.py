@@ -112,28 +112,50 @@ def _cell(value: Any) -> str:
 
 
 def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The table's columns: every scalar field of any row, in first-seen order. Lists and dicts
+    (a row's config overrides, per-lr figures) stay in the JSON; they would not fit a cell."""
+    rows = list(rows)
+    nested = {k for row in rows for k, v in row.items() if isinstance(v, (list, dict))}
     cols: list[str] = []
     for row in rows:
-        cols.extend(k for k in row if k not in cols)
+        cols.extend(k for k in row if k not in cols and k not in nested)
     return cols
+
+
+def _groups(rows: list[Mapping[str, Any]]) -> list[tuple[str, list[Mapping[str, Any]], list[str]]]:
+    """(title, rows, columns) of each table: one per `part` when rows name several parts (each
+    part has its own columns), else one table of all rows."""
+    parts: list[str] = []
+    for row in rows:
+        if row.get("part") not in parts:
+            parts.append(row.get("part"))
+    if len(parts) < 2 or None in parts:
+        return [("results", rows, _columns(rows))]
+    out = []
+    for part in parts:
+        mine = [r for r in rows if r.get("part") == part]
+        out.append((str(part), mine, [c for c in _columns(mine) if c != "part"]))
+    return out
 
 
 def _target_cells(t: Mapping[str, Any]) -> list[str]:
     return [str(t["metric"]), _cell(t["value"]), f"{t['op']} {_cell(t['target'])}", "met" if t["met"] else "MISSED"]
 
 
-def _print_rich(result: Mapping[str, Any], cols: list[str]) -> None:
+def _print_rich(result: Mapping[str, Any], groups: list) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    widest = max((len(cols) for _, _, cols in groups), default=4)
     # A fixed width keeps the table whole in logs and pipes, where rich would assume 80 columns.
-    console = Console(width=max(100, min(200, 14 * len(cols) + 10)), highlight=False)
-    table = Table(title=f"{result.get('name')} — results")
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("repeat", "order") else "right")
-    for row in result.get("results", []):
-        table.add_row(*(_cell(row.get(c)) for c in cols))
-    console.print(table)
+    console = Console(width=max(100, min(200, 14 * widest + 10)), highlight=False)
+    for title, rows, cols in groups:
+        table = Table(title=f"{result.get('name')} — {title}")
+        for c in cols:
+            table.add_column(c, justify="left" if c in ("repeat", "order", "task", "method", "mode") else "right")
+        for row in rows:
+            table.add_row(*(_cell(row.get(c)) for c in cols))
+        console.print(table)
     targets = Table(title="targets")
     for c in ("metric", "value", "target", "status"):
         targets.add_column(c, justify="left" if c == "metric" else "right")
@@ -144,26 +166,28 @@ def _print_rich(result: Mapping[str, Any], cols: list[str]) -> None:
     console.print(targets)
 
 
-def _print_plain(result: Mapping[str, Any], cols: list[str]) -> None:
+def _print_plain(result: Mapping[str, Any], groups: list) -> None:
     def table(header: list[str], body: list[list[str]]) -> None:
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
         for r in [header, ["-" * w for w in widths], *body]:
             print("  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
 
-    print(f"{result.get('name')} — results")
-    table(cols, [[_cell(row.get(c)) for c in cols] for row in result.get("results", [])])
-    print("\ntargets")
+    for title, rows, cols in groups:
+        print(f"{result.get('name')} — {title}")
+        table(cols, [[_cell(row.get(c)) for c in cols] for row in rows])
+        print()
+    print("targets")
     table(["metric", "value", "target", "status"], [_target_cells(t) for t in result.get("targets", [])])
 
 
 def print_result(result: Mapping[str, Any]) -> None:
     print(f"benchmark: {result.get('name')}\nmachine:   {result.get('machine')}\n"
           f"command:   {result.get('command')}\ndate:      {result.get('date')}\n")
-    cols = _columns(result.get("results", []))
+    groups = _groups(list(result.get("results", [])))
     try:
-        _print_rich(result, cols)
+        _print_rich(result, groups)
     except ImportError:
-        _print_plain(result, cols)
+        _print_plain(result, groups)
     for t in result.get("targets", []):
         status = "met" if t["met"] else "MISSED"
         print(f"TARGET {status}: {t['metric']} = {_cell(t['value'])} (target {t['op']} {_cell(t['target'])})")

@@ -64,13 +64,22 @@ class ModelSection(_Strict):
 
 
 class DataSection(_Strict):
-    name: Literal["stdlib_bytes", "token_bin", "digits"] = Field(
-        "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, or sklearn digits.")
+    name: Literal["stdlib_bytes", "token_bin", "digits", "shapes32"] = Field(
+        "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, sklearn digits, or generated 32x32 RGB shapes.")
     path: Optional[str] = Field(None, description="token_bin: path of the training .bin file (nanoGPT/llm.c uint16 format).")
     val_path: Optional[str] = Field(None, description="token_bin: validation .bin file; default: the last val_fraction of `path`.")
     vocab_size: Optional[int] = Field(None, ge=2, description="token_bin: vocabulary size; default: max token id + 1 (scanned).")
     max_bytes: int = Field(4_000_000, ge=1024, description="stdlib_bytes: cap on corpus size in bytes (files taken in sorted order).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the data held out for validation.")
+    test_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Fraction held out as a test split (stdlib_bytes, digits, shapes32); default 0.1 for shapes32, else 0 (no test split).")
+    num_examples: int = Field(7000, ge=20, description="shapes32: images generated in all (train + val + test).")
+    seed: int = Field(0, description="shapes32: seed the images are generated from (fixed apart from train.seed).")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self):
+        if self.val_fraction + (self.test_fraction or 0.0) >= 1:
+            raise ValueError(f"data.val_fraction + data.test_fraction ({self.val_fraction} + {self.test_fraction}) must be below 1")
+        return self
 
 
 class ParallelSection(_Strict):
@@ -190,7 +199,7 @@ class Config(_Strict):
     def _cross_checks(self):
         if self.data.name == "token_bin" and not self.data.path:
             raise ValueError("data.path: required when data.name is token_bin")
-        image = self.data.name == "digits"
+        image = self.data.name in ("digits", "shapes32")
         if image and self.model.name == "gpt":
             raise ValueError("model.name: gpt needs a token data set (stdlib_bytes or token_bin), not digits")
         if not image and self.model.name in ("mlp", "cnn"):

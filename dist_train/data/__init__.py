@@ -19,15 +19,23 @@ __all__ = [
 
 def build_dataset(cfg_data: DataSection, block_size: int) -> Dataset:
     """The data set named in the config. `block_size` (model.block_size) sizes LM windows."""
+    test = cfg_data.test_fraction
     if cfg_data.name == "stdlib_bytes":
-        return build_stdlib_bytes(cfg_data.max_bytes, cfg_data.val_fraction, block_size)
+        return build_stdlib_bytes(cfg_data.max_bytes, cfg_data.val_fraction, block_size, test_fraction=test or 0.0)
     if cfg_data.name == "token_bin":
         if not cfg_data.path:
             raise UserError("data.path: required when data.name is token_bin")
+        if test:
+            raise UserError("data.test_fraction: token_bin has no test split (hold one out in its own .bin file)")
         return build_token_bin(cfg_data.path, cfg_data.val_path, cfg_data.vocab_size,
                                cfg_data.val_fraction, block_size)
     if cfg_data.name == "digits":
         from dist_train.data.digits import DigitsDataset  # lazy: keeps sklearn out of LM runs
 
-        return DigitsDataset(cfg_data.val_fraction)
+        return DigitsDataset(cfg_data.val_fraction, test or 0.0)
+    if cfg_data.name == "shapes32":
+        from dist_train.data.shapes32 import Shapes32Dataset
+
+        return Shapes32Dataset(cfg_data.num_examples, cfg_data.seed, cfg_data.val_fraction,
+                               0.1 if test is None else test)
     raise UserError(f"data.name: unknown data set {cfg_data.name!r}")

@@ -10,11 +10,11 @@ import torch
 
 from dist_train.data.sampler import Mode, StepSampler
 
-Split = Literal["train", "val"]
-SPLITS: tuple[str, ...] = ("train", "val")
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 
-# Validation batches come from a fixed seed, so evaluations are comparable across runs that
-# differ in train.seed (and across resumes).
+# Validation (and test) batches come from a fixed seed, so evaluations are comparable across runs
+# that differ in train.seed (and across resumes).
 VAL_SEED = 0x5EED
 
 
@@ -28,15 +28,19 @@ class DataInfo:
     num_classes: Optional[int]
     train_size: int
     val_size: int
+    test_size: int = 0  # 0: the data set has no test split (data.test_fraction = 0)
 
 
-def check_split(split: str) -> None:
+def check_split(split: str, info: Optional[DataInfo] = None) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "test" and info is not None and info.test_size == 0:
+        raise ValueError("this data set has no test split (set data.test_fraction > 0)")
 
 
 class Dataset(ABC):
-    """A two-split data set addressed by integer indices that a `StepSampler` produces."""
+    """A data set of train / val (and, when `info.test_size` > 0, test) splits addressed by
+    integer indices that a `StepSampler` produces."""
 
     info: DataInfo
     sampling: ClassVar[Mode]  # "windows" for LM corpora, "epochs" for map-style data sets
@@ -50,7 +54,7 @@ class Dataset(ABC):
         """(inputs, targets) on CPU for the given indices of `split`."""
 
     def sampler(self, split: Split, seed: int, global_batch: int) -> StepSampler:
-        """Step sampler over `split`; the val sampler ignores `seed` and uses VAL_SEED."""
-        check_split(split)
+        """Step sampler over `split`; the val and test samplers ignore `seed` and use VAL_SEED."""
+        check_split(split, self.info)
         return StepSampler(self.num_samples(split), global_batch,
                            seed if split == "train" else VAL_SEED, self.sampling)

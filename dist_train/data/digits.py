@@ -13,11 +13,15 @@ SPLIT_SEED = 0
 
 
 class DigitsDataset(Dataset):
-    """Images float32 [1,8,8] in [0,1] and int64 labels 0..9; a fixed seeded train/val split."""
+    """Images float32 [1,8,8] in [0,1] and int64 labels 0..9; a fixed seeded train/val(/test) split.
+
+    Validation is the first `val_fraction` of one seeded permutation, test (when `test_fraction`
+    > 0) the next `test_fraction`, training the rest: asking for a test split leaves the
+    validation images as they were and takes the test images from training."""
 
     sampling = "epochs"
 
-    def __init__(self, val_fraction: float):
+    def __init__(self, val_fraction: float, test_fraction: float = 0.0):
         from sklearn.datasets import load_digits  # lazy: sklearn is slow to import, LM runs skip it
 
         raw = load_digits()
@@ -26,20 +30,23 @@ class DigitsDataset(Dataset):
         n = len(labels)
         perm = torch.from_numpy(np.random.RandomState(SPLIT_SEED).permutation(n))
         n_val = min(max(1, round(n * val_fraction)), n - 1)
-        self.val_ids, self.train_ids = perm[:n_val], perm[n_val:]
+        n_test = min(max(1, round(n * test_fraction)), n - n_val - 1) if test_fraction > 0 else 0
+        self.val_ids, self.test_ids = perm[:n_val], perm[n_val:n_val + n_test]
+        self.train_ids = perm[n_val + n_test:]
         self._splits = {
             "train": (images[self.train_ids], labels[self.train_ids]),
             "val": (images[self.val_ids], labels[self.val_ids]),
+            "test": (images[self.test_ids], labels[self.test_ids]),
         }
         self.info = DataInfo(task="classify", vocab_size=None, input_shape=(1, 8, 8), num_classes=10,
-                             train_size=n - n_val, val_size=n_val)
+                             train_size=n - n_val - n_test, val_size=n_val, test_size=n_test)
 
     def num_samples(self, split: Split) -> int:
-        check_split(split)
+        check_split(split, self.info)
         return len(self._splits[split][1])
 
     def get_batch(self, split: Split, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_split(split)
+        check_split(split, self.info)
         images, labels = self._splits[split]
         idx = indices.cpu().long()
         return images[idx], labels[idx]

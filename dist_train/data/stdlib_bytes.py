@@ -57,18 +57,38 @@ def split_interleaved(data: np.ndarray, val_fraction: float, chunk: int | None =
 
     Chunks are 16 KiB, smaller for small corpora so there are always at least 50 of them.
     """
+    train, val, _ = split_interleaved3(data, val_fraction, 0.0, chunk)
+    return train, val
+
+
+def split_interleaved3(data: np.ndarray, val_fraction: float, test_fraction: float,
+                       chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / val / test: chunk `i` is held out when round((i+1)h) > round(i h), h = val + test
+    fraction; held-out chunk `j` goes to test when round((j+1)t) > round(j t), t = test / h. With
+    test_fraction 0 this is exactly `split_interleaved`."""
     chunk = chunk or max(256, min(_CHUNK, len(data) // 50))
     n_chunks = -(-len(data) // chunk)
-    is_val = [int((i + 1) * val_fraction + 0.5) > int(i * val_fraction + 0.5) for i in range(n_chunks)]
-    train = [data[i * chunk:(i + 1) * chunk] for i in range(n_chunks) if not is_val[i]]
-    val = [data[i * chunk:(i + 1) * chunk] for i in range(n_chunks) if is_val[i]]
+    held = val_fraction + test_fraction
+    share = test_fraction / held
+    parts: dict[str, list] = {"train": [], "val": [], "test": []}
+    j = 0
+    for i in range(n_chunks):
+        piece = data[i * chunk:(i + 1) * chunk]
+        if int((i + 1) * held + 0.5) > int(i * held + 0.5):
+            parts["test" if int((j + 1) * share + 0.5) > int(j * share + 0.5) else "val"].append(piece)
+            j += 1
+        else:
+            parts["train"].append(piece)
     empty = np.zeros(0, dtype=data.dtype)
-    return (np.concatenate(train) if train else empty), (np.concatenate(val) if val else empty)
+    train, val, test = ((np.concatenate(p) if p else empty) for p in parts.values())
+    return train, val, test
 
 
 def build_stdlib_bytes(max_bytes: int, val_fraction: float, block_size: int,
-                       root: str | os.PathLike | None = None) -> TokenDataset:
-    """Train / val = interleaved 16 KiB chunks of the corpus (val_fraction of them to val). vocab 256."""
+                       root: str | os.PathLike | None = None, test_fraction: float = 0.0) -> TokenDataset:
+    """Train / val (/ test) = interleaved 16 KiB chunks of the corpus (val_fraction of them to val,
+    test_fraction to test). vocab 256."""
     data = load_stdlib_bytes(max_bytes, root)
-    train, val = split_interleaved(data, val_fraction)
-    return TokenDataset(train, val, vocab_size=256, block_size=block_size, source="data.max_bytes")
+    train, val, test = split_interleaved3(data, val_fraction, test_fraction)
+    return TokenDataset(train, val, vocab_size=256, block_size=block_size, source="data.max_bytes",
+                        test=test if test_fraction > 0 else None)

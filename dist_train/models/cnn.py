@@ -1,4 +1,10 @@
-"""A small CNN for tiny single-channel images (8x8 digits), laid out as embed -> blocks -> head.
+"""A small CNN for tiny images, laid out as embed -> blocks -> head: 1-channel 8x8 digits and
+3-channel 32x32 shapes32.
+
+An image larger than 16 px is brought down by 4 in the embedding (a stride-2 3x3 conv, then 2x2
+max-pooling), so the blocks of 32x32 shapes run at 8x8, and a block there costs what it
+costs on 8x8 digits (each 3x3 convolution then spans 12 of the 32 pixels). Images of 16 px or
+less (digits) keep the stride-1 stem at full resolution, exactly as before.
 
 No BatchNorm: its running statistics are cross-sample state that breaks per-sample gradients and
 makes data-parallel results depend on the per-rank batch split. GroupNorm normalizes each sample
@@ -38,10 +44,15 @@ class CNN(EmbedBlocksHead):
     def __init__(self, in_channels: int, image_size: int, num_classes: int, n_layer: int,
                  width: int, dropout: float = 0.0):
         super().__init__()
-        # Spatial size never changes and the head pools globally, so image_size is informational.
+        # Blocks keep the spatial size and the head pools globally, so any image size works;
+        # image_size only chooses the stem.
         self.image_size = image_size
         self.width = width
-        self.embed = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.ReLU())
+        if image_size > 16:
+            self.embed = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, stride=2, padding=1), nn.ReLU(),
+                                       nn.MaxPool2d(2))
+        else:
+            self.embed = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.ReLU())
         self.blocks = nn.ModuleList(ConvBlock(width, dropout) for _ in range(n_layer))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 

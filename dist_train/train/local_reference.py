@@ -18,12 +18,15 @@ from dist_train.local.methods.man import MANStage, ema_schedule, flat_block_weig
 from dist_train.models.sampling import decode, next_token, prompt_ids
 
 
-def local_reference(cfg) -> dict[str, Any]:
+def local_reference(cfg, data=None) -> dict[str, Any]:
     """The local pipeline's arithmetic with its stages trained one after the other in one process
     (synchronous mode): per-stage loss per step, then the main path's validation loss/accuracy
-    over the same validation batches the trainers evaluate on."""
+    over the same validation batches the trainers evaluate on, and, when the data set has a test
+    split, `test_loss` / `test_acc` (classifiers: over the whole test split). `data`: the data set
+    `cfg.data` names, already built (a sweep reuses one across runs); default: build it."""
 
-    data = build_dataset(cfg.data, cfg.model.block_size)
+    if data is None:
+        data = build_dataset(cfg.data, cfg.model.block_size)
     k_stages = cfg.parallel.stages
     parts = []
     for k in range(k_stages):
@@ -82,26 +85,53 @@ def local_reference(cfg) -> dict[str, Any]:
                 mean = torch.stack([u for u in shared_u]).mean(0)
                 for u in shared_u:
                     u.copy_(mean)
-    val_sampler = data.sampler("val", 0, cfg.train.batch_size)
-    loss_sum, correct = 0.0, 0.0
     classify = parts[-1][0].info.task == "classify"
+    trainers = [t for t, _ in parts]
     with torch.no_grad():
-        for trainer, _ in parts:
+        for trainer in trainers:
             trainer.eval()
-        for _ in range(cfg.train.eval_batches):
-            x, y = data.get_batch("val", val_sampler.next_indices(0, 1))
-            h = None
-            for trainer, _ in parts:
-                h = trainer(x=x if trainer.reads_data else None, received=h)
-            loss_sum += float(cross_entropy(h.float(), y))
-            if classify:
-                correct += float((h.argmax(-1) == y).float().mean())
-        out = {"losses": losses, "val_loss": loss_sum / cfg.train.eval_batches}
+        val_sampler = data.sampler("val", 0, cfg.train.batch_size)
+        val = [val_sampler.next_indices(0, 1) for _ in range(cfg.train.eval_batches)]
+        loss, acc = _evaluate(trainers, independent, data, "val", val)
+        out = {"losses": losses, "val_loss": loss}
         if classify:
-            out["val_acc"] = correct / cfg.train.eval_batches
+            out["val_acc"] = acc
+        if data.info.test_size:
+            loss, acc = _evaluate(trainers, independent, data, "test", _test_batches(cfg, data))
+            out["test_loss"] = loss
+            if classify:
+                out["test_acc"] = acc
         if cfg.train.sample_tokens and not classify:
-            out["sample"] = _sample([t for t, _ in parts], independent, cfg, data)
+            out["sample"] = _sample(trainers, independent, cfg, data)
     return out
+
+
+def _test_batches(cfg, data) -> list[torch.Tensor]:
+    """The whole test split in order for a map-style data set; for a corpus (too many windows to
+    visit) `train.eval_batches` batches drawn the way validation draws them."""
+    if data.sampling == "epochs":
+        return list(torch.arange(data.num_samples("test")).split(cfg.train.batch_size))
+    sampler = data.sampler("test", 0, cfg.train.batch_size)
+    return [sampler.next_indices(0, 1) for _ in range(cfg.train.eval_batches)]
+
+
+def _evaluate(trainers, independent: bool, data, split: str, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """(loss, accuracy) of the main path on `batches` of `split`. Validation (equal batches) is the
+    mean of the per-batch means, as the trainers compute it; an unequal last batch (the test split
+    walked in order) is weighted by its size, so the figures are per example."""
+    loss_sum, correct, weight = 0.0, 0.0, 0.0
+    equal = split == "val"
+    for idx in batches:
+        x, y = data.get_batch(split, idx)
+        h = None
+        for trainer in trainers:
+            h = trainer(x=x if trainer.reads_data else None, received=h)
+        w = 1.0 if equal else float(len(idx))
+        loss_sum += w * float(cross_entropy(h.float(), y))
+        if h.dim() == 2:  # classifier logits [B, C]; accuracy is meaningless for LM logits
+            correct += w * float((h.argmax(-1) == y).float().mean())
+        weight += w
+    return loss_sum / weight, correct / weight
 
 
 def _sample(trainers, independent: bool, cfg, data) -> str:
