@@ -250,10 +250,16 @@ def _one_thread_env():
                 os.environ[k] = v
 
 
+# Methods that do not apply to a task: Forward-Forward embeds each candidate label in the input,
+# which a causal language model's next-token label cannot be (a config error for the GPT).
+NOT_APPLICABLE = {("gpt-bytes", "forward_forward")}
+
+
 def configurations(size: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(task, method, K) of every row: BP (K = 1) then each method at each K, per task."""
+    """(task, method, K) of every row: BP (K = 1) then each method that applies at each K, per task."""
     return [(task, method, k) for task in size["tasks"]
-            for method, k in [("bp", 1), *((m, k) for m in METHODS for k in KS)]]
+            for method, k in [("bp", 1), *((m, k) for m in METHODS for k in KS)]
+            if (task, method) not in NOT_APPLICABLE]
 
 
 def _sweep(size: dict[str, Any], run_dir: str) -> list[dict[str, Any]]:
