@@ -117,7 +117,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "tasks": {
             "digits-mlp": _task(_MLP, _DIGITS, 200, 20, 11, [3e-3, 1e-2, 3e-2], _SEEDS),
-            "digits-cnn": _task(_CNN, _DIGITS, 250, 20, 11, [1e-3, 3e-3, 1e-2], _SEEDS),
+            "digits-cnn": _task(_CNN, _DIGITS, 400, 20, 11, [1e-3, 3e-3, 1e-2], _SEEDS),
             "shapes32-cnn": _task(_CNN, _SHAPES, 160, 20, 31, [1e-3, 3e-3, 1e-2], _SEEDS),
             "gpt-bytes": _task(_GPT, _BYTES, 80, 10, 16, [3e-3, 1e-2, 3e-2], _SEEDS),
         },
