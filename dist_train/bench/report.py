@@ -4,7 +4,9 @@ The JSON document every benchmark's `run()` returns (DESIGN.md):
 
     {"name": str, "machine": str, "command": str, "date": ISO-8601 UTC, "provenance": {...},
      "results": [{...one row per measurement...}, ...],
-     "targets": [{"metric": str, "value": float, "op": ">=" | "<=", "target": float, "met": bool}, ...]}
+     "targets": [{"metric": str, "value": float, "op": ">=" | "<=", "target": float, "met": bool,
+                  "description": str (optional)}, ...],
+     "reported": [{"metric": str, "value": float, "description": str}, ...] (optional: figures with no target)}
 
 A missed target is a finding, not a failure: `finish` prints MISSED and still returns 0, so a
 benchmark on a slow or noisy machine reports honestly instead of crashing a script.
@@ -32,16 +34,21 @@ def _compare(value: float, op: str, target: float) -> bool:
     return value >= target if op == ">=" else value <= target
 
 
-def make_target(metric: str, value: Optional[float], op: str, target: float) -> dict[str, Any]:
+def make_target(metric: str, value: Optional[float], op: str, target: float,
+                description: Optional[str] = None) -> dict[str, Any]:
     """One `targets` entry; `met` is computed here, so no benchmark can claim a target by hand.
 
-    A missing or non-finite value never meets its target.
+    `metric` is the target's name as the issue spells it; `description` says in words what is
+    divided by what. A missing or non-finite value never meets its target.
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     finite = value is not None and math.isfinite(float(value))
-    return {"metric": metric, "value": float(value) if finite else None, "op": op, "target": float(target),
-            "met": bool(finite and _compare(float(value), op, float(target)))}
+    entry = {"metric": metric, "value": float(value) if finite else None, "op": op, "target": float(target),
+             "met": bool(finite and _compare(float(value), op, float(target)))}
+    if description is not None:
+        entry["description"] = description
+    return entry
 
 
 def machine_summary() -> str:
@@ -81,12 +88,18 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def document(name: str, command: str, started: str, setup: dict, results: list, targets: list) -> dict[str, Any]:
-    """A benchmark's result in the shape BENCHMARKS.md and `--json` use, with the run's provenance."""
+def document(name: str, command: str, started: str, setup: dict, results: list, targets: list,
+             reported: Optional[list] = None) -> dict[str, Any]:
+    """A benchmark's result in the shape BENCHMARKS.md and `--json` use, with the run's provenance.
+    `reported`: figures shown beside the targets that have no target of their own."""
     from dist_train.telemetry import collect_provenance
 
-    return {"name": name, "machine": machine_summary(), "command": command, "date": started,
-            "provenance": collect_provenance(command.split(), setup), "results": results, "targets": targets}
+    doc = {"name": name, "machine": machine_summary(), "command": command, "date": started,
+           "provenance": collect_provenance(command.split(), setup), "results": results, "targets": targets}
+    if reported:
+        doc["reported"] = [{"metric": r["metric"], "description": r.get("description"),
+                            "value": float(r["value"]) if r.get("value") is not None else None} for r in reported]
+    return doc
 
 
 # ------------------------------------------------------------------------------------ printing
@@ -142,6 +155,10 @@ def _target_cells(t: Mapping[str, Any]) -> list[str]:
     return [str(t["metric"]), _cell(t["value"]), f"{t['op']} {_cell(t['target'])}", "met" if t["met"] else "MISSED"]
 
 
+def _described(result: Mapping[str, Any], key: str) -> bool:
+    return any(t.get("description") for t in result.get(key) or [])
+
+
 def _print_rich(result: Mapping[str, Any], groups: list) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -156,14 +173,22 @@ def _print_rich(result: Mapping[str, Any], groups: list) -> None:
         for row in rows:
             table.add_row(*(_cell(row.get(c)) for c in cols))
         console.print(table)
+    described = _described(result, "targets")
     targets = Table(title="targets")
-    for c in ("metric", "value", "target", "status"):
-        targets.add_column(c, justify="left" if c == "metric" else "right")
+    for c in ("metric", "value", "target", "status", *(["description"] if described else [])):
+        targets.add_column(c, justify="left" if c in ("metric", "description") else "right")
     for t in result.get("targets", []):
         cells = _target_cells(t)
         cells[-1] = "[green]met[/green]" if t["met"] else "[bold red]MISSED[/bold red]"
-        targets.add_row(*cells)
+        targets.add_row(*cells, *([t.get("description") or ""] if described else []))
     console.print(targets)
+    if result.get("reported"):
+        reported = Table(title="reported (no target)")
+        for c in ("metric", "value", "description"):
+            reported.add_column(c, justify="right" if c == "value" else "left")
+        for r in result["reported"]:
+            reported.add_row(str(r["metric"]), _cell(r["value"]), r.get("description") or "")
+        console.print(reported)
 
 
 def _print_plain(result: Mapping[str, Any], groups: list) -> None:
@@ -177,7 +202,13 @@ def _print_plain(result: Mapping[str, Any], groups: list) -> None:
         table(cols, [[_cell(row.get(c)) for c in cols] for row in rows])
         print()
     print("targets")
-    table(["metric", "value", "target", "status"], [_target_cells(t) for t in result.get("targets", [])])
+    described = _described(result, "targets")
+    table(["metric", "value", "target", "status", *(["description"] if described else [])],
+          [[*_target_cells(t), *([t.get("description") or ""] if described else [])] for t in result.get("targets", [])])
+    if result.get("reported"):
+        print("\nreported (no target)")
+        table(["metric", "value", "description"],
+              [[str(r["metric"]), _cell(r["value"]), r.get("description") or ""] for r in result["reported"]])
 
 
 def print_result(result: Mapping[str, Any]) -> None:
@@ -191,6 +222,8 @@ def print_result(result: Mapping[str, Any]) -> None:
     for t in result.get("targets", []):
         status = "met" if t["met"] else "MISSED"
         print(f"TARGET {status}: {t['metric']} = {_cell(t['value'])} (target {t['op']} {_cell(t['target'])})")
+    for r in result.get("reported") or []:
+        print(f"REPORTED: {r['metric']} = {_cell(r['value'])}")
 
 
 def finish(result: dict, json_path: Optional[str]) -> int:

@@ -92,6 +92,16 @@ class ParallelSection(_Strict):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     deepspeed_config: Optional[str] = Field(None, description="Optional DeepSpeed JSON merged over the generated config.")
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered parameters after forward (ZeRO-3 style).")
+    activation_checkpointing: bool = Field(False, description="End-to-end backprop: keep only each model block's input and recompute the block in backward (torch checkpoint, non-reentrant): less activation memory for about one more forward per step.")
+
+    @model_validator(mode="after")
+    def _checkpointing_is_end_to_end(self):
+        # The local-learning stages are built by their own loop, which does not apply it: refuse
+        # rather than silently run without it.
+        if self.activation_checkpointing and self.stages > 1:
+            raise ValueError("parallel.activation_checkpointing: applies to end-to-end backprop (parallel.stages=1); "
+                             "local-learning stages do not support it")
+        return self
 
 
 class InfoProOptions(_Strict):

@@ -30,6 +30,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_dataset(cfg.data, cfg.model.block_size)
     model = build_model(cfg.model, data.info).to(ctx.device)
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)  # before the backend wraps or shards the blocks
     backend = build_backend(cfg, ctx)
     with ctx.phase("start"):
         backend.setup(model, lambda m: optimizer_spec(cfg.optim, m))
@@ -106,6 +108,22 @@ def write_run_info(cfg: Config, ctx: DistContext, run_dir: Path, command: list[s
     write_provenance(run_dir / "provenance.json", collect_provenance(
         command, {"world_size": ctx.world_size, "backend": cfg.parallel.backend, "stages": cfg.parallel.stages,
                   "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute every block's activations in backward instead of keeping them (full activation
+    checkpointing, applied from outside the model as torchtitan does): each `model.blocks[i]` is
+    replaced in place by torch's `checkpoint_wrapper` around it (non-reentrant, RNG state replayed,
+    so dropout masks match). A block then keeps only its input between forward and backward.
+
+    State-dict and DCP names are unchanged (the wrapper strips its prefix), so checkpoints move
+    between runs with and without it; FSDP shards the wrapped blocks as its units.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return model
 
 
 def _open_run_dir(cfg: Config, ctx: DistContext, run_dir: Path, start: int, command: list[str],
