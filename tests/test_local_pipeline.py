@@ -235,7 +235,8 @@ def test_plan_rejects_impossible_pipelines(tmp_path, overrides, nproc, words):
 
 @pytest.mark.parametrize("overrides, words", [
     (["parallel.backend=fsdp"], ["stage=2 x dp=2", "fsdp inside each stage", "aux head", "activations forward"]),
-    (["local.method=noprop"], ["own embed + blocks 0-1 + denoiser", "no traffic in training"]),
+    (["local.method=noprop"], ["1 x (own embed + blocks 0-1 + denoiser)", "no activations in training"]),
+    (["local.method=noprop", "local.noprop.steps=4"], ["2 x (own embed + blocks 0-1 + denoiser)"]),
 ])
 def test_plan_shows_the_stage_layout(tmp_path, overrides, words):
     proc = subprocess.run([sys.executable, "-m", "dist_train", "plan", "quickstart.yaml", "--nproc", "4",
