@@ -14,6 +14,8 @@ server is single-threaded and has created no process group, so every worker stil
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import pickle
 import socket
@@ -71,6 +73,22 @@ def run_on_ranks(fn: Callable[..., Any], nprocs: int = 2, args: tuple = (), thre
         return pickle.loads(Path(out).read_bytes())
     finally:
         Path(out).unlink(missing_ok=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def one_thread_env():
+    """OMP/MKL threads set to 1 while pool workers start (they inherit the environment)."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
+    try:
+        yield
+    finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

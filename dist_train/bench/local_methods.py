@@ -54,11 +54,9 @@ records its exact config overrides (applied over the built-in quickstart config)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import multiprocessing
-import os
 import re
 import statistics
 import sys
@@ -68,6 +66,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
+from dist_train.bench._spawn import one_thread_env as _one_thread_env
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
 METHODS = ("dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop")
@@ -235,19 +234,6 @@ def _sweep_job(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def _one_thread_env():
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # Methods that do not apply to a task: Forward-Forward embeds each candidate label in the input,

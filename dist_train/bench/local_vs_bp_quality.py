@@ -12,14 +12,13 @@ ranks). Jobs run two at a time, one thread each.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
 import time
 from typing import Any
 
 import torch
 
+from dist_train.bench._spawn import one_thread_env as _one_thread_env
 from dist_train.bench.local_vs_bp_runs import MICRO_BATCHES, PRELOAD, WORLD, config
 from dist_train.train.local_reference import local_reference
 
@@ -54,19 +53,6 @@ def quality_job(job: dict[str, Any]) -> dict[str, Any]:
             "wall_s": time.perf_counter() - t0}
 
 
-@contextlib.contextmanager
-def _one_thread_env():
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_quality(size: dict[str, Any], run_dir: str) -> list[dict[str, Any]]:
