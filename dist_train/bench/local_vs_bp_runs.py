@@ -255,7 +255,7 @@ def _run_pipe(cfg, ctx, data, warmup: int, schedule_name: str) -> dict[str, Any]
     from dist_train.local.split import split_model
     from dist_train.models import build_model
     from dist_train.models.loss import cross_entropy
-    from dist_train.optim import lr_at, optimizer_spec
+    from dist_train.optim import lr_at, optimizer_spec, set_lr
 
     rank, world = ctx.rank, ctx.world_size
     t, batch = cfg.train, cfg.train.batch_size
@@ -296,8 +296,7 @@ def _run_pipe(cfg, ctx, data, warmup: int, schedule_name: str) -> dict[str, Any]
             stamps.append((time.perf_counter(), time.process_time()))
             waited[0], crossing[0] = 0.0, 0
             lr = lr_at(step, cfg.optim, t.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             x, y = data.get_batch("train", sampler.next_indices(0, 1))  # the whole global batch
             if rank == 0:
                 schedule.step(x)

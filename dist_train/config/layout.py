@@ -49,6 +49,11 @@ def check_layout(cfg: Config, world_size: int) -> None:
     if cfg.parallel.backend == "none" and world_size > stages:
         raise UserError(f"parallel.backend: none runs one process, but {world_size} ranks were requested")
     dp = world_size // stages if world_size % stages == 0 else world_size
+    wrapped = dp > 1 or stages == 1  # a pipeline stage with one replica runs unwrapped
+    if cfg.optim.name in ("muon", "normuon") and cfg.parallel.backend in ("deepspeed", "fairscale") and wrapped:
+        raise UserError(f"optim.name: {cfg.optim.name} orthogonalises whole matrices, but "
+                        f"{cfg.parallel.backend} flattens parameters into partitions it steps itself; "
+                        "use parallel.backend ddp or fsdp")
     per_step = dp * cfg.train.grad_accum
     if cfg.train.batch_size % per_step != 0:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by data-parallel size x "

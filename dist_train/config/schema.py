@@ -160,16 +160,32 @@ class LocalSection(_Strict):
         return section.model_dump() if isinstance(section, BaseModel) else {}
 
 
+class MatrixOptimOptions(_Strict):
+    adamw_lr: Optional[float] = Field(None, gt=0, description="Peak lr of the AdamW groups (embeddings, output head, biases, norms); default: optim.lr. Both follow the same schedule, keeping their ratio.")
+    momentum: float = Field(0.95, ge=0, lt=1, description="muon: momentum mu (M <- mu*M + G); normuon: beta1 of its EMA momentum.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="normuon: beta2 of the per-row second moment v.")
+    nesterov: Optional[bool] = Field(None, description="Nesterov momentum; default: on for muon and for normuon's reference variant, off for normuon's paper rule.")
+    lr_scale: Literal["keller", "match_rms_adamw"] = Field("keller", description="muon: update scale, sqrt(max(1, m/n)) (keller) or 0.2*sqrt(max(m, n)) (match_rms_adamw: reuse AdamW's lr and wd).")
+    variant: Literal["paper", "reference"] = Field("paper", description="normuon: the paper's rule (update RMS fixed at 0.2*lr) or the authors' code (Nesterov, rescale to the pre-normalisation norm x sqrt(max(1, m/n))).")
+    ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations.")
+    ns_coefficients: Literal["quintic", "polar_express"] = Field("quintic", description="Newton-Schulz coefficients: the fixed quintic (3.4445, -4.7750, 2.0315) or Polar Express's per-step minimax ones (arXiv 2505.16932).")
+    ns_dtype: Literal["auto", "bf16", "fp32", "fp64"] = Field("auto", description="Newton-Schulz precision; auto: bf16 on CUDA, the parameters' dtype on CPU.")
+    owner_compute: bool = Field(True, description="Each matrix orthogonalised by one owner rank. false: every rank orthogonalises every matrix (the naive scheme, kept as a benchmark baseline).")
+    matrix_params: list[str] = Field(default_factory=list, description="Glob patterns of parameter names to orthogonalise (overrides the role rules).")
+    adamw_params: list[str] = Field(default_factory=list, description="Glob patterns of parameter names to give to AdamW (checked first).")
+
+
 class OptimSection(_Strict):
-    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    name: Literal["adamw", "sgd", "muon", "normuon"] = Field("adamw", description="Optimizer: adamw, sgd, or muon / normuon for the hidden matrices with AdamW for the rest.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (muon / normuon: of the hidden matrices).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (matrices only; biases, norms and embeddings are exempt).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (sgd: momentum).")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon (normuon: also the epsilon added to sqrt(v)).")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
+    matrix: MatrixOptimOptions = Field(default_factory=MatrixOptimOptions, description="muon / normuon settings: momentum, Newton-Schulz, routing of parameters.")
 
 
 class TelemetrySection(_Strict):

@@ -1,18 +1,24 @@
-"""Optimizer construction: parameter routing into decay / no-decay groups, and the optimizer class.
+"""Optimizer construction: parameter routing into groups, and the optimizer class.
 
 Returned as a spec (class, groups, kwargs) rather than an instance because some backends build the
-optimizer themselves around the class (FairScale's OSS shards it; DeepSpeed wraps it).
+optimizer themselves around the class (FairScale's OSS shards it; DeepSpeed wraps it). The factory
+gets the backend's data-parallel (sub-)mesh: Muon and NorMuon distribute their orthogonalisation over
+it. Each group carries `lr_ratio`, its lr relative to `optim.lr`; `set_lr` keeps those ratios under
+the schedule (Muon's matrices and its AdamW groups scale together).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from dist_train.config.schema import OptimSection
+from dist_train.optim.routing import route_parameters
+
+MATRIX_OPTIMIZERS = ("muon", "normuon")
 
 
 @dataclass
@@ -20,9 +26,22 @@ class OptimizerSpec:
     cls: type[torch.optim.Optimizer]
     param_groups: list[dict[str, Any]]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Parameters whose gradient the optimizer reduces over the ranks itself (owner-computes Muon
+    # reduce-scatters them to their owners): a data-parallel wrapper must leave them alone.
+    self_reduced: list[str] = field(default_factory=list)
+    param_names: dict = field(default_factory=dict)  # parameter -> name, for sharded checkpoints
 
     def build(self) -> torch.optim.Optimizer:
-        return self.cls(self.param_groups, **self.kwargs)
+        optimizer = self.cls(self.param_groups, **self.kwargs)
+        if hasattr(optimizer, "param_names"):
+            optimizer.param_names = dict(self.param_names)
+        return optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the scheduled lr, keeping each group's ratio to it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -38,7 +57,53 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def optimizer_spec(cfg: OptimSection, model: nn.Module) -> OptimizerSpec:
+def _ns_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[name]
+
+
+def matrix_optimizer_spec(cfg: OptimSection, model: nn.Module, mesh=None,
+                          num_outputs: Optional[int] = None) -> OptimizerSpec:
+    """Muon / NorMuon on the routed hidden matrices, AdamW (same schedule, own lr) on the rest."""
+    from dist_train.optim.muon import Muon, NorMuon
+
+    m = cfg.matrix
+    routes = route_parameters(model, num_outputs, m.matrix_params, m.adamw_params)
+    ratio = (m.adamw_lr / cfg.lr) if m.adamw_lr is not None else 1.0
+    groups = [
+        {"params": [p for _, p in routes.matrix], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in routes.adamw_decay], "algorithm": "adamw", "lr": cfg.lr * ratio,
+         "lr_ratio": ratio, "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in routes.adamw_no_decay], "algorithm": "adamw", "lr": cfg.lr * ratio,
+         "lr_ratio": ratio, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    device = next(model.parameters()).device
+    common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "ns_steps": m.ns_steps,
+              "ns_coefficients": m.ns_coefficients, "ns_dtype": _ns_dtype(m.ns_dtype, device),
+              "process_group": mesh.get_group() if mesh is not None else None,
+              "owner_compute": m.owner_compute}
+    if cfg.name == "muon":
+        cls = Muon
+        kwargs = {**common, "momentum": m.momentum, "nesterov": True if m.nesterov is None else m.nesterov,
+                  "lr_scale": m.lr_scale, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    else:
+        cls = NorMuon
+        kwargs = {**common, "betas": (m.momentum, m.beta2), "eps": cfg.eps, "variant": m.variant,
+                  "nesterov": m.nesterov, "adamw_betas": (cfg.beta1, cfg.beta2), "adamw_eps": cfg.eps}
+    names = {p: n for n, p in routes.matrix + routes.adamw_decay + routes.adamw_no_decay}
+    return OptimizerSpec(cls, groups, kwargs, self_reduced=[n for n, _ in routes.matrix] if m.owner_compute else [],
+                         param_names=names)
+
+
+def optimizer_spec(cfg: OptimSection, model: nn.Module, mesh=None,
+                   num_outputs: Optional[int] = None) -> OptimizerSpec:
+    """`mesh`: the data-parallel (sub-)mesh the model is replicated or sharded over (None: one
+    process). `num_outputs`: the model's output size (vocabulary or classes), which tells the
+    routing which matrices are output heads."""
+    if cfg.name in MATRIX_OPTIMIZERS:
+        return matrix_optimizer_spec(cfg, model, mesh, num_outputs)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
         # foreach: one fused kernel per group on GPU, fewer Python loops on CPU.

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.optim.adamw import adamw as adamw_fn
 
 from dist_train.optim import owners as ow
-from dist_train.optim.newton_schulz import newton_schulz, ns_flops
+from dist_train.optim.newton_schulz import coefficient_schedule, newton_schulz, ns_flops
 
 _LOCAL = "local"  # a plain tensor's "placement": whole on every rank that holds it
 
@@ -66,6 +66,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"{type(self).__name__}: a {p.ndim}-D parameter of shape "
                                          f"{tuple(p.shape)} cannot be orthogonalised; put it in a param "
                                          "group with algorithm='adamw'")
+        coefficient_schedule(ns_coefficients, 1)  # an unknown name fails here, not at the first step
         self.ns_steps, self.ns_coefficients, self.ns_dtype = ns_steps, ns_coefficients, ns_dtype
         self.owner_compute = owner_compute
         self._requested_group = process_group

@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass
 class Bank:
@@ -84,7 +88,7 @@ def reduce_scatter_bank(bank: Bank, grads: list, world: int, group) -> torch.Ten
             if grads[i] is not None:
                 buf[r, j].copy_(grads[i].reshape(m, n))
     out = torch.empty(c, m, n, dtype=ref.dtype, device=ref.device)
-    dist.reduce_scatter_tensor(out, buf.view(world * c, m, n), group=group)
+    _reduce_scatter(out, buf.view(world * c, m, n), group=group)
     return out
 
 
@@ -92,7 +96,7 @@ def all_gather_bank(bank: Bank, mine: torch.Tensor, world: int, group) -> list:
     """Gather every owner's [slots, m, n] slab: returns one (m, n) tensor per matrix of the bank."""
     c, m, n = mine.shape
     out = torch.empty(world * c, m, n, dtype=mine.dtype, device=mine.device)
-    dist.all_gather_into_tensor(out, mine.contiguous(), group=group)
+    _all_gather(out, mine.contiguous(), group=group)
     out = out.view(world, c, m, n)
     result = [None] * len(bank.params)
     for r in range(world):

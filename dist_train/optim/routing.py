@@ -4,7 +4,8 @@ Routing is by name and role, never by `ndim` alone: the embedding table and the 
 matrices too, but their rows are per-token / per-class vectors that orthogonalisation would mix, so
 they go to AdamW (Muon's authors do the same). The rules, first match wins:
 
-1. `optim.adamw_params` glob patterns -> AdamW; `optim.matrix_params` -> the matrix optimizer.
+1. `optim.matrix.adamw_params` glob patterns -> AdamW; `optim.matrix.matrix_params` -> the matrix
+   optimizer.
 2. Fewer than 2 dimensions (biases, norm gains) -> AdamW.
 3. A parameter of an `nn.Embedding`, or under a module named `embed` (the input layer of the
    reference models: token embedding, the MLP's input projection, the CNN's stem) -> AdamW.
@@ -57,11 +58,12 @@ def route_parameters(model: nn.Module, num_outputs: Optional[int] = None,
             name = f"{module_name}.{pname}" if module_name else pname
             decay_list = routes.adamw_decay
             if any(fnmatch(name, pat) for pat in adamw_patterns):
-                dest, why = "adamw", "optim.adamw_params"
+                dest, why = "adamw", "optim.matrix.adamw_params"
+                decay_list = routes.adamw_decay if p.ndim >= 2 else routes.adamw_no_decay
             elif any(fnmatch(name, pat) for pat in matrix_patterns):
-                dest, why = "matrix", "optim.matrix_params"
+                dest, why = "matrix", "optim.matrix.matrix_params"
                 if p.ndim < 2:
-                    raise UserError(f"optim.matrix_params: {name} has shape {tuple(p.shape)}; "
+                    raise UserError(f"optim.matrix.matrix_params: {name} has shape {tuple(p.shape)}; "
                                     "only parameters with 2 or more dimensions can be orthogonalised")
             elif p.ndim < 2:
                 dest, why, decay_list = "adamw", "1-D (bias or norm)", routes.adamw_no_decay
@@ -78,7 +80,7 @@ def route_parameters(model: nn.Module, num_outputs: Optional[int] = None,
                 raise UserError(
                     f"optimizer routing: parameter {name} (shape {tuple(p.shape)}, in a "
                     f"{type(module).__name__}) is neither a hidden Linear/Conv weight nor an embedding, "
-                    "head, bias or norm; name it in optim.matrix_params or optim.adamw_params")
+                    "head, bias or norm; name it in optim.matrix.matrix_params or optim.matrix.adamw_params")
             routes.reasons[name] = why
             (routes.matrix if dest == "matrix" else decay_list).append((name, p))
     return routes

@@ -18,10 +18,11 @@ from torch import nn
 from dist_train.config.schema import Config
 from dist_train.runtime.dist import DistContext
 
-from dist_train.optim.build import OptimizerSpec
+from dist_train.optim.build import OptimizerSpec, set_lr
 
-# Given the (possibly wrapped or sharded) module, describe the optimizer to build over it.
-OptimizerFactory = Callable[[nn.Module], OptimizerSpec]
+# Given the (possibly sharded) module and the data-parallel (sub-)mesh it lives on, describe the
+# optimizer to build over it (Muon and NorMuon distribute their work over that mesh).
+OptimizerFactory = Callable[[nn.Module, object], OptimizerSpec]
 
 
 class Backend(ABC):
@@ -66,8 +67,7 @@ class Backend(ABC):
         (loss / self.accum).backward()
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)  # each param group keeps its ratio to the scheduled lr
 
     def step(self) -> float:
         """Clip, step, zero gradients. Returns the global gradient norm before clipping."""
@@ -78,24 +78,35 @@ class Backend(ABC):
 
     def clip_grad_norm(self, max_norm: float) -> float:
         limit = max_norm if max_norm > 0 else float("inf")
+        if hasattr(self.optimizer, "clip_grad_norm"):
+            # An optimizer that places gradients itself (FairScale's OSS on their owners; owner-
+            # computes Muon reduce-scatters matrices) also knows how to count each element once.
+            return float(self.optimizer.clip_grad_norm(limit))
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     # --- checkpoint state -------------------------------------------------------------------
     # Default: torch.distributed.checkpoint with torch's state-dict helpers, which understand DDP,
-    # FSDP2 (DTensor shards) and plain modules alike. Backends with their own sharded optimizer
-    # format override these.
+    # FSDP2 (DTensor shards) and plain modules alike. An optimizer whose state lives on owner ranks
+    # (Muon, NorMuon) names its own tensors (`dcp_state_dict`). Backends with their own sharded
+    # optimizer format override these.
     def state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        if hasattr(self.optimizer, "dcp_state_dict"):
+            optim_sd = self.optimizer.dcp_state_dict()
+        else:
+            optim_sd = get_optimizer_state_dict(self.module, self.optimizer)
+        return {"model": get_model_state_dict(self.module), "optim": optim_sd}
 
     def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_model_state_dict(self.module, state["model"])
+        if hasattr(self.optimizer, "load_dcp_state_dict"):
+            self.optimizer.load_dcp_state_dict(state["optim"])
+        else:
+            set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
 
     def _keyed(self, state: dict) -> dict:
         return {self.checkpoint_key: state} if self.checkpoint_key else state

@@ -17,10 +17,15 @@ class DDPBackend(Backend):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         self.module = model
+        spec = make_optimizer(model, self.mesh)
+        if spec.self_reduced:
+            # Owner-computes Muon reduce-scatters these gradients to their owners itself; DDP's
+            # all-reduce of them would be the same bytes spent twice.
+            DDP._set_params_and_buffers_to_ignore_for_model(model, spec.self_reduced)
         # gradient_as_bucket_view saves one gradient-sized copy per step.
         self.model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True,
                          process_group=self.mesh.get_group())
-        self.optimizer = make_optimizer(model).build()
+        self.optimizer = spec.build()
 
     @contextlib.contextmanager
     def sync_context(self, is_last: bool) -> Iterator[None]:

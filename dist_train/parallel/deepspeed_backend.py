@@ -135,7 +135,7 @@ class DeepSpeedBackend(Backend):
         if self.checkpoint_key:  # stages save under different tags on purpose
             config.setdefault("checkpoint", {})["tag_validation"] = "Ignore"
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model).build(), mpu=mpu, config=config,
+            model=model, optimizer=make_optimizer(model, self.mesh).build(), mpu=mpu, config=config,
             dist_init_required=False)
         engine.checkpoint_engine = _weights_only_engine()
         self.model = self.engine = engine

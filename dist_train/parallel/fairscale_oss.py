@@ -31,7 +31,7 @@ class FairScaleBackend(Backend):
             from fairscale.optim.oss import OSS
         except ImportError:
             raise UserError("parallel.backend: fairscale is not installed (pip install fairscale)") from None
-        spec = make_optimizer(model)
+        spec = make_optimizer(model, self.mesh)
         self.optimizer = OSS(spec.param_groups, optim=spec.cls, **spec.kwargs)
         self.module = model
         self.model = ShardedDataParallel(model, self.optimizer)
@@ -40,10 +40,6 @@ class FairScaleBackend(Backend):
     def sync_context(self, is_last: bool) -> Iterator[None]:
         with (contextlib.nullcontext() if is_last else self.model.no_sync()):
             yield
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        # Gradients live only on their owner rank, so the norm needs OSS's sharded reduction.
-        return float(self.optimizer.clip_grad_norm(max_norm if max_norm > 0 else float("inf")))
 
     # The model is a full replica (saved with DCP); each rank's optimizer shard is its own file.
     def save(self, path: str) -> None:

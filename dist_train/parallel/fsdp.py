@@ -38,7 +38,7 @@ class FSDPBackend(Backend):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self.model = self.module = model
-        self.optimizer = make_optimizer(model).build()
+        self.optimizer = make_optimizer(model, self.mesh).build()
 
     def autocast(self) -> ContextManager:
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters itself

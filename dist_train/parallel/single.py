@@ -12,4 +12,4 @@ class SingleProcess(Backend):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.model = self.module = model
-        self.optimizer = make_optimizer(model).build()
+        self.optimizer = make_optimizer(model, None).build()

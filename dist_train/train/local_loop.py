@@ -45,7 +45,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     stage, info = build_stage(cfg, data.info, layout, balance["cut_points"] if balance else None)
     stage.to(ctx.device)
     backend = stage_backend(cfg, ctx, layout)
-    backend.setup(stage, lambda m: optimizer_spec(cfg.optim, m))
+    backend.setup(stage, lambda m, mesh: optimizer_spec(cfg.optim, m, mesh, num_outputs=info.num_classes))
     # Who reads data: the stages that need x, and every stage when targets stay off the wire.
     reads_data = stage.reads_data or not cfg.local.send_targets or not stage.receives_activations
     receives = not layout.first and stage.receives_activations

@@ -12,7 +12,7 @@ import torch
 from dist_train.data import build_dataset
 from dist_train.local.layout import stage_layout
 from dist_train.models.loss import cross_entropy
-from dist_train.optim import lr_at, optimizer_spec
+from dist_train.optim import lr_at, optimizer_spec, set_lr
 from dist_train.local.build import build_stage
 from dist_train.local.methods.man import MANStage, ema_schedule, flat_block_weights
 from dist_train.models.sampling import decode, next_token, prompt_ids
@@ -31,7 +31,7 @@ def local_reference(cfg, data=None) -> dict[str, Any]:
     parts = []
     for k in range(k_stages):
         trainer, info = build_stage(cfg, data.info, stage_layout(k, k_stages, k_stages))
-        parts.append((trainer, optimizer_spec(cfg.optim, trainer).build()))
+        parts.append((trainer, optimizer_spec(cfg.optim, trainer, num_outputs=info.num_classes).build()))
     independent = not parts[0][0].receives_activations
     # Each pipeline stage draws its randomness (negatives, noise, dropout) from its own stream.
     streams = [torch.Generator().manual_seed(cfg.train.seed + 1000 * k) for k in range(k_stages)]
@@ -48,8 +48,7 @@ def local_reference(cfg, data=None) -> dict[str, Any]:
     for step in range(cfg.train.steps):
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         for _, opt in parts:
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr)
         if man:
             for k, (trainer, _) in enumerate(parts[:-1]):
                 method = trainer.method

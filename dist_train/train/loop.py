@@ -34,7 +34,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         apply_activation_checkpointing(model)  # before the backend wraps or shards the blocks
     backend = build_backend(cfg, ctx)
     with ctx.phase("start"):
-        backend.setup(model, lambda m: optimizer_spec(cfg.optim, m))
+        outputs = data.info.vocab_size if data.info.task == "lm" else data.info.num_classes
+        backend.setup(model, lambda m, mesh: optimizer_spec(cfg.optim, m, mesh, num_outputs=outputs))
     torch.manual_seed(cfg.train.seed + 1000 * (ctx.rank + 1))  # per-rank stream for dropout
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
 

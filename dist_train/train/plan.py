@@ -12,6 +12,8 @@ from dist_train.config.layout import check_layout
 from dist_train.config.schema import Config
 from dist_train.data import build_dataset
 from dist_train.models import build_model, count_parameters
+from dist_train.optim import MATRIX_OPTIMIZERS
+from dist_train.optim.routing import route_parameters
 from dist_train.parallel import backend_class
 from dist_train.runtime.env import discover
 from dist_train.train.checkpoint import resolve_resume
@@ -39,6 +41,30 @@ def activation_bytes(model: torch.nn.Module, example: torch.Tensor) -> int:
     return total
 
 
+def _optimizer_state(cfg: Config, model: torch.nn.Module, info, backend: str, dp: int,
+                     adamw_bytes: float) -> tuple[float, str]:
+    """Optimizer-state bytes per rank for the whole model, and the optimizer's description.
+
+    `adamw_bytes`: the backend's per-parameter figure for AdamW's two fp32 moments (8 bytes, or
+    8/dp where it shards them). Muon keeps one fp32 momentum per matrix element, NorMuon that plus
+    one value per row; owner-computes keeps a matrix's state on its owner only, so under DDP as
+    well as FSDP2 it is divided over the dp ranks.
+    """
+    if cfg.optim.name not in MATRIX_OPTIMIZERS:
+        return count_parameters(model) * adamw_bytes, cfg.optim.name
+    routes = route_parameters(model, info.vocab_size if info.task == "lm" else info.num_classes,
+                              cfg.optim.matrix.matrix_params, cfg.optim.matrix.adamw_params)
+    n_matrix = sum(p.numel() for _, p in routes.matrix)
+    rows = sum(p.shape[0] for _, p in routes.matrix) if cfg.optim.name == "normuon" else 0
+    n_other = sum(p.numel() for _, p in routes.adamw_decay + routes.adamw_no_decay)
+    owner_share = 1.0 / dp if (backend in ("ddp", "fsdp") and cfg.optim.matrix.owner_compute) else 1.0
+    total = (n_matrix + rows) * 4.0 * owner_share + n_other * adamw_bytes
+    text = (f"{cfg.optim.name} ({len(routes.matrix)} hidden matrices, {n_matrix / 1e6:.2f} M parameters, "
+            f"orthogonalised {'by one owner rank each' if owner_share < 1 else 'on this rank'}; "
+            f"AdamW for {n_other / 1e6:.2f} M)")
+    return total, text
+
+
 def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -63,6 +89,7 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     w, g, o = backend_class(backend).bytes_per_param(dp, cfg)
     # A pipeline rank holds one stage: about 1/K of the parameters and of the activations.
     per_rank = n_params / cfg.parallel.stages
+    optim_bytes, optim_text = _optimizer_state(cfg, model, data.info, backend, dp, o)
     act = act / cfg.parallel.stages
     device = "cuda (nccl)" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu (gloo)"
     resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.run.dir) / cfg.run.name / "checkpoints")
@@ -77,9 +104,9 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
                   f"{n_params / 1e6:.2f} M parameters"),
         ("data", f"{cfg.data.name}: {data.info.train_size:,} train / {data.info.val_size:,} val"),
         ("batch", f"{cfg.train.batch_size} global = {dp} dp ranks x {cfg.train.grad_accum} micro-batches x {micro}"),
-        ("memory/rank", f"weights {_mb(per_rank * w)}, grads {_mb(per_rank * g)}, optimizer {_mb(per_rank * o)}, "
+        ("memory/rank", f"weights {_mb(per_rank * w)}, grads {_mb(per_rank * g)}, optimizer {_mb(optim_bytes / cfg.parallel.stages)}, "
                         f"activations ~{_mb(act)} (estimate, fp32)"),
-        ("optimizer", f"{cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.optim.schedule} after {cfg.optim.warmup_steps} warm-up"),
+        ("optimizer", f"{optim_text} lr {cfg.optim.lr:g}, {cfg.optim.schedule} after {cfg.optim.warmup_steps} warm-up"),
         ("steps", f"{cfg.train.steps}, checkpoint every {cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep}), "
                   f"resume: {resume if resume else 'fresh start'}"),
     ]
