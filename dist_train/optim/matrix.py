@@ -198,15 +198,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.reduce_gradients()
-        for bank in self._layout():
-            self._step_bank(bank)
+        pending = [self._step_bank(bank) for bank in self._layout()]
+        for finish in pending:  # the all-gathers of replicated banks, overlapped with later banks' NS
+            if finish is not None:
+                finish()
         for group in self.param_groups:
             if group["algorithm"] == "adamw":
                 self._adamw(group)
         self._reduced = False
         return loss
 
-    def _step_bank(self, bank: ow.Bank) -> None:
+    def _step_bank(self, bank: ow.Bank):
+        """Step one bank; returns a function that completes it (waits for its all-gather), or None."""
         group = self.param_groups[bank.group]
         m, n = bank.shape
         # Which matrices this rank computes the update of, and the rows it holds of each.
@@ -248,9 +251,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
             slab = torch.zeros(c, m, n, dtype=bank.params[0].dtype, device=bank.params[0].device)
             for j, w in enumerate(slab_rows):
                 slab[j].copy_(w)
-            for i, w in enumerate(ow.all_gather_bank(bank, slab, self.world, self.group)):
-                if present[i] and bank.owner[i] != self.rank:
-                    bank.params[i].copy_(w.view_as(bank.params[i]))
+            gathered = ow.all_gather_bank(bank, slab, self.world, self.group)
+
+            def finish() -> None:
+                for i, w in enumerate(gathered()):
+                    if present[i] and bank.owner[i] != self.rank:
+                        bank.params[i].copy_(w.view_as(bank.params[i]))
+
+            return finish
+        return None
 
     def _orthogonalise(self, mats: list, present: list) -> list:
         """One batched NS over the matrices that have a gradient; the others stay zero."""

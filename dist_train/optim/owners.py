@@ -92,17 +92,24 @@ def reduce_scatter_bank(bank: Bank, grads: list, world: int, group) -> torch.Ten
     return out
 
 
-def all_gather_bank(bank: Bank, mine: torch.Tensor, world: int, group) -> list:
-    """Gather every owner's [slots, m, n] slab: returns one (m, n) tensor per matrix of the bank."""
+def all_gather_bank(bank: Bank, mine: torch.Tensor, world: int, group):
+    """Start gathering every owner's [slots, m, n] slab; returns a function that waits for it and
+    gives one (m, n) tensor per matrix of the bank. Asynchronous so that the next bank's
+    Newton–Schulz runs while this bank's weights travel."""
     c, m, n = mine.shape
     out = torch.empty(world * c, m, n, dtype=mine.dtype, device=mine.device)
-    _all_gather(out, mine.contiguous(), group=group)
-    out = out.view(world, c, m, n)
-    result = [None] * len(bank.params)
-    for r in range(world):
-        for j, i in enumerate(bank.owned(r)):
-            result[i] = out[r, j]
-    return result
+    work = _all_gather(out, mine.contiguous(), group=group, async_op=True)
+
+    def wait() -> list:
+        work.wait()
+        slabs = out.view(world, c, m, n)
+        result = [None] * len(bank.params)
+        for r in range(world):
+            for j, i in enumerate(bank.owned(r)):
+                result[i] = slabs[r, j]
+        return result
+
+    return wait
 
 
 # --- row-sharded parameters -----------------------------------------------------------------------
