@@ -76,3 +76,18 @@ def test_spec_keeps_lr_ratio_and_names_self_reduced_parameters():
     lrs = {g["algorithm"]: g["lr"] for g in opt.param_groups}
     assert lrs["muon"] == pytest.approx(0.01) and lrs["adamw"] == pytest.approx(0.002)
     assert set(opt.param_names.values()) == {n for n, _ in model.named_parameters()}
+
+
+def test_owners_spread_each_bank_and_give_remainders_to_the_least_loaded():
+    """Each bank is spread evenly (the reduce-scatter needs equal slots per rank); what does not divide
+    goes to the ranks with the least NS cost so far, biggest banks first."""
+    from dist_train.optim.owners import Bank, assign_owners, row_counts
+
+    big = Bank(group=0, shape=(64, 64), params=[object()])        # cost 64^3
+    mid = Bank(group=0, shape=(16, 32), params=[object()] * 3)    # cost 32*16^2 each
+    load = assign_owners([mid, big], world=2)
+    assert big.owner == [0]
+    assert sorted(mid.owner) == [0, 1, 1]  # one each, the remainder to rank 1 (rank 0 holds the big one)
+    assert load == [64**3 + 32 * 16**2, 2 * 32 * 16**2]
+    assert mid.slots(2) == 2 and big.slots(2) == 1
+    assert row_counts(5, 4) == [2, 2, 1, 0] and row_counts(3, 4) == [1, 1, 1, 0] and row_counts(8, 2) == [4, 4]
