@@ -68,6 +68,7 @@ from typing import Any, Optional
 
 from dist_train.bench._spawn import one_thread_env as _one_thread_env
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
+from dist_train.bench.sweep import choose_lr, mean_sd, ordered
 
 METHODS = ("dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop")
 TARGETED = ("dgl", "infopro", "auglocal", "man")  # the methods the issue sets targets for
@@ -234,8 +235,6 @@ def _sweep_job(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-
-
 # Methods that do not apply to a task: Forward-Forward embeds each candidate label in the input,
 # which a causal language model's next-token label cannot be (a config error for the GPT).
 NOT_APPLICABLE = {("gpt-bytes", "forward_forward")}
@@ -269,31 +268,6 @@ def _sweep(size: dict[str, Any], run_dir: str) -> list[dict[str, Any]]:
     return runs
 
 
-def _mean_sd(values: list[float]) -> tuple[Optional[float], Optional[float]]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def choose_lr(runs: list[dict[str, Any]], lm: bool) -> tuple[Optional[float], dict[float, dict[str, float]]]:
-    """The lr of one (task, method, K) chosen on validation only, and the per-lr validation means.
-
-    Classifiers: highest mean val accuracy, ties to lower mean val loss; LM: lowest mean val loss.
-    An lr with any failed seed is out (its mean would be over fewer seeds)."""
-    by_lr: dict[float, dict[str, float]] = {}
-    for lr in sorted({r["lr"] for r in runs}):
-        mine = [r for r in runs if r["lr"] == lr]
-        if any("error" in r for r in mine) or any(not math.isfinite(r["val_loss"]) for r in mine):
-            continue
-        by_lr[lr] = {"val_loss": statistics.fmean(r["val_loss"] for r in mine)}
-        if not lm:
-            by_lr[lr]["val_acc"] = statistics.fmean(r["val_acc"] for r in mine)
-    if not by_lr:
-        return None, by_lr
-    key = (lambda lr: by_lr[lr]["val_loss"]) if lm else (lambda lr: (-by_lr[lr]["val_acc"], by_lr[lr]["val_loss"]))
-    return min(by_lr, key=key), by_lr
-
-
 def _sweep_rows(size: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for task, method, k in configurations(size):
@@ -310,8 +284,8 @@ def _sweep_rows(size: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[s
                 row["val_acc"] = by_lr[lr]["val_acc"]
             row["val_loss"] = by_lr[lr]["val_loss"]
             if not lm:
-                row["test_acc"], row["acc_sd"] = _mean_sd([r["test_acc"] for r in chosen])
-            row["test_loss"], row["loss_sd"] = _mean_sd([r["test_loss"] for r in chosen])
+                row["test_acc"], row["acc_sd"] = mean_sd([r["test_acc"] for r in chosen])
+            row["test_loss"], row["loss_sd"] = mean_sd([r["test_loss"] for r in chosen])
             row["cpu_s"] = statistics.fmean(r["cpu_s"] for r in chosen)  # per run: what it costs, whatever the load
             failed = sum("error" in r for r in mine)
             if failed:
@@ -331,16 +305,11 @@ def _sweep_rows(size: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[s
                     r["loss_x"] = r["test_loss"] / bp["test_loss"]
             elif bp.get("test_acc") is not None and r.get("test_acc") is not None:
                 r["gap_pts"] = 100.0 * (bp["test_acc"] - r["test_acc"])
-    return [_ordered(r, _SWEEP_KEYS) for r in rows]
+    return [ordered(r, _SWEEP_KEYS) for r in rows]
 
 
 _SWEEP_KEYS = ("part", "task", "method", "K", "lr", "val_acc", "val_loss", "test_acc", "acc_sd", "gap_pts", "test_loss",
                "loss_sd", "loss_x", "cpu_s", "failed_runs", "error")
-
-
-def _ordered(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """`row` with `keys` first, in that order (the printed table's columns), the rest after."""
-    return {**{k: row[k] for k in keys if k in row}, **{k: v for k, v in row.items() if k not in keys}}
 
 
 # ------------------------------------------------------------------------------- real pipelines
@@ -449,7 +418,7 @@ def _pipeline(size: dict[str, Any], sweep_rows: list[dict[str, Any]], runs: list
             out["d_val_pts"] = 100.0 * (out["val_acc"] - out["ref_val_acc"])
     keys = ("part", "task", "method", "K", "lr", "seed", "val_acc", "ref_val_acc", "d_val_pts", "val_loss",
             "ref_val_loss", "train_loss", "ref_train_loss", "samples_s", "s_run", "error")
-    return [_ordered(rows[m], keys) for m in METHODS]
+    return [ordered(rows[m], keys) for m in METHODS]
 
 
 def block_costs(overrides: list[str], repeats: int = 15) -> dict[str, Any]:
@@ -523,7 +492,7 @@ def _async(size: dict[str, Any], run_dir: str) -> tuple[list[dict[str, Any]], di
                 row["busy_ratio"] = s0["busy_s_step"] / s1["busy_s_step"]
             per_mode[job["mode"]].append(row)
         row["overrides"] = job["overrides"]
-        rows.append(_ordered(row, _ASYNC_KEYS))
+        rows.append(ordered(row, _ASYNC_KEYS))
     summary: dict[str, Any] = {}
     for mode, mine in per_mode.items():
         med = {"part": "async", "task": "gpt-bytes", "method": "dgl", "K": 2, "mode": mode, "repeat": "median"}
