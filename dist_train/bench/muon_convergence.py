@@ -12,8 +12,11 @@ Same tuning effort for each: 3 peak lrs, each over the same seeds.
   muon     optim.lr = the hidden matrices' lr (Keller's scale sqrt(max(1, m/n)), Nesterov, mu 0.95);
            the AdamW groups (embedding, output head, norms, biases) at `optim.matrix.adamw_lr` fixed
            to the middle of the AdamW grid.
-  normuon  optim.lr = the matrices' lr (the paper's rule: update RMS 0.2 * lr) and, unset
-           `optim.matrix.adamw_lr`, also the AdamW groups' lr.
+  normuon  optim.lr = the matrices' lr (the paper's rule: update RMS 0.2 * lr); its AdamW groups
+           exactly as Muon's (`optim.matrix.adamw_lr` = the middle of the AdamW grid), so the two
+           matrix optimizers differ only in the matrix rule. (An earlier version let NorMuon's lr drive
+           its AdamW groups too: at its best lr, 1e-2, that trained the embeddings and head at an lr
+           where AdamW itself diverges, a handicap Muon did not have.)
 Each grid is centred on its optimizer's best in a wider exploratory sweep (see FULL_GRIDS); a summary
 row says `bracketed: no` when its best lr is at an edge of its grid all the same.
 
@@ -108,7 +111,7 @@ def eval_every(size: dict[str, Any]) -> int:
 def run_overrides(size: dict[str, Any], optimizer: str, lr: float) -> list[str]:
     """The exact overrides (over _COMMON and the built-in defaults) of one run, less its seed."""
     opt = [f"optim.name={optimizer}", f"optim.lr={lr}"]
-    if optimizer == "muon":
+    if optimizer in ("muon", "normuon"):
         opt.append(f"optim.matrix.adamw_lr={size['muon_adamw_lr']}")
     every = eval_every(size)
     return [*size["model"], f"train.batch_size={size['batch']}", f"train.steps={size['steps']}",
@@ -270,7 +273,7 @@ def convergence(quick: bool) -> tuple[list[dict], list[dict], dict]:
              "steps": size["steps"], "batch": size["batch"], "warmup_steps": size["warmup_steps"],
              "schedule": "cosine to 0.1x peak after linear warm-up", "seeds": size["seeds"],
              "grids": size["grids"], "muon_adamw_lr": size["muon_adamw_lr"],
-             "normuon_adamw_lr": "= optim.lr (each NorMuon lr also drives its AdamW groups)",
+             "normuon_adamw_lr": size["muon_adamw_lr"],
              "eval_every": eval_every(size), "eval_batches": size["eval_batches"], "threads": 1, "workers": WORKERS,
              "common_overrides": _COMMON, "runner": "dist_train.train.loop.train, parallel.backend=none, one process",
              "selection": "best lr per optimizer: lowest final val loss, mean over seeds",
