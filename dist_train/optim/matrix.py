@@ -111,15 +111,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if not self.owner_compute:  # every rank computes every matrix
             for bank in self._banks:
                 bank.owner = [self.rank] * len(bank.params)
+        self._owner = {p: r for bank in self._banks for p, r in zip(bank.params, bank.owner)}
         return self._banks
 
     def owns(self, p) -> bool:
         """Whether this rank orthogonalises `p` (replicated layout; row-sharded: every rank holds rows)."""
-        for bank in self._layout():
-            for i, q in enumerate(bank.params):
-                if q is p:
-                    return bank.owner[i] == self.rank
-        return True
+        self._layout()
+        return self._owner.get(p, self.rank) == self.rank
 
     @property
     def _distributed(self) -> bool:
