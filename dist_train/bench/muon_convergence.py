@@ -15,8 +15,8 @@ Same tuning effort for each: 3 peak lrs, each over the same seeds.
   normuon  optim.lr = the matrices' lr (the paper's rule: update RMS 0.2 * lr); its AdamW groups
            exactly as Muon's (`optim.matrix.adamw_lr` = the middle of the AdamW grid), so the two
            matrix optimizers differ only in the matrix rule. (An earlier version let NorMuon's lr drive
-           its AdamW groups too: at its best lr, 1e-2, that trained the embeddings and head at an lr
-           where AdamW itself diverges, a handicap Muon did not have.)
+           its AdamW groups too; at its best lr, 1e-2, NorMuon then ended at 1.533 instead of
+           1.546: better for NorMuon, but a different AdamW setting from Muon's, so not equal footing.)
 Each grid is centred on its optimizer's best in a wider exploratory sweep (see FULL_GRIDS); a summary
 row says `bracketed: no` when its best lr is at an edge of its grid all the same.
 
