@@ -262,6 +262,28 @@ MUON_CASES = [
 ]
 
 
+def assert_steps_match(opt, ref, mats: dict, others: dict, row_state: bool = False) -> None:
+    """Step `opt` and the independent reference `ref` together; after each step compare every matrix's
+    weight, its update alone (W's magnitude must not hide an error in the step) and its momentum
+    (and NorMuon's per-row v) at OPT_RTOL."""
+    params = {**mats, **others}
+    shapes = {**MATRIX_SHAPES, **ADAMW_SHAPES}
+    before = {k: p.detach().clone() for k, p in mats.items()}
+    for t, after in run_steps(opt, params, shapes):
+        ref.step(grads_at(shapes, t))
+        for k in mats:
+            where = f"step {t + 1}, {k}"
+            torch.testing.assert_close(after[k], ref.weight(k), rtol=OPT_RTOL, atol=OPT_ATOL, msg=where)
+            torch.testing.assert_close(after[k] - before[k], ref.weight(k) - before[k], rtol=1e-9, atol=OPT_ATOL,
+                                       msg=where)
+            st = opt.state[mats[k]]
+            torch.testing.assert_close(st["momentum_buffer"].reshape(ref.M[k].shape), ref.M[k], rtol=OPT_RTOL,
+                                       atol=OPT_ATOL, msg=where)
+            if row_state:
+                torch.testing.assert_close(st["v"], ref.v[k], rtol=OPT_RTOL, atol=OPT_ATOL, msg=where)
+            before[k] = after[k]
+
+
 @pytest.mark.parametrize("case", MUON_CASES, ids=lambda c: f"nesterov={c['nesterov']}-{c['lr_scale']}-{c['ns_coefficients']}")
 def test_muon_three_steps_match_rule(case):
     """Muon (spec "Muon") on a wide, a tall (m > n) and a conv weight (4,3,3,3) -> (4, 27), with an
@@ -271,20 +293,7 @@ def test_muon_three_steps_match_rule(case):
     mats, others = make_params(MATRIX_SHAPES, seed=20), make_params(ADAMW_SHAPES, seed=30)
     ref = RefMuon(mats, **hyper)
     opt = Muon([{"params": list(mats.values())}, {"params": list(others.values()), "algorithm": "adamw"}], **hyper)
-    params = {**mats, **others}
-    shapes = {**MATRIX_SHAPES, **ADAMW_SHAPES}
-    before = {k: p.detach().clone() for k, p in mats.items()}
-    for t, after in run_steps(opt, params, shapes):
-        ref.step(grads_at(shapes, t))
-        for k in mats:
-            where = f"step {t + 1}, {k}"
-            torch.testing.assert_close(after[k], ref.weight(k), rtol=OPT_RTOL, atol=OPT_ATOL, msg=where)
-            # the update alone (W's magnitude must not hide an error in lr·s·O)
-            ref_delta = ref.weight(k) - before[k]
-            torch.testing.assert_close(after[k] - before[k], ref_delta, rtol=1e-9, atol=OPT_ATOL, msg=where)
-            buf = opt.state[mats[k]]["momentum_buffer"]
-            torch.testing.assert_close(buf.reshape(ref.M[k].shape), ref.M[k], rtol=OPT_RTOL, atol=OPT_ATOL, msg=where)
-            before[k] = after[k]
+    assert_steps_match(opt, ref, mats, others)
 
 
 def test_muon_conv_and_tall_first_step_geometry():
@@ -373,21 +382,7 @@ def test_normuon_three_steps_match_rule(variant, nesterov_arg, nesterov):
     mats, others = make_params(MATRIX_SHAPES, seed=50), make_params(ADAMW_SHAPES, seed=60)
     ref = RefNorMuon(mats, variant=variant, nesterov=nesterov, **hyper)
     opt = NorMuon([{"params": list(mats.values())}, {"params": list(others.values()), "algorithm": "adamw"}], **kwargs)
-    params = {**mats, **others}
-    shapes = {**MATRIX_SHAPES, **ADAMW_SHAPES}
-    before = {k: p.detach().clone() for k, p in mats.items()}
-    for t, after in run_steps(opt, params, shapes):
-        ref.step(grads_at(shapes, t))
-        for k in mats:
-            where = f"step {t + 1}, {k}"
-            torch.testing.assert_close(after[k], ref.weight(k), rtol=OPT_RTOL, atol=OPT_ATOL, msg=where)
-            torch.testing.assert_close(after[k] - before[k], ref.weight(k) - before[k], rtol=1e-9, atol=OPT_ATOL,
-                                       msg=where)
-            st = opt.state[mats[k]]
-            torch.testing.assert_close(st["momentum_buffer"].reshape(ref.M[k].shape), ref.M[k], rtol=OPT_RTOL,
-                                       atol=OPT_ATOL, msg=where)
-            torch.testing.assert_close(st["v"], ref.v[k], rtol=OPT_RTOL, atol=OPT_ATOL, msg=where)
-            before[k] = after[k]
+    assert_steps_match(opt, ref, mats, others, row_state=True)
 
 
 def test_normuon_paper_update_rms_is_0_2_lr():

@@ -322,9 +322,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: set param_names to checkpoint through DCP")
         return {self.param_names[p]: self._state(p) for p in self.held_params()}
 
-    def load_dcp_state_dict(self, state: dict) -> None:
-        """DCP loads in place into the tensors `dcp_state_dict` returned; nothing is left to copy."""
-
     # --- what subclasses define -----------------------------------------------------------------
     def _momentum(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
         """Update the momentum from `grad` (rows × n, local) and return the Newton–Schulz input."""

@@ -103,9 +103,8 @@ class Backend(ABC):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         set_model_state_dict(self.module, state["model"])
-        if hasattr(self.optimizer, "load_dcp_state_dict"):
-            self.optimizer.load_dcp_state_dict(state["optim"])
-        else:
+        # A `dcp_state_dict` hands DCP the optimizer's live tensors, which it has loaded in place.
+        if not hasattr(self.optimizer, "dcp_state_dict"):
             set_optimizer_state_dict(self.module, self.optimizer, state["optim"])
 
     def _keyed(self, state: dict) -> dict:
