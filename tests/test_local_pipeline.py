@@ -262,10 +262,13 @@ def test_pipeline_resume_is_exact(tmp_path):
 
 
 def test_asynchronous_mode_replays_instead_of_idling(tmp_path):
-    """A heavy first stage (5 of 6 blocks) and a light second one: in asynchronous mode the second
+    """A heavy first stage (8 of 9 blocks) and a light second one: in asynchronous mode the second
     stage trains on replayed batches while it waits, within the reuse cap, and still consumes every
     activation the first stage sends."""
-    run = _launch(tmp_path, *TINY, "model.n_layer=6", "parallel.cut_points=[5]", "train.steps=12",
+    # Wide enough that compute, not per-step overhead, sets each stage's pace (stage 0: 8 blocks and a
+    # head, stage 1: 1 block and a head), so stage 1 waits every step even on a loaded machine.
+    run = _launch(tmp_path, *TINY, "model.n_layer=9", "model.width=128", "model.block_size=64",
+                  "parallel.cut_points=[8]", "train.steps=12",
                   "local.asynchronous=true", "local.replay_size=4", "local.max_reuse=3", "checkpoint.at_end=true")
     s1 = _records(run / "stages" / "stage1" / "metrics.jsonl")
     assert [r["step"] for r in s1] == list(range(1, 13))  # every upstream step consumed once, in order
