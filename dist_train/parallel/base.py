@@ -1,8 +1,9 @@
 """One interface over the data-parallel backends.
 
 The trainer never branches on the backend: it asks the backend to wrap the model, run a micro-batch
-backward (accumulating without communication until the last micro-batch), take the optimizer step
-(returning the pre-clip global gradient norm), and save or load its state.
+backward (accumulating without communication until the last micro-batch), take the step (the
+trainer's gradient transform, then the optimizer; see `dist_train.optim.transform`), and save or
+load its state.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from abc import ABC, abstractmethod
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from dist_train.config.schema import Config
 from dist_train.runtime.dist import DistContext
 
 from dist_train.optim.build import OptimizerSpec, set_lr
+
+if TYPE_CHECKING:
+    from dist_train.optim.transform import GradientTransform
 
 # Given the (possibly sharded) module and the data-parallel (sub-)mesh it lives on, describe the
 # optimizer to build over it (Muon and NorMuon distribute their work over that mesh).
@@ -69,12 +73,18 @@ class Backend(ABC):
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)  # each param group keeps its ratio to the scheduled lr
 
-    def step(self) -> float:
-        """Clip, step, zero gradients. Returns the global gradient norm before clipping."""
-        norm = self.clip_grad_norm(self.cfg.train.grad_clip)
+    def step(self, transform: Optional["GradientTransform"] = None) -> float:
+        """Gradient transform (default: clip at train.grad_clip), optimizer step, zero gradients.
+        Returns the gradient norm the transform reports (the global norm before clipping)."""
+        from dist_train.optim.transform import GradientTransform
+
+        norm = (transform or GradientTransform(self.cfg))(self)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         limit = max_norm if max_norm > 0 else float("inf")

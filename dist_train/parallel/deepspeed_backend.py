@@ -152,7 +152,11 @@ class DeepSpeedBackend(Backend):
         if not is_last:
             self.engine.step()  # a non-boundary step only advances DeepSpeed's micro-step counter
 
-    def step(self) -> float:
+    def step(self, transform=None) -> float:
+        # The engine clips (gradient_clipping) and steps its own flattened partitions; a transform
+        # that rewrites gradients cannot run between the two, and config/layout.py refuses one.
+        if transform is not None and transform.name != "clip":
+            raise ValueError(f"deepspeed backend: gradient transform {transform.name!r} is not supported")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)

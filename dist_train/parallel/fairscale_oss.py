@@ -60,9 +60,6 @@ class FairScaleBackend(Backend):
                             "(was it saved with a different number of ranks?)")
         self.optimizer.optim.load_state_dict(torch.load(shard, weights_only=True))
 
-    def step(self) -> float:
-        norm = self.clip_grad_norm(self.cfg.train.grad_clip)
-        self.optimizer.step()
+    def zero_grad(self) -> None:
         # ShardedDDP's reduce hooks hold views of the gradients; keep the tensors, zero them.
         self.model.zero_grad(set_to_none=False)
-        return norm

@@ -13,6 +13,7 @@ from dist_train.config.schema import Config
 from dist_train.data import build_dataset
 from dist_train.models import build_model
 from dist_train.optim import lr_at, optimizer_spec
+from dist_train.train.transforms import build_transform
 from dist_train.parallel import build_backend
 from dist_train.runtime.dist import DistContext
 from dist_train.telemetry import (MetricsWriter, Progress, collect_provenance, make_energy_meter,
@@ -33,15 +34,18 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)  # before the backend wraps or shards the blocks
     backend = build_backend(cfg, ctx)
+    transform = build_transform(cfg, data, ctx, model)  # clip, or DP-SGD's per-example clip + noise
     with ctx.phase("start"):
         outputs = data.info.vocab_size if data.info.task == "lm" else data.info.num_classes
-        backend.setup(model, lambda m, mesh: optimizer_spec(cfg.optim, m, mesh, num_outputs=outputs))
+        backend.setup(model, lambda m, mesh: transform.adapt(optimizer_spec(cfg.optim, m, mesh, num_outputs=outputs), m))
+        transform.attach(backend)
     torch.manual_seed(cfg.train.seed + 1000 * (ctx.rank + 1))  # per-rank stream for dropout
-    sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
+    sampler = transform.sampler(data)
 
     # Resume before touching the run directory: a bad checkpoint must leave everything as it was.
     ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
-    start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler)
+    start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler,
+                                on_state=lambda saved: transform.load_state_dict(saved.get("transform")))
 
     writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from)
     energy = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
@@ -55,20 +59,25 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         ctx.barrier()
         energy.start()
         window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
+        done = start
         for step in range(start, cfg.train.steps):
+            if stop := transform.stop_reason():  # e.g. the next step would overspend the privacy budget
+                progress.note(stop)
+                break
             lr = lr_at(step, cfg.optim, cfg.train.steps)
             backend.set_lr(lr)
             idx = sampler.next_indices(ctx.rank, ctx.world_size)  # advances the data position
-            for i, micro in enumerate(idx.chunk(cfg.train.grad_accum)):
-                is_last = i == cfg.train.grad_accum - 1
+            parts = transform.micro_batches(idx)  # DP-SGD: Poisson-sized, possibly none on this rank
+            for i, micro in enumerate(parts):
+                is_last = i == len(parts) - 1
                 x, y = (t.to(ctx.device, non_blocking=True) for t in data.get_batch("train", micro))
                 with backend.sync_context(is_last):
                     with backend.autocast():
                         out = backend.model(x)
                     loss = backend.module.loss(out.float(), y)
-                    backend.backward(loss, is_last)
-                loss_acc += loss.detach() / cfg.train.grad_accum
-            grad_norm = backend.step()
+                    transform.backward(backend, loss, x.size(0), is_last)
+                loss_acc += loss.detach() / len(parts)
+            grad_norm = backend.step(transform)
             window_steps += 1
             done = step + 1
 
@@ -76,6 +85,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if due(done, cfg.train.log_every) or evaluating:
                 last = _window_metrics(cfg, ctx, energy, done, lr, grad_norm, loss_acc, window_steps,
                                        time.perf_counter() - window_t0, tokens_per_sample)
+                last.update(transform.metrics())
                 if evaluating:
                     last.update(evaluate(backend, data, ctx, cfg.train.batch_size, cfg.train.eval_batches))
                     progress.note(f"step {done}/{cfg.train.steps}  loss {last['loss']:.4f}  "
@@ -85,8 +95,10 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
 
             if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
-                ckpt.save(done, backend, trainer_state.capture(done, sampler.state_dict()))
+                ckpt.save(done, backend, _trainer_state(done, sampler, transform))
                 window_t0 = time.perf_counter()  # keep save time out of throughput
+        if done < cfg.train.steps and done > start and cfg.checkpoint.at_end and not due(done, cfg.checkpoint.every):
+            ckpt.save(done, backend, _trainer_state(done, sampler, transform))  # stopped early: keep the work
         if cfg.train.sample_tokens and model.task == "lm":
             last["sample"] = generate(cfg, ctx, data, backend)
             if ctx.is_main:
@@ -95,6 +107,13 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     writer.close()
     energy.close()
     return last
+
+
+def _trainer_state(done: int, sampler, transform) -> dict:
+    state = trainer_state.capture(done, sampler.state_dict())
+    if (extra := transform.state_dict()) is not None:
+        state["transform"] = extra  # e.g. the privacy accountant: spent budget survives a resume
+    return state
 
 
 def due(done: int, every: int) -> bool:

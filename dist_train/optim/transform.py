@@ -1,0 +1,68 @@
+"""What a training step does around its gradients: the seam DP-SGD and DIFF2 plug into.
+
+A step is: draw this rank's examples -> split them into micro-batches -> forward, backward of each
+(the data-parallel wrapper reduces its gradients in backward hooks) -> gradient transform -> the
+optimizer step. The default transform clips the global gradient norm; a private one (DP-SGD)
+clips per example, adds noise once across the world and reduces the gradients itself, and for
+that it also chooses the sampling (Poisson), the loss reduction (a sum over examples) and claims the
+parameters whose gradients it reduces. No backend contains code for a particular transform.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from dist_train.config.schema import Config
+
+
+class GradientTransform:
+    """The default step: uniform batches, `train.grad_accum` equal micro-batches, mean loss,
+    global-norm clipping at `train.grad_clip` (0: no clipping), then the optimizer step."""
+
+    name = "clip"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    # --- set-up ---------------------------------------------------------------------------
+    def adapt(self, spec, model: torch.nn.Module):
+        """Adjust the optimizer spec before the backend builds it (claim self-reduced parameters)."""
+        return spec
+
+    def attach(self, backend) -> None:
+        """Called once the backend has wrapped the model and built the optimizer."""
+
+    def sampler(self, data):
+        """The training sampler: `next_indices(rank, world)`, `state_dict`, `load_state_dict`."""
+        return data.sampler("train", self.cfg.train.seed, self.cfg.train.batch_size)
+
+    # --- one step -------------------------------------------------------------------------
+    def stop_reason(self) -> Optional[str]:
+        """Checked before each step: a reason to end training now (a spent privacy budget), or None."""
+        return None
+
+    def micro_batches(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's step indices as micro-batches (every rank must get the same count here:
+        a DDP/FSDP wrapper reduces in the last micro-batch's backward)."""
+        return list(indices.chunk(self.cfg.train.grad_accum))
+
+    def backward(self, backend, loss: torch.Tensor, examples: int, is_last: bool) -> None:
+        """Backward of one micro-batch's mean loss over `examples` examples."""
+        backend.backward(loss, is_last)
+
+    def __call__(self, backend) -> float:
+        """Transform the (reduced) gradients in place; return the gradient norm to log."""
+        return backend.clip_grad_norm(self.cfg.train.grad_clip)
+
+    def metrics(self) -> dict:
+        """Extra figures for the step's log record."""
+        return {}
+
+    # --- checkpoint -----------------------------------------------------------------------
+    def state_dict(self) -> Optional[dict]:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
