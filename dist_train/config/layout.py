@@ -54,7 +54,13 @@ def check_layout(cfg: Config, world_size: int) -> None:
         raise UserError(f"optim.name: {cfg.optim.name} orthogonalises whole matrices, but "
                         f"{cfg.parallel.backend} flattens parameters into partitions it steps itself; "
                         "use parallel.backend ddp or fsdp")
+    if cfg.optim.name == "dp_sgd":
+        if stages > 1:
+            raise UserError("optim.name: dp_sgd is not offered with local-learning stages yet (parallel.stages > 1)")
+        if cfg.parallel.backend not in ("ddp", "none"):
+            raise UserError(f"optim.name: dp_sgd clips per example and reduces the noised sum itself; "
+                            f"parallel.backend {cfg.parallel.backend} is not supported (use ddp or none)")
     per_step = dp * cfg.train.grad_accum
-    if cfg.train.batch_size % per_step != 0:
+    if cfg.train.batch_size % per_step != 0 and cfg.optim.name != "dp_sgd":  # dp_sgd: an expected size
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by data-parallel size x "
                         f"grad_accum ({dp} x {cfg.train.grad_accum} = {per_step})")

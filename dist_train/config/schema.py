@@ -176,7 +176,7 @@ class MatrixOptimOptions(_Strict):
 
 
 class OptimSection(_Strict):
-    name: Literal["adamw", "sgd", "muon", "normuon"] = Field("adamw", description="Optimizer: adamw, sgd, or muon / normuon for the hidden matrices with AdamW for the rest.")
+    name: Literal["adamw", "sgd", "muon", "normuon", "dp_sgd"] = Field("adamw", description="Optimizer: adamw, sgd, muon / normuon for the hidden matrices with AdamW for the rest, or dp_sgd (per-example clipping and noise, see privacy.*, before privacy.base_optimizer).")
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (muon / normuon: of the hidden matrices).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (matrices only; biases, norms and embeddings are exempt).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (sgd: momentum).")
@@ -186,6 +186,18 @@ class OptimSection(_Strict):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
     matrix: MatrixOptimOptions = Field(default_factory=MatrixOptimOptions, description="muon / normuon settings: momentum, Newton-Schulz, routing of parameters.")
+
+
+class PrivacySection(_Strict):
+    noise_multiplier: Optional[float] = Field(None, ge=0, description="DP-SGD noise multiplier sigma (noise std = sigma x max_grad_norm per coordinate); default: calibrated from target_epsilon over train.steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example clipping radius C over all trainable parameters (flat clipping).")
+    target_epsilon: Optional[float] = Field(None, gt=0, description="Privacy budget: training stops before epsilon would exceed it (also across resume). Required unless noise_multiplier is set.")
+    delta: Optional[float] = Field(None, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee; must be below 1/N (N = training examples); default: 1/(10 N).")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Privacy accountant (Opacus): RDP with Balle et al. 2020 conversion, or PRV (Gopi et al. 2021).")
+    base_optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer that takes the privatised gradient (optim.lr, optim.beta1/beta2/eps, optim.weight_decay apply).")
+    max_physical_batch: int = Field(64, ge=1, description="Largest micro-batch per rank: a Poisson logical batch is split into physical micro-batches of at most this many examples.")
+    secure_rng: bool = Field(False, description="Draw the noise from a generator seeded by the OS's cryptographic RNG every step (not reproducible); default: seeded from (train.seed, step), reproducible across resume.")
+    fix_model: bool = Field(False, description="Replace BatchNorm layers by GroupNorm instead of refusing the model.")
 
 
 class TelemetrySection(_Strict):
@@ -217,6 +229,7 @@ class Config(_Strict):
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Parallelism.")
     local: LocalSection = Field(default_factory=LocalSection, description="Local-learning pipeline.")
     optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer and schedule.")
+    privacy: PrivacySection = Field(default_factory=PrivacySection, description="Differential privacy (optim.name dp_sgd): noise, clipping, budget, accountant.")
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection, description="Logging, energy, progress.")
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Checkpointing and resume.")
     runtime: RuntimeSection = Field(default_factory=RuntimeSection, description="Devices, threads and timeouts.")
@@ -232,4 +245,17 @@ class Config(_Strict):
             raise ValueError(f"model.name: {self.model.name} needs data.name=digits")
         if self.train.batch_size % self.train.grad_accum != 0:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})")
+        if self.optim.name == "dp_sgd":
+            p = self.privacy
+            if p.noise_multiplier is None and p.target_epsilon is None:
+                raise ValueError("privacy: dp_sgd needs privacy.noise_multiplier or privacy.target_epsilon")
+            if p.noise_multiplier == 0 and p.target_epsilon is not None:
+                raise ValueError(f"privacy.noise_multiplier: 0 (no noise) gives no finite epsilon, but "
+                                 f"privacy.target_epsilon is {p.target_epsilon}")
+            if self.parallel.activation_checkpointing:
+                raise ValueError("parallel.activation_checkpointing: dp_sgd keeps each layer's input for its "
+                                 "per-example norms already; recomputation would capture every layer twice")
+            if self.train.grad_accum != 1:
+                raise ValueError("train.grad_accum: dp_sgd splits its Poisson batches by privacy.max_physical_batch; "
+                                 "leave grad_accum at 1")
         return self

@@ -30,7 +30,9 @@ class Embedding(nn.Module):
         t = idx.size(1)
         if t > self.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
-        pos = torch.arange(t, device=idx.device)
+        # Positions expanded to [B,T] (a view, no copy): the position table's gradient then has an
+        # example dimension, which per-example clipping (DP-SGD) needs; the sum is unchanged.
+        pos = torch.arange(t, device=idx.device).expand_as(idx)
         return self.drop(self.tok(idx) + self.pos(pos))
 
 

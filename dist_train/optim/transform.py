@@ -10,7 +10,8 @@ parameters whose gradients it reduces. No backend contains code for a particular
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import ContextManager, Optional
 
 import torch
 
@@ -27,9 +28,12 @@ class GradientTransform:
         self.cfg = cfg
 
     # --- set-up ---------------------------------------------------------------------------
-    def adapt(self, spec, model: torch.nn.Module):
-        """Adjust the optimizer spec before the backend builds it (claim self-reduced parameters)."""
-        return spec
+    def optimizer_spec(self, model: torch.nn.Module, mesh, num_outputs: Optional[int]):
+        """The optimizer the backend builds (a private transform picks its base optimizer and claims
+        the parameters whose gradients it reduces itself)."""
+        from dist_train.optim.build import optimizer_spec
+
+        return optimizer_spec(self.cfg.optim, model, mesh, num_outputs=num_outputs)
 
     def attach(self, backend) -> None:
         """Called once the backend has wrapped the model and built the optimizer."""
@@ -60,7 +64,16 @@ class GradientTransform:
         """Extra figures for the step's log record."""
         return {}
 
+    def step_scalars(self) -> dict:
+        """Figures written to TensorBoard after every step, not only logging steps."""
+        return {}
+
     # --- checkpoint -----------------------------------------------------------------------
+    def checkpointing(self) -> ContextManager:
+        """Around saving and loading the backend's state (DP-SGD makes its frozen-for-autograd
+        parameters visible to torch's optimizer state-dict helpers, which skip frozen ones)."""
+        return contextlib.nullcontext()
+
     def state_dict(self) -> Optional[dict]:
         return None
 

@@ -1,6 +1,8 @@
-"""Differential privacy: accounting (Opacus RDP / PRV), Poisson sampling across ranks."""
+"""Differential privacy: accounting (Opacus RDP / PRV), Poisson sampling across ranks, per-example
+clipping by book-keeping, and DP-SGD as a gradient transform (`dist_train.privacy.dp_sgd`)."""
 
 from dist_train.privacy.accounting import PrivacyLedger, calibrate_noise, compute_epsilon
+from dist_train.privacy.bookkeeping import BookKeeper, per_sample_grad_norms
 from dist_train.privacy.sampling import PoissonSampler, physical_batches
 
 __all__ = [
@@ -9,4 +11,6 @@ __all__ = [
     "PrivacyLedger",
     "PoissonSampler",
     "physical_batches",
+    "per_sample_grad_norms",
+    "BookKeeper",
 ]

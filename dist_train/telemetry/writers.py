@@ -159,7 +159,11 @@ class MetricsWriter:
         self._file.write(json.dumps(record, default=str) + "\n")
         self._file.flush()
 
-        tb = self._summary_writer()
+        self.scalars(step, metrics)
+
+    def scalars(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Numeric values to TensorBoard only (figures wanted every step, e.g. privacy spent)."""
+        tb = self._summary_writer() if self.enabled else None
         if tb is not None:
             for key, value in metrics.items():
                 number = _scalar(value)

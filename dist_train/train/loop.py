@@ -12,7 +12,7 @@ from dist_train.config.load import dump_config
 from dist_train.config.schema import Config
 from dist_train.data import build_dataset
 from dist_train.models import build_model
-from dist_train.optim import lr_at, optimizer_spec
+from dist_train.optim import lr_at
 from dist_train.train.transforms import build_transform
 from dist_train.parallel import build_backend
 from dist_train.runtime.dist import DistContext
@@ -37,15 +37,16 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     transform = build_transform(cfg, data, ctx, model)  # clip, or DP-SGD's per-example clip + noise
     with ctx.phase("start"):
         outputs = data.info.vocab_size if data.info.task == "lm" else data.info.num_classes
-        backend.setup(model, lambda m, mesh: transform.adapt(optimizer_spec(cfg.optim, m, mesh, num_outputs=outputs), m))
+        backend.setup(model, lambda m, mesh: transform.optimizer_spec(m, mesh, num_outputs=outputs))
         transform.attach(backend)
     torch.manual_seed(cfg.train.seed + 1000 * (ctx.rank + 1))  # per-rank stream for dropout
     sampler = transform.sampler(data)
 
     # Resume before touching the run directory: a bad checkpoint must leave everything as it was.
     ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
-    start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler,
-                                on_state=lambda saved: transform.load_state_dict(saved.get("transform")))
+    with transform.checkpointing():
+        start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler,
+                                    on_state=lambda saved: transform.load_state_dict(saved.get("transform")))
 
     writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from)
     energy = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
@@ -80,6 +81,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             grad_norm = backend.step(transform)
             window_steps += 1
             done = step + 1
+            writer.scalars(done, transform.step_scalars())
 
             evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
             if due(done, cfg.train.log_every) or evaluating:
@@ -95,10 +97,12 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
 
             if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
-                ckpt.save(done, backend, _trainer_state(done, sampler, transform))
+                with transform.checkpointing():
+                    ckpt.save(done, backend, _trainer_state(done, sampler, transform))
                 window_t0 = time.perf_counter()  # keep save time out of throughput
         if done < cfg.train.steps and done > start and cfg.checkpoint.at_end and not due(done, cfg.checkpoint.every):
-            ckpt.save(done, backend, _trainer_state(done, sampler, transform))  # stopped early: keep the work
+            with transform.checkpointing():  # stopped early (privacy budget): keep the work
+                ckpt.save(done, backend, _trainer_state(done, sampler, transform))
         if cfg.train.sample_tokens and model.task == "lm":
             last["sample"] = generate(cfg, ctx, data, backend)
             if ctx.is_main:

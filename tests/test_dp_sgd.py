@@ -1,0 +1,232 @@
+"""DP-SGD end to end: book-keeping against a batch-size-1 autograd loop on a whole model, noise added
+once per coordinate across real gloo ranks, 2 ranks == 1 process at sigma = 0 through the CLI,
+exact resume (noise and accountant), the budget stop, and bad input.
+
+Tolerances: per-example norms and clipped sums are fp32 sums over every layer of a model (~1e-7
+relative rounding per term): rtol 1e-4. CLI runs compare the logged gradient norm of the final
+(clipped, reduced) gradient, rel 1e-4: only the order of the cross-rank sum differs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from cli_helpers import clean_env
+from dist_train.config import load_config
+from dist_train.errors import UserError
+from dist_train.models.gpt import GPT
+from dist_train.privacy.bookkeeping import BookKeeper, fix_batchnorm, per_sample_grad_norms, validate
+
+DP = ["optim.name=dp_sgd", "optim.lr=0.05", "privacy.max_physical_batch=3", "optim.schedule=constant",
+      "checkpoint.every=0"]
+
+
+def _tiny_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(vocab_size=40, n_layer=2, width=24, n_head=2, block_size=8, dropout=0.0)
+
+
+def _loop_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Reference: each example's gradient alone, by ordinary autograd (batch of one)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [list(torch.autograd.grad(model.loss(model(x[i:i + 1]), y[i:i + 1]), params)) for i in range(x.size(0))]
+
+
+def test_whole_model_norms_match_batch_of_one_loop():
+    model = _tiny_gpt()
+    x = torch.randint(0, 40, (5, 8))
+    y = torch.randint(0, 40, (5, 8))
+    x[1, :3] = x[1, 3]  # repeated ids: the embedding's ghost norm must count them together
+    ref = torch.stack([torch.sqrt(sum(g.double().pow(2).sum() for g in gs)) for gs in _loop_grads(model, x, y)])
+    got = per_sample_grad_norms(model, lambda out, t: model.loss(out, t) * t.size(0), x, y)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=0)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters()), "the model was left changed"
+
+
+def test_clipped_sum_matches_loop_over_micro_batches():
+    """sum_i min(1, C/(||g_i|| + 1e-6)) g_i over two micro-batches == the loop's, with C between
+    the smallest and largest norm so both clipped and unclipped examples occur."""
+    model = _tiny_gpt()
+    x, y = torch.randint(0, 40, (6, 8)), torch.randint(0, 40, (6, 8))
+    loop = _loop_grads(model, x, y)
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in loop])
+    clip = float(norms.median())
+    want = [sum(min(1.0, clip / (float(n) + 1e-6)) * gs[k] for n, gs in zip(norms, loop)) for k in range(len(loop[0]))]
+    keeper = BookKeeper(model, clip)
+    for part in (slice(0, 4), slice(4, 6)):
+        xb, yb = x[part], y[part]
+        (model.loss(model(xb), yb) * xb.size(0)).backward()
+        keeper.accumulate(xb.size(0))
+    got = keeper.take()
+    assert keeper.clipped == int((norms > clip).sum()) and 0 < keeper.clipped < 6
+    assert all(p.grad is None for p in model.parameters()), "book-keeping must not run autograd's weight GEMMs"
+    for g, w, name in zip(got, want, keeper.names.values()):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=name)
+    keeper.detach()
+
+
+def test_validator_refuses_tied_weights_and_batchnorm():
+    tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(UserError, match="tied weights"):
+        validate(tied)
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(UserError, match="BatchNorm.*privacy.fix_model"):
+        validate(bn)
+    assert fix_batchnorm(bn) == 1 and isinstance(bn[1], nn.GroupNorm)
+    validate(bn)
+
+
+def test_layer_without_batch_dimension_is_refused():
+    class Shared(nn.Module):  # a bias broadcast over the batch: no per-example gradient exists
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(4, 3)
+
+        def forward(self, x):
+            return x + self.table(torch.arange(3) % 4).sum(0)
+
+    model = Shared()
+    with pytest.raises(UserError, match="without the batch dimension"):
+        per_sample_grad_norms(model, lambda out, t: (out - t).pow(2).sum(), torch.randn(5, 3), torch.zeros(5, 3))
+
+
+# --- noise once across the world (real gloo ranks) ---------------------------------------------
+SIGMA, CLIP, BATCH, STEPS, LR = 1.3, 0.7, 16, 3, 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _noise_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_train.privacy.dp_sgd import DPSGD
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["optim.name=dp_sgd", f"privacy.noise_multiplier={SIGMA}", f"privacy.max_grad_norm={CLIP}",
+                             f"train.batch_size={BATCH}", "train.seed=3"])
+    model = nn.Linear(400, 250)  # d = 100 250 coordinates
+    nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    transform = DPSGD(cfg, SimpleNamespace(num_samples=lambda split: 100_000), None, model)
+    mesh = init_device_mesh("cpu", (world,))
+    transform.attach(SimpleNamespace(module=model, mesh=mesh, dp_size=world))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    per_step = []
+    for _ in range(STEPS):  # no examples on any rank: the gradient is the noise alone
+        transform(None)
+        per_step.append(torch.cat([model.weight.grad.flatten(), model.bias.grad]).clone())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    theta = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    torch.save({"grads": per_step, "theta": theta, "epsilon": transform.epsilon()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_noise_is_added_once_per_coordinate_across_ranks(world, tmp_path):
+    mp.start_processes(_noise_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="spawn")
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for r in res[1:]:  # every rank applies the same reduced gradient
+        for a, b in zip(r["grads"], res[0]["grads"]):
+            assert torch.equal(a, b)
+    want_std = SIGMA * CLIP / BATCH  # sigma C / B: one draw per coordinate, divided by the expected batch
+    for g in res[0]["grads"]:
+        assert abs(float(g.std()) / want_std - 1) < 0.05, f"noise std {float(g.std()):.5f} vs {want_std:.5f}"
+        assert abs(float(g.mean())) < 5 * want_std / math.sqrt(g.numel())
+    d = res[0]["theta"].numel()
+    expected = STEPS * d * SIGMA ** 2 * CLIP ** 2 * LR ** 2 / BATCH ** 2  # ||theta||^2 after k noisy steps
+    assert abs(float(res[0]["theta"].pow(2).sum()) / expected - 1) < 0.05
+    assert res[0]["epsilon"] > 0
+
+
+# --- through the CLI ---------------------------------------------------------------------------
+def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=cwd, text=True, timeout=300,
+                          env=clean_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path):
+    """Same Poisson logical batches (the union over ranks does not depend on the world size), same
+    clipping, no noise: the gradient, and so every step, matches (physical micro-batches of 3 with
+    batches of ~16 examples: ranks run different micro-batch counts, some possibly none)."""
+    common = [*dt.TINY_GPT, *DP, "train.batch_size=16", "privacy.noise_multiplier=0", "privacy.max_grad_norm=0.5"]
+    one = dt.run(tmp_path / "one", "one", *common, steps=4)
+    two = dt.launch(tmp_path / "two", "two", *common, "parallel.backend=ddp", steps=4)
+    assert [r["dp_examples"] for r in one] == [r["dp_examples"] for r in two]
+    assert len({r["dp_examples"] for r in one}) > 1, "Poisson batches should vary in size"
+    for a, b in zip(one, two):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["dp_mean_example_norm"] == pytest.approx(a["dp_mean_example_norm"], rel=1e-4)
+        assert a["epsilon"] is None  # sigma = 0: no guarantee, and none is claimed
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
+    assert 0 < one[0]["dp_clip_fraction"] <= 1
+
+
+def test_resume_continues_noise_and_accountant(dt, tmp_path):
+    common = [*dt.TINY_GPT, *DP, "privacy.noise_multiplier=1.0", "checkpoint.at_end=true"]
+    straight = dt.launch(tmp_path / "a", "r", *common, "parallel.backend=ddp", steps=6)
+    dt.launch(tmp_path / "b", "r", *common, "parallel.backend=ddp", steps=3)
+    resumed = dt.launch(tmp_path / "b", "r", *common, "parallel.backend=ddp", steps=6)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(straight[3:], resumed[3:]):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["epsilon"] == pytest.approx(a["epsilon"], rel=1e-9)
+    assert straight[-1]["epsilon"] > straight[2]["epsilon"] > 0
+
+
+def test_budget_stop_and_spent_budget_at_resume(dt, tmp_path):
+    """sigma 0.8 and a target that 3 of the 10 steps would exceed: training stops before it, keeps a
+    checkpoint of what it did, and a resume with the same target refuses to train (exit 2)."""
+    from dist_train.privacy import compute_epsilon
+
+    cfg = load_config("quickstart.yaml", [*dt.TINY_GPT, "parallel.stages=1"])
+    from dist_train.data import build_dataset
+
+    n = build_dataset(cfg.data, cfg.model.block_size).num_samples("train")
+    q, delta = 8 / n, 0.1 / n
+    target = (compute_epsilon(0.8, q, 2, delta) + compute_epsilon(0.8, q, 3, delta)) / 2
+    args = ["run", "quickstart.yaml", f"run.dir={tmp_path}", "run.name=b", "parallel.backend=none", "parallel.stages=1",
+            "train.steps=10", *dt.TINY_GPT, *DP, "privacy.noise_multiplier=0.8", f"privacy.target_epsilon={target}",
+            "checkpoint.at_end=true", "telemetry.progress=on"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "privacy budget" in proc.stdout
+    recs = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == 2 and recs[-1]["epsilon"] <= target
+    assert (tmp_path / "b" / "checkpoints" / "step-2" / "COMMITTED").exists()
+    again = _cli(args, tmp_path)
+    assert again.returncode == 2 and "budget is spent" in again.stdout and "Traceback" not in again.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["privacy.noise_multiplier=0", "privacy.target_epsilon=3"], "privacy.noise_multiplier"),
+    (["privacy.noise_multiplier=1", "privacy.delta=0.5"], "privacy.delta"),
+    (["optim.name=dp_sgd"], "privacy.noise_multiplier or privacy.target_epsilon"),
+    (["privacy.noise_multiplier=1", "parallel.backend=fsdp"], "dp_sgd"),
+])
+def test_bad_privacy_input_exits_2(tmp_path, overrides, message):
+    proc = _cli(["run", "quickstart.yaml", f"run.dir={tmp_path}", "parallel.stages=1", "parallel.backend=none",
+                 "optim.name=dp_sgd", "data.max_bytes=200000", *overrides], tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert message in proc.stdout and "Traceback" not in proc.stdout
+    assert not (tmp_path / "quickstart" / "metrics.jsonl").exists()
