@@ -165,11 +165,14 @@ def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
                           env=clean_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path):
+@pytest.mark.parametrize("base", ["sgd", "muon"])
+def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path, base):
     """Same Poisson logical batches (the union over ranks does not depend on the world size), same
     clipping, no noise: the gradient, and so every step, matches (physical micro-batches of 3 with
-    batches of ~16 examples: ranks run different micro-batch counts, some possibly none)."""
-    common = [*dt.TINY_GPT, *DP, "train.batch_size=16", "privacy.noise_multiplier=0", "privacy.max_grad_norm=0.5"]
+    batches of ~16 examples: ranks run different micro-batch counts, some possibly none). With Muon
+    as the base, its matrices reach their owner rank unreduced and are averaged there."""
+    common = [*dt.TINY_GPT, *DP, "train.batch_size=16", "privacy.noise_multiplier=0", "privacy.max_grad_norm=0.5",
+              f"privacy.base_optimizer={base}", *(["optim.lr=0.02", "optim.matrix.adamw_lr=0.003"] if base == "muon" else [])]
     one = dt.run(tmp_path / "one", "one", *common, steps=4)
     two = dt.launch(tmp_path / "two", "two", *common, "parallel.backend=ddp", steps=4)
     assert [r["dp_examples"] for r in one] == [r["dp_examples"] for r in two]
@@ -179,6 +182,7 @@ def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path):
         assert b["dp_mean_example_norm"] == pytest.approx(a["dp_mean_example_norm"], rel=1e-4)
         assert a["epsilon"] is None  # sigma = 0: no guarantee, and none is claimed
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
+    assert one[0]["val_loss" if "val_loss" in one[0] else "loss"] - one[-1]["val_loss"] > 0.02, "did not train"
     assert 0 < one[0]["dp_clip_fraction"] <= 1
 
 

@@ -194,7 +194,7 @@ class PrivacySection(_Strict):
     target_epsilon: Optional[float] = Field(None, gt=0, description="Privacy budget: training stops before epsilon would exceed it (also across resume). Required unless noise_multiplier is set.")
     delta: Optional[float] = Field(None, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee; must be below 1/N (N = training examples); default: 1/(10 N).")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Privacy accountant (Opacus): RDP with Balle et al. 2020 conversion, or PRV (Gopi et al. 2021).")
-    base_optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer that takes the privatised gradient (optim.lr, optim.beta1/beta2/eps, optim.weight_decay apply).")
+    base_optimizer: Literal["sgd", "adamw", "muon", "normuon"] = Field("sgd", description="Optimizer that takes the privatised gradient (optim.lr, optim.beta1/beta2/eps, optim.weight_decay, optim.matrix.* apply).")
     max_physical_batch: int = Field(64, ge=1, description="Largest micro-batch per rank: a Poisson logical batch is split into physical micro-batches of at most this many examples.")
     secure_rng: bool = Field(False, description="Draw the noise from a generator seeded by the OS's cryptographic RNG every step (not reproducible); default: seeded from (train.seed, step), reproducible across resume.")
     fix_model: bool = Field(False, description="Replace BatchNorm layers by GroupNorm instead of refusing the model.")

@@ -11,7 +11,10 @@ One logical step, as `../shared/specs/privacy.md` defines it:
    sum before the all-reduce (SUM), so the reduced gradient carries exactly one draw (the other
    spec options, noise by shard owner or sigma/sqrt(W) per rank, are not used).
 4. Divide by the expected batch size B (never the realised one: the realised size is private).
-5. The base optimizer (privacy.base_optimizer) steps on that gradient.
+5. The base optimizer (privacy.base_optimizer) steps on that gradient. Muon / NorMuon reduce their
+   matrices themselves (a mean over ranks, to each matrix's owner): those gradients leave here
+   unreduced, scaled by W / B, so the owner's mean is the same (sum + noise) / B, with no second
+   all-reduce.
 
 Every step is one release of the sampled Gaussian mechanism; the ledger (Opacus accountant) counts
 logical steps, is saved in every checkpoint, and training stops before epsilon would exceed
@@ -70,6 +73,7 @@ class DPSGD(GradientTransform):
         if p.fix_model:
             fix_batchnorm(model)
         self.keeper: Optional[BookKeeper] = None
+        self._delegated: set[str] = set()
         self.step_index = 0
         self._last: dict = {}
 
@@ -79,14 +83,19 @@ class DPSGD(GradientTransform):
 
         base = optimizer_spec(self.cfg.optim.model_copy(update={"name": self.cfg.privacy.base_optimizer}),
                               model, mesh, num_outputs=num_outputs)
-        # Every gradient is reduced here, after the noise: a DDP wrapper has nothing left to do.
+        # Muon / NorMuon reduce-scatter their matrices' gradients to the owners themselves, as a mean
+        # over ranks: those stay unreduced here (see __call__), so they travel once, to their owner.
+        self._delegated = set(base.self_reduced)
+        # Every other gradient is reduced here, after the noise: a DDP wrapper has nothing left to do.
         base.self_reduced = [n for n, q in model.named_parameters() if q.requires_grad]
         return base
 
     def attach(self, backend) -> None:
         self.keeper = BookKeeper(backend.module, self.clip)
         self.group = backend.mesh.get_group() if backend.mesh is not None and backend.dp_size > 1 else None
+        self.world = backend.dp_size if self.group is not None else 1
         self.noise_rank = (backend.mesh.get_local_rank() == 0) if self.group is not None else True
+        self.delegated = [self.keeper.names[p] in self._delegated for p in self.keeper.params]
 
     def sampler(self, data):
         return PoissonSampler(self.population, self.sample_rate, self.cfg.train.seed)
@@ -118,20 +127,25 @@ class DPSGD(GradientTransform):
         stats = torch.tensor([self.keeper.examples, self.keeper.clipped, self.keeper.norm_sum],
                              dtype=torch.float64, device=grads[0].device if grads else None)
         self.keeper.reset_stats()
+        mine = [i for i, d in enumerate(self.delegated) if not d]
         if self.group is not None:
-            flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for the whole model
+            flat = torch.cat([grads[i].reshape(-1) for i in mine])  # one collective for the whole model
             dist.all_reduce(flat, group=self.group)
             dist.all_reduce(stats, group=self.group)
-            grads = list(torch.split(flat, [g.numel() for g in grads]))
-        for p, g in zip(self.keeper.params, grads):
-            p.grad = g.view_as(p).div_(self.batch)
+            for i, g in zip(mine, torch.split(flat, [grads[i].numel() for i in mine])):
+                grads[i] = g
+        for p, g, delegated in zip(self.keeper.params, grads, self.delegated):
+            # A delegated matrix still holds this rank's sum (rank 0's with the noise); the owner's
+            # mean over the ranks then gives (sum over ranks + noise) / B, as for the others.
+            p.grad = g.view_as(p).mul_(self.world / self.batch if delegated else 1.0 / self.batch)
         if self.sigma > 0:
             self.ledger.record(self.sigma, self.sample_rate)
         self.step_index += 1
         examples, clipped, norm_sum = stats.tolist()
         self._last = {"dp_examples": examples, "dp_clip_fraction": clipped / examples if examples else 0.0,
                       "dp_mean_example_norm": norm_sum / examples if examples else 0.0}
-        return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        # The norm of the privatised gradient (Muon's matrices, reduced later by their owners, excluded).
+        return math.sqrt(sum(float(grads[i].double().pow(2).sum()) for i in mine))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = torch.Generator(device=device)
