@@ -234,3 +234,12 @@ def test_bad_privacy_input_exits_2(tmp_path, overrides, message):
     assert proc.returncode == 2, proc.stdout[-2000:]
     assert message in proc.stdout and "Traceback" not in proc.stdout
     assert not (tmp_path / "quickstart" / "metrics.jsonl").exists()
+
+
+def test_plan_shows_the_privacy_settings(tmp_path):
+    proc = _cli(["plan", "quickstart.yaml", "--nproc", "2", "parallel.stages=1",
+                 "parallel.backend=ddp", "optim.name=dp_sgd", "privacy.target_epsilon=4", "train.steps=100",
+                 "data.max_bytes=200000"], tmp_path)
+    assert proc.returncode == 0, proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("privacy"))
+    assert "calibrated: epsilon <= 4 in 100 steps" in line and "Poisson q" in line

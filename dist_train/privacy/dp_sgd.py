@@ -47,6 +47,36 @@ from dist_train.privacy.sampling import PoissonSampler, physical_batches
 _NOISE_TAG = 0x4E4F4953
 
 
+def resolve_noise(cfg: Config, population: int) -> tuple[float, float, float]:
+    """(sample rate q = B / N, delta, noise multiplier sigma) of a dp_sgd run over `population`
+    training examples: sigma as given, or calibrated (safe side) to spend at most the target epsilon
+    in train.steps steps."""
+    p = cfg.privacy
+    if cfg.train.batch_size > population:
+        raise UserError(f"train.batch_size: {cfg.train.batch_size} is above the {population} training examples "
+                        "(dp_sgd samples each example with probability batch_size / N)")
+    q = cfg.train.batch_size / population
+    delta = p.delta if p.delta is not None else 0.1 / population
+    if delta >= 1.0 / population:
+        raise UserError(f"privacy.delta: {delta:g} is not below 1/N = {1.0 / population:.3g} "
+                        f"(N = {population} training examples); such a delta protects nobody")
+    if p.noise_multiplier is not None:
+        return q, delta, float(p.noise_multiplier)
+    return q, delta, calibrate_noise(p.target_epsilon, delta, q, cfg.train.steps, p.accountant)
+
+
+def describe(cfg: Config, population: int, dp: int) -> str:
+    """One line for `dist-train plan`."""
+    p = cfg.privacy
+    q, delta, sigma = resolve_noise(cfg, population)
+    noise = (f"sigma {sigma:.4g} (calibrated: epsilon <= {p.target_epsilon:g} in {cfg.train.steps} steps)"
+             if p.noise_multiplier is None else f"sigma {sigma:.4g}")
+    budget = f", stops before epsilon > {p.target_epsilon:g}" if p.target_epsilon is not None else ""
+    return (f"DP-SGD over {p.base_optimizer}: Poisson q = {q:.3g} (expected batch {cfg.train.batch_size}, "
+            f"~{cfg.train.batch_size / dp:.0f}/rank in micro-batches <= {p.max_physical_batch}), clip C = {p.max_grad_norm:g}, "
+            f"{noise}, delta {delta:.3g}, {p.accountant} accountant{budget}")
+
+
 class DPSGD(GradientTransform):
     name = "dp_sgd"
 
@@ -56,19 +86,8 @@ class DPSGD(GradientTransform):
         self.ctx = ctx
         self.population = data.num_samples("train")
         self.batch = cfg.train.batch_size
-        if self.batch > self.population:
-            raise UserError(f"train.batch_size: {self.batch} is above the {self.population} training examples "
-                            "(dp_sgd samples each example with probability batch_size / N)")
-        self.sample_rate = self.batch / self.population
-        self.delta = p.delta if p.delta is not None else 0.1 / self.population
-        if self.delta >= 1.0 / self.population:
-            raise UserError(f"privacy.delta: {self.delta:g} is not below 1/N = {1.0 / self.population:.3g} "
-                            f"(N = {self.population} training examples); such a delta protects nobody")
+        self.sample_rate, self.delta, self.sigma = resolve_noise(cfg, self.population)
         self.clip = p.max_grad_norm
-        if p.noise_multiplier is None:
-            self.sigma = calibrate_noise(p.target_epsilon, self.delta, self.sample_rate, cfg.train.steps, p.accountant)
-        else:
-            self.sigma = float(p.noise_multiplier)
         self.ledger = PrivacyLedger(self.delta, p.accountant, p.target_epsilon)
         if p.fix_model:
             fix_batchnorm(model)

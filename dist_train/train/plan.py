@@ -79,6 +79,8 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     n_params = count_parameters(model)
     dp = world // cfg.parallel.stages
     micro = cfg.train.batch_size // (dp * cfg.train.grad_accum)
+    if cfg.optim.name == "dp_sgd":  # Poisson batches are split into physical micro-batches
+        micro = min(cfg.privacy.max_physical_batch, max(1, micro))
     if data.info.task == "lm":
         example = torch.zeros(micro, cfg.model.block_size, dtype=torch.long, device="meta")
     else:
@@ -110,6 +112,12 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
         ("steps", f"{cfg.train.steps}, checkpoint every {cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep}), "
                   f"resume: {resume if resume else 'fresh start'}"),
     ]
+    if cfg.optim.name == "dp_sgd":
+        from dist_train.privacy.dp_sgd import describe
+
+        rows.insert(-1, ("privacy", describe(cfg, data.num_samples("train"), dp)))
+        rows[6] = ("batch", f"{cfg.train.batch_size} expected (Poisson), physical micro-batches of at most "
+                            f"{cfg.privacy.max_physical_batch} per rank")
     if cfg.parallel.stages > 1:
         from dist_train.local.split import stage_block_ranges
 
