@@ -57,9 +57,9 @@ def check_layout(cfg: Config, world_size: int) -> None:
     if cfg.optim.name == "dp_sgd":
         if stages > 1:
             raise UserError("optim.name: dp_sgd is not offered with local-learning stages yet (parallel.stages > 1)")
-        if cfg.parallel.backend not in ("ddp", "none"):
+        if cfg.parallel.backend not in ("ddp", "fsdp", "none"):
             raise UserError(f"optim.name: dp_sgd clips per example and reduces the noised sum itself; "
-                            f"parallel.backend {cfg.parallel.backend} is not supported (use ddp or none)")
+                            f"parallel.backend {cfg.parallel.backend} is not supported (use ddp, fsdp or none)")
     per_step = dp * cfg.train.grad_accum
     if cfg.train.batch_size % per_step != 0 and cfg.optim.name != "dp_sgd":  # dp_sgd: an expected size
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by data-parallel size x "

@@ -180,6 +180,9 @@ class BookKeeper:
     def accumulate(self, batch: int) -> torch.Tensor:
         """Clip this micro-batch's examples and add sum_i f_i grad_i to the running sums; returns
         the per-example norms before clipping."""
+        if batch == 0:  # an empty micro-batch (FSDP2 keeps ranks in step): nothing to clip
+            self.clear()
+            return torch.zeros(0)
         norms = self.norms(batch)
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         for layer in self.layers:

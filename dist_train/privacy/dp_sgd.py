@@ -8,8 +8,9 @@ One logical step, as `../shared/specs/privacy.md` defines it:
 2. Per-example clipping by book-keeping (one backward pass, `BookKeeper`): this rank's
    sum_i min(1, C / (||g_i|| + 1e-6)) g_i over its examples.
 3. Noise once per coordinate across the world: the data-parallel rank 0 adds N(0, sigma^2 C^2) to its
-   sum before the all-reduce (SUM), so the reduced gradient carries exactly one draw (the other
-   spec options, noise by shard owner or sigma/sqrt(W) per rank, are not used).
+   sum before the all-reduce (SUM), so the reduced gradient carries exactly one draw; under FSDP2
+   each sum is reduce-scattered and the owner of each row shard adds the noise to its rows (the
+   spec's third option, sigma/sqrt(W) on every rank, is not used).
 4. Divide by the expected batch size B (never the realised one: the realised size is private).
 5. The base optimizer (privacy.base_optimizer) steps on that gradient. Muon / NorMuon reduce their
    matrices themselves (a mean over ranks, to each matrix's owner): those gradients leave here
@@ -35,6 +36,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from dist_train.config.schema import Config
 from dist_train.data.sampler import derive_seed
@@ -77,6 +79,14 @@ def describe(cfg: Config, population: int, dp: int) -> str:
             f"{noise}, delta {delta:.3g}, {p.accountant} accountant{budget}")
 
 
+# torch 2.13 renamed reduce_scatter_tensor (older releases only have the old name).
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _sharded(p) -> bool:
+    return isinstance(p, DTensor)
+
+
 class DPSGD(GradientTransform):
     name = "dp_sgd"
 
@@ -113,11 +123,14 @@ class DPSGD(GradientTransform):
         self.keeper = BookKeeper(backend.module, self.clip)
         self.group = backend.mesh.get_group() if backend.mesh is not None and backend.dp_size > 1 else None
         self.world = backend.dp_size if self.group is not None else 1
-        self.noise_rank = (backend.mesh.get_local_rank() == 0) if self.group is not None else True
+        self.rank = backend.mesh.get_local_rank() if self.group is not None else 0
+        self.lockstep = self.group is not None and any(_sharded(p) for p in self.keeper.params)
+        self.noise_rank = self.rank == 0
         self.delegated = [self.keeper.names[p] in self._delegated for p in self.keeper.params]
 
     def sampler(self, data):
-        return PoissonSampler(self.population, self.sample_rate, self.cfg.train.seed)
+        self._sampler = PoissonSampler(self.population, self.sample_rate, self.cfg.train.seed)
+        return self._sampler
 
     # --- one step -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
@@ -128,7 +141,15 @@ class DPSGD(GradientTransform):
         return None
 
     def micro_batches(self, indices: torch.Tensor) -> list[torch.Tensor]:
-        return physical_batches(indices, self.cfg.privacy.max_physical_batch)
+        parts = physical_batches(indices, self.cfg.privacy.max_physical_batch)
+        if self.lockstep:
+            # FSDP2 all-gathers inside every forward: all ranks must run as many micro-batches. The
+            # sampler knows every rank's draw, so the count needs no communication; ranks with fewer
+            # examples run empty micro-batches.
+            step, cap = self._sampler.step - 1, self.cfg.privacy.max_physical_batch
+            most = max(-(-self._sampler.rank_indices(step, r, self.world).numel() // cap) for r in range(self.world))
+            parts += [indices[:0]] * (max(most, 1) - len(parts))
+        return parts
 
     def backward(self, backend, loss: torch.Tensor, examples: int, is_last: bool) -> None:
         # The loss is the micro-batch mean over examples (each example's own mean over its
@@ -138,25 +159,42 @@ class DPSGD(GradientTransform):
         self.keeper.accumulate(examples)
 
     def __call__(self, backend) -> float:
-        grads = self.keeper.take()
-        if self.noise_rank and self.sigma > 0:
-            gen = self._generator(grads[0].device if grads else torch.device("cpu"))
-            for g in grads:
-                g.add_(torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype), alpha=self.sigma * self.clip)
+        grads = self.keeper.take()  # this rank's clipped sums, full shapes
+        device = grads[0].device if grads else torch.device("cpu")
         stats = torch.tensor([self.keeper.examples, self.keeper.clipped, self.keeper.norm_sum],
-                             dtype=torch.float64, device=grads[0].device if grads else None)
+                             dtype=torch.float64, device=device)
         self.keeper.reset_stats()
-        mine = [i for i, d in enumerate(self.delegated) if not d]
+        gen = self._generator(device)
+        sq = torch.zeros((), dtype=torch.float64, device=device)  # squared norm of the result, local part
+        replicated = [i for i, p in enumerate(self.keeper.params) if not self.delegated[i] and not _sharded(p)]
+        if self.noise_rank and self.sigma > 0:  # one draw per coordinate: on dp rank 0 ...
+            for i in (i for i, p in enumerate(self.keeper.params) if not _sharded(p)):
+                grads[i].add_(self._noise(grads[i].shape, gen), alpha=self.sigma * self.clip)
         if self.group is not None:
-            flat = torch.cat([grads[i].reshape(-1) for i in mine])  # one collective for the whole model
-            dist.all_reduce(flat, group=self.group)
             dist.all_reduce(stats, group=self.group)
-            for i, g in zip(mine, torch.split(flat, [grads[i].numel() for i in mine])):
-                grads[i] = g
-        for p, g, delegated in zip(self.keeper.params, grads, self.delegated):
-            # A delegated matrix still holds this rank's sum (rank 0's with the noise); the owner's
-            # mean over the ranks then gives (sum over ranks + noise) / B, as for the others.
-            p.grad = g.view_as(p).mul_(self.world / self.batch if delegated else 1.0 / self.batch)
+            if replicated:
+                flat = torch.cat([grads[i].reshape(-1) for i in replicated])  # one collective for them all
+                dist.all_reduce(flat, group=self.group)
+                for i, g in zip(replicated, torch.split(flat, [grads[i].numel() for i in replicated])):
+                    grads[i] = g
+        for i, p in enumerate(self.keeper.params):
+            if _sharded(p):  # ... or, for an FSDP2 shard, by the rank that owns it, after the reduce-scatter
+                local = self._reduce_scatter(grads[i], p)
+                if self.sigma > 0:
+                    local.add_(self._noise(local.shape, gen), alpha=self.sigma * self.clip)
+                local.div_(self.batch)
+                sq += local.double().pow(2).sum()
+                p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            elif self.delegated[i]:
+                # This rank's sum (rank 0's with the noise), scaled so that the owner's mean over the
+                # ranks is (sum over ranks + noise) / B, as for the others.
+                p.grad = grads[i].view_as(p).mul_(self.world / self.batch)
+            else:
+                p.grad = grads[i].view_as(p).div_(self.batch)
+                if self.noise_rank or self.group is None:  # identical on every rank: count it once
+                    sq += p.grad.double().pow(2).sum()
+        if self.group is not None:
+            dist.all_reduce(sq, group=self.group)
         if self.sigma > 0:
             self.ledger.record(self.sigma, self.sample_rate)
         self.step_index += 1
@@ -164,14 +202,27 @@ class DPSGD(GradientTransform):
         self._last = {"dp_examples": examples, "dp_clip_fraction": clipped / examples if examples else 0.0,
                       "dp_mean_example_norm": norm_sum / examples if examples else 0.0}
         # The norm of the privatised gradient (Muon's matrices, reduced later by their owners, excluded).
-        return math.sqrt(sum(float(grads[i].double().pow(2).sum()) for i in mine))
+        return math.sqrt(float(sq))
+
+    def _noise(self, shape, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+
+    def _reduce_scatter(self, full: torch.Tensor, p) -> torch.Tensor:
+        """This rank's dim-0 shard of the sum over ranks of `full` (FSDP2 shards rows as torch.chunk
+        does: ceil(n / W) rows per rank, the last ones shorter or empty)."""
+        rows = -(-full.shape[0] // self.world)
+        padded = full.new_zeros((rows * self.world, *full.shape[1:]))
+        padded[:full.shape[0]] = full
+        out = full.new_empty((rows, *full.shape[1:]))
+        _reduce_scatter_single(out, padded, group=self.group)
+        return out[:p.to_local().shape[0]].contiguous()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = torch.Generator(device=device)
         if self.cfg.privacy.secure_rng:
             gen.manual_seed(secrets.randbits(63))
-        else:
-            gen.manual_seed(derive_seed(self.cfg.train.seed, self.step_index, _NOISE_TAG))
+        else:  # per rank: FSDP2 shard owners draw their own coordinates
+            gen.manual_seed(derive_seed(self.cfg.train.seed, self.step_index, self.rank, _NOISE_TAG))
         return gen
 
     def epsilon(self) -> Optional[float]:

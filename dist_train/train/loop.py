@@ -69,6 +69,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             backend.set_lr(lr)
             idx = sampler.next_indices(ctx.rank, ctx.world_size)  # advances the data position
             parts = transform.micro_batches(idx)  # DP-SGD: Poisson-sized, possibly none on this rank
+            filled = sum(1 for part in parts if part.numel())
             for i, micro in enumerate(parts):
                 is_last = i == len(parts) - 1
                 x, y = (t.to(ctx.device, non_blocking=True) for t in data.get_batch("train", micro))
@@ -77,7 +78,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         out = backend.model(x)
                     loss = backend.module.loss(out.float(), y)
                     transform.backward(backend, loss, x.size(0), is_last)
-                loss_acc += loss.detach() / len(parts)
+                if x.size(0):  # an empty micro-batch (a DP rank that drew few examples) has no loss
+                    loss_acc += loss.detach() / filled
             grad_norm = backend.step(transform)
             window_steps += 1
             done = step + 1
