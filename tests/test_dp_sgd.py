@@ -229,6 +229,7 @@ def test_budget_stop_and_spent_budget_at_resume(dt, tmp_path):
     (["privacy.noise_multiplier=0", "privacy.target_epsilon=3"], "privacy.noise_multiplier"),
     (["privacy.noise_multiplier=1", "privacy.delta=0.5"], "privacy.delta"),
     (["optim.name=dp_sgd"], "privacy.noise_multiplier or privacy.target_epsilon"),
+    (["privacy.noise_multiplier=0.05", "privacy.target_epsilon=0.5"], "spent by a single step"),
     (["privacy.noise_multiplier=1", "parallel.backend=deepspeed"], "dp_sgd"),
 ])
 def test_bad_privacy_input_exits_2(tmp_path, overrides, message):

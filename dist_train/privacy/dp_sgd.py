@@ -99,6 +99,10 @@ class DPSGD(GradientTransform):
         self.sample_rate, self.delta, self.sigma = resolve_noise(cfg, self.population)
         self.clip = p.max_grad_norm
         self.ledger = PrivacyLedger(self.delta, p.accountant, p.target_epsilon)
+        if self.sigma > 0 and self.ledger.would_exceed(self.sigma, self.sample_rate):
+            raise UserError(f"privacy.target_epsilon: {p.target_epsilon} is spent by a single step at noise multiplier "
+                            f"{self.sigma:g} (epsilon {self.ledger.epsilon_if(self.sigma, self.sample_rate):.4g}); "
+                            "raise privacy.noise_multiplier or leave it unset to calibrate it")
         if p.fix_model:
             fix_batchnorm(model)
         self.keeper: Optional[BookKeeper] = None
