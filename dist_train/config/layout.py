@@ -55,8 +55,14 @@ def check_layout(cfg: Config, world_size: int) -> None:
                         f"{cfg.parallel.backend} flattens parameters into partitions it steps itself; "
                         "use parallel.backend ddp or fsdp")
     if cfg.optim.name == "dp_sgd":
-        if stages > 1:
-            raise UserError("optim.name: dp_sgd is not offered with local-learning stages yet (parallel.stages > 1)")
+        if stages > 1 and cfg.local.method != "dgl":
+            raise UserError(f"local.method: dp_sgd inside local-learning stages is offered for dgl (per-example "
+                            f"local losses); {cfg.local.method} is not supported")
+        if stages > 1 and cfg.local.asynchronous:
+            raise UserError("local.asynchronous: replayed batches would be extra releases the accountant does not "
+                            "see; set it to false with dp_sgd")
+        if stages > 1 and cfg.parallel.backend == "fsdp":
+            raise UserError("parallel.backend: dp_sgd inside local-learning stages runs under ddp (or one replica)")
         if cfg.parallel.backend not in ("ddp", "fsdp", "none"):
             raise UserError(f"optim.name: dp_sgd clips per example and reduces the noised sum itself; "
                             f"parallel.backend {cfg.parallel.backend} is not supported (use ddp, fsdp or none)")

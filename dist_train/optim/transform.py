@@ -38,6 +38,10 @@ class GradientTransform:
     def attach(self, backend) -> None:
         """Called once the backend has wrapped the model and built the optimizer."""
 
+    # Micro-batches of one size: a pipeline link needs no padding. A transform whose micro-batches
+    # vary in size names the physical size they are padded to on the wire.
+    physical_size: Optional[int] = None
+
     def sampler(self, data):
         """The training sampler: `next_indices(rank, world)`, `state_dict`, `load_state_dict`."""
         return data.sampler("train", self.cfg.train.seed, self.cfg.train.batch_size)

@@ -52,7 +52,7 @@ _NOISE_TAG = 0x4E4F4953
 def resolve_noise(cfg: Config, population: int) -> tuple[float, float, float]:
     """(sample rate q = B / N, delta, noise multiplier sigma) of a dp_sgd run over `population`
     training examples: sigma as given, or calibrated (safe side) to spend at most the target epsilon
-    in train.steps steps."""
+    in train.steps steps (see `accounted_sigma` for local-learning stages)."""
     p = cfg.privacy
     if cfg.train.batch_size > population:
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is above the {population} training examples "
@@ -64,7 +64,19 @@ def resolve_noise(cfg: Config, population: int) -> tuple[float, float, float]:
                         f"(N = {population} training examples); such a delta protects nobody")
     if p.noise_multiplier is not None:
         return q, delta, float(p.noise_multiplier)
-    return q, delta, calibrate_noise(p.target_epsilon, delta, q, cfg.train.steps, p.accountant)
+    k = math.sqrt(cfg.parallel.stages)
+    return q, delta, k * calibrate_noise(p.target_epsilon, delta, q, cfg.train.steps, p.accountant)
+
+
+def accounted_sigma(cfg: Config, sigma: float) -> float:
+    """The noise multiplier the accountant sees per step. End-to-end: sigma. With K local-learning
+    stages, each stage clips its own examples' gradients to C and adds N(0, sigma^2 C^2) to its own
+    parameters, all on the SAME Poisson sample of the step: the K releases together are one sampled
+    Gaussian mechanism whose sensitivity is C*sqrt(K) (one example moves each block by at most C)
+    with noise sigma*C per coordinate, i.e. noise multiplier sigma / sqrt(K) — which is what is
+    accounted (tighter than composing K separate releases, and exact for this mechanism). What
+    crosses between stages (activations, targets) stays inside the training job and is not released."""
+    return sigma / math.sqrt(cfg.parallel.stages)
 
 
 def describe(cfg: Config, population: int, dp: int) -> str:
@@ -74,6 +86,9 @@ def describe(cfg: Config, population: int, dp: int) -> str:
     noise = (f"sigma {sigma:.4g} (calibrated: epsilon <= {p.target_epsilon:g} in {cfg.train.steps} steps)"
              if p.noise_multiplier is None else f"sigma {sigma:.4g}")
     budget = f", stops before epsilon > {p.target_epsilon:g}" if p.target_epsilon is not None else ""
+    if cfg.parallel.stages > 1:
+        budget += (f"; {cfg.parallel.stages} stages clip and noise their own updates on one sample: accounted "
+                   f"as sigma / sqrt({cfg.parallel.stages}) = {accounted_sigma(cfg, sigma):.4g}")
     return (f"DP-SGD over {p.base_optimizer}: Poisson q = {q:.3g} (expected batch {cfg.train.batch_size}, "
             f"~{cfg.train.batch_size / dp:.0f}/rank in micro-batches <= {p.max_physical_batch}), clip C = {p.max_grad_norm:g}, "
             f"{noise}, delta {delta:.3g}, {p.accountant} accountant{budget}")
@@ -97,15 +112,17 @@ class DPSGD(GradientTransform):
         self.population = data.num_samples("train")
         self.batch = cfg.train.batch_size
         self.sample_rate, self.delta, self.sigma = resolve_noise(cfg, self.population)
+        self.accounted = accounted_sigma(cfg, self.sigma)
         self.clip = p.max_grad_norm
         self.ledger = PrivacyLedger(self.delta, p.accountant, p.target_epsilon)
-        if self.sigma > 0 and self.ledger.would_exceed(self.sigma, self.sample_rate):
+        if self.sigma > 0 and self.ledger.would_exceed(self.accounted, self.sample_rate):
             raise UserError(f"privacy.target_epsilon: {p.target_epsilon} is spent by a single step at noise multiplier "
-                            f"{self.sigma:g} (epsilon {self.ledger.epsilon_if(self.sigma, self.sample_rate):.4g}); "
+                            f"{self.sigma:g} (epsilon {self.ledger.epsilon_if(self.accounted, self.sample_rate):.4g}); "
                             "raise privacy.noise_multiplier or leave it unset to calibrate it")
         if p.fix_model:
             fix_batchnorm(model)
         self.keeper: Optional[BookKeeper] = None
+        self.physical_size = p.max_physical_batch
         self._delegated: set[str] = set()
         self.step_index = 0
         self._last: dict = {}
@@ -128,6 +145,8 @@ class DPSGD(GradientTransform):
         self.group = backend.mesh.get_group() if backend.mesh is not None and backend.dp_size > 1 else None
         self.world = backend.dp_size if self.group is not None else 1
         self.rank = backend.mesh.get_local_rank() if self.group is not None else 0
+        # Seeds differ per rank (FSDP2 shard owners, and local-learning stages: independent noise).
+        self.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.lockstep = self.group is not None and any(_sharded(p) for p in self.keeper.params)
         self.noise_rank = self.rank == 0
         self.delegated = [self.keeper.names[p] in self._delegated for p in self.keeper.params]
@@ -138,7 +157,7 @@ class DPSGD(GradientTransform):
 
     # --- one step -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
-        if self.sigma > 0 and self.ledger.would_exceed(self.sigma, self.sample_rate):
+        if self.sigma > 0 and self.ledger.would_exceed(self.accounted, self.sample_rate):
             return (f"privacy budget: one more step would take epsilon above privacy.target_epsilon = "
                     f"{self.cfg.privacy.target_epsilon} (spent {self.ledger.epsilon():.4f} at delta "
                     f"{self.delta:g} after {self.ledger.steps} steps); training stops here")
@@ -200,7 +219,7 @@ class DPSGD(GradientTransform):
         if self.group is not None:
             dist.all_reduce(sq, group=self.group)
         if self.sigma > 0:
-            self.ledger.record(self.sigma, self.sample_rate)
+            self.ledger.record(self.accounted, self.sample_rate)
         self.step_index += 1
         examples, clipped, norm_sum = stats.tolist()
         self._last = {"dp_examples": examples, "dp_clip_fraction": clipped / examples if examples else 0.0,
@@ -226,7 +245,7 @@ class DPSGD(GradientTransform):
         if self.cfg.privacy.secure_rng:
             gen.manual_seed(secrets.randbits(63))
         else:  # per rank: FSDP2 shard owners draw their own coordinates
-            gen.manual_seed(derive_seed(self.cfg.train.seed, self.step_index, self.rank, _NOISE_TAG))
+            gen.manual_seed(derive_seed(self.cfg.train.seed, self.step_index, self.global_rank, _NOISE_TAG))
         return gen
 
     def epsilon(self) -> Optional[float]:
@@ -252,7 +271,7 @@ class DPSGD(GradientTransform):
                             "optim.name dp_sgd?); a private run cannot resume without knowing what was spent")
         self.ledger.load_state_dict(state["ledger"])
         self.step_index = int(state["step"])
-        if self.sigma > 0 and self.ledger.would_exceed(self.sigma, self.sample_rate):
+        if self.sigma > 0 and self.ledger.would_exceed(self.accounted, self.sample_rate):
             raise UserError(f"privacy.target_epsilon: the budget is spent: epsilon {self.ledger.epsilon():.4f} after "
                             f"{self.ledger.steps} steps, and one more step would exceed {self.cfg.privacy.target_epsilon}; "
                             "nothing trained")

@@ -25,13 +25,14 @@ from dist_train.local.evaluate import evaluate_pipeline, generate_pipeline, repl
 from dist_train.local.layout import stage_layout
 from dist_train.local.link import StageLink
 from dist_train.local.stats import StageStats, top_level_row
-from dist_train.optim import lr_at, optimizer_spec
+from dist_train.optim import lr_at
 from dist_train.runtime.dist import DistContext
 from dist_train.telemetry import MetricsWriter, Progress, make_energy_meter, peak_memory_bytes
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resolve_resume, resume
 from dist_train.train.generate import write_sample
 from dist_train.train.loop import due, write_run_info
+from dist_train.train.transforms import build_transform
 
 
 def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
@@ -45,23 +46,28 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     stage, info = build_stage(cfg, data.info, layout, balance["cut_points"] if balance else None)
     stage.to(ctx.device)
     backend = stage_backend(cfg, ctx, layout)
-    backend.setup(stage, lambda m, mesh: optimizer_spec(cfg.optim, m, mesh, num_outputs=info.num_classes))
+    transform = build_transform(cfg, data, ctx, stage)  # clip, or DP-SGD on this stage's own update
+    backend.setup(stage, lambda m, mesh: transform.optimizer_spec(m, mesh, num_outputs=info.num_classes))
+    transform.attach(backend)
     # Who reads data: the stages that need x, and every stage when targets stay off the wire.
     reads_data = stage.reads_data or not cfg.local.send_targets or not stage.receives_activations
     receives = not layout.first and stage.receives_activations
     link = StageLink(layout.prev_rank, layout.next_rank, ctx.device, cfg.local.max_in_flight,
                      send_targets=cfg.local.send_targets)
-    sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
-    micro = cfg.train.grad_accum  # the batch streams through as `micro` micro-batches, accumulated
+    sampler = transform.sampler(data)
+    # The link's buffers have one shape per tag: micro-batches of varying size (DP-SGD's Poisson
+    # batches) travel padded to the transform's physical size, and every stage slices its own count
+    # back (all stages draw the same indices, so the count never needs to cross).
+    pad_to = transform.physical_size
 
     def forward_backward(x, received, y, msg, is_last) -> torch.Tensor:
         """Forward, (send on), local loss, backward of one micro-batch; gradients accumulate."""
         send = None
         if msg is not None and not layout.last and stage.receives_activations:
-            send = lambda h: link.send(h, y, msg)  # noqa: E731  (before the loss: the next stage starts)
+            send = lambda h: link.send(_pad(h, pad_to), _pad(y, pad_to), msg)  # noqa: E731  (before the loss: the next stage starts)
         with backend.sync_context(is_last), backend.autocast():
             loss = backend.model(x=x, received=received, y=y, on_activation=send)
-        backend.backward(loss, is_last)  # scaled by 1/grad_accum: the step sees the batch mean
+        transform.backward(backend, loss, (y if y is not None else received).size(0), is_last)  # default: 1/grad_accum, the step sees the batch mean
         return loss.detach()
 
     def train_on(x, received, y) -> None:  # one whole extra update (asynchronous mode's replay)
@@ -70,7 +76,10 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
     # Resume before touching the run directory (channels' state is part of the checkpoint).
     box: dict = {}
-    start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler, on_state=box.update)
+    with transform.checkpointing():
+        start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler, on_state=box.update)
+    if start:
+        transform.load_state_dict(box.get("transform"))
     channels = build_channels(stage, ChannelContext(cfg, layout, link, ctx.device, start, train_on))
     for ch in channels:
         if ch.state_dict() is not None and ch.name in box:
@@ -100,33 +109,43 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         ctx.barrier()
         energy.start()
         t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
+        done = start
         for step in range(start, cfg.train.steps):
+            if stop := transform.stop_reason():  # every stage reaches the same verdict (same ledger)
+                progress.note(stop)
+                break
             backend.set_lr(lr := lr_at(step, cfg.optim, cfg.train.steps))
             for ch in channels:
                 ch.before_step(step)
             idx = sampler.next_indices(layout.dp_rank, layout.dp_size)  # every stage keeps the data position
-            for m, part in enumerate(idx.chunk(micro)):
-                msg, x, received, y = step * micro + m, None, None, None
+            parts = [part for part in transform.micro_batches(idx) if part.numel()]
+            for m, part in enumerate(parts):
+                msg, x, received, y = (step << 20) + m, None, None, None
                 if reads_data:
                     x, y = (t.to(ctx.device) for t in data.get_batch("train", part))
                 if receives:
                     for ch in channels:
                         ch.before_receive()
-                    received, sent_y = link.recv(msg, prefetch=msg + 1 < cfg.train.steps * micro)
+                    # Post the next receive early unless this is the last message (a varying count
+                    # only looks ahead within the step).
+                    ahead = m + 1 < len(parts) or (pad_to is None and step + 1 < cfg.train.steps)
+                    received, sent_y = link.recv(msg, prefetch=ahead)
+                    received, sent_y = received[:part.numel()], sent_y[:part.numel()] if sent_y is not None else None
                     y = sent_y if sent_y is not None else y
                     for ch in channels:
                         ch.on_received(x if stage.reads_data else None, received, y, step)
                 busy_t0 = time.perf_counter()
                 # A device tensor, read at log time: a float() here would sync the GPU every micro-batch.
-                loss_acc += forward_backward(x if stage.reads_data else None, received, y, msg, m == micro - 1) / micro
+                loss_acc += forward_backward(x if stage.reads_data else None, received, y, msg, m == len(parts) - 1) / len(parts)
                 busy += time.perf_counter() - busy_t0
             busy_t0 = time.perf_counter()
             for ch in channels:
                 ch.before_update()
-            backend.step()
+            backend.step(transform)
             busy += time.perf_counter() - busy_t0
             for ch in channels:
                 ch.after_step(step)
+            stage_writer.scalars(step + 1, transform.step_scalars())
             window += 1
             done = step + 1
             evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
@@ -134,6 +153,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 elapsed = time.perf_counter() - t0
                 record = _stage_record(cfg, ctx, backend, layout, link, channels, energy, counts, done, lr,
                                        float(loss_acc) / window, window, elapsed, busy)
+                record.update(transform.metrics())
                 if evaluating:
                     record.update(evaluate_pipeline(cfg, ctx, data, backend, link, layout))
                 stage_writer.log(done, record)
@@ -147,10 +167,10 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 # Every stage has finished step `done` when the save's barrier passes, and the
                 # activations of step `done` have been consumed: a consistent cut of the pipeline.
-                saved = trainer_state.capture(done, sampler.state_dict())
-                saved.update({ch.name: s for ch in channels if (s := ch.state_dict()) is not None})
-                ckpt.save(done, backend, saved)
+                _save(ckpt, done, backend, sampler, transform, channels)
                 t0 = time.perf_counter()
+        if start < done < cfg.train.steps and cfg.checkpoint.at_end and not due(done, cfg.checkpoint.every):
+            _save(ckpt, done, backend, sampler, transform, channels)  # stopped early (privacy budget)
         for ch in channels:
             ch.finish()
         link.drain()
@@ -168,6 +188,22 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     stage_writer.close()
     energy.close()
     return last
+
+
+def _pad(t: torch.Tensor, rows) -> torch.Tensor:
+    """`t` with zero rows appended up to `rows` (None: as it is)."""
+    if rows is None or t.size(0) == rows:
+        return t
+    return torch.cat([t, t.new_zeros((rows - t.size(0), *t.shape[1:]))])
+
+
+def _save(ckpt, done, backend, sampler, transform, channels) -> None:
+    saved = trainer_state.capture(done, sampler.state_dict())
+    saved.update({ch.name: s for ch in channels if (s := ch.state_dict()) is not None})
+    if (extra := transform.state_dict()) is not None:
+        saved["transform"] = extra  # the privacy accountant: what was spent survives a resume
+    with transform.checkpointing():
+        ckpt.save(done, backend, saved)
 
 
 def _stage_record(cfg, ctx, backend, layout, link, channels, energy, counts, done, lr, loss, window, elapsed,
