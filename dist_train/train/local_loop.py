@@ -130,7 +130,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                     # only looks ahead within the step).
                     ahead = m + 1 < len(parts) or (pad_to is None and step + 1 < cfg.train.steps)
                     received, sent_y = link.recv(msg, prefetch=ahead)
-                    received, sent_y = received[:part.numel()], sent_y[:part.numel()] if sent_y is not None else None
+                    if pad_to is not None:  # padded on the wire: this micro-batch's own rows
+                        received, sent_y = received[:part.numel()], sent_y[:part.numel()] if sent_y is not None else None
                     y = sent_y if sent_y is not None else y
                     for ch in channels:
                         ch.on_received(x if stage.reads_data else None, received, y, step)
