@@ -1,0 +1,122 @@
+"""DIFF2 (Murata & Suzuki, ICML 2023, arXiv 2302.03884) with the GD subroutine, over data-parallel ranks.
+
+P workers (the ranks of `process_group`, or one process), worker p holding n_p examples; every round
+uses each worker's full local data (no sampling). Round r = 0 ... R-1:
+- restart (r mod T == 0): d_p = (1/n_p) sum_i clip_{C1}(grad l(x_r; z_i));
+  v_r = (1/P) sum_p d_p + N(0, C1^2 sigma1^2 I)
+- otherwise: C_{2,r} = C2 * ||x_r - x_{r-1}|| (depends on released iterates only);
+  d_p = (1/n_p) sum_i clip_{C_{2,r}}(grad l(x_r; z_i) - grad l(x_{r-1}; z_i));
+  v_r = v_{r-1} + (1/P) sum_p d_p + N(0, C_{2,r}^2 sigma2^2 I)
+- x_{r+1} = x_r - lr * v_r.
+T = 1 is exactly DP-GD. clip_C(u) = u * min(1, C / (||u|| + 1e-6)), flat over all parameters.
+
+The "server" is one all-reduce (mean over workers); the Gaussian is drawn from a generator seeded by
+(seed, round) identically on every rank, which equals one draw by a server. Per-example gradients are
+instantiated with torch.func (vmap of grad): DIFF2 clips per-example gradient *differences* at two
+iterates, which no ghost norm of one backward pass gives; this is meant for the small models of the
+paper's experiments (a two-layer MLP on regression data).
+
+Status: the algorithm and its closed-form noise only. `optim.name: diff2` in the trainer, the
+accountant-calibrated noise and `dist-train bench diff2` are not built yet (issue 9).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_train.data.sampler import derive_seed
+
+_TAG = 0x44494632
+
+
+def closed_form_sigmas(epsilon: float, delta: float, n: int, workers: int, rounds: int, period: int,
+                       u: float = 1.25) -> tuple[float, float]:
+    """The authors' closed-form (sigma1, sigma2): alpha = int(1 + ceil(2 ln(1/delta) / epsilon));
+    sigma1 = sqrt(c1 alpha R / (T n^2 P^2 epsilon)), c1 = 4u if T > 1 else 4;
+    sigma2 = sqrt((4u / (u - 1)) alpha R / (n^2 P^2 epsilon)); n = the smallest worker's data size."""
+    alpha = int(1 + math.ceil(2 * math.log(1 / delta) / epsilon))
+    c1 = 4 * u if period > 1 else 4.0
+    sigma1 = math.sqrt(c1 * alpha * rounds / (period * n ** 2 * workers ** 2 * epsilon))
+    sigma2 = math.sqrt((4 * u / (u - 1)) * alpha * rounds / (n ** 2 * workers ** 2 * epsilon))
+    return sigma1, sigma2
+
+
+def _clip_rows(u: torch.Tensor, radius: float) -> torch.Tensor:
+    """Each row u_i scaled by min(1, radius / (||u_i|| + 1e-6))."""
+    return u * (radius / (u.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+
+
+class Diff2:
+    """DIFF2-GD on `model`'s trainable parameters (DP-GD when `period` == 1)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], lr: float,
+                 period: int, c1: float, c2: float, sigma1: float, sigma2: float, seed: int = 0,
+                 process_group: Optional[dist.ProcessGroup] = None):
+        if period < 1:
+            raise ValueError("period T must be >= 1")
+        self.model, self.loss_fn, self.lr, self.period = model, loss_fn, lr, period
+        self.c1, self.c2, self.sigma1, self.sigma2, self.seed = c1, c2, sigma1, sigma2, seed
+        self.group = process_group
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.prev: Optional[torch.Tensor] = None  # x_{r-1}, flat
+        self.v: Optional[torch.Tensor] = None  # v_{r-1}
+
+    def _flat(self) -> torch.Tensor:
+        params = dict(self.model.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def _per_example_grads(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[n, d] per-example gradients of the loss at parameters `flat`."""
+        shapes = {n: p.shape for n, p in self.model.named_parameters() if n in self.names}
+        sizes = [math.prod(s) for s in shapes.values()]
+        params = {n: t.view(shapes[n]) for n, t in zip(self.names, torch.split(flat, sizes))}
+
+        def loss(p, xi, yi):
+            out = torch.func.functional_call(self.model, p, (xi.unsqueeze(0),))
+            return self.loss_fn(out, yi.unsqueeze(0))
+
+        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+        return torch.cat([grads[n].reshape(x.size(0), -1) for n in self.names], dim=1)
+
+    def _mean_over_workers(self, d: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return d
+        dist.all_reduce(d, group=self.group)
+        return d / dist.get_world_size(self.group)
+
+    def _gaussian(self, like: torch.Tensor, round_: int) -> torch.Tensor:
+        gen = torch.Generator(device=like.device)
+        gen.manual_seed(derive_seed(self.seed, round_, _TAG))
+        return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, round_: int) -> dict:
+        """One round on this worker's whole local data (x, y); returns the round's figures."""
+        cur = self._flat()
+        with torch.enable_grad():
+            g_now = self._per_example_grads(cur, x, y)
+        restart = round_ % self.period == 0 or self.v is None
+        if restart:
+            radius, sigma = self.c1, self.sigma1
+            d = _clip_rows(g_now, radius).mean(0)
+            v = self._mean_over_workers(d) + radius * sigma * self._gaussian(d, round_)
+        else:
+            radius, sigma = self.c2 * float((cur - self.prev).norm()), self.sigma2
+            with torch.enable_grad():
+                g_prev = self._per_example_grads(self.prev, x, y)
+            d = _clip_rows(g_now - g_prev, radius).mean(0)
+            v = self.v + self._mean_over_workers(d) + radius * sigma * self._gaussian(d, round_)
+        self.prev, self.v = cur, v
+        new = cur - self.lr * v
+        offset = 0
+        params = dict(self.model.named_parameters())
+        for n in self.names:
+            p = params[n]
+            p.copy_(new[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return {"restart": restart, "radius": radius, "noise_std": radius * sigma, "v_norm": float(v.norm())}
