@@ -23,7 +23,7 @@ TARGETS = {"dp_mem_ratio", "dp_throughput_ratio", "dp_vs_opacus_ghost", "dp_max_
 
 
 def test_smoke_document_has_all_sides_and_targets(monkeypatch):
-    monkeypatch.setenv(SIZE_ENV, "smoke")  # tiny model, two steps: runs, measures nothing
+    monkeypatch.setenv(SIZE_ENV, "smoke")  # tiny model, two steps, a budget the grid fits: runs, measures nothing
     doc = run(quick=True)
     assert doc["name"] == "dp" and doc["provenance"]
     assert {t["metric"] for t in doc["targets"]} == TARGETS

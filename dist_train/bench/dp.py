@@ -74,7 +74,7 @@ MIB = 2 ** 20
 SIZES = {
     # Tests only: a tiny model and a couple of steps; proves it runs, measures nothing.
     "smoke": {"layers": 1, "width": 32, "heads": 2, "block": 16, "batch": 4, "warmup": 1, "steps": 2,
-              "repeats": 1, "budget_mib": 48, "max_batch_cap": 24, "max_batch_steps": 1, "max_bytes": 200_000},
+              "repeats": 1, "budget_mib": 512, "max_batch_cap": 24, "max_batch_steps": 1, "max_bytes": 200_000},
     "quick": {"layers": 2, "width": 128, "heads": 4, "block": 64, "batch": 32, "warmup": 1, "steps": 5,
               "repeats": 3, "budget_mib": 512, "max_batch_cap": 1024, "max_batch_steps": 2, "max_bytes": 1_000_000},
     "full": {"layers": 4, "width": 128, "heads": 4, "block": 64, "batch": 64, "warmup": 2, "steps": 12,
