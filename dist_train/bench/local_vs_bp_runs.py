@@ -212,9 +212,9 @@ def _run_bp(cfg, ctx, data, warmup: int, command: list[str]) -> dict[str, Any]:
     original_window = loop._window_metrics
     original_setup, original_backward = DDPBackend.setup, DDPBackend.backward
 
-    def window_metrics(cfg_, ctx_, energy, done, *args, **kwargs):
+    def window_metrics(cfg_, ctx_, energy, totals, done, *args, **kwargs):
         stamps.mark(done)
-        return original_window(cfg_, ctx_, energy, done, *args, **kwargs)
+        return original_window(cfg_, ctx_, energy, totals, done, *args, **kwargs)
 
     def setup(self, model, make_optimizer):
         original_setup(self, model, make_optimizer)

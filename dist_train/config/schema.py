@@ -201,7 +201,8 @@ class PrivacySection(_Strict):
 
 
 class TelemetrySection(_Strict):
-    energy: Literal["auto", "nvml", "rapl", "none"] = Field("auto", description="Energy source; auto tries NVML, then RAPL, else reports unavailable.")
+    energy: Literal["auto", "nvml", "rapl", "none"] = Field("auto", description="Energy source; auto tries NVML (GPU energy counter, else sampled power), then RAPL (CPU packages), else reports unavailable with nulls. nvml or rapl on a machine that cannot read it is an error.")
+    grid_intensity_g_per_kwh: Optional[float] = Field(None, gt=0, description="Grid carbon intensity (g CO2 per kWh) for the run summary's CO2 figure; without it no CO2 is reported (nothing is looked up).")
     tensorboard: bool = Field(True, description="Write TensorBoard events to <run>/tb on rank 0.")
     progress: Literal["auto", "on", "off"] = Field("auto", description="Progress bar on rank 0 (auto: only on a terminal).")
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.local.link import STATS_TAG
+from dist_train.telemetry.energy_log import derived
 
 # What each stage reports for the top-level row (NaN travels for "unknown").
 FIELDS = ("loss", "samples_per_s", "idle_fraction", "peak_mem_bytes", "energy_j", "power_w", "energy_j_counted",
@@ -60,10 +61,11 @@ class StageStats:
         self._out.clear()
 
 
-def top_level_row(step: int, lr: float, rows: list[dict], tokens_per_sample: int, source: Optional[str],
-                  extra: dict) -> dict:
-    """The run's row: the task loss is the last stage's; throughput is the slowest stage's; memory the
-    largest stage's; energy and power the sum over the job, each device counted once."""
+def top_level_row(step: int, lr: float, rows: list[dict], samples: int, tokens_per_sample: int,
+                  source: Optional[str], extra: dict) -> dict:
+    """The run's row for a window of `samples` examples: the task loss is the last stage's; throughput
+    is the slowest stage's; memory the largest stage's; energy and power the sum over the job, each
+    device counted once (every stage trains every example, so J/sample is the job's energy / samples)."""
     rate = min(r["samples_per_s"] for r in rows)
     energy = [r["energy_j_counted"] for r in rows]
     power = [r["power_w_counted"] for r in rows]
@@ -75,6 +77,7 @@ def top_level_row(step: int, lr: float, rows: list[dict], tokens_per_sample: int
            "energy_j": None if any(e is None for e in energy) else sum(energy),
            "power_w": None if any(p is None for p in power) else sum(power),
            "energy_source": source}
+    row.update(derived(row["energy_j"], samples, tokens_per_sample))
     row.update({f"stage{k}_energy_j": r["energy_j"] for k, r in enumerate(rows) if r["energy_j"] is not None})
     row.update(extra)
     return row

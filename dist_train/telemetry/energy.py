@@ -60,6 +60,10 @@ class EnergyMeter:
     def close(self) -> None:
         """Release the library handle / stop the sampling thread. Safe to call twice."""
 
+    def device_stats(self) -> dict[str, Optional[float]]:
+        """GPU utilisation (%), memory in use (bytes) and temperature (C) now; {} without NVML."""
+        return {}
+
     def __enter__(self) -> "EnergyMeter":
         self.start()
         return self
@@ -101,6 +105,9 @@ class NvmlCounterMeter(EnergyMeter):
     def close(self) -> None:
         _nvml_shutdown(self._nvml)
         self._nvml = None
+
+    def device_stats(self) -> dict[str, Optional[float]]:
+        return _nvml_stats(self._nvml, self._handle)
 
     def _counter_mj(self) -> Optional[int]:
         if self._nvml is None:
@@ -186,7 +193,7 @@ class NvmlPowerMeter(EnergyMeter):
     def __init__(self, nvml: Any, handle: Any, detail: str = "", interval_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(detail)
-        self._nvml = nvml
+        self._nvml, self._handle = nvml, handle
         # nvmlDeviceGetPowerUsage reports milliwatts.
         self._integrator = PowerIntegrator(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, interval_s, clock)
 
@@ -200,6 +207,30 @@ class NvmlPowerMeter(EnergyMeter):
         self._integrator.close()
         _nvml_shutdown(self._nvml)
         self._nvml = None
+
+    def device_stats(self) -> dict[str, Optional[float]]:
+        return _nvml_stats(self._nvml, self._handle)
+
+
+# nvmlDeviceGetTemperature's sensor argument: NVML_TEMPERATURE_GPU (the die), 0 in every NVML release.
+_NVML_TEMPERATURE_GPU = 0
+
+
+def _nvml_stats(nvml: Any, handle: Any) -> dict[str, Optional[float]]:
+    """Utilisation, memory in use and temperature; a field NVML cannot read is None."""
+    if nvml is None:
+        return {}
+    reads = {"gpu_util_pct": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+             "gpu_mem_used_bytes": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used,
+             "gpu_temp_c": lambda: nvml.nvmlDeviceGetTemperature(
+                 handle, getattr(nvml, "NVML_TEMPERATURE_GPU", _NVML_TEMPERATURE_GPU))}
+    out: dict[str, Optional[float]] = {}
+    for key, read in reads.items():
+        try:
+            out[key] = float(read())
+        except Exception:  # NOT_SUPPORTED on some boards, or a transient error: that field is unknown
+            out[key] = None
+    return out
 
 
 def _nvml_shutdown(nvml: Any) -> None:

@@ -10,7 +10,6 @@ The loop knows no method by name: methods differ only in their stage module and 
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -27,9 +26,11 @@ from dist_train.local.link import StageLink
 from dist_train.local.stats import StageStats, top_level_row
 from dist_train.optim import lr_at
 from dist_train.runtime.dist import DistContext
-from dist_train.telemetry import MetricsWriter, Progress, make_energy_meter, peak_memory_bytes
+from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
+from dist_train.telemetry.energy_log import EnergyTotals, per_rank_scalars
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resolve_resume, resume
+from dist_train.train.energy import finish_energy, open_energy_log
 from dist_train.train.generate import write_sample
 from dist_train.train.loop import due, write_run_info
 from dist_train.train.transforms import build_transform
@@ -46,6 +47,9 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     stage, info = build_stage(cfg, data.info, layout, balance["cut_points"] if balance else None)
     stage.to(ctx.device)
     backend = stage_backend(cfg, ctx, layout)
+    # This stage's replicas are the energy group; a forced source this machine cannot read stops here.
+    stage_ranks = range(layout.stage * layout.dp_size, (layout.stage + 1) * layout.dp_size)
+    energy = open_energy_log(cfg, ctx, stage_ranks, backend.mesh.get_group() if layout.dp_size > 1 else None)
     transform = build_transform(cfg, data, ctx, stage)  # clip, or DP-SGD on this stage's own update
     backend.setup(stage, lambda m, mesh: transform.optimizer_spec(m, mesh, num_outputs=info.num_classes))
     transform.attach(backend)
@@ -88,7 +92,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         torch.manual_seed(cfg.train.seed + 1000 * layout.stage + layout.dp_rank)
     collector = layout.last and layout.lead  # writes the run's top-level metrics
     if ctx.is_main:
-        write_run_info(cfg, ctx, run_dir, command, resume_from)
+        write_run_info(cfg, ctx, run_dir, command, resume_from, energy)
         if balance is not None:  # the cuts a resumed run must keep
             (run_dir / "stages").mkdir(parents=True, exist_ok=True)
             (run_dir / "stages" / "balance.json").write_text(json.dumps(balance, indent=1))
@@ -98,10 +102,13 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                                  tensorboard=cfg.telemetry.tensorboard)
     for w in (writer, stage_writer):
         w.truncate_from(start + 1)
-    energy, counts = _energy_meter(cfg, ctx)
+    totals = EnergyTotals(cfg.telemetry.grid_intensity_g_per_kwh)
+    if collector:
+        totals.resume_from(writer.path)  # the energy of the steps already recorded
     stats = StageStats(layout, ctx.device, ctx.distributed)
     progress = Progress(total=cfg.train.steps, initial=start, enabled=cfg.telemetry.progress if collector else False,
                         echo=collector and cfg.telemetry.progress != "off")
+    progress.note(f"energy: {energy.source} ({energy.detail})")
     tokens_per_sample = cfg.model.block_size if info.task == "lm" else 1
     last: dict = {}
 
@@ -152,16 +159,20 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
             if due(done, cfg.train.log_every) or evaluating:
                 elapsed = time.perf_counter() - t0
-                record = _stage_record(cfg, ctx, backend, layout, link, channels, energy, counts, done, lr,
+                record = _stage_record(cfg, ctx, backend, link, channels, layout.stage, done, lr,
                                        float(loss_acc) / window, window, elapsed, busy)
+                record.update(energy.window(window * cfg.train.batch_size, tokens_per_sample))
                 record.update(transform.metrics())
                 if evaluating:
                     record.update(evaluate_pipeline(cfg, ctx, data, backend, link, layout))
                 stage_writer.log(done, record)
+                stage_writer.scalars(done, per_rank_scalars(record, stage_ranks))
                 stats.send(record)
                 if collector:
-                    last = top_level_row(done, lr, stats.gather(record), tokens_per_sample, energy.source,
+                    last = top_level_row(done, lr, stats.gather(record), window * cfg.train.batch_size,
+                                         tokens_per_sample, energy.source,
                                          {k: v for k, v in record.items() if k.startswith("val_")})
+                    last["energy_total_j"] = totals.add(last["energy_j"])
                     writer.log(done, last)
                     _progress(progress, cfg, last)
                 t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
@@ -176,6 +187,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             ch.finish()
         link.drain()
         stats.drain()
+        if collector:
+            last.update(finish_energy(cfg, run_dir, energy, totals, done, tokens_per_sample, progress))
         progress.close()
         sample = (generate_pipeline(cfg, ctx, data, backend, layout)
                   if cfg.train.sample_tokens and info.task == "lm" else None)
@@ -207,43 +220,17 @@ def _save(ckpt, done, backend, sampler, transform, channels) -> None:
         ckpt.save(done, backend, saved)
 
 
-def _stage_record(cfg, ctx, backend, layout, link, channels, energy, counts, done, lr, loss, window, elapsed,
-                  busy) -> dict:
-    """This stage's logged figures for a window of `window` steps (loss and energy over its replicas)."""
-    e, p = energy.read()
-    known = e is not None and p is not None
-    e_stage, p_stage, e_counted, p_counted, missing = (
-        backend.ctx.all_reduce_sum([e or 0.0, p or 0.0, (e or 0.0) * counts, (p or 0.0) * counts,
-                                    0.0 if known else 1.0], group=backend.mesh.get_group())
-        if backend.dp_size > 1 else (e or 0.0, p or 0.0, (e or 0.0) * counts, (p or 0.0) * counts,
-                                     0.0 if known else 1.0))
-    unknown = missing or energy.source == "unavailable"
+def _stage_record(cfg, ctx, backend, link, channels, stage: int, done, lr, loss, window, elapsed, busy) -> dict:
+    """This stage's logged figures for a window of `window` steps (the loss over its replicas)."""
     record = {"step": done, "loss": replica_mean(backend, loss), "lr": lr,
               "samples_per_s": window * cfg.train.batch_size / elapsed,
               "idle_fraction": max(0.0, 1.0 - busy / elapsed),
               "bytes_sent": link.bytes_sent, "tensors_sent": link.tensors_sent,
               "sent_requires_grad": link.sent_requires_grad,
-              "peak_mem_bytes": peak_memory_bytes(ctx.device), "stage": layout.stage,
-              "energy_j": None if unknown else e_stage, "power_w": None if unknown else p_stage,
-              "energy_j_counted": None if unknown else e_counted, "power_w_counted": None if unknown else p_counted,
-              "energy_source": energy.source}
+              "peak_mem_bytes": peak_memory_bytes(ctx.device), "stage": stage}
     for ch in channels:
         record.update(ch.metrics())
     return record
-
-
-def _energy_meter(cfg, ctx):
-    """This rank's energy meter, and whether it counts toward the job's total: each GPU (or each
-    node's RAPL package counters) once, however many stages share it."""
-    meter = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
-    key = (socket.gethostname(), getattr(meter, "device_key", None) if meter.scope == "gpu" else "node")
-    keys = [key]
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        keys = [None] * ctx.world_size
-        dist.all_gather_object(keys, key)
-    return meter, float(keys.index(key) == ctx.rank)
 
 
 def _progress(progress: Progress, cfg, row: dict) -> None:

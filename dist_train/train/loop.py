@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -16,8 +15,10 @@ from dist_train.optim import lr_at
 from dist_train.train.transforms import build_transform
 from dist_train.parallel import build_backend
 from dist_train.runtime.dist import DistContext
-from dist_train.telemetry import (MetricsWriter, Progress, collect_provenance, make_energy_meter,
-                                  peak_memory_bytes, write_provenance)
+from dist_train.telemetry import (MetricsWriter, Progress, StepTimer, collect_provenance, mfu, peak_memory_bytes,
+                                  write_provenance)
+from dist_train.telemetry.energy_log import EnergyLog, EnergyTotals, per_rank_scalars
+from dist_train.train.energy import finish_energy, open_energy_log
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resume
 from dist_train.train.evaluate import evaluate
@@ -27,6 +28,7 @@ from dist_train.train.generate import generate, write_sample
 def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     """Train `cfg.train.steps` steps (resuming if a checkpoint says so); return the final metrics."""
     check_layout(cfg, ctx.world_size)
+    energy = open_energy_log(cfg, ctx)  # first: a forced source this machine cannot read stops here
     run_dir = Path(cfg.run.dir) / cfg.run.name
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_dataset(cfg.data, cfg.model.block_size)
@@ -48,23 +50,29 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler,
                                     on_state=lambda saved: transform.load_state_dict(saved.get("transform")))
 
-    writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from)
-    energy = make_energy_meter(cfg.telemetry.energy, ctx.device.index if ctx.device.type == "cuda" else None)
+    writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from, energy)
+    totals = EnergyTotals(cfg.telemetry.grid_intensity_g_per_kwh)
+    if ctx.is_main:
+        totals.resume_from(writer.path)  # the energy of the steps already recorded
     progress = Progress(total=cfg.train.steps, initial=start,
                         enabled=cfg.telemetry.progress if ctx.is_main else False,
                         echo=ctx.is_main and cfg.telemetry.progress != "off")
+    progress.note(f"energy: {energy.source} ({energy.detail})")
     tokens_per_sample = cfg.model.block_size if model.task == "lm" else 1
+    flops_per_token = model.num_flops_per_token() if hasattr(model, "num_flops_per_token") else None
+    timer = StepTimer(ctx.device)  # on CUDA it synchronizes, as backend.step's grad-norm read does anyway
     last: dict = {}
 
     with ctx.phase("steady"):
         ctx.barrier()
         energy.start()
-        window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
+        loss_acc = torch.zeros((), device=ctx.device)
         done = start
         for step in range(start, cfg.train.steps):
             if stop := transform.stop_reason():  # e.g. the next step would overspend the privacy budget
                 progress.note(stop)
                 break
+            timer.start()
             lr = lr_at(step, cfg.optim, cfg.train.steps)
             backend.set_lr(lr)
             idx = sampler.next_indices(ctx.rank, ctx.world_size)  # advances the data position
@@ -81,27 +89,27 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 if x.size(0):  # an empty micro-batch (a DP rank that drew few examples) has no loss
                     loss_acc += loss.detach() / filled
             grad_norm = backend.step(transform)
-            window_steps += 1
+            timer.stop()
             done = step + 1
             writer.scalars(done, transform.step_scalars())
 
             evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
             if due(done, cfg.train.log_every) or evaluating:
-                last = _window_metrics(cfg, ctx, energy, done, lr, grad_norm, loss_acc, window_steps,
-                                       time.perf_counter() - window_t0, tokens_per_sample)
+                last = _window_metrics(cfg, ctx, energy, totals, done, lr, grad_norm, loss_acc, timer,
+                                       tokens_per_sample, flops_per_token)
                 last.update(transform.metrics())
+                writer.scalars(done, per_rank_scalars(last, range(ctx.world_size)))
                 if evaluating:
                     last.update(evaluate(backend, data, ctx, cfg.train.batch_size, cfg.train.eval_batches))
                     progress.note(f"step {done}/{cfg.train.steps}  loss {last['loss']:.4f}  "
                                   f"val_loss {last['val_loss']:.4f}  {last['samples_per_s']:.0f} samples/s")
                 writer.log(done, last)
                 progress.update(done, {"loss": f"{last['loss']:.3f}"})
-                window_t0, window_steps, loss_acc = time.perf_counter(), 0, torch.zeros((), device=ctx.device)
+                loss_acc = torch.zeros((), device=ctx.device)
 
             if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 with transform.checkpointing():
                     ckpt.save(done, backend, _trainer_state(done, sampler, transform))
-                window_t0 = time.perf_counter()  # keep save time out of throughput
         if done < cfg.train.steps and done > start and cfg.checkpoint.at_end and not due(done, cfg.checkpoint.every):
             with transform.checkpointing():  # stopped early (privacy budget): keep the work
                 ckpt.save(done, backend, _trainer_state(done, sampler, transform))
@@ -109,6 +117,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             last["sample"] = generate(cfg, ctx, data, backend)
             if ctx.is_main:
                 write_sample(cfg, run_dir, last["sample"])
+    if ctx.is_main:
+        last.update(finish_energy(cfg, run_dir, energy, totals, done, tokens_per_sample, progress))
     progress.close()
     writer.close()
     energy.close()
@@ -127,13 +137,15 @@ def due(done: int, every: int) -> bool:
     return every > 0 and done % every == 0
 
 
-def write_run_info(cfg: Config, ctx: DistContext, run_dir: Path, command: list[str], resume_from) -> None:
+def write_run_info(cfg: Config, ctx: DistContext, run_dir: Path, command: list[str], resume_from,
+                   energy: EnergyLog) -> None:
     """The run directory with the resolved config and the run's provenance (rank 0 only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     write_provenance(run_dir / "provenance.json", collect_provenance(
         command, {"world_size": ctx.world_size, "backend": cfg.parallel.backend, "stages": cfg.parallel.stages,
-                  "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None}))
+                  "device": str(ctx.device), "resumed_from": str(resume_from) if resume_from else None,
+                  "energy": energy.describe()}))
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,33 +165,34 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _open_run_dir(cfg: Config, ctx: DistContext, run_dir: Path, start: int, command: list[str],
-                  resume_from) -> MetricsWriter:
+                  resume_from, energy: EnergyLog) -> MetricsWriter:
     """Rank 0 writes the resolved config and provenance, and drops metrics past the resume point."""
     writer = MetricsWriter(run_dir, enabled=ctx.is_main, tensorboard=cfg.telemetry.tensorboard)
     if ctx.is_main:
-        write_run_info(cfg, ctx, run_dir, command, resume_from)
+        write_run_info(cfg, ctx, run_dir, command, resume_from, energy)
         writer.truncate_from(start + 1)
     return writer
 
 
-def _window_metrics(cfg: Config, ctx: DistContext, energy, done: int, lr: float, grad_norm: float,
-                    loss_acc: torch.Tensor, steps: int, elapsed: float, tokens_per_sample: int) -> dict:
-    """The logged record for a window of `steps` steps; the loss is averaged over ranks."""
-    energy_j, power_w = _sum_energy(ctx, energy)
+def _window_metrics(cfg: Config, ctx: DistContext, energy: EnergyLog, totals: EnergyTotals, done: int, lr: float,
+                    grad_norm: float, loss_acc: torch.Tensor, timer: StepTimer, tokens_per_sample: int,
+                    flops_per_token) -> dict:
+    """The logged record for the window since the last one; the loss is averaged over ranks."""
+    steps, elapsed = timer.pop_window()
     samples_per_s = steps * cfg.train.batch_size / elapsed
+    tokens_per_s = samples_per_s * tokens_per_sample
+    figures = energy.window(steps * cfg.train.batch_size, tokens_per_sample)
+    for key in ("energy_j_counted", "power_w_counted"):  # the world is the group: the same as energy_j
+        figures.pop(key)
+    dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32
     return {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / steps), "lr": lr,
             "grad_norm": grad_norm, "step_time_s": elapsed / steps,
-            "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
+            "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
+            # Achieved model FLOP/s per device (any device), and its share of the tabulated peak
+            # (known GPUs in bf16 only: None rather than a guess).
+            "tflops_per_device": (flops_per_token * tokens_per_s / ctx.world_size / 1e12
+                                  if flops_per_token else None),
+            "mfu": (mfu(flops_per_token, tokens_per_s, ctx.device, dtype, num_devices=ctx.world_size)
+                    if flops_per_token else None),
             "peak_mem_bytes": ctx.all_reduce_max(peak_memory_bytes(ctx.device)),
-            "energy_j": energy_j, "power_w": power_w, "energy_source": energy.source}
-
-
-def _sum_energy(ctx: DistContext, meter) -> tuple:
-    """Energy and power of the window summed over the job: each GPU once, each node's RAPL once."""
-    energy_j, power_w = meter.read()
-    counts = meter.scope == "gpu" or ctx.world.local_rank == 0
-    known = energy_j is not None and power_w is not None
-    e, p, missing = ctx.all_reduce_sum([energy_j if known and counts else 0.0,
-                                        power_w if known and counts else 0.0,
-                                        0.0 if known or not counts else 1.0])
-    return (None, None) if missing or meter.source == "unavailable" else (e, p)
+            **figures, "energy_total_j": totals.add(figures["energy_j"])}
