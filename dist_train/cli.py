@@ -83,6 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         val += f", val acc {last['val_acc']:.3f}" if "val_acc" in last else ""
         print(f"done: step {last['step']}, loss {last['loss']:.4f}{val}, "
               f"{last['samples_per_s']:.1f} samples/s; run dir {run_dir}")
+        if "energy_summary" in last:
+            print(last["energy_summary"])
         if "sample" in last:
             print(f"sample: {cfg.train.sample_prompt}{last['sample']}")
     return 0

@@ -28,10 +28,10 @@ def open_energy_log(cfg: Config, ctx: DistContext, group_ranks: Optional[Sequenc
 
 
 def finish_energy(cfg: Config, run_dir: Path, energy: EnergyLog, totals: EnergyTotals, steps: int,
-                  tokens_per_sample: int, progress) -> dict[str, Any]:
-    """The run's energy summary (writer rank): <run>/energy.json and one console line."""
+                  tokens_per_sample: int) -> dict[str, Any]:
+    """The run's energy summary (writer rank): written to <run>/energy.json and returned with its
+    console line under "energy_summary" (the CLI prints it after the run's last line)."""
     summary = totals.summary(energy.source, energy.detail, steps * cfg.train.batch_size, tokens_per_sample)
     summary["steps"] = steps
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-    progress.note(summary_line(summary))
-    return summary
+    return {**summary, "energy_summary": summary_line(summary)}

@@ -188,7 +188,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         link.drain()
         stats.drain()
         if collector:
-            last.update(finish_energy(cfg, run_dir, energy, totals, done, tokens_per_sample, progress))
+            last.update(finish_energy(cfg, run_dir, energy, totals, done, tokens_per_sample))
         progress.close()
         sample = (generate_pipeline(cfg, ctx, data, backend, layout)
                   if cfg.train.sample_tokens and info.task == "lm" else None)

@@ -118,7 +118,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if ctx.is_main:
                 write_sample(cfg, run_dir, last["sample"])
     if ctx.is_main:
-        last.update(finish_energy(cfg, run_dir, energy, totals, done, tokens_per_sample, progress))
+        last.update(finish_energy(cfg, run_dir, energy, totals, done, tokens_per_sample))
     progress.close()
     writer.close()
     energy.close()
