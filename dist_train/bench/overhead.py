@@ -123,7 +123,7 @@ class _TimedSampler(StepSampler):
         return super().next_indices(rank, world)
 
 
-class _SharedData(Dataset):
+class SharedData(Dataset):
     """A view of one shared dataset whose train sampler is the clock."""
 
     def __init__(self, inner: Dataset, baton: Optional[_Baton] = None, me: str = ""):
@@ -146,7 +146,7 @@ class _SharedData(Dataset):
         return self.train_sampler
 
 
-def _timing(sampler: _TimedSampler, warmup: int, measured: int) -> dict[str, float]:
+def step_timing(sampler: _TimedSampler, warmup: int, measured: int) -> dict[str, float]:
     """Seconds per step over steps [warmup, warmup + measured), on the slower rank.
 
     step_s, the wall-clock mean, is the figure (it is what throughput is). Beside it: p50_s, the
@@ -167,9 +167,9 @@ def _timing(sampler: _TimedSampler, warmup: int, measured: int) -> dict[str, flo
 # ------------------------------------------------------------------------------------ loops
 
 
-def bench_config(run_dir: str, name: str, warmup: int, measured: int):
+def bench_config(run_dir: str, name: str, warmup: int, measured: int, extra: tuple[str, ...] = ()):
     """The quickstart model trained end to end with DDP (the quickstart itself is a local pipeline),
-    everything that is not the training step switched off or made rare."""
+    everything that is not the training step switched off or made rare (`extra` overrides last)."""
     from dist_train.config import load_config
 
     # +1 step: step warmup+measured-1 ends when step warmup+measured asks for its batch; that last
@@ -181,17 +181,17 @@ def bench_config(run_dir: str, name: str, warmup: int, measured: int):
         "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=never",
         # "off" quoted: bare off is YAML 1.1 for false, which the progress field rejects.
         "telemetry.tensorboard=false", 'telemetry.progress="off"', "telemetry.energy=none",
-        f"run.dir={run_dir}", f"run.name={name}",
+        f"run.dir={run_dir}", f"run.name={name}", *extra,
     ])
 
 
-def _framework(cfg, ctx, data: _SharedData, warmup: int, measured: int) -> dict[str, float]:
+def run_framework(cfg, ctx, data: SharedData, warmup: int, measured: int, bench: str = "overhead") -> dict[str, float]:
     """A: the framework's own training loop, unmodified; only its dataset is handed in."""
     from dist_train.train import loop
 
     with mock.patch.object(loop, "build_dataset", lambda *_: data):
-        last = loop.train(cfg, ctx, ["dist-train", "bench", "overhead"])
-    out = {**_timing(data.train_sampler, warmup, measured), "loss": float(last["loss"]),
+        last = loop.train(cfg, ctx, ["dist-train", "bench", bench])
+    out = {**step_timing(data.train_sampler, warmup, measured), "loss": float(last["loss"]),
            "logged_step_s": float("nan")}
     if ctx.is_main:
         # The logged windows ending at steps warmup+log_every .. warmup+measured are the timed steps.
@@ -212,7 +212,7 @@ def _lr(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> fl
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def _handwritten(cfg, data: _SharedData, warmup: int, measured: int) -> dict[str, float]:
+def _handwritten(cfg, data: SharedData, warmup: int, measured: int) -> dict[str, float]:
     """B: the minimal torch DDP loop a user would write for the same model, data and optimizer."""
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -242,13 +242,13 @@ def _handwritten(cfg, data: _SharedData, warmup: int, measured: int) -> dict[str
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    timing = _timing(sampler, warmup, measured)
+    timing = step_timing(sampler, warmup, measured)
     final = loss.detach().double().reshape(1)
     dist.all_reduce(final)
     return {**timing, "loss": float(final) / world}
 
 
-def _lockstep(arms: dict[str, Callable[[_SharedData], dict]], inner: Dataset, first: str) -> dict[str, dict]:
+def lockstep(arms: dict[str, Callable[[SharedData], dict]], inner: Dataset, first: str) -> dict[str, dict]:
     """Run both arms in two threads that alternate step by step, `first` starting."""
     baton = _Baton(first)
     results: dict[str, dict] = {}
@@ -257,7 +257,7 @@ def _lockstep(arms: dict[str, Callable[[_SharedData], dict]], inner: Dataset, fi
     def body(me: str) -> None:
         baton.wait_turn(me)
         try:
-            results[me] = arms[me](_SharedData(inner, baton, me))
+            results[me] = arms[me](SharedData(inner, baton, me))
         except BaseException as e:  # re-raised in the caller after both threads stop
             errors.append(e)
         finally:
@@ -289,18 +289,18 @@ def _worker(rank: int, world: int, size: dict[str, int], run_dir: str) -> dict[s
             for r in range(size[mode]):
                 order = "AB" if r % 2 == 0 else "BA"
                 cfg = bench_config(run_dir, f"{mode}-{r}", warmup, measured)  # fresh name: never resumes
-                arms = {"A": lambda data: _framework(cfg, ctx, data, warmup, measured),
+                arms = {"A": lambda data: run_framework(cfg, ctx, data, warmup, measured),
                         "B": lambda data: _handwritten(cfg, data, warmup, measured)}
                 gc.collect()
                 ctx.barrier()
                 if mode == "lockstep":
-                    res = _lockstep(arms, inner, first=order[0])
+                    res = lockstep(arms, inner, first=order[0])
                 else:
                     res = {}
                     for arm in order:
                         gc.collect()
                         ctx.barrier()
-                        res[arm] = arms[arm](_SharedData(inner))
+                        res[arm] = arms[arm](SharedData(inner))
                 runs.append({"mode": mode, "order": order, "A": res["A"], "B": res["B"]})
     finally:
         ctx.destroy()

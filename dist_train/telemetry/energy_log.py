@@ -62,15 +62,20 @@ class EnergyLog:
         self.group_ranks = list(group_ranks) if group_ranks is not None else list(range(world_size))
         # Which device this rank's meter reads: a GPU by its NVML UUID, or the node's RAPL counters.
         key = (host or socket.gethostname(), meter.device_key if meter.scope == "gpu" else "node")
-        keys = [key]
+        mine = (key, meter.source != "unavailable")
+        seen = [mine]
         if world_size > 1:
             import torch.distributed as dist
 
-            keys = [None] * world_size
-            dist.all_gather_object(keys, key)
+            seen = [None] * world_size
+            dist.all_gather_object(seen, mine)
+        keys = [k for k, _ in seen]
         self.first_in_world = keys.index(key) == rank
         self.first_in_group = next(r for r in self.group_ranks if keys[r] == key) == rank
-        self.distributed = world_size > 1 and len(self.group_ranks) > 1
+        # When no rank of the group measures anything (energy: none, or no source anywhere), a
+        # window is nulls and costs no collective; otherwise every rank of the group joins it.
+        self.measuring = any(seen[r][1] for r in self.group_ranks)
+        self.distributed = world_size > 1 and len(self.group_ranks) > 1 and self.measuring
 
     @property
     def source(self) -> str:
@@ -105,12 +110,14 @@ class EnergyLog:
             parts = [torch.empty_like(mine, device=self.device) for _ in self.group_ranks]
             dist.all_gather(parts, mine.to(self.device), group=self.group)
             table = torch.stack(parts).cpu()
+        elif len(self.group_ranks) > 1:  # nobody measures: every rank's row is unknown
+            table = torch.full((len(self.group_ranks), len(_FIELDS)), math.nan, dtype=torch.float64)
         else:
             table = mine.unsqueeze(0)
         return self._figures(table, samples, tokens_per_sample)
 
     def _figures(self, table: torch.Tensor, samples: float, tokens_per_sample: int) -> dict[str, Any]:
-        unavailable = self.meter.source == "unavailable"
+        unavailable = not self.measuring  # the same verdict on every rank of the group
         energy, power = table[:, 0], table[:, 1]
 
         def once(column: int) -> tuple[Optional[float], Optional[float]]:

@@ -15,9 +15,14 @@ import torch
 
 DeviceLike = Union[torch.device, str, int, None]
 
-# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peak per GPU, from NVIDIA datasheets.
-# Matched against torch.cuda.get_device_name(), most specific pattern first.
-# None marks variants whose peak differs and is not tabulated here: better no MFU than a wrong one.
+# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peak per GPU, matched against
+# torch.cuda.get_device_name(), most specific pattern first. Sources (NVIDIA datasheets, the dense
+# figure, i.e. half the "with sparsity" one):
+#   H100 SXM5 989.4 TFLOPS, H100 PCIe 756 TFLOPS: "NVIDIA H100 Tensor Core GPU" datasheet (2023);
+#   H200 SXM 989 TFLOPS (same GH100 compute as H100 SXM): "NVIDIA H200 Tensor Core GPU" datasheet (2024);
+#   A100 312 TFLOPS (SXM and PCIe): "NVIDIA A100 Tensor Core GPU" datasheet (2021).
+# None marks variants whose peak differs and is not tabulated here (NVL parts run at other clocks):
+# better no MFU than a wrong one.
 PEAK_BF16_FLOPS: tuple[tuple[str, Optional[float]], ...] = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", None),

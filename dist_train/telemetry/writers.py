@@ -41,6 +41,7 @@ TAGS: dict[str, str] = {
     "tokens_per_s": "perf/tokens_per_s",
     "samples_per_s": "perf/samples_per_s",
     "mfu": "perf/mfu",
+    "tflops_per_device": "perf/tflops_per_device",
     "peak_mem_bytes": "perf/peak_mem_bytes",
     "peak_memory_bytes": "perf/peak_mem_bytes",
     "energy_j": "energy/energy_j",
@@ -48,6 +49,8 @@ TAGS: dict[str, str] = {
     "energy_total_j": "energy/energy_total_j",
     "joules_per_token": "energy/joules_per_token",
     "tokens_per_j": "energy/tokens_per_j",
+    "joules_per_sample": "energy/joules_per_sample",
+    "samples_per_j": "energy/samples_per_j",
 }
 # Fallback grouping by prefix for keys not in TAGS (e.g. "val_top5", "energy_gpu0_j").
 _PREFIX_GROUPS: tuple[tuple[str, str], ...] = (
@@ -55,6 +58,7 @@ _PREFIX_GROUPS: tuple[tuple[str, str], ...] = (
     ("eval_", "eval/"),
     ("energy_", "energy/"),
     ("power_", "energy/"),
+    ("gpu_", "gpu/"),
 )
 
 
