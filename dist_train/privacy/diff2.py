@@ -16,8 +16,12 @@ instantiated with torch.func (vmap of grad): DIFF2 clips per-example gradient *d
 iterates, which no ghost norm of one backward pass gives; this is meant for the small models of the
 paper's experiments (a two-layer MLP on regression data).
 
-Status: the algorithm and its closed-form noise only. `optim.name: diff2` in the trainer, the
-accountant-calibrated noise and `dist-train bench diff2` are not built yet (issue 9).
+Noise: the authors' closed form (`closed_form_sigmas`), or `calibrated_sigmas`, which scales both
+down by the factor an accountant allows at the same (epsilon, delta) (`diff2_epsilon` composes the
+rounds as Gaussian mechanisms of sensitivity 2C/(nP)).
+
+Status: `optim.name: diff2` in the trainer is not built (issue 9); `dist-train bench diff2` runs this
+class directly on P gloo workers.
 """
 
 from __future__ import annotations
@@ -44,6 +48,53 @@ def closed_form_sigmas(epsilon: float, delta: float, n: int, workers: int, round
     sigma1 = math.sqrt(c1 * alpha * rounds / (period * n ** 2 * workers ** 2 * epsilon))
     sigma2 = math.sqrt((4 * u / (u - 1)) * alpha * rounds / (n ** 2 * workers ** 2 * epsilon))
     return sigma1, sigma2
+
+
+def diff2_noise_multipliers(sigma1: float, sigma2: float, n: int, workers: int) -> tuple[float, float]:
+    """Each release's noise std over its sensitivity. Replacing one example of worker p moves the
+    server's mean (1/P) sum_p d_p by at most 2 C / (n P) (C = C1, or C_{2,r} in a difference round)
+    while the noise std is C sigma: z = sigma n P / 2 in both kinds of round (n = the smallest n_p)."""
+    return sigma1 * n * workers / 2, sigma2 * n * workers / 2
+
+
+def diff2_epsilon(sigma1: float, sigma2: float, n: int, workers: int, rounds: int, period: int, delta: float,
+                  accountant: str = "rdp") -> float:
+    """epsilon of R rounds of DIFF2 at (sigma1, sigma2): ceil(R/T) restarts and R - ceil(R/T) difference
+    rounds, each a Gaussian mechanism on the full data (sampling rate 1), composed by the accountant
+    (Opacus's RDP with the Balle et al. conversion, or PRV). With the closed-form sigmas the paper's
+    own RDP bound gives exactly epsilon; a tight accountant gives less (spec: 2.54 at epsilon 3)."""
+    from dist_train.privacy.accounting import _check_accountant, _check_delta, _history_epsilon
+
+    z1, z2 = diff2_noise_multipliers(sigma1, sigma2, n, workers)
+    restarts = math.ceil(rounds / period)
+    history = ((z1, 1.0, restarts), (z2, 1.0, rounds - restarts))
+    return _history_epsilon(history, _check_delta(delta), _check_accountant(accountant))
+
+
+def calibrated_sigmas(epsilon: float, delta: float, n: int, workers: int, rounds: int, period: int,
+                      accountant: str = "rdp", u: float = 1.25) -> tuple[float, float]:
+    """The closed-form (sigma1, sigma2) scaled down by one common factor k <= 1, the smallest (to 1e-4
+    relative) whose accountant epsilon is still <= `epsilon`: the same guarantee with less noise.
+    Safe side: bisection keeps the upper end, whose epsilon was verified."""
+    s1, s2 = closed_form_sigmas(epsilon, delta, n, workers, rounds, period, u)
+
+    def eps(k: float) -> float:
+        return diff2_epsilon(k * s1, k * s2, n, workers, rounds, period, delta, accountant)
+
+    hi = 1.0
+    if eps(hi) > epsilon:  # cannot happen for RDP (the paper's bound is an RDP bound); PRV's error term might
+        while eps(hi) > epsilon:
+            hi *= 1.1
+    lo = hi / 2
+    while eps(lo) <= epsilon:
+        hi, lo = lo, lo / 2
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        if eps(mid) <= epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi * s1, hi * s2
 
 
 def _clip_rows(u: torch.Tensor, radius: float) -> torch.Tensor:
