@@ -66,7 +66,11 @@ def check_layout(cfg: Config, world_size: int) -> None:
         if cfg.parallel.backend not in ("ddp", "fsdp", "none"):
             raise UserError(f"optim.name: dp_sgd clips per example and reduces the noised sum itself; "
                             f"parallel.backend {cfg.parallel.backend} is not supported (use ddp, fsdp or none)")
+    if cfg.optim.name == "diff2" and cfg.parallel.backend not in ("ddp", "none"):
+        raise UserError(f"optim.name: diff2 averages its workers' clipped directions itself; parallel.backend "
+                        f"{cfg.parallel.backend} is not supported (use ddp or none)")
     per_step = dp * cfg.train.grad_accum
-    if cfg.train.batch_size % per_step != 0 and cfg.optim.name != "dp_sgd":  # dp_sgd: an expected size
+    # dp_sgd: an expected size; diff2: the whole training set, split as evenly as it goes
+    if cfg.train.batch_size % per_step != 0 and cfg.optim.name not in ("dp_sgd", "diff2"):
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by data-parallel size x "
                         f"grad_accum ({dp} x {cfg.train.grad_accum} = {per_step})")

@@ -176,7 +176,7 @@ class MatrixOptimOptions(_Strict):
 
 
 class OptimSection(_Strict):
-    name: Literal["adamw", "sgd", "muon", "normuon", "dp_sgd"] = Field("adamw", description="Optimizer: adamw, sgd, muon / normuon for the hidden matrices with AdamW for the rest, or dp_sgd (per-example clipping and noise, see privacy.*, before privacy.base_optimizer).")
+    name: Literal["adamw", "sgd", "muon", "normuon", "dp_sgd", "diff2"] = Field("adamw", description="Optimizer: adamw, sgd, muon / normuon for the hidden matrices with AdamW for the rest, dp_sgd (per-example clipping and noise, see privacy.*, before privacy.base_optimizer), or diff2 (DIFF2 over the data-parallel ranks as workers, full local data every round, see privacy.diff2).")
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (muon / normuon: of the hidden matrices).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (matrices only; biases, norms and embeddings are exempt).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (sgd: momentum).")
@@ -186,6 +186,14 @@ class OptimSection(_Strict):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
     matrix: MatrixOptimOptions = Field(default_factory=MatrixOptimOptions, description="muon / normuon settings: momentum, Newton-Schulz, routing of parameters.")
+
+
+class Diff2Options(_Strict):
+    period: int = Field(10, ge=1, description="Restart period T: a fresh clipped gradient every T rounds, clipped gradient differences in between; 1 = DP-GD.")
+    c2: float = Field(3.0, gt=0, description="C2: a difference round clips per-example gradient differences to C2 x ||x_r - x_(r-1)|| (C1 is privacy.max_grad_norm).")
+    noise: Literal["calibrated", "closed_form"] = Field("calibrated", description="sigma1, sigma2 from the authors' closed form, or the closed form scaled down to exactly privacy.target_epsilon by privacy.accountant (less noise, same guarantee).")
+    sigma1: Optional[float] = Field(None, ge=0, description="Explicit restart-round noise multiplier (with sigma2; instead of target_epsilon). Noise std = sigma1 x C1.")
+    sigma2: Optional[float] = Field(None, ge=0, description="Explicit difference-round noise multiplier (with sigma1). Noise std = sigma2 x C2 x ||x_r - x_(r-1)||.")
 
 
 class PrivacySection(_Strict):
@@ -198,6 +206,7 @@ class PrivacySection(_Strict):
     max_physical_batch: int = Field(64, ge=1, description="Largest micro-batch per rank: a Poisson logical batch is split into physical micro-batches of at most this many examples.")
     secure_rng: bool = Field(False, description="Draw the noise from a generator seeded by the OS's cryptographic RNG every step (not reproducible); default: seeded from (train.seed, step), reproducible across resume.")
     fix_model: bool = Field(False, description="Replace BatchNorm layers by GroupNorm instead of refusing the model.")
+    diff2: Diff2Options = Field(default_factory=Diff2Options, description="optim.name diff2: restart period, C2 and the noise.")
 
 
 class TelemetrySection(_Strict):
@@ -230,7 +239,7 @@ class Config(_Strict):
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Parallelism.")
     local: LocalSection = Field(default_factory=LocalSection, description="Local-learning pipeline.")
     optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer and schedule.")
-    privacy: PrivacySection = Field(default_factory=PrivacySection, description="Differential privacy (optim.name dp_sgd): noise, clipping, budget, accountant.")
+    privacy: PrivacySection = Field(default_factory=PrivacySection, description="Differential privacy (optim.name dp_sgd or diff2): noise, clipping, budget, accountant.")
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection, description="Logging, energy, progress.")
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Checkpointing and resume.")
     runtime: RuntimeSection = Field(default_factory=RuntimeSection, description="Devices, threads and timeouts.")
@@ -259,4 +268,17 @@ class Config(_Strict):
             if self.train.grad_accum != 1:
                 raise ValueError("train.grad_accum: dp_sgd splits its Poisson batches by privacy.max_physical_batch; "
                                  "leave grad_accum at 1")
+        if self.optim.name == "diff2":
+            p, d = self.privacy, self.privacy.diff2
+            if (d.sigma1 is None) != (d.sigma2 is None):
+                raise ValueError("privacy.diff2: give both sigma1 and sigma2, or neither (calibrated from target_epsilon)")
+            if d.sigma1 is None and p.target_epsilon is None:
+                raise ValueError("privacy: diff2 needs privacy.target_epsilon or privacy.diff2.sigma1 and sigma2")
+            if self.parallel.stages != 1:
+                raise ValueError("parallel.stages: diff2 trains end to end (its workers are the data-parallel ranks)")
+            if self.train.grad_accum != 1:
+                raise ValueError("train.grad_accum: diff2 takes each worker's whole data in one pass; leave it at 1")
+            if self.parallel.activation_checkpointing:
+                raise ValueError("parallel.activation_checkpointing: diff2 computes per-example gradients with "
+                                 "torch.func; there is no backward pass to checkpoint")
         return self

@@ -46,6 +46,10 @@ class GradientTransform:
         """The training sampler: `next_indices(rank, world)`, `state_dict`, `load_state_dict`."""
         return data.sampler("train", self.cfg.train.seed, self.cfg.train.batch_size)
 
+    def eval_batch_size(self, data, world: int) -> int:
+        """Global batch of the evaluation passes (default: the training batch)."""
+        return self.cfg.train.batch_size
+
     # --- one step -------------------------------------------------------------------------
     def stop_reason(self) -> Optional[str]:
         """Checked before each step: a reason to end training now (a spent privacy budget), or None."""
@@ -56,8 +60,10 @@ class GradientTransform:
         a DDP/FSDP wrapper reduces in the last micro-batch's backward)."""
         return list(indices.chunk(self.cfg.train.grad_accum))
 
-    def backward(self, backend, loss: torch.Tensor, examples: int, is_last: bool) -> None:
-        """Backward of one micro-batch's mean loss over `examples` examples."""
+    def backward(self, backend, loss: torch.Tensor, examples: int, is_last: bool, batch=None) -> None:
+        """Backward of one micro-batch's mean loss over `examples` examples. `batch`: the micro-batch's
+        (inputs, targets) where the loop has them, for a transform that differentiates on its own
+        (DIFF2's per-example gradients at two iterates)."""
         backend.backward(loss, is_last)
 
     def __call__(self, backend) -> float:

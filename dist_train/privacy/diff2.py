@@ -146,8 +146,9 @@ class Diff2:
         return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, y: torch.Tensor, round_: int) -> dict:
-        """One round on this worker's whole local data (x, y); returns the round's figures."""
+    def direction(self, x: torch.Tensor, y: torch.Tensor, round_: int) -> tuple[torch.Tensor, dict]:
+        """Round `round_` on this worker's whole local data (x, y): the released direction v_r (flat,
+        identical on every worker) and the round's figures. The parameters are not changed."""
         cur = self._flat()
         with torch.enable_grad():
             g_now = self._per_example_grads(cur, x, y)
@@ -163,11 +164,29 @@ class Diff2:
             d = _clip_rows(g_now - g_prev, radius).mean(0)
             v = self.v + self._mean_over_workers(d) + radius * sigma * self._gaussian(d, round_)
         self.prev, self.v = cur, v
-        new = cur - self.lr * v
-        offset = 0
+        return v, {"restart": restart, "radius": radius, "noise_std": radius * sigma, "v_norm": float(v.norm())}
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector over the trainable parameters as {name: tensor shaped like the parameter}."""
         params = dict(self.model.named_parameters())
+        out, offset = {}, 0
         for n in self.names:
             p = params[n]
-            p.copy_(new[offset:offset + p.numel()].view_as(p))
+            out[n] = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        return {"restart": restart, "radius": radius, "noise_std": radius * sigma, "v_norm": float(v.norm())}
+        return out
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, round_: int) -> dict:
+        """One round, GD subroutine: x_{r+1} = x_r - lr v_r; returns the round's figures."""
+        v, figures = self.direction(x, y, round_)
+        params = dict(self.model.named_parameters())
+        for n, vn in self.unflatten(v).items():
+            params[n].sub_(self.lr * vn)
+        return figures
+
+    def state_dict(self) -> dict:
+        return {"prev": self.prev, "v": self.v}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prev, self.v = state["prev"], state["v"]

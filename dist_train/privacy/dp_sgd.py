@@ -174,7 +174,7 @@ class DPSGD(GradientTransform):
             parts += [indices[:0]] * (max(most, 1) - len(parts))
         return parts
 
-    def backward(self, backend, loss: torch.Tensor, examples: int, is_last: bool) -> None:
+    def backward(self, backend, loss: torch.Tensor, examples: int, is_last: bool, batch=None) -> None:
         # The loss is the micro-batch mean over examples (each example's own mean over its
         # positions); x examples makes it the sum over examples, so each captured output
         # gradient is exactly one example's.

@@ -85,7 +85,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                     with backend.autocast():
                         out = backend.model(x)
                     loss = backend.module.loss(out.float(), y)
-                    transform.backward(backend, loss, x.size(0), is_last)
+                    transform.backward(backend, loss, x.size(0), is_last, batch=(x, y))
                 if x.size(0):  # an empty micro-batch (a DP rank that drew few examples) has no loss
                     loss_acc += loss.detach() / filled
             grad_norm = backend.step(transform)
@@ -100,7 +100,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 last.update(transform.metrics())
                 writer.scalars(done, per_rank_scalars(last, range(ctx.world_size)))
                 if evaluating:
-                    last.update(evaluate(backend, data, ctx, cfg.train.batch_size, cfg.train.eval_batches))
+                    last.update(evaluate(backend, data, ctx, transform.eval_batch_size(data, ctx.world_size),
+                                         cfg.train.eval_batches))
                     progress.note(f"step {done}/{cfg.train.steps}  loss {last['loss']:.4f}  "
                                   f"val_loss {last['val_loss']:.4f}  {last['samples_per_s']:.0f} samples/s")
                 writer.log(done, last)

@@ -118,6 +118,12 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
         rows.insert(-1, ("privacy", describe(cfg, data.num_samples("train"), dp)))
         rows[6] = ("batch", f"{cfg.train.batch_size} expected (Poisson), physical micro-batches of at most "
                             f"{cfg.privacy.max_physical_batch} per rank")
+    if cfg.optim.name == "diff2":
+        from dist_train.privacy.diff2_transform import describe as describe_diff2
+
+        rows.insert(-1, ("privacy", describe_diff2(cfg, data.num_samples("train"), dp)))
+        rows[6] = ("batch", f"the whole training set every round ({data.num_samples('train')}), "
+                            f"~{data.num_samples('train') // dp} per worker")
     if cfg.parallel.stages > 1:
         from dist_train.local.split import stage_block_ranges
 
