@@ -147,5 +147,6 @@ def test_totals_never_report_energy_that_was_not_measured() -> None:
     assert summary_line(s).startswith("energy: not measured (unavailable: no NVML, no RAPL)")
 
 
-def test_derived_handles_an_empty_window() -> None:
+def test_derived_handles_an_empty_window_and_counts_steps() -> None:
     assert derived(5.0, 0, 1) == {"joules_per_sample": None, "samples_per_j": None}
+    assert derived(6.0, 12, 1, steps=3)["joules_per_step"] == 2.0

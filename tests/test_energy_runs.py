@@ -60,6 +60,7 @@ def test_ddp_ranks_on_two_gpus_per_rank_world_total_summary_and_resume(tmp_path:
         assert r["power_w"] == pytest.approx(110.0, rel=0.05)
         samples = LOG_EVERY * BATCH
         assert r["joules_per_sample"] == pytest.approx(r["energy_j"] / samples, rel=1e-12)
+        assert r["joules_per_step"] == pytest.approx(r["energy_j"] / LOG_EVERY, rel=1e-12)
         assert r["joules_per_token"] == pytest.approx(r["energy_j"] / (samples * BLOCK), rel=1e-12)
         assert r["tokens_per_j"] == pytest.approx(samples * BLOCK / r["energy_j"], rel=1e-12)
         assert (r["gpu_util_pct"], r["gpu_temp_c"], r["gpu_mem_used_bytes"]) == (40.5, 61.0, 2.0 * 2**30)

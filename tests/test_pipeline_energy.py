@@ -65,6 +65,7 @@ def test_pipeline_meters_energy_per_stage_and_counts_a_shared_gpu_once(tmp_path)
         assert row["energy_j"] == s0["energy_j"] and row["power_w"] == pytest.approx(WATTS, rel=0.05)
         # Every stage trains every example: the job's J/sample is its energy over the window's samples.
         assert row["joules_per_sample"] == pytest.approx(row["energy_j"] / (2 * 8), rel=1e-12)
+        assert row["joules_per_step"] == pytest.approx(row["energy_j"] / 2, rel=1e-12)
         assert row["joules_per_token"] == pytest.approx(row["energy_j"] / (2 * 8 * 16), rel=1e-12)
         assert s1["joules_per_sample"] == pytest.approx(s1["energy_j"] / (2 * 8), rel=1e-12)  # per stage
     summary = json.loads((run / "energy.json").read_text())

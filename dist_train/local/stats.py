@@ -61,9 +61,9 @@ class StageStats:
         self._out.clear()
 
 
-def top_level_row(step: int, lr: float, rows: list[dict], samples: int, tokens_per_sample: int,
+def top_level_row(step: int, lr: float, rows: list[dict], steps: int, batch_size: int, tokens_per_sample: int,
                   source: Optional[str], extra: dict) -> dict:
-    """The run's row for a window of `samples` examples: the task loss is the last stage's; throughput
+    """The run's row for a window of `steps` steps of `batch_size`: the task loss is the last stage's; throughput
     is the slowest stage's; memory the largest stage's; energy and power the sum over the job, each
     device counted once (every stage trains every example, so J/sample is the job's energy / samples)."""
     rate = min(r["samples_per_s"] for r in rows)
@@ -77,7 +77,7 @@ def top_level_row(step: int, lr: float, rows: list[dict], samples: int, tokens_p
            "energy_j": None if any(e is None for e in energy) else sum(energy),
            "power_w": None if any(p is None for p in power) else sum(power),
            "energy_source": source}
-    row.update(derived(row["energy_j"], samples, tokens_per_sample))
+    row.update(derived(row["energy_j"], steps * batch_size, tokens_per_sample, steps))
     row.update({f"stage{k}_energy_j": r["energy_j"] for k, r in enumerate(rows) if r["energy_j"] is not None})
     row.update(extra)
     return row

@@ -39,10 +39,13 @@ _FIELDS = ("energy_j", "power_w", "first_in_group", "first_in_world", "gpu_util_
 JOULES_PER_KWH = 3.6e6
 
 
-def derived(energy_j: Optional[float], samples: float, tokens_per_sample: int) -> dict[str, Optional[float]]:
-    """J per sample and samples per J (and per token for language models) of one window."""
+def derived(energy_j: Optional[float], samples: float, tokens_per_sample: int,
+            steps: Optional[int] = None) -> dict[str, Optional[float]]:
+    """J per step (when `steps` is given), J per sample and samples per J (and per token for language
+    models) of one window."""
     known = energy_j is not None and samples > 0
-    out = {"joules_per_sample": energy_j / samples if known else None,
+    out = {} if steps is None else {"joules_per_step": energy_j / steps if energy_j is not None and steps else None}
+    out |= {"joules_per_sample": energy_j / samples if known else None,
            "samples_per_j": samples / energy_j if known and energy_j > 0 else None}
     if tokens_per_sample > 1:
         tokens = samples * tokens_per_sample
@@ -95,9 +98,9 @@ class EnergyLog:
     def close(self) -> None:
         self.meter.close()
 
-    def window(self, samples: float, tokens_per_sample: int = 1) -> dict[str, Any]:
+    def window(self, samples: float, tokens_per_sample: int = 1, steps: Optional[int] = None) -> dict[str, Any]:
         """Close this rank's window and return the group's figures for it (`samples`: how many
-        examples the group trained in the window)."""
+        examples the group trained in the window's `steps` steps)."""
         e, p = self.meter.read()
         known = e is not None and p is not None
         stats = self.meter.device_stats()
@@ -114,9 +117,10 @@ class EnergyLog:
             table = torch.full((len(self.group_ranks), len(_FIELDS)), math.nan, dtype=torch.float64)
         else:
             table = mine.unsqueeze(0)
-        return self._figures(table, samples, tokens_per_sample)
+        return self._figures(table, samples, tokens_per_sample, steps)
 
-    def _figures(self, table: torch.Tensor, samples: float, tokens_per_sample: int) -> dict[str, Any]:
+    def _figures(self, table: torch.Tensor, samples: float, tokens_per_sample: int,
+                 steps: Optional[int] = None) -> dict[str, Any]:
         unavailable = not self.measuring  # the same verdict on every rank of the group
         energy, power = table[:, 0], table[:, 1]
 
@@ -130,7 +134,7 @@ class EnergyLog:
         e_world, p_world = once(3)
         out: dict[str, Any] = {
             "energy_j": e_group, "power_w": p_group, "energy_j_counted": e_world, "power_w_counted": p_world,
-            **derived(e_group, samples, tokens_per_sample),
+            **derived(e_group, samples, tokens_per_sample, steps),
             "energy_rank_j": [_none(v) for v in energy.tolist()],
             "power_rank_w": [_none(v) for v in power.tolist()],
             "energy_source": self.meter.source,

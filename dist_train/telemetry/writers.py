@@ -49,6 +49,7 @@ TAGS: dict[str, str] = {
     "energy_total_j": "energy/energy_total_j",
     "joules_per_token": "energy/joules_per_token",
     "tokens_per_j": "energy/tokens_per_j",
+    "joules_per_step": "energy/joules_per_step",
     "joules_per_sample": "energy/joules_per_sample",
     "samples_per_j": "energy/samples_per_j",
 }

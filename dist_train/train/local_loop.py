@@ -161,7 +161,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 elapsed = time.perf_counter() - t0
                 record = _stage_record(cfg, ctx, backend, link, channels, layout.stage, done, lr,
                                        float(loss_acc) / window, window, elapsed, busy)
-                record.update(energy.window(window * cfg.train.batch_size, tokens_per_sample))
+                record.update(energy.window(window * cfg.train.batch_size, tokens_per_sample, window))
                 record.update(transform.metrics())
                 if evaluating:
                     record.update(evaluate_pipeline(cfg, ctx, data, backend, link, layout))
@@ -169,7 +169,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 stage_writer.scalars(done, per_rank_scalars(record, stage_ranks))
                 stats.send(record)
                 if collector:
-                    last = top_level_row(done, lr, stats.gather(record), window * cfg.train.batch_size,
+                    last = top_level_row(done, lr, stats.gather(record), window, cfg.train.batch_size,
                                          tokens_per_sample, energy.source,
                                          {k: v for k, v in record.items() if k.startswith("val_")})
                     last["energy_total_j"] = totals.add(last["energy_j"])

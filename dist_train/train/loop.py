@@ -182,7 +182,7 @@ def _window_metrics(cfg: Config, ctx: DistContext, energy: EnergyLog, totals: En
     steps, elapsed = timer.pop_window()
     samples_per_s = steps * cfg.train.batch_size / elapsed
     tokens_per_s = samples_per_s * tokens_per_sample
-    figures = energy.window(steps * cfg.train.batch_size, tokens_per_sample)
+    figures = energy.window(steps * cfg.train.batch_size, tokens_per_sample, steps)
     for key in ("energy_j_counted", "power_w_counted"):  # the world is the group: the same as energy_j
         figures.pop(key)
     dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32
