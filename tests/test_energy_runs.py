@@ -9,8 +9,9 @@ machine has no GPU; the same code reads a real GPU in test_energy_gpu.py when on
 * No source: nulls and an energy.json that says "not measured"; a forced source that cannot be
   read: one line, exit 2, nothing written.
 
-Tolerance: the stand-in's counter follows the wall clock, so a window's power is its watts within 5%
-(the meter's own clock and the counter's are read a few microseconds apart).
+Tolerance: the stand-in's counter follows the wall clock, so a window's power is its watts within 10%
+(the meter's clock and the counter's are read apart: a rank descheduled between them on a loaded
+machine shifts a window of a few hundred ms by a few per cent; 50 W and 60 W stay distinguishable).
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def test_ddp_ranks_on_two_gpus_per_rank_world_total_summary_and_resume(tmp_path:
     total = 0.0
     for r in rows:
         assert r["energy_source"] == "nvml"
-        assert r["power_rank_w"] == [pytest.approx(50.0, rel=0.05), pytest.approx(60.0, rel=0.05)]
+        assert r["power_rank_w"] == [pytest.approx(50.0, rel=0.1), pytest.approx(60.0, rel=0.1)]
         assert r["energy_j"] == pytest.approx(sum(r["energy_rank_j"]), rel=1e-12)  # two GPUs: both count
-        assert r["power_w"] == pytest.approx(110.0, rel=0.05)
+        assert r["power_w"] == pytest.approx(110.0, rel=0.1)
         samples = LOG_EVERY * BATCH
         assert r["joules_per_sample"] == pytest.approx(r["energy_j"] / samples, rel=1e-12)
         assert r["joules_per_step"] == pytest.approx(r["energy_j"] / LOG_EVERY, rel=1e-12)
