@@ -68,7 +68,7 @@ def _loss(out, y):
     return ((out - y) ** 2).mean() / 2
 
 
-def _objective(model, x, y, group) -> tuple[float, float]:
+def _objective(model, x, y) -> tuple[float, float]:
     """Loss and gradient norm of the whole objective f = (1/P) sum_p f_p at the current iterate."""
     import torch
     import torch.distributed as dist
@@ -77,8 +77,8 @@ def _objective(model, x, y, group) -> tuple[float, float]:
     loss = _loss(model(x), y)
     loss.backward()
     flat = torch.cat([loss.detach().reshape(1), *(p.grad.reshape(-1) for p in model.parameters())])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
     return float(flat[0]), float(flat[1:].norm())
 
 
@@ -107,7 +107,7 @@ def _worker(rank: int, world: int, size: dict) -> dict:
                             process_group=dist.group.WORLD)
                 for r in range(rounds):
                     opt.step(x, y, r)
-                loss, gnorm = _objective(model, x, y, None)
+                loss, gnorm = _objective(model, x, y)
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     loss, gnorm = math.inf, math.inf
                 runs.append({"epsilon": eps, "method": method, **s, "sigma1": s1, "sigma2": s2, "seed": seed,

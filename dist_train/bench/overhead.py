@@ -185,12 +185,12 @@ def bench_config(run_dir: str, name: str, warmup: int, measured: int, extra: tup
     ])
 
 
-def run_framework(cfg, ctx, data: SharedData, warmup: int, measured: int, bench: str = "overhead") -> dict[str, float]:
+def run_framework(cfg, ctx, data: SharedData, warmup: int, measured: int) -> dict[str, float]:
     """A: the framework's own training loop, unmodified; only its dataset is handed in."""
     from dist_train.train import loop
 
     with mock.patch.object(loop, "build_dataset", lambda *_: data):
-        last = loop.train(cfg, ctx, ["dist-train", "bench", bench])
+        last = loop.train(cfg, ctx, ["dist-train", "bench", "overhead"])
     out = {**step_timing(data.train_sampler, warmup, measured), "loss": float(last["loss"]),
            "logged_step_s": float("nan")}
     if ctx.is_main:

@@ -20,8 +20,8 @@ Noise: the authors' closed form (`closed_form_sigmas`), or `calibrated_sigmas`, 
 down by the factor an accountant allows at the same (epsilon, delta) (`diff2_epsilon` composes the
 rounds as Gaussian mechanisms of sensitivity 2C/(nP)).
 
-Status: `optim.name: diff2` in the trainer is not built (issue 9); `dist-train bench diff2` runs this
-class directly on P gloo workers.
+The trainer's `optim.name: diff2` wraps this class (`diff2_transform.py`); `dist-train bench
+diff2` runs it directly on P gloo workers.
 """
 
 from __future__ import annotations

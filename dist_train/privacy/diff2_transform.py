@@ -110,7 +110,7 @@ class Diff2Transform(GradientTransform):
         module = backend.module
         group = backend.mesh.get_group() if backend.mesh is not None and backend.dp_size > 1 else None
         d = self.cfg.privacy.diff2
-        self.algo = Diff2(module, lambda out, y: module.loss(out, y), lr=0.0, period=d.period,
+        self.algo = Diff2(module, module.loss, lr=0.0, period=d.period,
                           c1=self.cfg.privacy.max_grad_norm, c2=d.c2, sigma1=self.plan["sigma1"],
                           sigma2=self.plan["sigma2"], seed=self.cfg.train.seed, process_group=group)
 

@@ -27,6 +27,16 @@ def open_energy_log(cfg: Config, ctx: DistContext, group_ranks: Optional[Sequenc
     return EnergyLog(meter, ctx.rank, ctx.world_size, group_ranks, group, ctx.device)
 
 
+def run_totals(cfg: Config, writer, energy: EnergyLog, progress) -> EnergyTotals:
+    """The run's energy so far, on the rank whose `writer` keeps metrics.jsonl (continued from its
+    rows on resume); says once, at the start, what is measured and how."""
+    totals = EnergyTotals(cfg.telemetry.grid_intensity_g_per_kwh)
+    if writer.enabled:
+        totals.resume_from(writer.path)
+    progress.note(f"energy: {energy.source} ({energy.detail})")
+    return totals
+
+
 def finish_energy(cfg: Config, run_dir: Path, energy: EnergyLog, totals: EnergyTotals, steps: int,
                   tokens_per_sample: int) -> dict[str, Any]:
     """The run's energy summary (writer rank): written to <run>/energy.json and returned with its

@@ -27,10 +27,10 @@ from dist_train.local.stats import StageStats, top_level_row
 from dist_train.optim import lr_at
 from dist_train.runtime.dist import DistContext
 from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
-from dist_train.telemetry.energy_log import EnergyTotals, per_rank_scalars
+from dist_train.telemetry.energy_log import per_rank_scalars
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resolve_resume, resume
-from dist_train.train.energy import finish_energy, open_energy_log
+from dist_train.train.energy import finish_energy, open_energy_log, run_totals
 from dist_train.train.generate import write_sample
 from dist_train.train.loop import due, write_run_info
 from dist_train.train.transforms import build_transform
@@ -102,13 +102,10 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                                  tensorboard=cfg.telemetry.tensorboard)
     for w in (writer, stage_writer):
         w.truncate_from(start + 1)
-    totals = EnergyTotals(cfg.telemetry.grid_intensity_g_per_kwh)
-    if collector:
-        totals.resume_from(writer.path)  # the energy of the steps already recorded
     stats = StageStats(layout, ctx.device, ctx.distributed)
     progress = Progress(total=cfg.train.steps, initial=start, enabled=cfg.telemetry.progress if collector else False,
                         echo=collector and cfg.telemetry.progress != "off")
-    progress.note(f"energy: {energy.source} ({energy.detail})")
+    totals = run_totals(cfg, writer, energy, progress)  # the collector's writer keeps the run's total
     tokens_per_sample = cfg.model.block_size if info.task == "lm" else 1
     last: dict = {}
 

@@ -18,7 +18,7 @@ from dist_train.runtime.dist import DistContext
 from dist_train.telemetry import (MetricsWriter, Progress, StepTimer, collect_provenance, mfu, peak_memory_bytes,
                                   write_provenance)
 from dist_train.telemetry.energy_log import EnergyLog, EnergyTotals, per_rank_scalars
-from dist_train.train.energy import finish_energy, open_energy_log
+from dist_train.train.energy import finish_energy, open_energy_log, run_totals
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resume
 from dist_train.train.evaluate import evaluate
@@ -51,13 +51,10 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                                     on_state=lambda saved: transform.load_state_dict(saved.get("transform")))
 
     writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from, energy)
-    totals = EnergyTotals(cfg.telemetry.grid_intensity_g_per_kwh)
-    if ctx.is_main:
-        totals.resume_from(writer.path)  # the energy of the steps already recorded
     progress = Progress(total=cfg.train.steps, initial=start,
                         enabled=cfg.telemetry.progress if ctx.is_main else False,
                         echo=ctx.is_main and cfg.telemetry.progress != "off")
-    progress.note(f"energy: {energy.source} ({energy.detail})")
+    totals = run_totals(cfg, writer, energy, progress)
     tokens_per_sample = cfg.model.block_size if model.task == "lm" else 1
     flops_per_token = model.num_flops_per_token() if hasattr(model, "num_flops_per_token") else None
     timer = StepTimer(ctx.device)  # on CUDA it synchronizes, as backend.step's grad-norm read does anyway
