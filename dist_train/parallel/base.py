@@ -73,13 +73,17 @@ class Backend(ABC):
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)  # each param group keeps its ratio to the scheduled lr
 
-    def step(self, transform: Optional["GradientTransform"] = None) -> float:
+    def step(self, transform: Optional["GradientTransform"] = None,
+             accept: Optional[Callable[[Optional[float]], bool]] = None) -> float:
         """Gradient transform (default: clip at train.grad_clip), optimizer step, zero gradients.
-        Returns the gradient norm the transform reports (the global norm before clipping)."""
+        `accept(norm)` may veto the optimizer step (a non-finite step: `train.on_nonfinite`); it
+        must give the same verdict on every replica. Returns the gradient norm the transform reports
+        (the global norm before clipping)."""
         from dist_train.optim.transform import GradientTransform
 
         norm = (transform or GradientTransform(self.cfg))(self)
-        self.optimizer.step()
+        if accept is None or accept(norm):
+            self.optimizer.step()
         self.zero_grad()
         return norm
 

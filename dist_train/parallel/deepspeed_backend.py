@@ -152,11 +152,21 @@ class DeepSpeedBackend(Backend):
         if not is_last:
             self.engine.step()  # a non-boundary step only advances DeepSpeed's micro-step counter
 
-    def step(self, transform=None) -> float:
+    def step(self, transform=None, accept=None) -> float:
         # The engine clips (gradient_clipping) and steps its own flattened partitions; a transform
         # that rewrites gradients cannot run between the two, and config/layout.py refuses one.
         if transform is not None and transform.name != "clip":
             raise ValueError(f"deepspeed backend: gradient transform {transform.name!r} is not supported")
+        # The gradient norm exists only inside the engine's step, so the guard judges the loss here
+        # (a non-finite loss makes non-finite gradients); a vetoed step drops the gradients instead.
+        if accept is not None and not accept(None):
+            # What the engine's own step would do around an update: clear the (partitioned)
+            # gradients and count the micro-step, so accumulation boundaries stay where they were.
+            if hasattr(self.engine.optimizer, "zero_grad"):
+                self.engine.optimizer.zero_grad()
+            self.engine.zero_grad()
+            self.engine.micro_steps += 1
+            return float("nan")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
