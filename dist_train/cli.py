@@ -77,6 +77,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             last = train(cfg, ctx, command)
     finally:
         ctx.destroy()
+    if last.get("stopped"):  # preempted, or a non-finite step under on_nonfinite=stop: saved first
+        _report_worker_error(f"stopped after step {last['stopped_at']}: {last['stopped']}; checkpoint "
+                             f"step-{last['stopped_at']} is committed and the same command resumes from it",
+                             prefix="dist-train: ", print_here=world.rank == 0)
+        return int(last["exit_code"])
     if world.rank == 0 and last:
         run_dir = Path(cfg.run.dir) / cfg.run.name
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
@@ -109,14 +114,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_benchmark(args.name, quick=args.quick, json_path=args.json_path)
 
 
-def _report_worker_error(msg: str) -> None:
+def _report_worker_error(msg: str, prefix: str = "dist-train: error: ", print_here: bool = True) -> None:
     """Under `launch`, leave the message for the launcher (which prints it once for all ranks)."""
     err_dir = os.environ.get(ERROR_DIR_ENV)
     if err_dir:
         rank = os.environ.get("RANK", "0")
-        Path(err_dir, f"rank{rank}.txt").write_text(msg)
-    else:
-        print(f"dist-train: error: {msg}", file=sys.stderr)
+        Path(err_dir, f"rank{rank}.txt").write_text(prefix + msg)
+    elif print_here:
+        print(prefix + msg, file=sys.stderr)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

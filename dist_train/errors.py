@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class DistTimeoutError(RuntimeError):
     """A collective did not finish within its phase's timeout; the message names rank and phase."""
+
+
+# In a DistTimeoutError's message, the words before which the ranks that never checked in are named;
+# the launcher looks for them to report the stuck rank rather than the one it had to kill.
+SILENT_PEERS = "did not answer"

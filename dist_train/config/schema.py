@@ -46,6 +46,7 @@ class TrainSection(_Strict):
     sample_tokens: int = Field(0, ge=0, description="Language models: tokens to generate after training (written to <run>/sample.txt); 0 = none.")
     sample_prompt: str = Field("def ", description="Prompt for the generated sample (UTF-8 bytes on a byte-level corpus).")
     sample_temperature: float = Field(0.8, gt=0, description="Softmax temperature for sampling.")
+    on_nonfinite: Literal["skip", "stop"] = Field("stop", description="A step whose loss or gradients are not finite is never applied to the weights: skip it (counted in nonfinite_skipped) and go on, or stop: every rank stops, the last good weights are checkpointed and the job exits 1 with a message naming the step.")
 
 
 class ModelSection(_Strict):
@@ -63,6 +64,11 @@ class ModelSection(_Strict):
         return self
 
 
+# The data-set-specific keys of `data` and the data sets that read them (the others read all sets).
+_DATA_KEY_READERS = {"path": ("token_bin",), "val_path": ("token_bin",), "vocab_size": ("token_bin",),
+                     "max_bytes": ("stdlib_bytes",), "num_examples": ("shapes32",), "seed": ("shapes32",)}
+
+
 class DataSection(_Strict):
     name: Literal["stdlib_bytes", "token_bin", "digits", "shapes32"] = Field(
         "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, sklearn digits, or generated 32x32 RGB shapes.")
@@ -74,6 +80,15 @@ class DataSection(_Strict):
     test_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Fraction held out as a test split (stdlib_bytes, digits, shapes32); default 0.1 for shapes32, else 0 (no test split).")
     num_examples: int = Field(7000, ge=20, description="shapes32: images generated in all (train + val + test).")
     seed: int = Field(0, description="shapes32: seed the images are generated from (fixed apart from train.seed).")
+
+    @model_validator(mode="after")
+    def _keys_are_read(self):
+        # A key the chosen data set never reads (data.path with stdlib_bytes) is a config mistake:
+        # the run would silently train on other data than the user meant.
+        for key, readers in _DATA_KEY_READERS.items():
+            if key in self.model_fields_set and self.name not in readers:
+                raise ValueError(f"data.{key}: not read by data.name={self.name} (only by {', '.join(readers)})")
+        return self
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self):
@@ -214,6 +229,7 @@ class TelemetrySection(_Strict):
     grid_intensity_g_per_kwh: Optional[float] = Field(None, gt=0, description="Grid carbon intensity (g CO2 per kWh) for the run summary's CO2 figure; without it no CO2 is reported (nothing is looked up).")
     tensorboard: bool = Field(True, description="Write TensorBoard events to <run>/tb on rank 0.")
     progress: Literal["auto", "on", "off"] = Field("auto", description="Progress bar on rank 0 (auto: only on a terminal).")
+    sample_ids: bool = Field(False, description="Every rank logs the example ids it trained on at each step to <run>/samples/rank<r>/metrics.jsonl (ids of steps lost to a crash are dropped on resume): an audit of the data order across restarts.")
 
 
 class CheckpointSection(_Strict):

@@ -8,6 +8,8 @@ from typing import ClassVar, Literal, Optional
 
 import torch
 
+from dist_train.errors import UserError
+
 from dist_train.data.sampler import Mode, StepSampler
 
 Split = Literal["train", "val", "test"]
@@ -56,5 +58,10 @@ class Dataset(ABC):
     def sampler(self, split: Split, seed: int, global_batch: int) -> StepSampler:
         """Step sampler over `split`; the val and test samplers ignore `seed` and use VAL_SEED."""
         check_split(split, self.info)
+        if split == "train" and self.num_samples(split) < global_batch:
+            # Every step would repeat examples within its own batch: almost surely a wrong file or size.
+            unit = "windows" if self.sampling == "windows" else "examples"
+            raise UserError(f"data: the training split holds {self.num_samples(split)} {unit}, fewer than one "
+                            f"global batch (train.batch_size={global_batch})")
         return StepSampler(self.num_samples(split), global_batch,
                            seed if split == "train" else VAL_SEED, self.sampling)

@@ -44,7 +44,23 @@ def open_token_bin(path: str | os.PathLike, key: str = "data.path") -> np.ndarra
         count, offset = size // 2, 0
     if count == 0:
         raise UserError(f"{key}: {p}: file holds no tokens")
-    return np.memmap(p, dtype="<u2", mode="r", offset=offset, shape=(count,))
+    tokens = np.memmap(p, dtype="<u2", mode="r", offset=offset, shape=(count,))
+    _check_16_bit(tokens, f"{key}: {p}")
+    return tokens
+
+
+def _check_16_bit(tokens: np.ndarray, where: str) -> None:
+    """Refuse a file of 32-bit values (int32/uint32/float32 tokens) read as uint16.
+
+    Small 32-bit values have one all-zero 16-bit half: every second uint16 is 0. Real token streams
+    never are (id 0 at every other position), so a head of 8192 tokens decides.
+    """
+    head = np.asarray(tokens[:8192])
+    if len(head) >= 16 and len(head) % 2 == 0:
+        even, odd = head[0::2], head[1::2]
+        if (not odd.any() and even.any()) or (not even.any() and odd.any()):
+            raise UserError(f"{where}: every second uint16 is 0: this looks like 32-bit values (int32, uint32 or "
+                            f"float32), not uint16 tokens")
 
 
 def max_token(tokens: np.ndarray) -> int:
@@ -61,8 +77,12 @@ def build_token_bin(path: str, val_path: Optional[str], vocab_size: Optional[int
     else:
         n_train = int(len(data) * (1.0 - val_fraction))
         train, val = data[:n_train], data[n_train:]
+    largest = max(max_token(train), max_token(val))
     if vocab_size is None:
-        vocab_size = max(max_token(train), max_token(val)) + 1
+        vocab_size = largest + 1
+    elif largest >= vocab_size:
+        raise UserError(f"data.vocab_size: the data holds token id {largest}, outside a vocabulary of {vocab_size} "
+                        f"(a wrong vocab_size, or a file of another dtype)")
     return TokenDataset(train, val, vocab_size=vocab_size, block_size=block_size, source="data.path")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator, Optional
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.config.schema import Config
-from dist_train.errors import DistTimeoutError, UserError
+from dist_train.errors import SILENT_PEERS, DistTimeoutError, UserError
 from dist_train.runtime.env import WorldInfo, discover, export_env
 
 _TIMEOUT_WORDS = ("timed out", "timeout", "deadline")
@@ -31,6 +32,9 @@ class DistContext:
     device: torch.device
     backend: Optional[str]  # torch.distributed backend string, None when no process group
     mesh: Optional[object] = None  # torch.distributed.device_mesh.DeviceMesh over ("dp",)
+    # A gloo group of all ranks for the run's own small votes (stop requests): on CPU even in an
+    # NCCL run, and apart from the default group so it never orders against stage-to-stage traffic.
+    control_group: Optional[object] = None
     timeouts: dict[str, float] = field(default_factory=dict)
     current_phase: str = "start"
 
@@ -72,9 +76,12 @@ class DistContext:
             if isinstance(e, DistTimeoutError):
                 raise
             if any(w in text for w in _TIMEOUT_WORDS):
+                silent = self._silent_peers(name)
+                who = (f"rank {', '.join(map(str, silent))} {SILENT_PEERS} (stuck or dead)" if silent
+                       else "another rank is probably stuck or dead")
                 raise DistTimeoutError(
                     f"rank {self.rank}: a collective timed out after {self.timeouts.get(name)}s in phase "
-                    f"'{name}' (another rank is probably stuck or dead)") from e
+                    f"'{name}'; {who}") from e
             if any(w in text for w in _PEER_LOST_WORDS):
                 raise DistTimeoutError(f"rank {self.rank}: lost the connection to another rank in phase "
                                        f"'{name}' (it probably died; see its output)") from e
@@ -82,6 +89,27 @@ class DistContext:
         finally:
             self.current_phase = previous
             self._set_timeout(self.timeouts.get(previous, 600.0))
+
+    def _silent_peers(self, phase: str, wait_s: float = 5.0) -> Optional[list[int]]:
+        """After a timeout: the ranks that do not check in within `wait_s` (None: unknown).
+
+        A collective's error does not say which peer held it up. Every rank that times out writes
+        its rank into the rendezvous store (hosted by the launcher's agent, or rank 0 without one)
+        and waits a moment for the others; the ranks that never write are the stuck or dead ones.
+        """
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(timedelta(seconds=wait_s))
+            prefix = f"dist_train/alive/{phase}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            store.set(f"{prefix}/{self.rank}", "1")
+            deadline = time.monotonic() + wait_s
+            while True:
+                silent = [r for r in range(self.world_size) if not store.check([f"{prefix}/{r}"])]
+                if not silent or time.monotonic() > deadline:
+                    return silent
+                time.sleep(0.2)
+        except Exception:  # the store itself is gone (its host died): say nothing rather than guess
+            return None
 
     def barrier(self) -> None:
         if self.distributed:
@@ -191,7 +219,9 @@ def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistCont
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world.world_size,), mesh_dim_names=("dp",))
-    ctx = DistContext(world=world, device=device, backend=backend, mesh=mesh, timeouts=timeouts)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.runtime.steady_timeout_s))
+    ctx = DistContext(world=world, device=device, backend=backend, mesh=mesh, timeouts=timeouts,
+                      control_group=control)
     ctx._set_timeout(timeouts["start"])
     return ctx
 

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from dist_train.config import load_config
 from dist_train.config.layout import check_layout
-from dist_train.errors import UserError
+from dist_train.errors import SILENT_PEERS, UserError
 from dist_train.runtime.env import LOOPBACK
 
 
@@ -29,21 +30,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _messages(err_dir: Path) -> dict[int, str]:
+    """Each worker's one line (written with its prefix: "dist-train: error: ..." or "dist-train: ...")."""
+    return {int(f.stem[4:]): f.read_text().strip() for f in err_dir.glob("rank*.txt")}
+
+
 def _root_cause(error, err_dir: Path) -> str:
-    """One line for a failed worker group. Rejected input (exit 2) first; then a worker that died
-    without a word (a signal, a crash), since the survivors' messages only say they lost it."""
-    messages = {int(f.stem[4:]): f.read_text().strip() for f in err_dir.glob("rank*.txt")}
+    """One line for a failed worker group. Rejected input (exit 2) first; then a timeout that names
+    the stuck ranks; then a worker that died without a word (a signal, a crash), since the
+    survivors' messages only say they lost it."""
+    messages = _messages(err_dir)
     failures = sorted(error.failures.items())
     for rank, failure in failures:
         if failure.exitcode == 2 and rank in messages:
             return messages[rank]
+    for rank, message in sorted(messages.items()):
+        if SILENT_PEERS in message:  # a timeout that names the hung ranks (the agent then killed them)
+            return message
     for rank, failure in failures:
         if rank not in messages:
-            return f"worker rank {rank} exited with status {failure.exitcode} (see its output above)"
+            return f"dist-train: error: worker rank {rank} exited with status {failure.exitcode} (see its output above)"
     return messages[failures[0][0]]
 
 
 def launch(args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -94,9 +105,14 @@ def launch(args: argparse.Namespace) -> int:
         elastic_launch(config, sys.executable)(*worker_args)
         return 0
     except ChildFailedError as e:
-        print(f"dist-train: error: {_root_cause(e, Path(err_dir))}", file=sys.stderr)
+        print(_root_cause(e, Path(err_dir)), file=sys.stderr)
         codes = {f.exitcode for f in e.failures.values()}
         return 2 if 2 in codes else 1
+    except SignalException as e:  # SIGTERM/SIGINT to the launcher: the agent passed it on to the workers
+        stopped = _messages(Path(err_dir))
+        print(stopped[min(stopped)] if stopped else f"dist-train: stopped by {signal.Signals(e.sigval).name} "
+              f"before a checkpoint could be committed", file=sys.stderr)
+        return 128 + int(e.sigval)
     finally:
         for f in Path(err_dir).glob("*"):
             f.unlink()

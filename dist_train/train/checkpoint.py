@@ -3,7 +3,8 @@
 A folder without its marker is an interrupted save: resume ignores it and the next save removes it,
 so a crash mid-save never costs the previous checkpoint. Model and optimizer state go through the
 backend (torch.distributed.checkpoint, or DeepSpeed's own format); the trainer's small state (step,
-RNG, data position) is one file per rank, loaded with `weights_only=True`.
+RNG, data position) is one file per rank, loaded with `weights_only=True`. Every pickle in a folder is
+scanned before loading (`pickle_scan`): DCP's metadata and DeepSpeed's files are full pickles.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 
 from dist_train.errors import UserError
 from dist_train.parallel.base import Backend
+from dist_train.runtime import faults
+from dist_train.train import pickle_scan
 from dist_train.runtime.dist import DistContext
 
 MARKER = "COMMITTED"
@@ -69,6 +72,7 @@ class Checkpointer:
             self.ctx.barrier()
             backend.save(str(path))
             torch.save(trainer_state, path / f"trainer_rank{self.ctx.rank}.pt")
+            faults.at("save", step)  # the reliability tests' kill between a shard and its commit
             self.ctx.barrier()  # every rank's shard is on disk before the marker says so
             if self.ctx.is_main:
                 marker = {"step": step, "world_size": self.ctx.world_size, "time": time.time()}
@@ -101,6 +105,9 @@ class Checkpointer:
         error = None
         with self.ctx.phase("save"):
             try:
+                if (unsafe := pickle_scan.unsafe_member(path)) is not None:  # before any unpickling
+                    raise UserError(f"checkpoint {path} refused: {unsafe}, which is not plain data "
+                                    f"(a crafted or foreign file)")
                 backend.load(str(path))
                 state_file = path / f"trainer_rank{self.ctx.rank}.pt"
                 if not state_file.is_file():

@@ -10,6 +10,7 @@ The loop knows no method by name: methods differ only in their stage module and 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
 from dist_train.telemetry.energy_log import per_rank_scalars
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resolve_resume, resume
+from dist_train.train.control import RunControl
 from dist_train.train.energy import finish_energy, open_energy_log, run_totals
 from dist_train.train.generate import write_sample
 from dist_train.train.loop import due, write_run_info
@@ -64,20 +66,27 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     # back (all stages draw the same indices, so the count never needs to cross).
     pad_to = transform.physical_size
 
-    def forward_backward(x, received, y, msg, is_last) -> torch.Tensor:
+    def forward_backward(x, received, y, msg, is_last, step=None) -> torch.Tensor:
         """Forward, (send on), local loss, backward of one micro-batch; gradients accumulate."""
         send = None
         if msg is not None and not layout.last and stage.receives_activations:
             send = lambda h: link.send(_pad(h, pad_to), _pad(y, pad_to), msg)  # noqa: E731  (before the loss: the next stage starts)
         with backend.sync_context(is_last), backend.autocast():
             loss = backend.model(x=x, received=received, y=y, on_activation=send)
+            if step is not None:
+                loss = control.observe(loss, step)
         transform.backward(backend, loss, (y if y is not None else received).size(0), is_last)  # default: 1/grad_accum, the step sees the batch mean
         return loss.detach()
 
     def train_on(x, received, y) -> None:  # one whole extra update (asynchronous mode's replay)
         forward_backward(x, received, y, None, True)
-        backend.step()
+        backend.step(accept=math.isfinite)  # a replay is this rank's own: no vote, just never a NaN update
 
+    # Non-finite guard over this stage's replicas; a stop vote whose lag covers how far stage 0 may
+    # run ahead of the last stage, so that the vote never stalls the pipeline.
+    control = RunControl(cfg, ctx, run_dir, ctx.rank, lag=2 + cfg.local.max_in_flight,
+                         replica_group=backend.mesh.get_group() if layout.dp_size > 1 else None,
+                         replicas=layout.dp_size)
     # Resume before touching the run directory (channels' state is part of the checkpoint).
     box: dict = {}
     with transform.checkpointing():
@@ -102,6 +111,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                                  tensorboard=cfg.telemetry.tensorboard)
     for w in (writer, stage_writer):
         w.truncate_from(start + 1)
+    control.resume(start, box)
     stats = StageStats(layout, ctx.device, ctx.distributed)
     progress = Progress(total=cfg.train.steps, initial=start, enabled=cfg.telemetry.progress if collector else False,
                         echo=collector and cfg.telemetry.progress != "off")
@@ -109,7 +119,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     tokens_per_sample = cfg.model.block_size if info.task == "lm" else 1
     last: dict = {}
 
-    with ctx.phase("steady"):
+    with ctx.phase("steady"), control.signals():
         ctx.barrier()
         energy.start()
         t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
@@ -118,6 +128,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if stop := transform.stop_reason():  # every stage reaches the same verdict (same ledger)
                 progress.note(stop)
                 break
+            last_step = control.last_step()  # preempted or a non-finite stop: every stage agrees
             backend.set_lr(lr := lr_at(step, cfg.optim, cfg.train.steps))
             for ch in channels:
                 ch.before_step(step)
@@ -132,7 +143,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         ch.before_receive()
                     # Post the next receive early unless this is the last message (a varying count
                     # only looks ahead within the step).
-                    ahead = m + 1 < len(parts) or (pad_to is None and step + 1 < cfg.train.steps)
+                    ahead = m + 1 < len(parts) or (pad_to is None and step + 1 < cfg.train.steps and not last_step)
                     received, sent_y = link.recv(msg, prefetch=ahead)
                     if pad_to is not None:  # padded on the wire: this micro-batch's own rows
                         received, sent_y = received[:part.numel()], sent_y[:part.numel()] if sent_y is not None else None
@@ -141,25 +152,27 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         ch.on_received(x if stage.reads_data else None, received, y, step)
                 busy_t0 = time.perf_counter()
                 # A device tensor, read at log time: a float() here would sync the GPU every micro-batch.
-                loss_acc += forward_backward(x if stage.reads_data else None, received, y, msg, m == len(parts) - 1) / len(parts)
+                loss_acc += forward_backward(x if stage.reads_data else None, received, y, msg, m == len(parts) - 1,
+                                             step) / len(parts)
                 busy += time.perf_counter() - busy_t0
             busy_t0 = time.perf_counter()
             for ch in channels:
                 ch.before_update()
-            backend.step(transform)
+            backend.step(transform, accept=control.accept(step))  # never a non-finite update
             busy += time.perf_counter() - busy_t0
             for ch in channels:
                 ch.after_step(step)
             stage_writer.scalars(step + 1, transform.step_scalars())
             window += 1
             done = step + 1
+            control.end_step(done, idx)
             evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
             if due(done, cfg.train.log_every) or evaluating:
                 elapsed = time.perf_counter() - t0
                 record = _stage_record(cfg, ctx, backend, link, channels, layout.stage, done, lr,
                                        float(loss_acc) / window, window, elapsed, busy)
                 record.update(energy.window(window * cfg.train.batch_size, tokens_per_sample, window))
-                record.update(transform.metrics())
+                record.update(transform.metrics(), **control.metrics())
                 if evaluating:
                     record.update(evaluate_pipeline(cfg, ctx, data, backend, link, layout))
                 stage_writer.log(done, record)
@@ -176,10 +189,16 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 # Every stage has finished step `done` when the save's barrier passes, and the
                 # activations of step `done` have been consumed: a consistent cut of the pipeline.
-                _save(ckpt, done, backend, sampler, transform, channels)
+                _save(ckpt, done, backend, sampler, transform, channels, control)
                 t0 = time.perf_counter()
-        if start < done < cfg.train.steps and cfg.checkpoint.at_end and not due(done, cfg.checkpoint.every):
-            _save(ckpt, done, backend, sampler, transform, channels)  # stopped early (privacy budget)
+            if last_step:
+                progress.note(f"stopping after step {done}: {control.reason}")
+                break
+        if (start < done < cfg.train.steps and (cfg.checkpoint.at_end or control.reason)
+                and not due(done, cfg.checkpoint.every)):
+            # Stopped early (privacy budget, preemption, non-finite step): keep the work.
+            _save(ckpt, done, backend, sampler, transform, channels, control)
+        control.finish()
         for ch in channels:
             ch.finish()
         link.drain()
@@ -198,6 +217,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     writer.close()
     stage_writer.close()
     energy.close()
+    if control.reason:
+        last.update(stopped=control.reason, stopped_at=done, exit_code=control.exit_code)
     return last
 
 
@@ -208,8 +229,9 @@ def _pad(t: torch.Tensor, rows) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((rows - t.size(0), *t.shape[1:]))])
 
 
-def _save(ckpt, done, backend, sampler, transform, channels) -> None:
+def _save(ckpt, done, backend, sampler, transform, channels, control: RunControl) -> None:
     saved = trainer_state.capture(done, sampler.state_dict())
+    saved.update(control.state_dict())
     saved.update({ch.name: s for ch in channels if (s := ch.state_dict()) is not None})
     if (extra := transform.state_dict()) is not None:
         saved["transform"] = extra  # the privacy accountant: what was spent survives a resume

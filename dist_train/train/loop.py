@@ -21,6 +21,7 @@ from dist_train.telemetry.energy_log import EnergyLog, EnergyTotals, per_rank_sc
 from dist_train.train.energy import finish_energy, open_energy_log, run_totals
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resume
+from dist_train.train.control import RunControl
 from dist_train.train.evaluate import evaluate
 from dist_train.train.generate import generate, write_sample
 
@@ -46,11 +47,15 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
     # Resume before touching the run directory: a bad checkpoint must leave everything as it was.
     ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
+    control = RunControl(cfg, ctx, run_dir, ctx.rank, lag=2)  # non-finite guard, stop vote, sample ids
+    box: dict = {}
     with transform.checkpointing():
-        start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler,
-                                    on_state=lambda saved: transform.load_state_dict(saved.get("transform")))
+        start, resume_from = resume(ckpt, cfg.checkpoint.resume, backend, sampler, on_state=box.update)
+    if box:
+        transform.load_state_dict(box.get("transform"))
 
     writer = _open_run_dir(cfg, ctx, run_dir, start, command, resume_from, energy)
+    control.resume(start, box)
     progress = Progress(total=cfg.train.steps, initial=start,
                         enabled=cfg.telemetry.progress if ctx.is_main else False,
                         echo=ctx.is_main and cfg.telemetry.progress != "off")
@@ -60,7 +65,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     timer = StepTimer(ctx.device)  # on CUDA it synchronizes, as backend.step's grad-norm read does anyway
     last: dict = {}
 
-    with ctx.phase("steady"):
+    with ctx.phase("steady"), control.signals():
         ctx.barrier()
         energy.start()
         loss_acc = torch.zeros((), device=ctx.device)
@@ -69,6 +74,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if stop := transform.stop_reason():  # e.g. the next step would overspend the privacy budget
                 progress.note(stop)
                 break
+            last_step = control.last_step()  # a preemption signal or a non-finite stop, agreed by all
             timer.start()
             lr = lr_at(step, cfg.optim, cfg.train.steps)
             backend.set_lr(lr)
@@ -81,20 +87,21 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 with backend.sync_context(is_last):
                     with backend.autocast():
                         out = backend.model(x)
-                    loss = backend.module.loss(out.float(), y)
+                    loss = control.observe(backend.module.loss(out.float(), y), step)
                     transform.backward(backend, loss, x.size(0), is_last, batch=(x, y))
                 if x.size(0):  # an empty micro-batch (a DP rank that drew few examples) has no loss
                     loss_acc += loss.detach() / filled
-            grad_norm = backend.step(transform)
+            grad_norm = backend.step(transform, accept=control.accept(step))  # never a non-finite update
             timer.stop()
             done = step + 1
+            control.end_step(done, idx)
             writer.scalars(done, transform.step_scalars())
 
             evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
             if due(done, cfg.train.log_every) or evaluating:
                 last = _window_metrics(cfg, ctx, energy, totals, done, lr, grad_norm, loss_acc, timer,
                                        tokens_per_sample, flops_per_token)
-                last.update(transform.metrics())
+                last.update(transform.metrics(), **control.metrics())
                 writer.scalars(done, per_rank_scalars(last, range(ctx.world_size)))
                 if evaluating:
                     last.update(evaluate(backend, data, ctx, transform.eval_batch_size(data, ctx.world_size),
@@ -107,10 +114,15 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
             if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 with transform.checkpointing():
-                    ckpt.save(done, backend, _trainer_state(done, sampler, transform))
-        if done < cfg.train.steps and done > start and cfg.checkpoint.at_end and not due(done, cfg.checkpoint.every):
-            with transform.checkpointing():  # stopped early (privacy budget): keep the work
-                ckpt.save(done, backend, _trainer_state(done, sampler, transform))
+                    ckpt.save(done, backend, _trainer_state(done, sampler, transform, control))
+            if last_step:
+                progress.note(f"stopping after step {done}: {control.reason}")
+                break
+        stopped_early = start < done < cfg.train.steps and not due(done, cfg.checkpoint.every)
+        if stopped_early and (cfg.checkpoint.at_end or control.reason):
+            with transform.checkpointing():  # privacy budget spent, preempted, non-finite: keep the work
+                ckpt.save(done, backend, _trainer_state(done, sampler, transform, control))
+        control.finish()
         if cfg.train.sample_tokens and model.task == "lm":
             last["sample"] = generate(cfg, ctx, data, backend)
             if ctx.is_main:
@@ -120,11 +132,14 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     progress.close()
     writer.close()
     energy.close()
+    if control.reason:
+        last.update(stopped=control.reason, stopped_at=done, exit_code=control.exit_code)
     return last
 
 
-def _trainer_state(done: int, sampler, transform) -> dict:
+def _trainer_state(done: int, sampler, transform, control: RunControl) -> dict:
     state = trainer_state.capture(done, sampler.state_dict())
+    state.update(control.state_dict())
     if (extra := transform.state_dict()) is not None:
         state["transform"] = extra  # e.g. the privacy accountant: spent budget survives a resume
     return state

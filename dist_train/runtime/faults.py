@@ -1,0 +1,91 @@
+"""Fault injection for the reliability tests and `dist-train bench soak`: real faults, on cue.
+
+`DIST_TRAIN_FAULT` lists faults separated by ";", each `KIND@step=S[,rank=R][,attempt=A]`:
+
+- `kill`: SIGKILL this process right after step S's update (before that step's log and checkpoint);
+- `stop`: SIGSTOP this process there (a hung peer: it holds its sockets and answers nothing);
+- `kill_in_save`: SIGKILL while saving the checkpoint of step S, after this rank's shard is on disk
+  and before the commit marker;
+- `nan`: make this rank's loss of step S not finite (before its backward).
+
+`rank` defaults to 0; `attempt` (default 0) is the restart count of the elastic agent
+(TORCHELASTIC_RESTART_COUNT), so a fault fires in the first run and not again after the restart —
+`attempt=1` fires in the second. The faults are real (the signals are the ones the kernel would
+deliver); only their timing is chosen, so that a test can name the step it expects to lose.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from dist_train.errors import UserError
+
+FAULT_ENV = "DIST_TRAIN_FAULT"
+KINDS = ("kill", "stop", "kill_in_save", "nan")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int = 0
+    attempt: int = 0
+
+
+def parse(text: str) -> tuple[Fault, ...]:
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        kind, _, args = item.partition("@")
+        if kind not in KINDS:
+            raise UserError(f"{FAULT_ENV}: unknown fault {kind!r} in {item!r} (one of {', '.join(KINDS)})")
+        fields = {}
+        for pair in filter(None, args.split(",")):
+            key, _, value = pair.partition("=")
+            if key not in ("step", "rank", "attempt") or not value.strip().isdigit():
+                raise UserError(f"{FAULT_ENV}: {pair!r} in {item!r} is not step=N, rank=N or attempt=N")
+            fields[key] = int(value)
+        if "step" not in fields:
+            raise UserError(f"{FAULT_ENV}: {item!r} names no step (KIND@step=S[,rank=R][,attempt=A])")
+        faults.append(Fault(kind, **fields))
+    return tuple(faults)
+
+
+@lru_cache(maxsize=None)
+def _planned(text: str, rank: int, attempt: int) -> dict[tuple[str, int], Fault]:
+    return {(f.kind, f.step): f for f in parse(text) if f.rank == rank and f.attempt == attempt}
+
+
+def _mine() -> dict[tuple[str, int], Fault]:
+    text = os.environ.get(FAULT_ENV, "")
+    if not text:
+        return {}
+    rank = int(os.environ.get("RANK", "0"))
+    return _planned(text, rank, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def check() -> None:
+    """Reject a malformed fault list before training starts (one line, exit 2)."""
+    _mine()
+
+
+def at(point: str, step: int) -> None:
+    """Fire this rank's `kill` / `stop` (point "step") or `kill_in_save` (point "save") of `step`."""
+    faults = _mine()
+    if not faults:
+        return
+    kinds = ("kill", "stop") if point == "step" else ("kill_in_save",)
+    for kind in kinds:
+        if (kind, step) in faults:
+            os.kill(os.getpid(), signal.SIGSTOP if kind == "stop" else signal.SIGKILL)
+
+
+def poison(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """`loss` (of step `step`, 1-based) made NaN when a `nan` fault names it."""
+    if ("nan", step) in _mine():
+        return loss * float("nan")
+    return loss
