@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 _SCRIPT = Path(sys.executable).with_name("dist-train")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dist_train"]
@@ -30,3 +34,35 @@ def clean_env(**extra: str) -> dict[str, str]:
            if k not in _WORLD_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))}
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(args: list[str], cwd: Path, env: Optional[dict[str, str]] = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, exactly one non-empty stderr line `dist-train: error: ...` containing every needle."""
+    report = f"exit {proc.returncode}\n--- stderr:\n{proc.stderr}\n--- stdout:\n{proc.stdout}"
+    assert "Traceback" not in proc.stderr, report
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, report
+    line = lines[0]
+    assert line.startswith("dist-train: error: "), report
+    for needle in needles:
+        assert needle in line, report
+    assert proc.returncode == 2, report
+    return line
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `root`."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -84,9 +84,11 @@ class DataSection(_Strict):
     @model_validator(mode="after")
     def _keys_are_read(self):
         # A key the chosen data set never reads (data.path with stdlib_bytes) is a config mistake:
-        # the run would silently train on other data than the user meant.
+        # the run would silently train on other data than the user meant. A key at its default is
+        # no mistake (a resolved config.yaml spells out every key).
         for key, readers in _DATA_KEY_READERS.items():
-            if key in self.model_fields_set and self.name not in readers:
+            if (key in self.model_fields_set and self.name not in readers
+                    and getattr(self, key) != type(self).model_fields[key].default):
                 raise ValueError(f"data.{key}: not read by data.name={self.name} (only by {', '.join(readers)})")
         return self
 

@@ -12,13 +12,16 @@
 (TORCHELASTIC_RESTART_COUNT), so a fault fires in the first run and not again after the restart —
 `attempt=1` fires in the second. The faults are real (the signals are the ones the kernel would
 deliver); only their timing is chosen, so that a test can name the step it expects to lose.
+With `DIST_TRAIN_FAULT_LOG` set, each fault appends itself and its wall time to that file first.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -26,6 +29,7 @@ import torch
 from dist_train.errors import UserError
 
 FAULT_ENV = "DIST_TRAIN_FAULT"
+FAULT_LOG_ENV = "DIST_TRAIN_FAULT_LOG"
 KINDS = ("kill", "stop", "kill_in_save", "nan")
 
 
@@ -81,7 +85,16 @@ def at(point: str, step: int) -> None:
     kinds = ("kill", "stop") if point == "step" else ("kill_in_save",)
     for kind in kinds:
         if (kind, step) in faults:
+            _record(faults[(kind, step)])
             os.kill(os.getpid(), signal.SIGSTOP if kind == "stop" else signal.SIGKILL)
+
+
+def _record(fault: Fault) -> None:
+    """Append the fault and its wall time to `DIST_TRAIN_FAULT_LOG` (for `bench soak`'s recovery times)."""
+    path = os.environ.get(FAULT_LOG_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({**asdict(fault), "time": time.time()}) + "\n")
 
 
 def poison(loss: torch.Tensor, step: int) -> torch.Tensor:

@@ -11,6 +11,9 @@ The loops stay readable top to bottom; the policies live in `nonfinite.py` and `
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -24,6 +27,7 @@ from dist_train.train.nonfinite import NonFiniteGuard
 from dist_train.train.stopping import PREEMPT, PREEMPT_EXIT, StopVote, stop_signals
 
 SAMPLES_DIR = "samples"
+ATTEMPTS_FILE = "attempts.jsonl"
 NONFINITE_EXIT = 1
 
 
@@ -37,6 +41,8 @@ class RunControl:
         self.vote = StopVote(ctx, lag)
         self.samples = MetricsWriter(run_dir / SAMPLES_DIR / f"rank{rank}", enabled=cfg.telemetry.sample_ids,
                                      tensorboard=False)
+        self.ctx = ctx
+        self.run_dir = run_dir
         self.reason: Optional[str] = None  # why the run stopped early, once it has
         self.exit_code = 0
 
@@ -45,6 +51,19 @@ class RunControl:
         """Forget ids logged after the checkpoint (their updates were lost) and restore counters."""
         self.samples.truncate_from(start + 1)
         self.guard.load_state_dict((saved or {}).get("nonfinite"))
+
+    def started(self, start: int, resume_from: Optional[Path]) -> None:
+        """Training is about to run its first step: note the attempt in `attempts.jsonl` (rank 0).
+
+        One line per start of the job (a restart by the launcher's agent, a relaunch after a
+        preemption): when it began training, from which step and checkpoint. A run's history of
+        faults and recoveries is then in its own folder.
+        """
+        if self.ctx.is_main:
+            record = {"attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "start_step": start,
+                      "resumed_from": str(resume_from) if resume_from else None, "time": time.time()}
+            with open(self.run_dir / ATTEMPTS_FILE, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
 
     def state_dict(self) -> dict:
         return {"nonfinite": self.guard.state_dict()}

@@ -121,6 +121,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
     with ctx.phase("steady"), control.signals():
         ctx.barrier()
+        control.started(start, resume_from)
         energy.start()
         t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
         done = start

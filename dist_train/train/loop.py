@@ -67,6 +67,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
     with ctx.phase("steady"), control.signals():
         ctx.barrier()
+        control.started(start, resume_from)
         energy.start()
         loss_acc = torch.zeros((), device=ctx.device)
         done = start
