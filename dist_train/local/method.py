@@ -32,6 +32,7 @@ class StageInfo:
     later_blocks: tuple  # the model's blocks after this stage (architecture reference, e.g. AugLocal)
     model_name: str  # "gpt", "mlp" or "cnn"
     input_shape: tuple = ()  # one example of the model input x, e.g. (1, 8, 8); () for token ids
+    cut_points: tuple = ()  # the block index where each stage after the first begins (all stages)
 
 
 class LocalMethod(ABC):

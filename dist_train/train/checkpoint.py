@@ -56,11 +56,29 @@ def resolve_resume(resume: str, root: Path) -> Optional[Path]:
     return path
 
 
+# Backends whose checkpoints load into one another (torch.distributed.checkpoint reshards between
+# them); DeepSpeed and FairScale OSS write their own formats.
+_FORMAT = {"deepspeed": "deepspeed", "fairscale": "fairscale"}
+
+
+def checkpoint_layout(backend: str, stages: int, cut_points=()) -> dict:
+    """What a checkpoint's shards depend on besides the world size (which DCP reshards)."""
+    return {"stages": stages, "cut_points": list(cut_points), "format": _FORMAT.get(backend, "dcp")}
+
+
+def _describe_layout(layout: dict) -> str:
+    cuts = f" cut at blocks {layout['cut_points']}" if layout.get("cut_points") else ""
+    return f"parallel.stages={layout['stages']}{cuts}, {layout['format']} format"
+
+
 class Checkpointer:
-    def __init__(self, root: Path, ctx: DistContext, keep: int):
+    def __init__(self, root: Path, ctx: DistContext, keep: int, layout: Optional[dict] = None):
+        """`layout` (`checkpoint_layout`): written into each marker and required of a checkpoint
+        to resume, so that a checkpoint of another layout is refused by name, not called corrupt."""
         self.root = root
         self.ctx = ctx
         self.keep = keep
+        self.layout = layout
 
     def save(self, step: int, backend: Backend, trainer_state: dict) -> Path:
         path = self.root / f"step-{step}"
@@ -75,13 +93,27 @@ class Checkpointer:
             faults.at("save", step)  # the reliability tests' kill between a shard and its commit
             self.ctx.barrier()  # every rank's shard is on disk before the marker says so
             if self.ctx.is_main:
-                marker = {"step": step, "world_size": self.ctx.world_size, "time": time.time()}
+                marker = {"step": step, "world_size": self.ctx.world_size, "time": time.time(),
+                          **({"layout": self.layout} if self.layout else {})}
                 tmp = path / (MARKER + ".tmp")
                 tmp.write_text(json.dumps(marker))
                 os.replace(tmp, path / MARKER)
                 self._prune()
             self.ctx.barrier()
         return path
+
+    def _check_layout(self, path: Path) -> None:
+        """Refuse a checkpoint written under another layout (stages, cuts, backend family) with a
+        line naming both; the world size may differ (DCP reshards, the data order is global)."""
+        try:
+            saved = json.loads((path / MARKER).read_text()).get("layout")
+        except (OSError, ValueError):
+            raise UserError(f"checkpoint {path} is unreadable or corrupt: its {MARKER} marker is not JSON")
+        if saved is None or self.layout is None or saved == self.layout:
+            return  # (a checkpoint from before layouts were recorded is taken as it is)
+        raise UserError(f"checkpoint {path} was written under another layout ({_describe_layout(saved)}) than this "
+                        f"run's ({_describe_layout(self.layout)}); resume it with its own layout, or start fresh "
+                        f"with checkpoint.resume=never or another run.name")
 
     def _prune(self) -> None:
         found = committed_checkpoints(self.root)
@@ -105,6 +137,7 @@ class Checkpointer:
         error = None
         with self.ctx.phase("save"):
             try:
+                self._check_layout(path)
                 if (unsafe := pickle_scan.unsafe_member(path)) is not None:  # before any unpickling
                     raise UserError(f"checkpoint {path} refused: {unsafe}, which is not plain data "
                                     f"(a crafted or foreign file)")

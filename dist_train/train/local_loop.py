@@ -30,7 +30,7 @@ from dist_train.runtime.dist import DistContext
 from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
 from dist_train.telemetry.energy_log import per_rank_scalars
 from dist_train.train import state as trainer_state
-from dist_train.train.checkpoint import Checkpointer, resolve_resume, resume
+from dist_train.train.checkpoint import Checkpointer, checkpoint_layout, resolve_resume, resume
 from dist_train.train.control import RunControl
 from dist_train.train.energy import finish_energy, open_energy_log, run_totals
 from dist_train.train.generate import write_sample
@@ -49,6 +49,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     stage, info = build_stage(cfg, data.info, layout, balance["cut_points"] if balance else None)
     stage.to(ctx.device)
     backend = stage_backend(cfg, ctx, layout)
+    ckpt.layout = checkpoint_layout(backend.name, layout.num_stages, info.cut_points)
     # This stage's replicas are the energy group; a forced source this machine cannot read stops here.
     stage_ranks = range(layout.stage * layout.dp_size, (layout.stage + 1) * layout.dp_size)
     energy = open_energy_log(cfg, ctx, stage_ranks, backend.mesh.get_group() if layout.dp_size > 1 else None)

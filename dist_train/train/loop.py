@@ -20,7 +20,7 @@ from dist_train.telemetry import (MetricsWriter, Progress, StepTimer, collect_pr
 from dist_train.telemetry.energy_log import EnergyLog, EnergyTotals, per_rank_scalars
 from dist_train.train.energy import finish_energy, open_energy_log, run_totals
 from dist_train.train import state as trainer_state
-from dist_train.train.checkpoint import Checkpointer, resume
+from dist_train.train.checkpoint import Checkpointer, checkpoint_layout, resume
 from dist_train.train.control import RunControl
 from dist_train.train.evaluate import evaluate
 from dist_train.train.generate import generate, write_sample
@@ -46,7 +46,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     sampler = transform.sampler(data)
 
     # Resume before touching the run directory: a bad checkpoint must leave everything as it was.
-    ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep)
+    ckpt = Checkpointer(run_dir / "checkpoints", ctx, cfg.checkpoint.keep, checkpoint_layout(backend.name, 1))
     control = RunControl(cfg, ctx, run_dir, ctx.rank, lag=2)  # non-finite guard, stop vote, sample ids
     box: dict = {}
     with transform.checkpointing():
