@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None, help="processes per node (default: from the environment, else 1)")
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
 
+    p = sub.add_parser("export", help="write a run's trained model as one safetensors file (+ its model config)")
+    p.add_argument("run_dir", help="the run directory (runs/<name>)")
+    p.add_argument("--step", type=int, default=None, help="the committed checkpoint to export (default: the latest)")
+    p.add_argument("--out", default=None, help="output file (default: <run_dir>/export/<name>-step<N>.safetensors)")
+
     p = sub.add_parser("bench", help="run a named benchmark against its baseline")
     p.add_argument("name", help="benchmark name (see `dist-train bench list`)")
     p.add_argument("--quick", action="store_true", help="smaller version that finishes in a few minutes")
@@ -108,6 +113,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dist_train.export import export
+
+    out = export(Path(args.run_dir), args.step, Path(args.out) if args.out else None)
+    print(f"exported {out} (model config: {out.with_suffix('.yaml')})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dist_train.bench import run_benchmark
 
@@ -137,7 +150,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
-    handler = {"run": cmd_run, "launch": cmd_launch, "plan": cmd_plan, "bench": cmd_bench}[args.command]
+    handler = {"run": cmd_run, "launch": cmd_launch, "plan": cmd_plan, "export": cmd_export,
+               "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -37,13 +37,21 @@ def build_stage(cfg: Config, data_info, layout: StageLayout,
     stages begin (default: `parallel.cut_points`, else balanced by parameter count)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data_info)
+    return stage_of(cfg, model, data_info, layout, cuts)
+
+
+def stage_of(cfg: Config, model: nn.Module, data_info, layout: StageLayout,
+             cuts: Optional[list[int]] = None) -> tuple[nn.Module, StageInfo]:
+    """The stage module of `layout` over `model`'s own sub-modules (its main path shares them:
+    `dist-train export` loads every stage into one model this way)."""
     ranges = stage_block_ranges(model, layout.num_stages, cuts if cuts is not None else cfg.parallel.cut_points)
     mine = ranges[layout.stage]
     method = get_method(cfg.local.method, cfg.local.options(cfg.local.method))
     info = StageInfo(index=layout.stage, num_stages=layout.num_stages, task=model.task, width=cfg.model.width,
                      num_classes=data_info.vocab_size if model.task == "lm" else data_info.num_classes,
                      later_blocks=tuple(model.blocks[i] for i in range(mine.stop, len(model.blocks))),
-                     model_name=cfg.model.name, input_shape=tuple(data_info.input_shape or ()))
+                     model_name=cfg.model.name, input_shape=tuple(data_info.input_shape or ()),
+                     cut_points=tuple(r.start for r in ranges[1:]))
     stage = method.build_stage(model, mine, info)
     # The later blocks were only an architecture reference (AugLocal copies them): drop them now.
     info = dataclasses.replace(info, later_blocks=())

@@ -1,11 +1,12 @@
 """Refuse a checkpoint whose pickles would run code, before anything unpickles them.
 
-Two loaders in a checkpoint's path still use full pickle: torch.distributed.checkpoint reads its
-`.metadata` with `pickle.load`, and DeepSpeed loads its `*.pt` files with `weights_only=False`. A
-crafted file there runs whatever its pickle names (`os.system`, `builtins.exec`, ...) the moment it
-is loaded. torch's own guard (`weights_only=True`) covers only `torch.load`, so each such file is
-first walked here: the pickle is executed against stand-ins, never the real callables, and every
-global it names must be
+torch.distributed.checkpoint reads a checkpoint's `.metadata` with plain `pickle.load`, and
+DeepSpeed's own tools (`zero_to_fp32`, which `dist-train export` uses) load its `*.pt` files with
+`weights_only=False`. A crafted file there runs whatever its pickle names (`os.system`,
+`builtins.exec`, ...) the moment it is loaded. torch's own guard (`weights_only=True`, which the
+trainer state and dist-train's DeepSpeed checkpoint engine use) covers only `torch.load`, so every
+pickle in a checkpoint folder is first walked here: the pickle is executed against stand-ins, never
+the real callables, and every global it names must be
 
 - one of torch's tensor rebuild functions or a few plain builtins (the weights-only allowlist), or
 - a class (or a dtype/layout/device value) from torch, collections, numpy, pathlib or deepspeed: the
