@@ -60,7 +60,9 @@ class RunControl:
         faults and recoveries is then in its own folder.
         """
         if self.ctx.is_main:
-            record = {"attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "start_step": start,
+            # The launcher's restart count: the elastic agent's, or Slurm's requeue count.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") or os.environ.get("SLURM_RESTART_COUNT") or "0"
+            record = {"attempt": int(attempt), "start_step": start,
                       "resumed_from": str(resume_from) if resume_from else None, "time": time.time()}
             with open(self.run_dir / ATTEMPTS_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -83,9 +85,14 @@ class RunControl:
         self.exit_code = PREEMPT_EXIT if decided[PREEMPT] else NONFINITE_EXIT
         return True
 
-    def observe(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """A micro-batch's loss of step `step` (0-based), watched by the guard."""
-        loss = faults.poison(loss, step + 1)
+    @staticmethod
+    def poison(loss: torch.Tensor, step: int) -> torch.Tensor:
+        """A micro-batch's loss of step `step` (0-based), before its backward: NaN where an injected
+        `nan` fault says so (`runtime.faults`), else unchanged."""
+        return faults.poison(loss, step + 1)
+
+    def observe(self, loss: torch.Tensor) -> torch.Tensor:
+        """A non-empty micro-batch's loss, watched by the guard (an empty one has no loss to judge)."""
         self.guard.observe(loss)
         return loss
 

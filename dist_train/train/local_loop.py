@@ -75,8 +75,11 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         with backend.sync_context(is_last), backend.autocast():
             loss = backend.model(x=x, received=received, y=y, on_activation=send)
             if step is not None:
-                loss = control.observe(loss, step)
-        transform.backward(backend, loss, (y if y is not None else received).size(0), is_last)  # default: 1/grad_accum, the step sees the batch mean
+                loss = control.poison(loss, step)
+        rows = (y if y is not None else received).size(0)
+        transform.backward(backend, loss, rows, is_last)  # default: 1/grad_accum, the step sees the batch mean
+        if step is not None and rows:  # an empty micro-batch (DP-SGD's Poisson draw) has no loss to judge
+            control.observe(loss)
         return loss.detach()
 
     def train_on(x, received, y) -> None:  # one whole extra update (asynchronous mode's replay)

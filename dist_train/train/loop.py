@@ -88,10 +88,10 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 with backend.sync_context(is_last):
                     with backend.autocast():
                         out = backend.model(x)
-                    loss = control.observe(backend.module.loss(out.float(), y), step)
+                    loss = control.poison(backend.module.loss(out.float(), y), step)
                     transform.backward(backend, loss, x.size(0), is_last, batch=(x, y))
                 if x.size(0):  # an empty micro-batch (a DP rank that drew few examples) has no loss
-                    loss_acc += loss.detach() / filled
+                    loss_acc += control.observe(loss).detach() / filled
             grad_norm = backend.step(transform, accept=control.accept(step))  # never a non-finite update
             timer.stop()
             done = step + 1
