@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None, help="processes per node (default: from the environment, else 1)")
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
 
+    p = sub.add_parser("slurm", help="render the sbatch script for this config into the run directory and submit it")
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, required=True, help="nodes for the job")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0: a CPU-only cluster)")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: one per GPU)")
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--time", default=None, help="time limit, e.g. 2:00:00 or 1-00:00:00")
+    p.add_argument("--dry-run", action="store_true", help="render and print the script, submit nothing")
+
     p = sub.add_parser("export", help="write a run's trained model as one safetensors file (+ its model config)")
     p.add_argument("run_dir", help="the run directory (runs/<name>)")
     p.add_argument("--step", type=int, default=None, help="the committed checkpoint to export (default: the latest)")
@@ -113,6 +122,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from dist_train.runtime.slurm import submit
+
+    return submit(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from dist_train.export import export
 
@@ -150,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
-    handler = {"run": cmd_run, "launch": cmd_launch, "plan": cmd_plan, "export": cmd_export,
+    handler = {"run": cmd_run, "launch": cmd_launch, "plan": cmd_plan, "slurm": cmd_slurm, "export": cmd_export,
                "bench": cmd_bench}[args.command]
     try:
         return handler(args)
