@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_train.runtime.env import routable_address
+
 from cli_helpers import assert_user_error, clean_env, cli, free_port, snapshot  # tests/ is on sys.path
 
 
@@ -53,6 +55,12 @@ def _command(command: str, config: str, overrides: list[str], two_ranks: bool) -
 EXTRA = {
     "launch-loopback_multinode": (["launch", "{config}", "--nnodes", "2", "--master-addr", "127.0.0.1"],
                                   ["--master-addr 127.0.0.1", "loopback"]),
+    "launch-unresolvable_master": (["launch", "{config}", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+                                    "no-such-host.invalid"], ["--master-addr no-such-host.invalid", "does not resolve"]),
+    # this machine's routable address, on a port nobody listens on: node 0 is not there
+    "launch-unreachable_master": (["launch", "{config}", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+                                   "{addr}", "--master-port", "{port}", "runtime.start_timeout_s=3"],
+                                  ["--master-addr {addr}:{port}", "cannot be reached within 3s"]),
     "plan-malformed_override": (["plan", "{config}", "train.steps"],
                                 ["override 'train.steps': expected key.path=value"]),
     "bench-unknown": (["bench", "nosuch"], ["unknown benchmark 'nosuch'"]),
@@ -73,7 +81,9 @@ def bad_input_results(tiny_config: Path, tmp_path_factory: pytest.TempPathFactor
         run_dir = work / "runs"
         if job in EXTRA:
             template, needles = EXTRA[job]
-            argv = [a.format(config=tiny_config) for a in template]
+            fill = dict(config=tiny_config, addr=routable_address(), port=free_port())
+            argv = [a.format(**fill) for a in template]
+            needles = [n.format(**fill) for n in needles]
             if argv[0] != "bench":
                 argv.append(f"run.dir={run_dir}")
             env = clean_env()

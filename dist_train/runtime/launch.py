@@ -30,6 +30,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_master(addr: str, port: int, timeout_s: float) -> None:
+    """Reach node 0's rendezvous port within the start-up timeout (node 0 may start later), or fail
+    with one line: an address that does not resolve or answer would otherwise hang until the
+    rendezvous gives up, with a page of elastic-agent traceback."""
+    import time
+
+    try:
+        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--master-addr {addr} does not resolve ({e.strerror})") from None
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            last = e.strerror or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise UserError(f"--master-addr {addr}:{port} cannot be reached within {timeout_s:g}s ({last}): is node 0 "
+                            f"started (dist-train launch ... --node-rank 0) and is the address routable from here?")
+        time.sleep(1.0)
+
+
 def _messages(err_dir: Path) -> dict[int, str]:
     """Each worker's one line (written with its prefix: "dist-train: error: ..." or "dist-train: ...")."""
     return {int(f.stem[4:]): f.read_text().strip() for f in err_dir.glob("rank*.txt")}
@@ -73,6 +96,8 @@ def launch(args: argparse.Namespace) -> int:
         if args.master_addr.startswith(LOOPBACK):
             raise UserError(f"--master-addr {args.master_addr} is a loopback address but the job spans "
                             f"{args.nnodes} nodes; use node 0's routable address")
+        if args.node_rank > 0:  # node 0 hosts the store: the others must reach it, or say why not
+            _wait_for_master(args.master_addr, args.master_port or 29500, cfg.runtime.start_timeout_s)
         # Static rendezvous: every node knows its rank, node 0 hosts the store.
         rdzv = dict(rdzv_backend="static", rdzv_endpoint=f"{args.master_addr}:{args.master_port or 29500}",
                     rdzv_configs={"rank": args.node_rank, "timeout": int(cfg.runtime.start_timeout_s)})
