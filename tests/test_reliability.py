@@ -186,6 +186,28 @@ def test_sigterm_to_launcher_commits_a_checkpoint_and_the_next_launch_resumes(co
     assert [r["step"] for r in _rows(run / "metrics.jsonl")][-1] == stopped + 3
 
 
+@pytest.mark.slow
+def test_sigusr1_to_a_single_process_run_stops_with_a_checkpoint(config: Path, tmp_path: Path) -> None:
+    """Slurm's --signal sends SIGUSR1 to every task directly (no launcher in between)."""
+    run = tmp_path / "r"
+    proc = subprocess.Popen([*CLI, "run", str(config), "parallel.backend=none", f"run.dir={tmp_path}",
+                             "train.steps=1000000", "checkpoint.every=100000"], cwd=tmp_path,
+                            env=clean_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGUSR1 (preemption)" in err, err[-3000:]
+    stopped = int(err.split("stopped after step ")[1].split(":")[0])
+    assert (run / "checkpoints" / f"step-{stopped}" / "COMMITTED").is_file()
+
+
 # --------------------------------------------------------- 3. a kill while a checkpoint is written
 
 
