@@ -66,3 +66,10 @@ def snapshot(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under `root`."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def config_file(tmp_path_factory, text: str, name: str = "config.yaml") -> Path:
+    """`text` written as a config file in a fresh temporary folder (for a module's `config` fixture)."""
+    path = tmp_path_factory.mktemp("cfg") / name
+    path.write_text(text)
+    return path

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import CLI, assert_user_error, clean_env, cli
+from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file
 
 YAML = """\
 run: {name: e}
@@ -34,9 +34,7 @@ REL = 1e-5
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "e.yaml"
-    path.write_text(YAML)
-    return path
+    return config_file(tmp_path_factory, YAML)
 
 
 def _launch(config: Path, run_dir: Path, nproc: int, *overrides: str) -> None:

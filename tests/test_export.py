@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import CLI, assert_user_error, clean_env, cli
+from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file
 
 YAML = """\
 run: {name: x}
@@ -38,9 +38,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "x.yaml"
-    path.write_text(YAML)
-    return path
+    return config_file(tmp_path_factory, YAML)
 
 
 def _val_loss(model: torch.nn.Module, batches: int, batch_size: int) -> float:

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 
-from cli_helpers import CLI, assert_user_error, clean_env, cli
+from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file
 
 STEPS = 30
 # 359 training images (val_fraction 0.8) in batches of 32: an epoch is 11.2 steps, so 30 steps
@@ -49,9 +49,7 @@ REL = 1e-6
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "r.yaml"
-    path.write_text(DDP_YAML)
-    return path
+    return config_file(tmp_path_factory, DDP_YAML)
 
 
 def _launch(config: Path, work: Path, *overrides: str, fault: str = "", restarts: int = 0,

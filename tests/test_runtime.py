@@ -8,12 +8,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from dist_train.config import Config
 from dist_train.errors import DistTimeoutError, UserError
 from dist_train.runtime.dist import DistContext
 from dist_train.runtime.env import (WorldInfo, discover, expand_nodelist, export_env,
