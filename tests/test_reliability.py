@@ -265,9 +265,11 @@ def nonfinite(config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                                     fault="nan@step=5,rank=1"),
             "single_skip": pool.submit(run, "single_skip", *single, "train.on_nonfinite=skip", fault="nan@step=5"),
             "single_clean": pool.submit(run, "single_clean", *single),
+            "ds_skip": pool.submit(_launch, config, work / "ds_skip", "train.steps=12", "checkpoint.every=0",
+                                   "train.on_nonfinite=skip", "parallel.backend=deepspeed", fault="nan@step=5,rank=1"),
         }
         procs = {k: f.result() for k, f in jobs.items()}
-    runs = {k: work / k / ("runs" if k.startswith("ddp") else "") / "r" for k in procs}
+    runs = {k: work / k / ("runs" if k.startswith(("ddp", "ds")) else "") / "r" for k in procs}
     return {"procs": procs, "runs": runs}
 
 
@@ -282,6 +284,18 @@ def test_skip_drops_the_step_on_every_rank_like_one_process(nonfinite: dict) -> 
     # 2 ranks == 1 process over the same global batches (fp32 reduction order: 1e-5)
     assert abs(ddp["val_loss"] - single["val_loss"]) <= 1e-5 * abs(single["val_loss"])
     assert abs(single["val_loss"] - clean["val_loss"]) > 1e-4, "the skipped step must really be skipped"
+
+
+@pytest.mark.slow
+def test_skip_under_deepspeed_drops_the_step_like_one_process(nonfinite: dict) -> None:
+    """DeepSpeed steps inside its engine: the guard judges the loss before it and a vetoed step
+    clears the engine's gradients and counts the micro-step. Same result as one process (the
+    tolerance of the DeepSpeed backend tests, 1e-4)."""
+    _ok(nonfinite["procs"]["ds_skip"])
+    ds = _rows(nonfinite["runs"]["ds_skip"] / "metrics.jsonl")[-1]
+    single = _rows(nonfinite["runs"]["single_skip"] / "metrics.jsonl")[-1]
+    assert ds["nonfinite_skipped"] == 1 and np.isfinite(ds["val_loss"])
+    assert abs(ds["val_loss"] - single["val_loss"]) <= 1e-4 * abs(single["val_loss"]), (ds["val_loss"], single["val_loss"])
 
 
 @pytest.mark.slow
