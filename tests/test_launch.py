@@ -229,3 +229,33 @@ def test_plan_prints_the_plan_and_creates_nothing(tiny_config: Path, tmp_path: P
     assert "fresh start" in rows["steps"]
     assert not runs.exists(), "plan must not create the run directory"
     assert not list(tmp_path.glob("runs*")) and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _optimizer_mib(*overrides: str) -> float:
+    from dist_train.train.plan import plan
+
+    text = plan(None, ["parallel.stages=1", "model.n_layer=2", "model.width=32", "model.n_head=2",
+                       "model.block_size=16", "data.max_bytes=200000", *overrides], 2, 1)
+    return float(re.search(r"optimizer ([\d.]+) MiB", text).group(1))
+
+
+def test_plan_optimizer_state_follows_the_optimizer() -> None:
+    """AdamW: two fp32 moments (8 B/param under DDP); SGD: one momentum buffer or nothing; DP-SGD:
+    its base optimizer's; DIFF2: two fp32 parameter copies."""
+    from dist_train.config import load_config
+    from dist_train.data import build_dataset
+    from dist_train.models import build_model, count_parameters
+
+    cfg = load_config(None, ["parallel.stages=1", "model.n_layer=2", "model.width=32", "model.n_head=2",
+                             "model.block_size=16", "data.max_bytes=200000"])
+    data = build_dataset(cfg.data, 16)
+    mib = count_parameters(build_model(cfg.model, data.info)) / 2**20
+    assert _optimizer_mib("optim.name=adamw") == pytest.approx(8 * mib, abs=0.06)
+    assert _optimizer_mib("optim.name=sgd", "optim.beta1=0.9") == pytest.approx(4 * mib, abs=0.06)
+    assert _optimizer_mib("optim.name=sgd", "optim.beta1=0") == 0.0
+    dp = ("optim.name=dp_sgd", "privacy.noise_multiplier=1.0")
+    assert _optimizer_mib(*dp, "privacy.base_optimizer=sgd", "optim.beta1=0") == 0.0
+    assert _optimizer_mib(*dp, "privacy.base_optimizer=adamw") == pytest.approx(8 * mib, abs=0.06)
+    diff2 = ("optim.name=diff2", "privacy.diff2.sigma1=1", "privacy.diff2.sigma2=1",
+             f"train.batch_size={data.num_samples('train')}")  # DIFF2: the whole training set each round
+    assert _optimizer_mib(*diff2) == pytest.approx(8 * mib, abs=0.06)

@@ -43,23 +43,32 @@ def activation_bytes(model: torch.nn.Module, example: torch.Tensor) -> int:
 
 def _optimizer_state(cfg: Config, model: torch.nn.Module, info, backend: str, dp: int,
                      adamw_bytes: float) -> tuple[float, str]:
-    """Optimizer-state bytes per rank for the whole model, and the optimizer's description.
+    """Optimizer-state bytes per rank for the whole model, and the optimizer's description
+    (dp_sgd: its base optimizer's; diff2: its two parameter copies).
 
     `adamw_bytes`: the backend's per-parameter figure for AdamW's two fp32 moments (8 bytes, or
     8/dp where it shards them). Muon keeps one fp32 momentum per matrix element, NorMuon that plus
     one value per row; owner-computes keeps a matrix's state on its owner only, so under DDP as
     well as FSDP2 it is divided over the dp ranks.
     """
-    if cfg.optim.name not in MATRIX_OPTIMIZERS:
+    name = cfg.optim.name
+    if name == "diff2":  # x_(r-1) and v_(r-1), whole on every worker; its step is plain SGD
+        return count_parameters(model) * 8.0, "diff2 (x_(r-1) and v_(r-1): two fp32 parameter copies per rank)"
+    if name == "dp_sgd":  # the clipping and noise keep no state; the base optimizer does
+        name = cfg.privacy.base_optimizer
+    if name == "sgd":  # one momentum buffer (sharded as AdamW's moments are), none without momentum
+        per = adamw_bytes / 2 if cfg.optim.beta1 > 0 else 0.0
+        return count_parameters(model) * per, cfg.optim.name + (" (SGD momentum)" if per else " (SGD, no state)")
+    if name not in MATRIX_OPTIMIZERS:
         return count_parameters(model) * adamw_bytes, cfg.optim.name
     routes = route_parameters(model, info.vocab_size if info.task == "lm" else info.num_classes,
                               cfg.optim.matrix.matrix_params, cfg.optim.matrix.adamw_params)
     n_matrix = sum(p.numel() for _, p in routes.matrix)
-    rows = sum(p.shape[0] for _, p in routes.matrix) if cfg.optim.name == "normuon" else 0
+    rows = sum(p.shape[0] for _, p in routes.matrix) if name == "normuon" else 0
     n_other = sum(p.numel() for _, p in routes.adamw_decay + routes.adamw_no_decay)
     owner_share = 1.0 / dp if (backend in ("ddp", "fsdp") and cfg.optim.matrix.owner_compute) else 1.0
     total = (n_matrix + rows) * 4.0 * owner_share + n_other * adamw_bytes
-    text = (f"{cfg.optim.name} ({len(routes.matrix)} hidden matrices, {n_matrix / 1e6:.2f} M parameters, "
+    text = (f"{name} ({len(routes.matrix)} hidden matrices, {n_matrix / 1e6:.2f} M parameters, "
             f"orthogonalised {'by one owner rank each' if owner_share < 1 else 'on this rank'}; "
             f"AdamW for {n_other / 1e6:.2f} M)")
     return total, text
