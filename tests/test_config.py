@@ -220,7 +220,8 @@ def test_gpt_with_digits() -> None:
 
 
 def test_mlp_needs_digits() -> None:
-    assert _error("model.name=mlp") == "model.name: mlp needs data.name=digits"
+    assert _error("model.name=mlp") == ("model.name: mlp needs an image data set (digits or shapes32), "
+                                        "not data.name=stdlib_bytes")
 
 
 def test_token_bin_without_path() -> None:

@@ -11,6 +11,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from dist_train.tasks.names import check_pairing
+
 
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored.
@@ -266,11 +268,7 @@ class Config(_Strict):
     def _cross_checks(self):
         if self.data.name == "token_bin" and not self.data.path:
             raise ValueError("data.path: required when data.name is token_bin")
-        image = self.data.name in ("digits", "shapes32")
-        if image and self.model.name == "gpt":
-            raise ValueError("model.name: gpt needs a token data set (stdlib_bytes or token_bin), not digits")
-        if not image and self.model.name in ("mlp", "cnn"):
-            raise ValueError(f"model.name: {self.model.name} needs data.name=digits")
+        check_pairing(self.data.name, self.model.name)  # the model's task is the data set's
         if self.train.batch_size % self.train.grad_accum != 0:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})")
         if self.optim.name == "dp_sgd":

@@ -22,9 +22,9 @@ VAL_SEED = 0x5EED
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a model needs to know about its data. Sizes are tokens (lm) or examples (classify)."""
+    """What a model needs to know about its data. Sizes are tokens (lm) or examples (other tasks)."""
 
-    task: Literal["lm", "classify"]
+    task: str  # a key of dist_train.tasks.TASKS ("lm", "classify", ...)
     vocab_size: Optional[int]
     input_shape: Optional[tuple[int, ...]]
     num_classes: Optional[int]

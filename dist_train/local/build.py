@@ -24,6 +24,7 @@ from dist_train.local.method import StageInfo
 from dist_train.local.methods import get_method
 from dist_train.local.balance import measure_block_costs
 from dist_train.local.split import balanced_cuts, stage_block_ranges
+from dist_train.tasks import get_task
 from dist_train.models import build_model
 from dist_train.parallel import backend_class
 from dist_train.parallel.base import Backend
@@ -48,7 +49,7 @@ def stage_of(cfg: Config, model: nn.Module, data_info, layout: StageLayout,
     mine = ranges[layout.stage]
     method = get_method(cfg.local.method, cfg.local.options(cfg.local.method))
     info = StageInfo(index=layout.stage, num_stages=layout.num_stages, task=model.task, width=cfg.model.width,
-                     num_classes=data_info.vocab_size if model.task == "lm" else data_info.num_classes,
+                     num_classes=get_task(model.task).num_outputs(data_info),
                      later_blocks=tuple(model.blocks[i] for i in range(mine.stop, len(model.blocks))),
                      model_name=cfg.model.name, input_shape=tuple(data_info.input_shape or ()),
                      cut_points=tuple(r.start for r in ranges[1:]))
@@ -96,12 +97,6 @@ def stage_backend(cfg: Config, ctx: DistContext, layout: StageLayout) -> Backend
 
     One replica has nothing to average or shard, so it runs unwrapped whatever the backend."""
     key = f"stage{layout.stage}"
-    mesh = None
-    if ctx.distributed:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        # Collective: every rank builds the whole mesh, then keeps its stage's row.
-        mesh = init_device_mesh(ctx.device.type, (layout.num_stages, layout.dp_size),
-                                mesh_dim_names=("stage", "dp"))["dp"]
+    mesh = ctx.dp_mesh  # the run's (stage x dp) mesh, sliced to this stage's row
     name = cfg.parallel.backend if layout.dp_size > 1 else "none"
     return backend_class(name)(cfg, ctx, mesh=mesh, checkpoint_key=key)

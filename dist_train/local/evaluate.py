@@ -7,12 +7,15 @@ replica d), so an FSDP2 or DeepSpeed stage's collectives see all of its replicas
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 
 from dist_train.local.link import EVAL_TAG, GEN_TAG
 from dist_train.models.loss import cross_entropy
 from dist_train.models.sampling import decode, next_token, prompt_ids
+from dist_train.tasks import get_task
 
 
 @torch.no_grad()
@@ -22,7 +25,8 @@ def evaluate_pipeline(cfg, ctx, data, backend, link, layout, split: str = "val")
     model.eval()
     stage = backend.module
     sampler = data.sampler(split, 0, cfg.train.batch_size)
-    loss_sum, correct = 0.0, 0.0
+    task = get_task(backend.module.info.task)
+    loss_sum, sums = 0.0, defaultdict(float)
     for i in range(cfg.train.eval_batches):
         idx = sampler.next_indices(layout.dp_rank, layout.dp_size)
         x = received = None
@@ -34,8 +38,8 @@ def evaluate_pipeline(cfg, ctx, data, backend, link, layout, split: str = "val")
             out = model(x=x, received=received)
         if layout.last:
             loss_sum += float(cross_entropy(out.float(), y))
-            if backend.module.info.task == "classify":
-                correct += float((out.argmax(-1) == y).float().mean())
+            for key, value in task.eval_sums(out, y, backend.module).items():
+                sums[key] += value
         else:
             link.send(out, y, i, tag=EVAL_TAG)
     link.drain()
@@ -43,8 +47,8 @@ def evaluate_pipeline(cfg, ctx, data, backend, link, layout, split: str = "val")
     if not layout.last:
         return {}
     metrics = {f"{split}_loss": replica_mean(backend, loss_sum / cfg.train.eval_batches)}
-    if backend.module.info.task == "classify":
-        metrics[f"{split}_acc"] = replica_mean(backend, correct / cfg.train.eval_batches)
+    metrics.update({f"{split}_{key}": replica_mean(backend, value / cfg.train.eval_batches)
+                    for key, value in sums.items()})
     return metrics
 
 

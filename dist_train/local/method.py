@@ -26,7 +26,7 @@ from torch import nn
 class StageInfo:
     index: int  # 0-based stage number
     num_stages: int
-    task: str  # "lm" or "classify"
+    task: str  # a key of dist_train.tasks.TASKS
     width: int  # feature size of h (channels for the CNN)
     num_classes: int  # vocab size for "lm", classes for "classify"
     later_blocks: tuple  # the model's blocks after this stage (architecture reference, e.g. AugLocal)

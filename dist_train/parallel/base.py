@@ -43,7 +43,7 @@ class Backend(ABC):
         backend's entries, so that several stages' shards can share one checkpoint folder."""
         self.cfg = cfg
         self.ctx = ctx
-        self.mesh = mesh if mesh is not None else ctx.mesh
+        self.mesh = mesh if mesh is not None else ctx.dp_mesh
         self.dp_size = self.mesh.size() if self.mesh is not None else 1
         self.checkpoint_key = checkpoint_key
         self.model: nn.Module  # what forward is called on (may be a wrapper)

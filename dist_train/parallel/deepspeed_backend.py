@@ -130,7 +130,7 @@ class DeepSpeedBackend(Backend):
         ds_logger.setLevel(logging.WARNING)  # its INFO lines drown the training log
         # On a sub-mesh (a local-learning stage's replicas) DeepSpeed learns its data-parallel group
         # from a Megatron-style `mpu`; on the whole world it needs none.
-        mpu = _SubMeshMPU(self.mesh) if self.mesh is not self.ctx.mesh else None
+        mpu = _SubMeshMPU(self.mesh) if self.dp_size != self.ctx.world_size else None
         config = deepspeed_config(self.cfg, self.dp_size)
         if self.checkpoint_key:  # stages save under different tags on purpose
             config.setdefault("checkpoint", {})["tag_validation"] = "Ignore"

@@ -18,9 +18,11 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from dist_train.config.layout import check_layout
 from dist_train.config.schema import Config
 from dist_train.errors import SILENT_PEERS, DistTimeoutError, UserError
 from dist_train.runtime.env import WorldInfo, discover, export_env
+from dist_train.runtime.mesh import build_mesh, dp_mesh
 
 _TIMEOUT_WORDS = ("timed out", "timeout", "deadline")
 _PEER_LOST_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe")
@@ -31,12 +33,21 @@ class DistContext:
     world: WorldInfo
     device: torch.device
     backend: Optional[str]  # torch.distributed backend string, None when no process group
-    mesh: Optional[object] = None  # torch.distributed.device_mesh.DeviceMesh over ("dp",)
+    mesh: Optional[object] = None  # the run's DeviceMesh over ("stage", "dp"): runtime/mesh.py
     # A gloo group of all ranks for the run's own small votes (stop requests): on CPU even in an
     # NCCL run, and apart from the default group so it never orders against stage-to-stage traffic.
     control_group: Optional[object] = None
     timeouts: dict[str, float] = field(default_factory=dict)
     current_phase: str = "start"
+
+    @property
+    def dp_mesh(self) -> Optional[object]:
+        """This rank's data-parallel row of the mesh (every rank when there is one stage)."""
+        if self.mesh is None:
+            return None
+        if "_dp" not in self.__dict__:  # sliced once, so every backend shares the same object
+            self.__dict__["_dp"] = dp_mesh(self.mesh)
+        return self.__dict__["_dp"]
 
     @property
     def rank(self) -> int:
@@ -193,7 +204,7 @@ def _pin_socket_interface(master_addr: str) -> None:
 
 
 def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistContext:
-    """Discover the world, pick the device, create the process group and the data-parallel mesh."""
+    """Discover the world, pick the device, create the process group and the (stage x dp) mesh."""
     world = world or discover()
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
@@ -216,9 +227,8 @@ def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistCont
         dist.init_process_group(backend=backend, init_method="env://", rank=world.rank,
                                 world_size=world.world_size,
                                 timeout=timedelta(seconds=cfg.runtime.start_timeout_s), **kwargs)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (world.world_size,), mesh_dim_names=("dp",))
+    check_layout(cfg, world.world_size)  # the mesh below needs a world the stages divide
+    mesh = build_mesh(device.type, world.world_size, cfg.parallel.stages)
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.runtime.steady_timeout_s))
     ctx = DistContext(world=world, device=device, backend=backend, mesh=mesh, timeouts=timeouts,
                       control_group=control)

@@ -27,6 +27,7 @@ from dist_train.local.link import StageLink
 from dist_train.local.stats import StageStats, top_level_row
 from dist_train.optim import lr_at
 from dist_train.runtime.dist import DistContext
+from dist_train.tasks import get_task
 from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
 from dist_train.telemetry.energy_log import per_rank_scalars
 from dist_train.train import state as trainer_state
@@ -120,7 +121,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     progress = Progress(total=cfg.train.steps, initial=start, enabled=cfg.telemetry.progress if collector else False,
                         echo=collector and cfg.telemetry.progress != "off")
     totals = run_totals(cfg, writer, energy, progress)  # the collector's writer keeps the run's total
-    tokens_per_sample = cfg.model.block_size if info.task == "lm" else 1
+    tokens_per_sample = get_task(info.task).tokens_per_sample(cfg)
     last: dict = {}
 
     with ctx.phase("steady"), control.signals():
@@ -212,7 +213,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             last.update(finish_energy(cfg, run_dir, energy, totals, done, tokens_per_sample))
         progress.close()
         sample = (generate_pipeline(cfg, ctx, data, backend, layout)
-                  if cfg.train.sample_tokens and info.task == "lm" else None)
+                  if cfg.train.sample_tokens and get_task(info.task).generates_text else None)
         ctx.barrier()
     last = _from_collector(ctx, layout, last)
     if sample is not None:

@@ -15,6 +15,7 @@ from dist_train.optim import lr_at
 from dist_train.train.transforms import build_transform
 from dist_train.parallel import build_backend
 from dist_train.runtime.dist import DistContext
+from dist_train.tasks import get_task
 from dist_train.telemetry import (MetricsWriter, Progress, StepTimer, collect_provenance, mfu, peak_memory_bytes,
                                   write_provenance)
 from dist_train.telemetry.energy_log import EnergyLog, EnergyTotals, per_rank_scalars
@@ -33,13 +34,14 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
     run_dir = Path(cfg.run.dir) / cfg.run.name
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_dataset(cfg.data, cfg.model.block_size)
-    model = build_model(cfg.model, data.info).to(ctx.device)
+    task = get_task(data.info.task)
+    model = task.build_for_run(cfg, data.info, ctx.mesh).to(ctx.device)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)  # before the backend wraps or shards the blocks
     backend = build_backend(cfg, ctx)
     transform = build_transform(cfg, data, ctx, model)  # clip, or DP-SGD's per-example clip + noise
     with ctx.phase("start"):
-        outputs = data.info.vocab_size if data.info.task == "lm" else data.info.num_classes
+        outputs = task.num_outputs(data.info)
         backend.setup(model, lambda m, mesh: transform.optimizer_spec(m, mesh, num_outputs=outputs))
         transform.attach(backend)
     torch.manual_seed(cfg.train.seed + 1000 * (ctx.rank + 1))  # per-rank stream for dropout
@@ -60,7 +62,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         enabled=cfg.telemetry.progress if ctx.is_main else False,
                         echo=ctx.is_main and cfg.telemetry.progress != "off")
     totals = run_totals(cfg, writer, energy, progress)
-    tokens_per_sample = cfg.model.block_size if model.task == "lm" else 1
+    tokens_per_sample = task.tokens_per_sample(cfg)
     flops_per_token = model.num_flops_per_token() if hasattr(model, "num_flops_per_token") else None
     timer = StepTimer(ctx.device)  # on CUDA it synchronizes, as backend.step's grad-norm read does anyway
     last: dict = {}
@@ -102,7 +104,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if due(done, cfg.train.log_every) or evaluating:
                 last = _window_metrics(cfg, ctx, energy, totals, done, lr, grad_norm, loss_acc, timer,
                                        tokens_per_sample, flops_per_token)
-                last.update(transform.metrics(), **control.metrics())
+                last.update(transform.metrics(), **control.metrics(), **task.train_metrics(backend.module))
                 writer.scalars(done, per_rank_scalars(last, range(ctx.world_size)))
                 if evaluating:
                     last.update(evaluate(backend, data, ctx, transform.eval_batch_size(data, ctx.world_size),
@@ -124,7 +126,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             with transform.checkpointing():  # privacy budget spent, preempted, non-finite: keep the work
                 ckpt.save(done, backend, _trainer_state(done, sampler, transform, control))
         control.finish()
-        if cfg.train.sample_tokens and model.task == "lm":
+        if cfg.train.sample_tokens and task.generates_text:
             last["sample"] = generate(cfg, ctx, data, backend)
             if ctx.is_main:
                 write_sample(cfg, run_dir, last["sample"])

@@ -16,6 +16,7 @@ from dist_train.optim import MATRIX_OPTIMIZERS
 from dist_train.optim.routing import route_parameters
 from dist_train.parallel import backend_class
 from dist_train.runtime.env import discover
+from dist_train.tasks import get_task
 from dist_train.train.checkpoint import resolve_resume
 
 
@@ -61,7 +62,7 @@ def _optimizer_state(cfg: Config, model: torch.nn.Module, info, backend: str, dp
         return count_parameters(model) * per, cfg.optim.name + (" (SGD momentum)" if per else " (SGD, no state)")
     if name not in MATRIX_OPTIMIZERS:
         return count_parameters(model) * adamw_bytes, cfg.optim.name
-    routes = route_parameters(model, info.vocab_size if info.task == "lm" else info.num_classes,
+    routes = route_parameters(model, get_task(info.task).num_outputs(info),
                               cfg.optim.matrix.matrix_params, cfg.optim.matrix.adamw_params)
     n_matrix = sum(p.numel() for _, p in routes.matrix)
     rows = sum(p.shape[0] for _, p in routes.matrix) if name == "normuon" else 0
@@ -83,18 +84,16 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     world = (nproc * nnodes) if nproc else discover(use_mpi4py=False).world_size
     check_layout(cfg, world)
     data = build_dataset(cfg.data, cfg.model.block_size)
-    with torch.device("meta"):
+    task = get_task(data.info.task)
+    with torch.device("meta" if task.meta_buildable else "cpu"):
         model = build_model(cfg.model, data.info)
     n_params = count_parameters(model)
     dp = world // cfg.parallel.stages
     micro = cfg.train.batch_size // (dp * cfg.train.grad_accum)
     if cfg.optim.name == "dp_sgd":  # Poisson batches are split into physical micro-batches
         micro = min(cfg.privacy.max_physical_batch, max(1, micro))
-    if data.info.task == "lm":
-        example = torch.zeros(micro, cfg.model.block_size, dtype=torch.long, device="meta")
-    else:
-        example = torch.zeros(micro, *data.info.input_shape, device="meta")
-    act = activation_bytes(model, example)
+    example = task.example_input(cfg, data.info, micro)
+    act = activation_bytes(model, example) if example is not None else 0
     # A stage with one replica runs unwrapped: nothing to average or shard.
     backend = "none" if cfg.parallel.stages > 1 and dp == 1 else cfg.parallel.backend
     w, g, o = backend_class(backend).bytes_per_param(dp, cfg)

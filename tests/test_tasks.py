@@ -1,0 +1,49 @@
+"""The task registry: every data set and model names a registered task, and each task's parts agree."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import torch
+
+from dist_train.config.schema import Config, DataSection, ModelSection
+from dist_train.data.base import DataInfo
+from dist_train.errors import UserError
+from dist_train.tasks import TASKS, get_task
+from dist_train.tasks.names import DATA_TASKS, MODEL_TASKS
+
+
+def test_every_config_choice_belongs_to_a_registered_task() -> None:
+    # A data set or model the schema accepts but no task claims would fail only at run time.
+    assert set(typing.get_args(DataSection.model_fields["name"].annotation)) == set(DATA_TASKS)
+    assert set(typing.get_args(ModelSection.model_fields["name"].annotation)) == set(MODEL_TASKS)
+    assert set(DATA_TASKS.values()) | set(MODEL_TASKS.values()) <= set(TASKS)
+
+
+@pytest.mark.parametrize("model_name", [m for m, t in MODEL_TASKS.items()])
+def test_task_builds_its_models_and_their_example_runs(model_name: str) -> None:
+    task = get_task(MODEL_TASKS[model_name])
+    info = DataInfo(task=task.name, vocab_size=50, input_shape=(1, 8, 8), num_classes=10,
+                    train_size=100, val_size=10)
+    cfg = Config.model_validate({"model": {"name": model_name, "n_layer": 2, "width": 16, "n_head": 2,
+                                           "block_size": 8},
+                                 "data": {"name": next(d for d, t in DATA_TASKS.items() if t == task.name)}})
+    model = task.build_model(cfg.model, info)
+    assert model.task == task.name
+    out = model(task.example_input(cfg, info, 3, device="cpu"))
+    assert out.shape[-1] == task.num_outputs(info)
+
+
+def test_classification_reports_accuracy_and_lm_nothing_else() -> None:
+    out = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    assert get_task("classify").eval_sums(out, torch.tensor([1, 1]), None) == {"acc": 0.5}
+    assert get_task("lm").eval_sums(out, torch.tensor([1, 1]), None) == {}
+
+
+def test_unknown_task_and_wrong_model_are_user_errors() -> None:
+    with pytest.raises(UserError, match="unknown task 'speech'"):
+        get_task("speech")
+    info = DataInfo(task="lm", vocab_size=50, input_shape=None, num_classes=None, train_size=1, val_size=1)
+    with pytest.raises(UserError, match="model.name: mlp cannot read a token data set"):
+        get_task("lm").build_model(ModelSection(name="mlp"), info)
