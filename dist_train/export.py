@@ -108,6 +108,9 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
         raise UserError(f"export: checkpoint {folder} refused: {unsafe}, which is not plain data")
     layout = json.loads((folder / MARKER).read_text()).get("layout", {})
     info = build_dataset(cfg.data, cfg.model.block_size).info
+    if info.task == "pde":  # its model needs the grid and the moe section as well as model.*
+        raise UserError("export: PDE runs (model.name basis_mlp) are not exported; load the checkpoint with "
+                        "dist-train run (checkpoint.resume) instead")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, info)
     stages = cfg.parallel.stages

@@ -21,7 +21,7 @@ def test_every_config_choice_belongs_to_a_registered_task() -> None:
     assert set(DATA_TASKS.values()) | set(MODEL_TASKS.values()) <= set(TASKS)
 
 
-@pytest.mark.parametrize("model_name", [m for m, t in MODEL_TASKS.items()])
+@pytest.mark.parametrize("model_name", [m for m, t in MODEL_TASKS.items() if get_task(t).meta_buildable])
 def test_task_builds_its_models_and_their_example_runs(model_name: str) -> None:
     task = get_task(MODEL_TASKS[model_name])
     info = DataInfo(task=task.name, vocab_size=50, input_shape=(1, 8, 8), num_classes=10,
@@ -33,6 +33,21 @@ def test_task_builds_its_models_and_their_example_runs(model_name: str) -> None:
     assert model.task == task.name
     out = model(task.example_input(cfg, info, 3, device="cpu"))
     assert out.shape[-1] == task.num_outputs(info)
+
+
+def test_pde_task_builds_its_model_from_the_moe_section() -> None:
+    from dist_train.data.pde import PDEGrid
+
+    grid = PDEGrid(nx=17, nt=9, t_end=0.5, nu=0.01, rho=1.0)
+    info = DataInfo(task="pde", vocab_size=None, input_shape=(17,), num_classes=None, train_size=10, val_size=2,
+                    grid=grid)
+    cfg = Config.model_validate({"model": {"name": "basis_mlp", "n_layer": 2, "width": 16},
+                                 "data": {"name": "reaction_diffusion", "nx": 17, "nt": 9},
+                                 "moe": {"experts": 2, "points": 20, "basis": 5}})
+    model = get_task("pde").build_for_run(cfg, info, mesh=None)
+    assert model.task == "pde" and len(model.experts.subs) == 2
+    assert model(torch.rand(3, 17)).shape == (3, 9, 17)
+    assert get_task("pde").example_input(cfg, info, 3) is None  # plan gives no activation estimate
 
 
 def test_classification_reports_accuracy_and_lm_nothing_else() -> None:

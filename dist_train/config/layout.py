@@ -8,6 +8,8 @@ from dist_train.errors import UserError
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Raise UserError naming the key when the config cannot run on `world_size` ranks."""
+    if cfg.model.name == "basis_mlp":
+        _check_pde(cfg)
     stages = cfg.parallel.stages
     if stages > 1:
         if stages > cfg.model.n_layer:
@@ -74,3 +76,15 @@ def check_layout(cfg: Config, world_size: int) -> None:
     if cfg.train.batch_size % per_step != 0 and cfg.optim.name not in ("dp_sgd", "diff2"):
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by data-parallel size x "
                         f"grad_accum ({dp} x {cfg.train.grad_accum} = {per_step})")
+
+
+def _check_pde(cfg: Config) -> None:
+    """The PDE task trains end to end over ddp (or one process); its experts exchange inside forward."""
+    if cfg.parallel.stages != 1:
+        raise UserError("parallel.stages: the PDE task trains end to end (its experts split the domain, not the model)")
+    if cfg.parallel.backend not in ("ddp", "none"):
+        raise UserError(f"parallel.backend: the PDE task runs under ddp or none, not {cfg.parallel.backend}")
+    if cfg.optim.name in ("dp_sgd", "diff2"):
+        raise UserError(f"optim.name: {cfg.optim.name} is not offered for the PDE task")
+    if cfg.parallel.mixed_precision != "fp32":
+        raise UserError("parallel.mixed_precision: the PDE task's basis values feed a float64 solver; use fp32")

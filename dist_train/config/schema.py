@@ -52,7 +52,7 @@ class TrainSection(_Strict):
 
 
 class ModelSection(_Strict):
-    name: Literal["gpt", "mlp", "cnn"] = Field("gpt", description="Reference model: byte-level GPT, MLP or small CNN.")
+    name: Literal["gpt", "mlp", "cnn", "basis_mlp"] = Field("gpt", description="Reference model: byte-level GPT, MLP, small CNN, or the PDE basis network (basis_mlp, with the moe section's constraint).")
     n_layer: int = Field(4, ge=1, description="Number of blocks (transformer blocks, hidden layers or conv blocks).")
     width: int = Field(128, ge=1, description="Embedding size (gpt), hidden units (mlp) or channels (cnn).")
     n_head: int = Field(4, ge=1, description="Attention heads (gpt only); must divide width.")
@@ -68,20 +68,28 @@ class ModelSection(_Strict):
 
 # The data-set-specific keys of `data` and the data sets that read them (the others read all sets).
 _DATA_KEY_READERS = {"path": ("token_bin",), "val_path": ("token_bin",), "vocab_size": ("token_bin",),
-                     "max_bytes": ("stdlib_bytes",), "num_examples": ("shapes32",), "seed": ("shapes32",)}
+                     "max_bytes": ("stdlib_bytes",), "num_examples": ("shapes32", "reaction_diffusion"),
+                     "seed": ("shapes32", "reaction_diffusion"), "nx": ("reaction_diffusion",),
+                     "nt": ("reaction_diffusion",), "t_end": ("reaction_diffusion",),
+                     "nu": ("reaction_diffusion",), "rho": ("reaction_diffusion",)}
 
 
 class DataSection(_Strict):
-    name: Literal["stdlib_bytes", "token_bin", "digits", "shapes32"] = Field(
-        "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, sklearn digits, or generated 32x32 RGB shapes.")
+    name: Literal["stdlib_bytes", "token_bin", "digits", "shapes32", "reaction_diffusion"] = Field(
+        "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, sklearn digits, generated 32x32 RGB shapes, or 1D Fisher-KPP reaction-diffusion solutions (generated with a finite-difference solver).")
     path: Optional[str] = Field(None, description="token_bin: path of the training .bin file (nanoGPT/llm.c uint16 format).")
     val_path: Optional[str] = Field(None, description="token_bin: validation .bin file; default: the last val_fraction of `path`.")
     vocab_size: Optional[int] = Field(None, ge=2, description="token_bin: vocabulary size; default: max token id + 1 (scanned).")
     max_bytes: int = Field(4_000_000, ge=1024, description="stdlib_bytes: cap on corpus size in bytes (files taken in sorted order).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the data held out for validation.")
     test_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Fraction held out as a test split (stdlib_bytes, digits, shapes32); default 0.1 for shapes32, else 0 (no test split).")
-    num_examples: int = Field(7000, ge=20, description="shapes32: images generated in all (train + val + test).")
-    seed: int = Field(0, description="shapes32: seed the images are generated from (fixed apart from train.seed).")
+    num_examples: Optional[int] = Field(None, ge=20, description="shapes32 / reaction_diffusion: examples generated in all (train + val + test); default 7000 images / 512 solutions.")
+    seed: int = Field(0, description="shapes32 / reaction_diffusion: seed the examples are generated from (fixed apart from train.seed).")
+    nx: int = Field(128, ge=3, description="reaction_diffusion: grid points in x on [0, 1] (boundaries included).")
+    nt: int = Field(64, ge=2, description="reaction_diffusion: time levels on [0, t_end] (t = 0 included).")
+    t_end: float = Field(1.0, gt=0, description="reaction_diffusion: final time.")
+    nu: float = Field(0.005, ge=0, description="reaction_diffusion: diffusion coefficient nu of u_t = nu u_xx + rho u (1 - u).")
+    rho: float = Field(1.0, ge=0, description="reaction_diffusion: reaction rate rho.")
 
     @model_validator(mode="after")
     def _keys_are_read(self):
@@ -99,6 +107,18 @@ class DataSection(_Strict):
         if self.val_fraction + (self.test_fraction or 0.0) >= 1:
             raise ValueError(f"data.val_fraction + data.test_fraction ({self.val_fraction} + {self.test_fraction}) must be below 1")
         return self
+
+
+class MoESection(_Strict):
+    constraint: Literal["hard", "soft"] = Field("hard", description="PDE models: hard constraint (u = b.omega, omega solved per sample by Levenberg-Marquardt on each expert's sub-domain) or soft constraint (omega learned; the PDE only in the loss).")
+    experts: int = Field(4, ge=1, description="Hard-constraint experts K, one per sub-domain, placed round-robin on the data-parallel ranks (several per rank allowed); 1 = one global constraint.")
+    time_splits: int = Field(1, ge=1, description="Split time as well as space: experts = time_splits x space bands (must divide moe.experts).")
+    points: int = Field(1024, ge=1, description="PDE residual points m sampled over the whole grid (m / K per expert), besides every initial and boundary point.")
+    basis: int = Field(32, ge=1, description="Basis functions N produced by the basis network.")
+    loss: Literal["physics", "data"] = Field("physics", description="Training loss: the discretised PDE's residual + initial + boundary terms over the whole grid (no solution data, as PI-HC), or mean squared error to the reference solution.")
+    ridge: float = Field(1e-4, ge=0, description="Ridge term ridge x ||omega||^2 of each constrained least-squares problem.")
+    lm_max_iter: int = Field(50, ge=1, description="Levenberg-Marquardt iteration cap per solve (unconverged samples are counted in lm_unconverged).")
+    lm_tol: float = Field(1e-10, gt=0, description="Levenberg-Marquardt tolerance on ||grad L||_inf, relative to its value at omega = 0.")
 
 
 class ParallelSection(_Strict):
@@ -258,6 +278,7 @@ class Config(_Strict):
     data: DataSection = Field(default_factory=DataSection, description="Data set and split.")
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Parallelism.")
     local: LocalSection = Field(default_factory=LocalSection, description="Local-learning pipeline.")
+    moe: MoESection = Field(default_factory=MoESection, description="PDE models (model.name basis_mlp): hard-constraint experts or the soft constraint.")
     optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer and schedule.")
     privacy: PrivacySection = Field(default_factory=PrivacySection, description="Differential privacy (optim.name dp_sgd or diff2): noise, clipping, budget, accountant.")
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection, description="Logging, energy, progress.")

@@ -36,6 +36,11 @@ def build_dataset(cfg_data: DataSection, block_size: int) -> Dataset:
     if cfg_data.name == "shapes32":
         from dist_train.data.shapes32 import Shapes32Dataset
 
-        return Shapes32Dataset(cfg_data.num_examples, cfg_data.seed, cfg_data.val_fraction,
+        return Shapes32Dataset(cfg_data.num_examples or 7000, cfg_data.seed, cfg_data.val_fraction,
                                0.1 if test is None else test)
+    if cfg_data.name == "reaction_diffusion":
+        from dist_train.data.pde import PDEDataset, PDEGrid
+
+        grid = PDEGrid(nx=cfg_data.nx, nt=cfg_data.nt, t_end=cfg_data.t_end, nu=cfg_data.nu, rho=cfg_data.rho)
+        return PDEDataset(grid, cfg_data.num_examples or 512, cfg_data.seed, cfg_data.val_fraction, test or 0.0)
     raise UserError(f"data.name: unknown data set {cfg_data.name!r}")

@@ -31,6 +31,7 @@ class DataInfo:
     train_size: int
     val_size: int
     test_size: int = 0  # 0: the data set has no test split (data.test_fraction = 0)
+    grid: Optional[object] = None  # PDE data sets: their data.pde.PDEGrid (the model's grid and coefficients)
 
 
 def check_split(split: str, info: Optional[DataInfo] = None) -> None:

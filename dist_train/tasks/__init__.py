@@ -1,4 +1,4 @@
-"""The task registry: one entry per kind of workload (`lm`, `classify`). A new workload is one file
+"""The task registry: one entry per kind of workload (`lm`, `classify`, `pde`). A new workload is one file
 with a `Task` subclass plus one line here, not a branch in every trainer."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from dist_train.errors import UserError
 from dist_train.tasks.base import Task
 from dist_train.tasks.classify import Classification
 from dist_train.tasks.lm import LanguageModelling
+from dist_train.tasks.pde import PDESolving
 
-TASKS: dict[str, Task] = {task.name: task for task in (LanguageModelling(), Classification())}
+TASKS: dict[str, Task] = {task.name: task for task in (LanguageModelling(), Classification(), PDESolving())}
 
 __all__ = ["TASKS", "Task", "get_task"]
 

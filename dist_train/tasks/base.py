@@ -46,6 +46,10 @@ class Task(ABC):
         tasks whose model spreads over ranks itself (the PDE experts)."""
         return self.build_model(cfg.model, info)
 
+    def plan_rows(self, cfg: "Config", model: nn.Module, dp: int) -> list[tuple[str, str]]:
+        """Extra (label, text) rows for `dist-train plan`."""
+        return []
+
     def eval_sums(self, outputs: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> dict[str, float]:
         """Metrics beside the loss for one evaluation batch, as batch means (the evaluator averages
         them over batches and ranks and prefixes the split: `acc` -> `val_acc`)."""

@@ -4,11 +4,12 @@ schema without importing torch or any data set."""
 from __future__ import annotations
 
 # data.name -> the task its batches are for
-DATA_TASKS: dict[str, str] = {"stdlib_bytes": "lm", "token_bin": "lm", "digits": "classify", "shapes32": "classify"}
+DATA_TASKS: dict[str, str] = {"stdlib_bytes": "lm", "token_bin": "lm", "digits": "classify", "shapes32": "classify",
+                             "reaction_diffusion": "pde"}
 # model.name -> the task it is built for
-MODEL_TASKS: dict[str, str] = {"gpt": "lm", "mlp": "classify", "cnn": "classify"}
+MODEL_TASKS: dict[str, str] = {"gpt": "lm", "mlp": "classify", "cnn": "classify", "basis_mlp": "pde"}
 # how an error message names a task's data sets
-DATA_WORDS: dict[str, str] = {"lm": "a token", "classify": "an image"}
+DATA_WORDS: dict[str, str] = {"lm": "a token", "classify": "an image", "pde": "a PDE"}
 
 
 def data_sets_for(task: str) -> list[str]:

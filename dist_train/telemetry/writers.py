@@ -60,6 +60,9 @@ _PREFIX_GROUPS: tuple[tuple[str, str], ...] = (
     ("energy_", "energy/"),
     ("power_", "energy/"),
     ("gpu_", "gpu/"),
+    ("expert", "moe/expert"),  # the PDE experts' solver figures, under their own names
+    ("lm_", "moe/lm_"),
+    ("constraint_", "moe/constraint_"),
 )
 
 

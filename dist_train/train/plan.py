@@ -11,7 +11,7 @@ from dist_train.config import load_config
 from dist_train.config.layout import check_layout
 from dist_train.config.schema import Config
 from dist_train.data import build_dataset
-from dist_train.models import build_model, count_parameters
+from dist_train.models import count_parameters
 from dist_train.optim import MATRIX_OPTIMIZERS
 from dist_train.optim.routing import route_parameters
 from dist_train.parallel import backend_class
@@ -86,7 +86,7 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     data = build_dataset(cfg.data, cfg.model.block_size)
     task = get_task(data.info.task)
     with torch.device("meta" if task.meta_buildable else "cpu"):
-        model = build_model(cfg.model, data.info)
+        model = task.build_for_run(cfg, data.info, mesh=None)
     n_params = count_parameters(model)
     dp = world // cfg.parallel.stages
     micro = cfg.train.batch_size // (dp * cfg.train.grad_accum)
@@ -115,7 +115,8 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
         ("data", f"{cfg.data.name}: {data.info.train_size:,} train / {data.info.val_size:,} val"),
         ("batch", f"{cfg.train.batch_size} global = {dp} dp ranks x {cfg.train.grad_accum} micro-batches x {micro}"),
         ("memory/rank", f"weights {_mb(per_rank * w)}, grads {_mb(per_rank * g)}, optimizer {_mb(optim_bytes / cfg.parallel.stages)}, "
-                        f"activations ~{_mb(act)} (estimate, fp32)"),
+                        + (f"activations ~{_mb(act)} (estimate, fp32)" if example is not None
+                           else "activations not estimated")),
         ("optimizer", f"{optim_text} lr {cfg.optim.lr:g}, {cfg.optim.schedule} after {cfg.optim.warmup_steps} warm-up"),
         ("steps", f"{cfg.train.steps}, checkpoint every {cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep}), "
                   f"resume: {resume if resume else 'fresh start'}"),
@@ -154,5 +155,7 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
             traffic += "; cuts shown by parameter count, the run measures its own at start"
         rows.insert(3, ("stages", f"{cfg.local.method}: " + " | ".join(parts) +
                         f"; {world // cfg.parallel.stages} data-parallel rank(s) per stage; {traffic}"))
+    for row in task.plan_rows(cfg, model, dp):
+        rows.insert(-2, row)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

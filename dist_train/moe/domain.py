@@ -1,0 +1,108 @@
+"""Domain decomposition for the hard-constraint experts: which grid block each expert owns, the halo
+its stencils read, the points it constrains, and which rank solves it.
+
+The nt x nx grid is cut into `time_splits` bands of time levels x (K / time_splits) bands of columns,
+as even as they go; expert k = (band a, column band c), k = a * Kx + c. An expert's solution covers
+its own block; its Crank–Nicolson stencils also read one column left and right and one time level
+before (the halo), where the block has a neighbour. The halo carries *basis values* b, evaluated
+with the expert's own ω_k: each expert stays an independent problem (PI-HC-MoE's experts never
+share ω), and the basis values it needs beyond its border are what crosses ranks.
+
+Points (all of the expert's own block; global index conditions):
+- residual: m_k points drawn without replacement (fixed seed per expert) from the own points with
+  j >= 1 and 1 <= i <= nx - 2, m_k = m // K (the first m % K experts take one more);
+- initial condition: every own point with j = 0;
+- boundary (u = 0): every own point with i in {0, nx - 1} and j >= 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dist_train.data.pde import PDEGrid
+from dist_train.errors import UserError
+from dist_train.moe.hard_constraint import ConstraintPoints
+
+
+@dataclass(frozen=True)
+class SubDomain:
+    index: int
+    t0: int  # own block: time levels [t0, t1), columns [x0, x1) (global indices)
+    t1: int
+    x0: int
+    x1: int
+    ht0: int  # block with halo: [ht0, t1) x [hx0, hx1)
+    hx0: int
+    hx1: int
+
+    @property
+    def halo_shape(self) -> tuple[int, int]:
+        return self.t1 - self.ht0, self.hx1 - self.hx0
+
+    @property
+    def own_shape(self) -> tuple[int, int]:
+        return self.t1 - self.t0, self.x1 - self.x0
+
+    def own_in_halo(self) -> tuple[slice, slice]:
+        """The own block's rows and columns inside the halo block."""
+        return (slice(self.t0 - self.ht0, self.t1 - self.ht0), slice(self.x0 - self.hx0, self.x1 - self.hx0))
+
+    def ic_columns(self) -> torch.Tensor:
+        """Global columns of this expert's initial-condition points (none unless it holds t = 0)."""
+        return torch.arange(self.x0, self.x1) if self.t0 == 0 else torch.zeros(0, dtype=torch.long)
+
+
+def _bands(n: int, parts: int) -> list[tuple[int, int]]:
+    sizes = [n // parts + (1 if p < n % parts else 0) for p in range(parts)]
+    starts = [sum(sizes[:p]) for p in range(parts)]
+    return [(s, s + z) for s, z in zip(starts, sizes)]
+
+
+def decompose(grid: PDEGrid, experts: int, time_splits: int = 1) -> list[SubDomain]:
+    """K sub-domains; UserError when K does not fit the grid."""
+    if experts % time_splits:
+        raise UserError(f"moe.time_splits: {time_splits} does not divide moe.experts={experts}")
+    kx = experts // time_splits
+    # Every column band needs an interior column and every time band a level with j >= 1 to hold
+    # residual points; the first time band also needs one besides t = 0.
+    if kx > grid.nx - 2:
+        raise UserError(f"moe.experts: {kx} sub-domains in space do not fit the {grid.nx - 2} interior "
+                        f"columns of the grid (data.nx={grid.nx})")
+    if time_splits > grid.nt - 1:
+        raise UserError(f"moe.time_splits: {time_splits} time bands do not fit the {grid.nt - 1} time steps "
+                        f"(data.nt={grid.nt})")
+    subs = []
+    for a, (t0, t1) in enumerate(_bands(grid.nt, time_splits)):
+        for c, (x0, x1) in enumerate(_bands(grid.nx, kx)):
+            subs.append(SubDomain(index=a * kx + c, t0=t0, t1=t1, x0=x0, x1=x1, ht0=max(t0 - 1, 0),
+                                  hx0=max(x0 - 1, 0), hx1=min(x1 + 1, grid.nx)))
+    return subs
+
+
+def constraint_points(sub: SubDomain, grid: PDEGrid, m_k: int, seed: int = 0) -> ConstraintPoints:
+    """The expert's points in halo-block coordinates (see the module docstring)."""
+    jj, ii = torch.meshgrid(torch.arange(sub.t0, sub.t1), torch.arange(sub.x0, sub.x1), indexing="ij")
+    jj, ii = jj.flatten(), ii.flatten()
+    eligible = (jj >= 1) & (ii >= 1) & (ii <= grid.nx - 2)
+    ej, ei = jj[eligible], ii[eligible]
+    if m_k > ej.numel():
+        raise UserError(f"moe.points: expert {sub.index} would need {m_k} residual points but its sub-domain "
+                        f"holds {ej.numel()} (grid {grid.nt} x {grid.nx}); lower moe.points or moe.experts")
+    pick = torch.randperm(ej.numel(), generator=torch.Generator().manual_seed(seed * 1000 + sub.index))[:m_k]
+    pick = pick.sort().values  # grid order: the rows of the least-squares problem do not depend on the draw order
+    ic = jj == 0
+    bc = (jj >= 1) & ((ii == 0) | (ii == grid.nx - 1))
+    return ConstraintPoints(pde_j=ej[pick] - sub.ht0, pde_i=ei[pick] - sub.hx0,
+                            ic_j=jj[ic] - sub.ht0, ic_i=ii[ic] - sub.hx0,
+                            bc_j=jj[bc] - sub.ht0, bc_i=ii[bc] - sub.hx0)
+
+
+def points_per_expert(m: int, experts: int) -> list[int]:
+    return [m // experts + (1 if k < m % experts else 0) for k in range(experts)]
+
+
+def owner_of(expert: int, world: int) -> int:
+    """Round-robin placement: several experts per rank when K > world."""
+    return expert % world

@@ -1,0 +1,74 @@
+"""The PDE models: a basis network f_θ and the constraint that turns its N basis functions into u.
+
+f_θ (`BasisMLP`) is a small MLP applied at every grid point to [encode(u0), x, t] (a DeepONet-style
+basis: the initial condition enters through a learned linear encoding), giving b [B, nt, nx, N].
+
+- `constraint="hard"`: u = b·ω_k on each expert's block, ω_k solved per sample from the discretised
+  PDE (`experts.py`, `hard_constraint.py`). K = moe.experts experts; K = 1 is one global constraint.
+- `constraint="soft"`: u = b·w with a learned w ∈ R^N, trained on the same physics loss: the PDE
+  holds only as far as the penalty pushes it (the soft-constraint baseline of PI-HC).
+
+Both train on `physics.physics_loss` (residual + initial + boundary terms, no solution data) unless
+moe.loss = "data" (mean squared error to the reference solution).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dist_train.data.pde import PDEGrid
+from dist_train.moe.experts import ExpertLayer
+from dist_train.moe.hard_constraint import LMOptions
+from dist_train.moe.physics import physics_loss
+
+
+class BasisMLP(nn.Module):
+    def __init__(self, grid: PDEGrid, n_basis: int, width: int, n_layer: int, encoding: int = 32):
+        super().__init__()
+        self.encode = nn.Linear(grid.nx, encoding)
+        dims = [encoding + 2] + [width] * n_layer
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.Tanh()) for a, b in zip(dims, dims[1:]))
+        self.head = nn.Linear(width, n_basis)
+        tt, xx = torch.meshgrid(grid.t.float() / grid.t_end, grid.x.float(), indexing="ij")
+        self.register_buffer("coords", torch.stack([xx, tt], -1), persistent=False)  # [nt, nx, 2]
+
+    def forward(self, u0: torch.Tensor) -> torch.Tensor:
+        nt, nx, _ = self.coords.shape
+        code = self.encode(u0)[:, None, None, :].expand(-1, nt, nx, -1)
+        h = torch.cat([code, self.coords.expand(u0.shape[0], -1, -1, -1)], -1)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)  # [B, nt, nx, N]
+
+
+class PDEModel(nn.Module):
+    task = "pde"
+
+    def __init__(self, grid: PDEGrid, n_basis: int, width: int, n_layer: int, constraint: str,
+                 experts: int = 1, points: int = 256, time_splits: int = 1, loss: str = "physics",
+                 options: Optional[LMOptions] = None, group=None):
+        super().__init__()
+        self.grid, self.constraint, self.loss_kind = grid, constraint, loss
+        self.basis = BasisMLP(grid, n_basis, width, n_layer)
+        if constraint == "hard":
+            self.experts = ExpertLayer(grid, experts, points, time_splits, options, group)
+        else:  # the soft constraint's linear combination is learned, not solved
+            self.weights = nn.Parameter(torch.randn(n_basis) / n_basis ** 0.5)
+
+    def forward(self, u0: torch.Tensor) -> torch.Tensor:
+        b = self.basis(u0)
+        if self.constraint == "hard":
+            return self.experts(b, u0)
+        return b @ self.weights
+
+    def loss(self, u: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """The training loss; `reference` [B, nt, nx] is the reference solution (its t = 0 level is u0)."""
+        if self.loss_kind == "data":
+            return (u - reference).pow(2).mean()
+        return physics_loss(u, reference[:, 0], self.grid)
+
+    def solver_stats(self) -> dict[str, float]:
+        return self.experts.stats() if self.constraint == "hard" else {}

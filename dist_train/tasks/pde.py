@@ -1,0 +1,66 @@
+"""Solving a PDE family (reaction_diffusion data) with a basis network and hard-constraint experts."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_train.errors import UserError
+from dist_train.tasks.base import Task
+
+
+class PDESolving(Task):
+    name = "pde"
+    meta_buildable = False  # the experts draw their constraint points when built
+
+    def build_model(self, cfg_model, info, moe=None, group=None):
+        """`moe`: the config's moe section (defaults when None); `group`: the process group the experts
+        are spread over (None: every expert in this process)."""
+        from dist_train.config.schema import MoESection
+        from dist_train.moe.hard_constraint import LMOptions
+        from dist_train.moe.model import PDEModel
+
+        if cfg_model.name != "basis_mlp" or info.grid is None:
+            raise UserError(f"model.name: {cfg_model.name} cannot solve a PDE data set (use basis_mlp)")
+        moe = moe or MoESection()
+        options = LMOptions(max_iter=moe.lm_max_iter, tol=moe.lm_tol, ridge=moe.ridge)
+        return PDEModel(info.grid, moe.basis, cfg_model.width, cfg_model.n_layer, moe.constraint,
+                        experts=moe.experts, points=moe.points, time_splits=moe.time_splits, loss=moe.loss,
+                        options=options, group=group)
+
+    def build_for_run(self, cfg, info, mesh):
+        from dist_train.runtime.mesh import expert_group
+
+        return self.build_model(cfg.model, info, cfg.moe, expert_group(mesh))
+
+    def num_outputs(self, info) -> int:
+        return 0  # no vocabulary or class head (Muon users route basis.head with optim.matrix.adamw_params)
+
+    def example_input(self, cfg, info, batch, device="meta"):
+        return None  # the constraint solve cannot run on the meta device: plan gives no activation estimate
+
+    def eval_sums(self, outputs, targets, model):
+        from dist_train.moe.physics import grid_residual, relative_l2
+
+        return {"rel_l2": float(relative_l2(outputs.float(), targets.float())),
+                "residual": float(grid_residual(outputs.double(), model.grid).abs().mean())}
+
+    def plan_rows(self, cfg, model, dp):
+        from dist_train.moe.domain import owner_of
+
+        moe, grid = cfg.moe, model.grid
+        if moe.constraint == "soft":
+            return [("moe", f"soft constraint: u = b.w with w learned, {moe.basis} basis functions, "
+                            f"grid {grid.nt} x {grid.nx}; physics only in the loss")]
+        subs = model.experts.subs
+        if moe.experts == 1 or dp == 1:
+            where = "every rank solves its own samples" if moe.experts == 1 else "all in this process"
+        else:
+            where = "; ".join(f"rank {r}: experts {[k for k in range(len(subs)) if owner_of(k, dp) == r]}"
+                              for r in range(min(dp, len(subs))))
+        blocks = ", ".join(f"{s.t1 - s.t0}x{s.x1 - s.x0}" for s in subs)
+        return [("moe", f"hard constraint, {moe.experts} expert(s) ({where}); blocks {blocks} of the "
+                        f"{grid.nt} x {grid.nx} grid; m = {moe.points} residual points "
+                        f"(~{moe.points // moe.experts} per expert); N = {moe.basis}; LM in float64, IFT backward")]
+
+    def train_metrics(self, model):
+        return model.solver_stats()

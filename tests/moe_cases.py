@@ -1,0 +1,66 @@
+"""Shared cases for the expert tests: a small float64 problem run by W gloo ranks or by one process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from dist_train.data.pde import PDEGrid, initial_conditions
+from dist_train.moe.hard_constraint import LMOptions
+from dist_train.moe.model import PDEModel
+
+GRID = PDEGrid(nx=17, nt=9, t_end=0.5, nu=0.01, rho=1.0)
+SAMPLES = 4
+# (experts, time_splits): several experts per rank, a number not divisible by W, a time split, K = 1
+CASES = [(4, 1), (3, 1), (4, 2), (1, 1)]
+
+
+def model(experts: int, time_splits: int, group=None) -> PDEModel:
+    torch.manual_seed(0)
+    return PDEModel(GRID, n_basis=6, width=16, n_layer=2, constraint="hard", experts=experts,
+                    points=48, time_splits=time_splits, options=LMOptions(tol=1e-13), group=group).double()
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    from dist_train.data.pde import solve_reference
+
+    u0 = initial_conditions(SAMPLES, GRID.nx, torch.Generator().manual_seed(1))
+    return u0, solve_reference(u0, GRID)
+
+
+def loss_and_grads(m: PDEModel, u0: torch.Tensor, ref: torch.Tensor) -> tuple[float, dict, torch.Tensor]:
+    m.zero_grad()
+    u = m(u0)
+    loss = m.loss(u, ref)
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in m.named_parameters()}, u.detach()
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each rank takes its slice of the batch; loss and gradients are averaged over ranks like DDP does."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    u0, ref = batch()
+    per = SAMPLES // world
+    mine = slice(rank * per, (rank + 1) * per)
+    results = {}
+    for experts, splits in CASES:
+        m = model(experts, splits, group=dist.group.WORLD)
+        loss, grads, u = loss_and_grads(m, u0[mine], ref[mine])
+        t = torch.tensor([loss])
+        dist.all_reduce(t)
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+        us = [torch.empty_like(u) for _ in range(world)]
+        dist.all_gather(us, u)
+        results[(experts, splits)] = {"loss": float(t) / world, "grads": grads, "u": torch.cat(us),
+                                      "owned": list(m.experts.mine)}
+    if rank == 0:
+        torch.save(results, os.path.join(out, "results.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # skip interpreter finalization: a gloo thread freeing tensors there can abort

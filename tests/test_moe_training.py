@@ -1,0 +1,94 @@
+"""The PDE task through the framework: `dist-train launch` on 2 gloo ranks (DDP over the basis network,
+experts spread over the ranks) against one process, the metrics it reports, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import assert_user_error, cli
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "moe_pde.yaml"
+SMALL = ["train.steps=6", "train.log_every=2", "train.eval_every=3", "train.eval_batches=1", "train.batch_size=4",
+         "data.nx=33", "data.nt=17", "data.num_examples=40", "moe.points=128", "moe.basis=8", "model.width=16",
+         "model.n_layer=2", "telemetry.progress=off", "telemetry.energy=none", "checkpoint.every=3",
+         "runtime.threads=1"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(tmp: Path, name: str, *extra: str, nproc: int = 2) -> Path:
+    args = ["launch", str(CONFIG), "--nproc", str(nproc)] if nproc > 1 else ["run", str(CONFIG)]
+    proc = cli([*args, *SMALL, f"run.dir={tmp}", f"run.name={name}", *extra], cwd=tmp, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("moe")
+    return {"two": _run(tmp, "two"), "one": _run(tmp, "one", "parallel.backend=none", nproc=1), "tmp": tmp}
+
+
+def test_two_ranks_match_one_process(runs) -> None:
+    # float32 basis network on batch slices vs the whole batch; the float64 solves agree to ~1e-8.
+    two, one = _rows(runs["two"]), _rows(runs["one"])
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 3, 4, 6]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+        if "val_rel_l2" in b:
+            assert a["val_rel_l2"] == pytest.approx(b["val_rel_l2"], rel=1e-4)
+    assert two[-1]["loss"] != two[0]["loss"]
+
+
+def test_metrics_report_error_residual_and_each_expert(runs) -> None:
+    last = _rows(runs["two"])[-1]
+    assert 0 < last["val_rel_l2"] < 1 and last["val_residual"] > 0
+    assert all(last[f"expert{k}_solve_s"] > 0 for k in range(4))  # experts 1 and 3 live on rank 1
+    assert 1 <= last["lm_iterations"] <= 50 and last["lm_unconverged"] == 0
+    assert last["constraint_grad_norm"] < 1e-6
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["two"] / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"eval/rel_l2", "eval/residual", "moe/lm_iterations", "moe/expert3_solve_s", "moe/constraint_grad_norm",
+            "train/loss"} <= tags, sorted(tags)
+
+
+def test_resume_continues_exactly(runs) -> None:
+    tmp = runs["tmp"]
+    full = _rows(runs["two"])
+    cut = _run(tmp, "cut", "train.steps=3")
+    resumed = _rows(_run(tmp, "cut"))  # same run name: resumes from step 3's checkpoint
+    assert [r["step"] for r in resumed] == [2, 3, 4, 6] and cut.exists()
+    for a, b in zip(resumed[2:], full[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("constraint", [["moe.constraint=soft"], ["moe.experts=1"]])
+def test_baselines_train_in_the_same_code(runs, constraint) -> None:
+    rows = _rows(_run(runs["tmp"], constraint[0].replace("=", "_").replace(".", "_"), *constraint))
+    assert rows[-1]["val_rel_l2"] > 0
+    if constraint == ["moe.constraint=soft"]:
+        assert "lm_iterations" not in rows[-1]
+    else:
+        assert rows[-1]["expert0_solve_s"] > 0
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("moe.experts=40", ["moe.experts: 40 sub-domains in space do not fit the 31 interior columns"]),
+    ("moe.points=5000", ["moe.points: expert 0 would need 1250 residual points"]),
+    ("moe.time_splits=3", ["moe.time_splits: 3 does not divide moe.experts=4"]),
+    ("parallel.backend=fsdp", ["parallel.backend: the PDE task runs under ddp or none"]),
+    ("parallel.stages=2", ["parallel.stages: the PDE task trains end to end"]),
+    ("model.name=mlp", ["model.name: mlp needs an image data set"]),
+])
+def test_bad_input_is_one_line(tmp_path, override, needles) -> None:
+    proc = cli(["run", str(CONFIG), *SMALL, f"run.dir={tmp_path}", "parallel.backend=none", override], cwd=tmp_path)
+    assert_user_error(proc, *needles)
+    assert not (tmp_path / "moe_pde").exists()
