@@ -10,7 +10,8 @@ from dist_train.errors import UserError
 BENCHMARKS = {"overhead": "dist_train.bench.overhead", "local-vs-bp": "dist_train.bench.local_vs_bp",
               "local-methods": "dist_train.bench.local_methods", "muon": "dist_train.bench.muon",
               "dp": "dist_train.bench.dp", "energy": "dist_train.bench.energy",
-              "diff2": "dist_train.bench.diff2", "soak": "dist_train.bench.soak"}
+              "diff2": "dist_train.bench.diff2", "soak": "dist_train.bench.soak",
+              "moe": "dist_train.bench.moe"}
 
 
 def run_benchmark(name: str, quick: bool, json_path: str | None) -> int:

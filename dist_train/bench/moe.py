@@ -1,0 +1,106 @@
+"""`dist-train bench moe`: hard-constraint experts against one global hard constraint and the soft
+constraint, in the same code and the same run, while the number of sampled points m grows.
+
+Every model trains `configs/moe_pde.yaml` (1D Fisher–KPP, physics loss only) through
+`dist-train launch --nproc 2 --threads 1` with the same batch, steps, optimizer, lr, basis network
+and basis size; only the constraint differs:
+- soft: u = b·w with w learned (the PDE only in the loss); it samples no points, so it runs once;
+- global (K = 1): one hard constraint over the whole grid with m points; it cannot be split, so
+  each rank solves it for its own half of the batch (the data-parallel placement: the fastest
+  equal-device baseline, not a single rank solving for everyone);
+- experts (K = 2, 4): K sub-domains with m / K points each, placed round-robin on the 2 ranks;
+  each owner solves its experts for the whole batch.
+
+Figures, read from each run's own metrics.jsonl: the held-out (validation split) relative L2 error
+after the last step, and the median training step time over the logged windows after the first
+(the first holds start-up). Targets (issue 10): experts' error below the global constraint's and far
+below the soft constraint's (<= half); at the largest m, expert step time >= 1.5x faster than the
+global constraint's, and growing more slowly with m.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "moe_pde.yaml"
+SIZES = {
+    "full": {"points": [256, 1024, 4096], "experts": [2, 4], "steps": 200, "log_every": 10, "limit_s": 1800,
+             "extra": []},
+    "quick": {"points": [256, 1024], "experts": [2, 4], "steps": 60, "log_every": 10, "limit_s": 900, "extra": []},
+    "smoke": {"points": [32, 64], "experts": [2], "steps": 4, "log_every": 2, "limit_s": 300,
+              "extra": ["data.nx=17", "data.nt=9", "data.num_examples=24", "moe.basis=6", "model.width=16",
+                        "model.n_layer=2", "train.batch_size=4"]},
+}
+COMMON = ["telemetry.progress=off", "telemetry.tensorboard=false", "checkpoint.every=0", "checkpoint.at_end=false",
+          "train.eval_batches=4"]
+
+
+def _train(work: Path, name: str, size: dict, overrides: list[str]) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_TRAIN_FAULT"))}
+    env.update(OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "dist_train", "launch", str(CONFIG), "--nproc", "2", "--threads", "1",
+            f"run.dir={work}", f"run.name={name}", f"train.steps={size['steps']}",
+            f"train.log_every={size['log_every']}", f"train.eval_every={size['steps']}", *COMMON,
+            *size["extra"], *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=size["limit_s"])
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench moe: run {name} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in rows[1:]] or [rows[0]["step_time_s"]]
+    last = rows[-1]
+    return {"rel_l2": last["val_rel_l2"], "residual": last["val_residual"], "loss": last["loss"],
+            "step_time_s": statistics.median(times), "lm_iterations": last.get("lm_iterations"), "wall_s": wall}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    size_name, size = pick_size(SIZES, quick)
+    command, started = command_line(), utc_now()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dist-train-bench-moe-") as tmp:
+        work = Path(tmp)
+        soft = _train(work, "soft", size, ["moe.constraint=soft"])
+        rows.append({"model": "soft constraint", "experts": None, "points": None, **soft})
+        for m in size["points"]:
+            for k in [1, *size["experts"]]:
+                fig = _train(work, f"k{k}_m{m}", size, ["moe.constraint=hard", f"moe.experts={k}", f"moe.points={m}"])
+                rows.append({"model": "global hard constraint" if k == 1 else f"{k} experts", "experts": k,
+                             "points": m, **fig})
+
+    def at(k: int, m: int) -> dict:
+        return next(r for r in rows if r["experts"] == k and r["points"] == m)
+
+    small, large, best = size["points"][0], size["points"][-1], max(size["experts"])
+    targets = []
+    for k in size["experts"]:
+        targets.append(make_target(f"rel_l2_{k}_experts_vs_global", at(k, large)["rel_l2"] / at(1, large)["rel_l2"],
+                                   "<=", 1.0, description=f"held-out relative L2 error, {k} experts / one global "
+                                   f"hard constraint, m = {large} (below 1: experts more accurate)"))
+    targets.append(make_target("rel_l2_experts_vs_soft", at(best, large)["rel_l2"] / soft["rel_l2"], "<=", 0.5,
+                               description=f"held-out relative L2 error, {best} experts (m = {large}) / soft constraint"))
+    targets.append(make_target("step_time_global_vs_experts", at(1, large)["step_time_s"] / at(best, large)["step_time_s"],
+                               ">=", 1.5, description=f"median step time, global hard constraint / {best} experts, "
+                               f"m = {large} (2 ranks each)"))
+    growth_global = at(1, large)["step_time_s"] / at(1, small)["step_time_s"]
+    growth_experts = at(best, large)["step_time_s"] / at(best, small)["step_time_s"]
+    targets.append(make_target("step_time_growth_experts_vs_global", growth_experts / growth_global, "<=", 1.0,
+                               description=f"(experts' step time m={large} / m={small}) / (the global "
+                               "constraint's): below 1 when the experts' cost grows more slowly with m"))
+    reported = [{"metric": f"step_time_growth_{name}", "value": value,
+                 "description": f"median step time at m = {large} / at m = {small}"}
+                for name, value in (("global", growth_global), (f"{best}_experts", growth_experts))]
+    setup = {"size": size_name, "steps": size["steps"], "world_size": 2, "threads_per_rank": 1,
+             "config": "configs/moe_pde.yaml", "overrides": [*COMMON, *size["extra"]], "points": size["points"],
+             "experts": size["experts"], "error": "relative L2 on the validation split after the last step"}
+    return document("moe", command, started, setup, rows, targets, reported)

@@ -1,0 +1,36 @@
+"""`dist-train bench moe` at the smoke size: every model trains through `dist-train launch` on 2 ranks,
+and each target is the ratio of the rows it names (so a target cannot be met by hand)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_train.bench.moe import SIZES, run
+from dist_train.bench.report import SIZE_ENV
+
+
+@pytest.mark.slow
+def test_smoke_moe_benchmark_measures_every_model(monkeypatch):
+    monkeypatch.setenv(SIZE_ENV, "smoke")
+    doc = run(quick=True)
+    assert doc["name"] == "moe" and doc["provenance"]
+    rows = doc["results"]
+    size = SIZES["smoke"]
+    assert len(rows) == 1 + len(size["points"]) * (1 + len(size["experts"]))
+    for r in rows:
+        assert 0 < r["rel_l2"] < 10 and r["step_time_s"] > 0
+        assert (r["lm_iterations"] is None) == (r["experts"] is None)  # the soft model solves nothing
+
+    def at(k, m):
+        return next(r for r in rows if r["experts"] == k and r["points"] == m)
+
+    targets = {t["metric"]: t for t in doc["targets"]}
+    large, small, k = size["points"][-1], size["points"][0], size["experts"][-1]
+    assert targets[f"rel_l2_{k}_experts_vs_global"]["value"] == pytest.approx(at(k, large)["rel_l2"] / at(1, large)["rel_l2"])
+    assert targets["step_time_global_vs_experts"]["value"] == pytest.approx(
+        at(1, large)["step_time_s"] / at(k, large)["step_time_s"])
+    growth = (at(k, large)["step_time_s"] / at(k, small)["step_time_s"]) / (
+        at(1, large)["step_time_s"] / at(1, small)["step_time_s"])
+    assert targets["step_time_growth_experts_vs_global"]["value"] == pytest.approx(growth)
+    for t in targets.values():
+        assert t["met"] == (t["value"] <= t["target"] if t["op"] == "<=" else t["value"] >= t["target"])
