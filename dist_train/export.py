@@ -98,6 +98,7 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
     from dist_train.config import load_config
     from dist_train.data import build_dataset
     from dist_train.models import build_model
+    from dist_train.tasks import get_task
     from dist_train.train import pickle_scan
 
     if not (run_dir / "config.yaml").is_file():
@@ -108,7 +109,7 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
         raise UserError(f"export: checkpoint {folder} refused: {unsafe}, which is not plain data")
     layout = json.loads((folder / MARKER).read_text()).get("layout", {})
     info = build_dataset(cfg.data, cfg.model.block_size).info
-    if info.task == "pde":  # its model needs the grid and the moe section as well as model.*
+    if not get_task(info.task).exportable:  # e.g. the PDE model needs the grid and the moe section too
         raise UserError("export: PDE runs (model.name basis_mlp) are not exported; load the checkpoint with "
                         "dist-train run (checkpoint.resume) instead")
     torch.manual_seed(cfg.train.seed)

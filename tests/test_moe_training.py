@@ -92,3 +92,8 @@ def test_bad_input_is_one_line(tmp_path, override, needles) -> None:
     proc = cli(["run", str(CONFIG), *SMALL, f"run.dir={tmp_path}", "parallel.backend=none", override], cwd=tmp_path)
     assert_user_error(proc, *needles)
     assert not (tmp_path / "moe_pde").exists()
+
+
+def test_export_refuses_a_pde_run_in_one_line(runs) -> None:
+    proc = cli(["export", str(runs["two"])], cwd=runs["tmp"])
+    assert_user_error(proc, "export: PDE runs (model.name basis_mlp) are not exported")

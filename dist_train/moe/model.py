@@ -1,6 +1,6 @@
 """The PDE models: a basis network f_θ and the constraint that turns its N basis functions into u.
 
-f_θ (`BasisMLP`) is a small MLP applied at every grid point to [encode(u0), x, t] (a DeepONet-style
+f_θ (`models/basis.py`) is a small MLP applied at every grid point to [encode(u0), x, t] (a DeepONet-style
 basis: the initial condition enters through a learned linear encoding), giving b [B, nt, nx, N].
 
 - `constraint="hard"`: u = b·ω_k on each expert's block, ω_k solved per sample from the discretised
@@ -20,28 +20,10 @@ import torch
 from torch import nn
 
 from dist_train.data.pde import PDEGrid
+from dist_train.models.basis import BasisMLP
 from dist_train.moe.experts import ExpertLayer
 from dist_train.moe.hard_constraint import LMOptions
 from dist_train.moe.physics import physics_loss
-
-
-class BasisMLP(nn.Module):
-    def __init__(self, grid: PDEGrid, n_basis: int, width: int, n_layer: int, encoding: int = 32):
-        super().__init__()
-        self.encode = nn.Linear(grid.nx, encoding)
-        dims = [encoding + 2] + [width] * n_layer
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.Tanh()) for a, b in zip(dims, dims[1:]))
-        self.head = nn.Linear(width, n_basis)
-        tt, xx = torch.meshgrid(grid.t.float() / grid.t_end, grid.x.float(), indexing="ij")
-        self.register_buffer("coords", torch.stack([xx, tt], -1), persistent=False)  # [nt, nx, 2]
-
-    def forward(self, u0: torch.Tensor) -> torch.Tensor:
-        nt, nx, _ = self.coords.shape
-        code = self.encode(u0)[:, None, None, :].expand(-1, nt, nx, -1)
-        h = torch.cat([code, self.coords.expand(u0.shape[0], -1, -1, -1)], -1)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(h)  # [B, nt, nx, N]
 
 
 class PDEModel(nn.Module):

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 class Task(ABC):
     name: str = "base"
     generates_text: bool = False  # train.sample_tokens applies
+    exportable: bool = True  # `dist-train export` can rebuild the model from model.* and the data sizes
     meta_buildable: bool = True  # `plan` can build the model on the meta device (no memory, no compute)
 
     @abstractmethod

@@ -10,6 +10,7 @@ from dist_train.tasks.base import Task
 
 class PDESolving(Task):
     name = "pde"
+    exportable = False  # its model also needs the grid and the moe section
     meta_buildable = False  # the experts draw their constraint points when built
 
     def build_model(self, cfg_model, info, moe=None, group=None):
