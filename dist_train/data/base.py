@@ -66,3 +66,20 @@ class Dataset(ABC):
                             f"global batch (train.batch_size={global_batch})")
         return StepSampler(self.num_samples(split), global_batch,
                            seed if split == "train" else VAL_SEED, self.sampling)
+
+
+class InMemoryDataset(Dataset):
+    """A map-style data set held as tensors: `self._splits[split] = (inputs, targets)`, indexed by example."""
+
+    sampling = "epochs"
+    _splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def num_samples(self, split: Split) -> int:
+        check_split(split, self.info)
+        return len(self._splits[split][1])
+
+    def get_batch(self, split: Split, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_split(split, self.info)
+        inputs, targets = self._splits[split]
+        idx = indices.cpu().long()
+        return inputs[idx], targets[idx]

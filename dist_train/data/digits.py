@@ -5,21 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_train.data.base import DataInfo, Dataset, Split, check_split
+from dist_train.data.base import DataInfo, InMemoryDataset
 
 # The split never depends on train.seed: runs with different seeds are evaluated on the same
 # held-out images. RandomState's stream is frozen by NumPy, so the split is stable across versions.
 SPLIT_SEED = 0
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(InMemoryDataset):
     """Images float32 [1,8,8] in [0,1] and int64 labels 0..9; a fixed seeded train/val(/test) split.
 
     Validation is the first `val_fraction` of one seeded permutation, test (when `test_fraction`
     > 0) the next `test_fraction`, training the rest: asking for a test split leaves the
     validation images as they were and takes the test images from training."""
-
-    sampling = "epochs"
 
     def __init__(self, val_fraction: float, test_fraction: float = 0.0):
         from sklearn.datasets import load_digits  # lazy: sklearn is slow to import, LM runs skip it
@@ -40,13 +38,3 @@ class DigitsDataset(Dataset):
         }
         self.info = DataInfo(task="classify", vocab_size=None, input_shape=(1, 8, 8), num_classes=10,
                              train_size=n - n_val - n_test, val_size=n_val, test_size=n_test)
-
-    def num_samples(self, split: Split) -> int:
-        check_split(split, self.info)
-        return len(self._splits[split][1])
-
-    def get_batch(self, split: Split, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_split(split, self.info)
-        images, labels = self._splits[split]
-        idx = indices.cpu().long()
-        return images[idx], labels[idx]

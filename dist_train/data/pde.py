@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_train.data.base import DataInfo, Dataset, Split, check_split
+from dist_train.data.base import DataInfo, InMemoryDataset
 
 _CHUNK = 256  # initial conditions solved at once: bounds the float64 work arrays to a few tens of MB
 
@@ -159,7 +159,7 @@ def solve_reference(u0: torch.Tensor, grid: PDEGrid, refine_x: int = 2, substeps
     return out
 
 
-class PDEDataset(Dataset):
+class PDEDataset(InMemoryDataset):
     """(u0 float32 [nx], u float32 [nt, nx]) pairs of Fisher–KPP on `grid`; a fixed seeded split.
 
     The examples are i.i.d. draws from one generator seeded with `seed`, so the split needs no
@@ -167,8 +167,6 @@ class PDEDataset(Dataset):
     next `test_fraction`, training the rest; each requested split holds at least one example.
     512 examples at nx=128, nt=64 take about a second of one core to generate (the solver's
     matrix products dominate)."""
-
-    sampling = "epochs"
 
     def __init__(self, grid: PDEGrid, num_examples: int, seed: int, val_fraction: float,
                  test_fraction: float = 0.0):
@@ -187,13 +185,3 @@ class PDEDataset(Dataset):
         self._splits = {name: (u0[lo:hi], solution[lo:hi]) for name, (lo, hi) in bounds.items()}
         self.info = DataInfo(task="pde", grid=grid, vocab_size=None, input_shape=(grid.nx,), num_classes=None,
                              train_size=n - n_val - n_test, val_size=n_val, test_size=n_test)
-
-    def num_samples(self, split: Split) -> int:
-        check_split(split, self.info)
-        return len(self._splits[split][0])
-
-    def get_batch(self, split: Split, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_split(split, self.info)
-        u0, solution = self._splits[split]
-        idx = indices.cpu().long()
-        return u0[idx], solution[idx]
