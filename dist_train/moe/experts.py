@@ -105,8 +105,7 @@ class ExpertLayer(nn.Module):
     def forward(self, b: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
         n_local, n_basis = b.shape[0], b.shape[-1]
         if self.local:
-            solved = {k: self._solve(k, self._piece(b, u0, k), n_basis) for k in self.mine}
-            return self._assemble({k: u for k, u in solved.items()}, n_local)
+            return self._assemble({k: self._solve(k, self._piece(b, u0, k), n_basis) for k in self.mine}, n_local)
         # 1. basis blocks (+ halo) and initial values to the experts' owners
         pieces = [torch.cat([self._piece(b, u0, k) for k in self._owned_by(r)], 1).flatten()
                   if self._owned_by(r) else b.new_zeros(0) for r in range(self.world)]
