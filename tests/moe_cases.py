@@ -38,17 +38,22 @@ def loss_and_grads(m: PDEModel, u0: torch.Tensor, ref: torch.Tensor) -> tuple[fl
     return float(loss), {n: p.grad.clone() for n, p in m.named_parameters()}, u.detach()
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
-    """Each rank takes its slice of the batch; loss and gradients are averaged over ranks like DDP does."""
+def worker(rank: int, world: int, port: int, out: str, expert_parallel=None) -> None:
+    """Each rank takes its slice of the batch; loss and gradients are averaged over ranks like DDP does.
+    The experts are spread over this rank's expert group of the run's own mesh (`runtime/mesh.py`):
+    all ranks, or groups of `expert_parallel` ranks."""
+    from dist_train.runtime.mesh import build_mesh, expert_group
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = expert_group(build_mesh("cpu", world, 1), expert_parallel)
     u0, ref = batch()
     per = SAMPLES // world
     mine = slice(rank * per, (rank + 1) * per)
     results = {}
     for experts, splits in CASES:
-        m = model(experts, splits, group=dist.group.WORLD)
+        m = model(experts, splits, group=group)
         loss, grads, u = loss_and_grads(m, u0[mine], ref[mine])
         t = torch.tensor([loss])
         dist.all_reduce(t)
@@ -58,7 +63,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         us = [torch.empty_like(u) for _ in range(world)]
         dist.all_gather(us, u)
         results[(experts, splits)] = {"loss": float(t) / world, "grads": grads, "u": torch.cat(us),
-                                      "owned": list(m.experts.mine)}
+                                      "owned": list(m.experts.mine), "group": dist.get_process_group_ranks(group)}
     if rank == 0:
         torch.save(results, os.path.join(out, "results.pt"))
     dist.barrier()

@@ -96,22 +96,26 @@ def test_experts_beat_one_global_constraint_on_the_constrained_residual() -> Non
     assert res[4] < res[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ranks_match_all_experts_in_one_process(world, tmp_path) -> None:
-    mp.start_processes(mc.worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+@pytest.mark.parametrize("world,ep", [(2, None), (4, None), (4, 2)])
+def test_ranks_match_all_experts_in_one_process(world, ep, tmp_path) -> None:
+    # ep = 2 on 4 ranks: two expert groups {0, 1} and {2, 3} of the mesh's "ep" dimension, each with
+    # all K experts; the result must still be the one-process one.
+    mp.start_processes(mc.worker, args=(world, _free_port(), str(tmp_path), ep), nprocs=world, join=True,
                        start_method="spawn")
     got = torch.load(tmp_path / "results.pt", weights_only=False)
     u0, ref = mc.batch()
+    group = ep or world  # rank 0's expert group
     for case in mc.CASES:
         loss, grads, u = mc.loss_and_grads(mc.model(*case), u0, ref)
-        where = f"W={world} experts/time_splits={case}"
+        where = f"W={world} ep={group} experts/time_splits={case}"
+        assert got[case]["group"] == list(range(group)), where
         assert got[case]["loss"] == pytest.approx(loss, rel=RTOL), where
         torch.testing.assert_close(got[case]["u"], u, rtol=RTOL, atol=1e-10, msg=where)
         for name, g in grads.items():
             assert g.abs().max() > 0, f"{where}: {name} got no gradient"
             torch.testing.assert_close(got[case]["grads"][name], g, rtol=RTOL, atol=1e-10, msg=f"{where}: {name}")
-        if case[0] > 1:  # rank 0 owns experts 0, W, 2W, ...
-            assert got[case]["owned"] == list(range(0, case[0], world)), where
+        if case[0] > 1:  # rank 0 owns experts 0, ep, 2 ep, ...
+            assert got[case]["owned"] == list(range(0, case[0], group)), where
 
 
 def test_comparison_detects_a_different_placement_of_points(tmp_path) -> None:

@@ -45,6 +45,18 @@ def test_two_ranks_match_one_process(runs) -> None:
     assert two[-1]["loss"] != two[0]["loss"]
 
 
+@pytest.mark.slow
+def test_two_expert_groups_on_four_ranks_match_one_process(runs) -> None:
+    # The mesh's "ep" view through the real launcher: ranks {0, 1} and {2, 3} each hold all 4 experts.
+    four = _rows(_run(runs["tmp"], "groups", "moe.expert_parallel=2", nproc=4))
+    one = _rows(runs["one"])
+    assert [r["step"] for r in four] == [r["step"] for r in one]
+    for a, b in zip(four, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+    # every expert's solve time is the largest over all four ranks, both groups included
+    assert all(four[-1][f"expert{k}_solve_s"] > 0 for k in range(4))
+
+
 def test_metrics_report_error_residual_and_each_expert(runs) -> None:
     last = _rows(runs["two"])[-1]
     assert 0 < last["val_rel_l2"] < 1 and last["val_residual"] > 0
@@ -87,6 +99,7 @@ def test_baselines_train_in_the_same_code(runs, constraint) -> None:
     ("moe.experts=40", ["moe.experts: 40 sub-domains in space do not fit the 31 interior columns"]),
     ("moe.points=5000", ["moe.points: expert 0 would need 1250 residual points"]),
     ("moe.time_splits=3", ["moe.time_splits: 3 does not divide moe.experts=4"]),
+    ("moe.expert_parallel=2", ["moe.expert_parallel: expert groups of 2 ranks do not divide the 1 data-parallel"]),
     ("parallel.backend=fsdp", ["parallel.backend: the PDE task runs under ddp or none"]),
     ("parallel.stages=2", ["parallel.stages: the PDE task trains end to end"]),
     ("model.name=mlp", ["model.name: mlp needs an image data set"]),

@@ -9,7 +9,7 @@ from dist_train.errors import UserError
 def check_layout(cfg: Config, world_size: int) -> None:
     """Raise UserError naming the key when the config cannot run on `world_size` ranks."""
     if cfg.model.name == "basis_mlp":
-        _check_pde(cfg)
+        _check_pde(cfg, world_size)
     stages = cfg.parallel.stages
     if stages > 1:
         if stages > cfg.model.n_layer:
@@ -78,8 +78,12 @@ def check_layout(cfg: Config, world_size: int) -> None:
                         f"grad_accum ({dp} x {cfg.train.grad_accum} = {per_step})")
 
 
-def _check_pde(cfg: Config) -> None:
+def _check_pde(cfg: Config, world_size: int) -> None:
     """The PDE task trains end to end over ddp (or one process); its experts exchange inside forward."""
+    ep = cfg.moe.expert_parallel
+    if ep is not None and world_size % ep != 0:
+        raise UserError(f"moe.expert_parallel: expert groups of {ep} ranks do not divide the {world_size} "
+                        "data-parallel ranks")
     if cfg.parallel.stages != 1:
         raise UserError("parallel.stages: the PDE task trains end to end (its experts split the domain, not the model)")
     if cfg.parallel.backend not in ("ddp", "none"):

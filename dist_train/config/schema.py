@@ -111,7 +111,8 @@ class DataSection(_Strict):
 
 class MoESection(_Strict):
     constraint: Literal["hard", "soft"] = Field("hard", description="PDE models: hard constraint (u = b.omega, omega solved per sample by Levenberg-Marquardt on each expert's sub-domain) or soft constraint (omega learned; the PDE only in the loss).")
-    experts: int = Field(4, ge=1, description="Hard-constraint experts K, one per sub-domain, placed round-robin on the data-parallel ranks (several per rank allowed); 1 = one global constraint.")
+    experts: int = Field(4, ge=1, description="Hard-constraint experts K, one per sub-domain, placed round-robin on the ranks of each expert group (several per rank allowed); 1 = one global constraint.")
+    expert_parallel: Optional[int] = Field(None, ge=1, description="Ranks per expert group (the device mesh's 'ep' dimension): the data-parallel ranks form dp / ep groups of ep neighbouring ranks, each holding all K experts and exchanging basis values and solutions only inside the group; must divide the data-parallel size. null: one group of every data-parallel rank.")
     time_splits: int = Field(1, ge=1, description="Split time as well as space: experts = time_splits x space bands (must divide moe.experts).")
     points: int = Field(1024, ge=1, description="PDE residual points m sampled over the whole grid (m / K per expert), besides every initial and boundary point.")
     basis: int = Field(32, ge=1, description="Basis functions N produced by the basis network.")

@@ -55,9 +55,12 @@ class ExpertLayer(nn.Module):
     """u [B_local, nt, nx] from basis values b [B_local, nt, nx, N] and initial values u0 [B_local, nx]."""
 
     def __init__(self, grid: PDEGrid, experts: int, points: int, time_splits: int = 1,
-                 options: Optional[LMOptions] = None, group=None, seed: int = 0):
+                 options: Optional[LMOptions] = None, group=None, seed: int = 0, replicas=None):
+        """`group`: the expert group the experts are spread over (None: all in this process);
+        `replicas`: every data-parallel rank, over which `stats` takes its maxima (default: `group`)."""
         super().__init__()
         self.grid, self.group, self.options = grid, group, options or LMOptions()
+        self.replicas = replicas if replicas is not None else group
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.subs = decompose(grid, experts, time_splits)
@@ -145,7 +148,7 @@ class ExpertLayer(nn.Module):
         return torch.cat([torch.cat(row, 2) for _, row in sorted(bands.items())], 1)
 
     def stats(self) -> dict[str, float]:
-        """Figures of the latest forward, the largest over the ranks (collective over the expert group):
+        """Figures of the latest forward, the largest over the ranks (collective over `replicas`):
         each expert's solve time (with K = 1, the slowest rank's), LM iterations, the stationarity
         residual ‖∇L‖∞ at the solution, and the most fallbacks / unconverged samples / experts skipped
         for non-finite basis values on one rank."""
@@ -153,8 +156,8 @@ class ExpertLayer(nn.Module):
         figures = [max((f[key] for f in self.last.values()), default=0.0) for key in keys]
         times = [self.last[k]["solve_s"] if k in self.last else 0.0 for k in range(len(self.subs))]
         vector = torch.tensor(times + figures, dtype=torch.float64)
-        if self.group is not None:
-            dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self.group)
+        if self.replicas is not None:
+            dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self.replicas)
         values = vector.tolist()
         out = {f"expert{k}_solve_s": values[k] for k in range(len(self.subs))}
         out.update(zip(("lm_iterations", "constraint_grad_norm", "lm_unconverged", "lm_fallbacks",

@@ -3,9 +3,12 @@
 - "stage": local-learning stages (size 1 for end-to-end backprop). Ranks [k*dp, (k+1)*dp) hold stage k.
 - "dp": the data-parallel replicas of a stage. DDP, FSDP2, DeepSpeed and FairScale replicate or shard
   over this dimension; Muon's owner ranks are chosen along it.
-- experts: the hard-constraint experts of the PDE task are placed over the "dp" ranks (expert
-  parallelism borrowing the data-parallel dimension, as torchtitan forms its EP group from dp):
-  every rank feeds its samples' basis values to the experts' owners and gets their solutions back.
+- "ep" (the PDE task's hard-constraint experts): the same ranks viewed as ("stage", "edp", "ep"),
+  the dp dimension unflattened into `dp / ep` expert groups of `ep` neighbouring ranks
+  (`moe.expert_parallel`; default ep = dp). Each expert group holds all K experts and exchanges
+  basis values and solutions only inside itself; "edp" counts the groups, which share nothing but
+  the basis network's gradients, still averaged over the whole dp dimension. This is how torchtitan
+  forms its expert-parallel dimension: a view of the data-parallel ranks, not extra ranks.
 
 Building it in one place replaces the 1-D mesh and the separate stage x dp mesh that the BP loop and
 the pipeline each used to build.
@@ -16,6 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 MESH_DIMS = ("stage", "dp")
+EXPERT_DIMS = ("stage", "edp", "ep")
 
 
 def build_mesh(device_type: str, world_size: int, stages: int):
@@ -30,6 +34,29 @@ def dp_mesh(mesh) -> Optional[object]:
     return mesh["dp"] if mesh is not None else None
 
 
-def expert_group(mesh) -> Optional[object]:
-    """The process group the experts are spread over (the dp row), or None in a single process."""
+def replica_group(mesh) -> Optional[object]:
+    """The process group of this rank's dp row, or None when it is the only replica."""
     return mesh["dp"].get_group() if mesh is not None and mesh["dp"].size() > 1 else None
+
+
+def expert_degree(expert_parallel: Optional[int], dp: int) -> int:
+    """Ranks per expert group: `moe.expert_parallel`, or every data-parallel rank when it is unset."""
+    return dp if expert_parallel is None else expert_parallel
+
+
+def expert_mesh(mesh, expert_parallel: Optional[int]):
+    """The run's mesh viewed as ("stage", "edp", "ep"). Collective: every rank calls it (it creates
+    the process groups of the two new dimensions)."""
+    dp = mesh["dp"].size()
+    ep = expert_degree(expert_parallel, dp)
+    # `_unflatten` is private but is the API torchtitan builds its expert-parallel view with; it keeps
+    # the rank layout of the root mesh, so "ep" groups are runs of neighbouring dp ranks.
+    return mesh._unflatten("dp", (dp // ep, ep), EXPERT_DIMS[1:])
+
+
+def expert_group(mesh, expert_parallel: Optional[int] = None) -> Optional[object]:
+    """The process group this rank's expert group exchanges over (its "ep" row), or None when the
+    experts all live in this process (no mesh, or ep = 1)."""
+    if mesh is None or expert_degree(expert_parallel, mesh["dp"].size()) == 1:
+        return None
+    return expert_mesh(mesh, expert_parallel)["ep"].get_group()

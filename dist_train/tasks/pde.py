@@ -13,9 +13,10 @@ class PDESolving(Task):
     exportable = False  # its model also needs the grid and the moe section
     meta_buildable = False  # the experts draw their constraint points when built
 
-    def build_model(self, cfg_model, info, moe=None, group=None):
+    def build_model(self, cfg_model, info, moe=None, group=None, replicas=None):
         """`moe`: the config's moe section (defaults when None); `group`: the process group the experts
-        are spread over (None: every expert in this process)."""
+        are spread over, this rank's expert group (None: every expert in this process); `replicas`:
+        every data-parallel rank, over which the solver figures are maximised (default: `group`)."""
         from dist_train.config.schema import MoESection
         from dist_train.moe.hard_constraint import LMOptions
         from dist_train.moe.model import PDEModel
@@ -26,12 +27,13 @@ class PDESolving(Task):
         options = LMOptions(max_iter=moe.lm_max_iter, tol=moe.lm_tol, ridge=moe.ridge)
         return PDEModel(info.grid, moe.basis, cfg_model.width, cfg_model.n_layer, moe.constraint,
                         experts=moe.experts, points=moe.points, time_splits=moe.time_splits, loss=moe.loss,
-                        options=options, group=group)
+                        options=options, group=group, replicas=replicas)
 
     def build_for_run(self, cfg, info, mesh):
-        from dist_train.runtime.mesh import expert_group
+        from dist_train.runtime.mesh import expert_group, replica_group
 
-        return self.build_model(cfg.model, info, cfg.moe, expert_group(mesh))
+        return self.build_model(cfg.model, info, cfg.moe, expert_group(mesh, cfg.moe.expert_parallel),
+                                replica_group(mesh))
 
     def num_outputs(self, info) -> int:
         return 0  # no vocabulary or class head (Muon users route basis.head with optim.matrix.adamw_params)
@@ -47,17 +49,20 @@ class PDESolving(Task):
 
     def plan_rows(self, cfg, model, dp):
         from dist_train.moe.domain import owner_of
+        from dist_train.runtime.mesh import expert_degree
 
         moe, grid = cfg.moe, model.grid
         if moe.constraint == "soft":
             return [("moe", f"soft constraint: u = b.w with w learned, {moe.basis} basis functions, "
                             f"grid {grid.nt} x {grid.nx}; physics only in the loss")]
-        subs = model.experts.subs
-        if moe.experts == 1 or dp == 1:
-            where = "every rank solves its own samples" if moe.experts == 1 else "all in this process"
+        subs, ep = model.experts.subs, expert_degree(moe.expert_parallel, dp)
+        if moe.experts == 1 or ep == 1:
+            where = "every rank solves its own samples" if moe.experts == 1 else "all in each rank's process"
         else:
-            where = "; ".join(f"rank {r}: experts {[k for k in range(len(subs)) if owner_of(k, dp) == r]}"
-                              for r in range(min(dp, len(subs))))
+            groups = f"{dp // ep} expert groups of {ep} ranks, by rank in its group: " if ep < dp else ""
+            where = groups + "; ".join(
+                f"rank {r}: experts {[k for k in range(len(subs)) if owner_of(k, ep) == r]}"
+                for r in range(min(ep, len(subs))))
         blocks = ", ".join(f"{s.t1 - s.t0}x{s.x1 - s.x0}" for s in subs)
         return [("moe", f"hard constraint, {moe.experts} expert(s) ({where}); blocks {blocks} of the "
                         f"{grid.nt} x {grid.nx} grid; m = {moe.points} residual points "
