@@ -75,6 +75,25 @@ def test_clipped_sum_matches_loop_over_micro_batches():
     keeper.detach()
 
 
+def test_norms_are_taken_during_backward_and_complete_layers_let_go():
+    """What the memory saving rests on: once backward has run, every layer's per-example norms are
+    there; the norm layers (instantiated, small) already dropped their kept a and g; the linears on
+    the ghost path (T = 8: 2T^2 < p d) still hold them for the clipped sum."""
+    model = _tiny_gpt()
+    keeper = BookKeeper(model, 1.0)
+    x, y = torch.randint(0, 40, (4, 8)), torch.randint(0, 40, (4, 8))
+    (model.loss(model(x), y) * 4).backward()
+    layers = {layer.name: layer for layer in keeper.layers}
+    assert all(layer.sq is not None and layer.sq.shape == (4,) for layer in layers.values())
+    norm_layers = [layer for layer in layers.values() if isinstance(layer.module, nn.LayerNorm)]
+    assert norm_layers and all(layer.a is None and layer.g is None for layer in norm_layers)
+    ghost = [layer for layer in layers.values() if isinstance(layer.module, nn.Linear) and layer.module.out_features > 8]
+    assert ghost and all(layer.a is not None and layer.g is not None for layer in ghost)
+    keeper.accumulate(4)
+    assert all(layer.a is None and layer.g is None and layer.sq is None for layer in keeper.layers)
+    keeper.detach()
+
+
 def test_validator_refuses_tied_weights_and_batchnorm():
     tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
     tied[1].weight = tied[0].weight

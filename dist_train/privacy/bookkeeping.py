@@ -6,8 +6,12 @@
   examples;
 - the layer's parameters are frozen for autograd (`requires_grad=False`), so backward computes only
   the activation gradients: the weight-gradient GEMMs of ordinary backprop are not run at all;
-- after backward, each layer's rule (`dist_train.privacy.layers`) gives the per-example squared
-  norms (ghost norms or instantiated, by the hybrid rule), summed over layers into ||g_i||; the
+- each layer's rule (`dist_train.privacy.layers`) gives the per-example squared norms (ghost norms
+  or instantiated, by the hybrid rule) as soon as its output gradient arrives, while backward goes
+  on: the rule's temporaries are freed at once, and a layer whose per-example gradients are then
+  all instantiated (norm layers, small linears) drops its kept a and g right away instead of
+  holding them to the end of backward (a rule that reads parameter values, the torch.func
+  fallback, waits until after backward). Summed over layers they give ||g_i||; the
   factors f_i = min(1, C / (||g_i|| + 1e-6)) (flat clipping over all parameters) then weight the
   clipped sum sum_i f_i grad_i that each rule builds directly from (a, g) — no per-example gradient
   of a whole model is ever stored, and there is no second backward pass (plain ghost clipping,
@@ -29,7 +33,7 @@ import torch
 from torch import nn
 
 from dist_train.errors import UserError
-from dist_train.privacy.layers import DP_TRAINABLE, FuncRule, LayerRule, rule_for
+from dist_train.privacy.layers import DP_TRAINABLE, FuncRule, LayerRule, rule_for, trainable_names
 
 CLIP_EPS = 1e-6  # f_i = min(1, C / (||g_i|| + 1e-6)), as the spec (and Opacus) define it
 
@@ -43,6 +47,8 @@ class _Layer:
     a: Optional[torch.Tensor] = None
     g: Optional[torch.Tensor] = None
     cache: Any = None
+    sq: Optional[torch.Tensor] = None  # per-example squared norms [B], once computed
+    rows: int = 0  # the batch dimension of the captured output gradient
     hooks: list = field(default_factory=list)
 
 
@@ -113,7 +119,7 @@ class BookKeeper:
             for p in layer.params.values():
                 p.requires_grad_(True)
                 delattr(p, DP_TRAINABLE)
-            layer.a = layer.g = layer.cache = None
+            layer.a = layer.g = layer.cache = layer.sq = None
 
     @contextlib.contextmanager
     def trainable(self) -> Iterator[None]:
@@ -144,7 +150,16 @@ class BookKeeper:
                 output = replaced = output.detach().requires_grad_(True)
 
             def keep(g: torch.Tensor) -> None:
-                layer.g = g.detach()
+                layer.g, layer.rows = g.detach(), g.size(0)
+                # Not when a backend has swapped the layer's parameters for others (FSDP2 holds unsharded
+                # copies during backward, which the rules may not see as trainable), nor for an empty
+                # micro-batch (`accumulate(0)` drops it), nor when the shapes are wrong (`_captured` then
+                # names the problem): those wait until after backward.
+                if (layer.rule.eager and 0 < layer.rows == layer.a.size(0)
+                        and trainable_names(layer.module) == layer.params.keys()):
+                    layer.sq, layer.cache = layer.rule.norms(layer.module, layer.a, layer.g)
+                    if layer.rule.complete(layer.module, layer.cache):
+                        layer.a = layer.g = None  # the cache holds all the clipped sum needs
 
             output.register_hook(keep)
             return replaced
@@ -155,6 +170,13 @@ class BookKeeper:
     def _captured(self, batch: int) -> list[_Layer]:
         used = []
         for layer in self.layers:
+            if layer.sq is not None:  # its norms were taken during backward
+                if layer.rows != batch:
+                    raise UserError(f"privacy: layer {layer.name} sees a tensor without the batch dimension "
+                                    f"(output gradient with {layer.rows} rows, batch {batch}); "
+                                    "per-example clipping needs per-example activations")
+                used.append(layer)
+                continue
             if layer.a is None:
                 continue
             if layer.g is None:  # ran, but its output did not reach the loss
@@ -170,11 +192,13 @@ class BookKeeper:
     def norms(self, batch: int) -> torch.Tensor:
         """Per-example gradient norms ||g_i|| over all trainable parameters, fp32 [batch]."""
         layers = self._captured(batch)
-        device = layers[0].a.device if layers else torch.device("cpu")
+        first = layers[0] if layers else None
+        device = (first.sq if first.sq is not None else first.a).device if first else torch.device("cpu")
         sq = torch.zeros(batch, dtype=torch.float32, device=device)
         for layer in layers:
-            n, layer.cache = layer.rule.norms(layer.module, layer.a, layer.g)
-            sq += n
+            if layer.sq is None:
+                layer.sq, layer.cache = layer.rule.norms(layer.module, layer.a, layer.g)
+            sq += layer.sq
         return sq.sqrt()
 
     def accumulate(self, batch: int) -> torch.Tensor:
@@ -186,7 +210,7 @@ class BookKeeper:
         norms = self.norms(batch)
         factors = (self.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
         for layer in self.layers:
-            if layer.a is None:
+            if layer.sq is None:  # did not take part in this micro-batch
                 continue
             for pname, s in layer.rule.clipped_sum(layer.module, layer.a, layer.g, factors, layer.cache).items():
                 p = layer.params[pname]
@@ -194,7 +218,7 @@ class BookKeeper:
                     self._sums[p] += s
                 else:
                     self._sums[p] = s.detach().clone()
-            layer.a = layer.g = layer.cache = None
+            layer.a = layer.g = layer.cache = layer.sq = None
         self.examples += batch
         self.clipped += int((norms > self.max_grad_norm).sum())
         self.norm_sum += float(norms.sum())
@@ -203,7 +227,7 @@ class BookKeeper:
     def clear(self) -> None:
         """Drop captures of a forward that will not be backpropagated (e.g. an aborted step)."""
         for layer in self.layers:
-            layer.a = layer.g = layer.cache = None
+            layer.a = layer.g = layer.cache = layer.sq = None
 
     def take(self) -> list[torch.Tensor]:
         """The clipped sums in `self.params` order (zeros for parameters no example touched this

@@ -55,6 +55,11 @@ def _trainable(layer: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in layer.named_parameters(recurse=False) if p.requires_grad or getattr(p, DP_TRAINABLE, False)}
 
 
+def trainable_names(layer: nn.Module):
+    """The names of the parameters the rules treat as trainable on `layer` right now."""
+    return _trainable(layer).keys()
+
+
 def _f32(t: Tensor) -> Tensor:
     """Cast floating tensors up to fp32 (fp64 stays fp64); integer tensors unchanged."""
     if t.is_floating_point() and t.dtype != torch.float64:
@@ -85,6 +90,15 @@ class LayerRule:
     The cache returned by `norms` is a dict {param_name: fp32 per-example grad [B, *shape]} for the
     parameters that were instantiated (absent for those on a ghost path); `clipped_sum` accepts
     `cache=None` and then recomputes what it needs."""
+
+    # True: `norms` reads only (a, g) and the layer's configuration, never parameter values, so the
+    # book-keeper may call it inside backward, as soon as the layer's output gradient arrives.
+    eager = True
+
+    def complete(self, layer: nn.Module, cache: object) -> bool:
+        """Whether `cache` holds every trainable parameter's per-example gradient, so that
+        `clipped_sum` needs neither a nor g."""
+        return isinstance(cache, dict) and all(n in cache for n in _trainable(layer))
 
     def norms(self, layer: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, object]:
         """Per-example squared norm of this layer's trainable parameters' gradient, fp32, shape [B],
@@ -133,6 +147,8 @@ class FuncRule(LayerRule):
     cache then reuses for the clipped sum. Floating inputs, cotangents and the trainable parameters
     are cast up to fp32 first. The layer's forward hooks are not fired; a forward that uses
     randomness (dropout) is rejected by vmap."""
+
+    eager = False  # it reads the parameter values, which a sharded backend may only hold after backward
 
     def instantiate(self, layer, a, g):
         params = _trainable(layer)
@@ -204,8 +220,8 @@ class LinearRule(LayerRule):
         if not params:
             return {}
         cache = cache if isinstance(cache, dict) else {}
-        A, G = self.operands(layer, a, g)
-        p_out = G.size(2)
+        # a and g are gone when the cache is complete (the book-keeper freed them in backward)
+        A, G = (None, None) if self.complete(layer, cache) else self.operands(layer, a, g)
         res: dict[str, Tensor] = {}
         if "weight" in params:
             w = params["weight"]
@@ -213,7 +229,7 @@ class LinearRule(LayerRule):
                 s = _weighted_sum(factors, cache["weight"])
             else:  # book-keeping: one matmul over the scaled output gradients
                 f = factors.to(G.dtype).reshape(-1, 1, 1)
-                s = (G * f).reshape(-1, p_out).t() @ A.reshape(-1, A.size(2))
+                s = (G * f).reshape(-1, G.size(2)).t() @ A.reshape(-1, A.size(2))
             res["weight"] = s.reshape(w.shape).to(w.dtype)
         if "bias" in params:
             bias = params["bias"]
@@ -367,10 +383,8 @@ class LayerNormRule(LayerRule):
     normalized_shape). Always instantiated."""
 
     def _xhat(self, layer: nn.Module, a: Tensor) -> Tensor:
-        x = _f32(a)
-        dims = tuple(range(-len(layer.normalized_shape), 0))
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + layer.eps)
+        # the affine-free layer_norm is this formula; on CPU it is ~9x faster than var_mean + arithmetic
+        return F.layer_norm(_f32(a), tuple(layer.normalized_shape), eps=layer.eps)
 
     def instantiate(self, layer, a, g):
         params = _trainable(layer)
@@ -392,9 +406,7 @@ class RMSNormRule(LayerNormRule):
 
     def _xhat(self, layer, a):
         eps = layer.eps if layer.eps is not None else torch.finfo(a.dtype).eps
-        x = _f32(a)
-        dims = tuple(range(-len(layer.normalized_shape), 0))
-        return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return F.rms_norm(_f32(a), tuple(layer.normalized_shape), eps=eps)  # affine-free: the formula above
 
 
 class GroupNormRule(LayerRule):
