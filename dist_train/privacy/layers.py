@@ -209,7 +209,7 @@ class LinearRule(LayerRule):
             else:
                 aa = torch.bmm(A, A.transpose(1, 2))  # [B, T, T]
                 gg = torch.bmm(G, G.transpose(1, 2))
-                out += (aa * gg).sum((1, 2)).float()
+                out += torch.linalg.vecdot(aa.reshape(b, -1), gg.reshape(b, -1)).float()
         if "bias" in params:
             cache["bias"] = G.sum(1)
             out += cache["bias"].pow(2).sum(1).float()
@@ -227,9 +227,10 @@ class LinearRule(LayerRule):
             w = params["weight"]
             if "weight" in cache:
                 s = _weighted_sum(factors, cache["weight"])
-            else:  # book-keeping: one matmul over the scaled output gradients
+            else:  # book-keeping: one matmul, with the factors on the narrower of the two operands
                 f = factors.to(G.dtype).reshape(-1, 1, 1)
-                s = (G * f).reshape(-1, G.size(2)).t() @ A.reshape(-1, A.size(2))
+                Gf, Af = (G * f, A) if G.size(2) <= A.size(2) else (G, A * f)
+                s = Gf.reshape(-1, G.size(2)).t() @ Af.reshape(-1, A.size(2))
             res["weight"] = s.reshape(w.shape).to(w.dtype)
         if "bias" in params:
             bias = params["bias"]

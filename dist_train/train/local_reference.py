@@ -16,6 +16,7 @@ from dist_train.optim import lr_at, optimizer_spec, set_lr
 from dist_train.local.build import build_stage
 from dist_train.local.methods.man import MANStage, ema_schedule, flat_block_weights
 from dist_train.models.sampling import decode, next_token, prompt_ids
+from dist_train.tasks import get_task
 
 
 def local_reference(cfg, data=None) -> dict[str, Any]:
@@ -84,23 +85,17 @@ def local_reference(cfg, data=None) -> dict[str, Any]:
                 mean = torch.stack([u for u in shared_u]).mean(0)
                 for u in shared_u:
                     u.copy_(mean)
-    classify = parts[-1][0].info.task == "classify"
+    task = get_task(parts[-1][0].info.task)
     trainers = [t for t, _ in parts]
     with torch.no_grad():
         for trainer in trainers:
             trainer.eval()
         val_sampler = data.sampler("val", 0, cfg.train.batch_size)
         val = [val_sampler.next_indices(0, 1) for _ in range(cfg.train.eval_batches)]
-        loss, acc = _evaluate(trainers, independent, data, "val", val)
-        out = {"losses": losses, "val_loss": loss}
-        if classify:
-            out["val_acc"] = acc
+        out = {"losses": losses, **_evaluate(trainers, task, data, "val", val)}
         if data.info.test_size:
-            loss, acc = _evaluate(trainers, independent, data, "test", _test_batches(cfg, data))
-            out["test_loss"] = loss
-            if classify:
-                out["test_acc"] = acc
-        if cfg.train.sample_tokens and not classify:
+            out.update(_evaluate(trainers, task, data, "test", _test_batches(cfg, data)))
+        if cfg.train.sample_tokens and task.generates_text:
             out["sample"] = _sample(trainers, independent, cfg, data)
     return out
 
@@ -114,11 +109,13 @@ def _test_batches(cfg, data) -> list[torch.Tensor]:
     return [sampler.next_indices(0, 1) for _ in range(cfg.train.eval_batches)]
 
 
-def _evaluate(trainers, independent: bool, data, split: str, batches: list[torch.Tensor]) -> tuple[float, float]:
-    """(loss, accuracy) of the main path on `batches` of `split`. Validation (equal batches) is the
+def _evaluate(trainers, task, data, split: str, batches: list[torch.Tensor]) -> dict[str, float]:
+    """`{split}_loss` and the task's own metrics (`{split}_acc` for classifiers) of the main path on
+    `batches` of `split`, as the pipeline's evaluator names them. Validation (equal batches) is the
     mean of the per-batch means, as the trainers compute it; an unequal last batch (the test split
     walked in order) is weighted by its size, so the figures are per example."""
-    loss_sum, correct, weight = 0.0, 0.0, 0.0
+    sums: dict[str, float] = {}
+    loss_sum, weight = 0.0, 0.0
     equal = split == "val"
     for idx in batches:
         x, y = data.get_batch(split, idx)
@@ -127,10 +124,10 @@ def _evaluate(trainers, independent: bool, data, split: str, batches: list[torch
             h = trainer(x=x if trainer.reads_data else None, received=h)
         w = 1.0 if equal else float(len(idx))
         loss_sum += w * float(cross_entropy(h.float(), y))
-        if h.dim() == 2:  # classifier logits [B, C]; accuracy is meaningless for LM logits
-            correct += w * float((h.argmax(-1) == y).float().mean())
+        for key, value in task.eval_sums(h, y, trainers[-1]).items():
+            sums[key] = sums.get(key, 0.0) + w * value
         weight += w
-    return loss_sum / weight, correct / weight
+    return {f"{split}_loss": loss_sum / weight, **{f"{split}_{k}": v / weight for k, v in sums.items()}}
 
 
 def _sample(trainers, independent: bool, cfg, data) -> str:
