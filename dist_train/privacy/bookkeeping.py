@@ -192,12 +192,11 @@ class BookKeeper:
     def norms(self, batch: int) -> torch.Tensor:
         """Per-example gradient norms ||g_i|| over all trainable parameters, fp32 [batch]."""
         layers = self._captured(batch)
-        first = layers[0] if layers else None
-        device = (first.sq if first.sq is not None else first.a).device if first else torch.device("cpu")
-        sq = torch.zeros(batch, dtype=torch.float32, device=device)
-        for layer in layers:
+        for layer in layers:  # those not taken during backward
             if layer.sq is None:
                 layer.sq, layer.cache = layer.rule.norms(layer.module, layer.a, layer.g)
+        sq = torch.zeros(batch, dtype=torch.float32, device=layers[0].sq.device if layers else torch.device("cpu"))
+        for layer in layers:
             sq += layer.sq
         return sq.sqrt()
 

@@ -57,6 +57,11 @@ def expert_mesh(mesh, expert_parallel: Optional[int]):
 def expert_group(mesh, expert_parallel: Optional[int] = None) -> Optional[object]:
     """The process group this rank's expert group exchanges over (its "ep" row), or None when the
     experts all live in this process (no mesh, or ep = 1)."""
-    if mesh is None or expert_degree(expert_parallel, mesh["dp"].size()) == 1:
+    if mesh is None:
         return None
+    ep = expert_degree(expert_parallel, mesh["dp"].size())
+    if ep == 1:
+        return None
+    if ep == mesh["dp"].size():  # one group of the whole dp row: its group exists, build no other
+        return replica_group(mesh)
     return expert_mesh(mesh, expert_parallel)["ep"].get_group()
