@@ -100,8 +100,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = Path(cfg.run.dir) / cfg.run.name
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
         val += f", val acc {last['val_acc']:.3f}" if "val_acc" in last else ""
-        print(f"done: step {last['step']}, loss {last['loss']:.4f}{val}, "
-              f"{last['samples_per_s']:.1f} samples/s; run dir {run_dir}")
+        if "step" in last:
+            print(f"done: step {last['step']}, loss {last['loss']:.4f}{val}, "
+                  f"{last['samples_per_s']:.1f} samples/s; run dir {run_dir}")
+        else:  # resumed a run that had already reached train.steps (e.g. `make demo` a second time)
+            print(f"done: {run_dir} had already reached train.steps={cfg.train.steps}; nothing was trained "
+                  "(raise train.steps or pick another run.name)")
         if "energy_summary" in last:
             print(last["energy_summary"])
         if "sample" in last:

@@ -196,3 +196,17 @@ def test_resume_from_nonexistent_path_leaves_run_untouched(trained: dict[str, Pa
     proc = cli([*_train_args("run", tiny_config, runs, 8), "checkpoint.resume=/nonexistent"], cwd=tmp_path)
     assert_user_error(proc, "checkpoint.resume", "/nonexistent")
     assert snapshot(runs) == before
+
+
+def test_running_a_finished_run_again_says_so_in_one_line(tmp_path) -> None:
+    # `make demo` twice: the second launch resumes a run already at train.steps and trains nothing.
+    args = ["run", "quickstart.yaml", f"run.dir={tmp_path}", "run.name=done", "parallel.backend=none",
+            "parallel.stages=1", "model.n_layer=1", "model.width=16", "model.n_head=2", "model.block_size=8",
+            "data.max_bytes=50000", "train.steps=2", "train.batch_size=4", "train.eval_batches=1",
+            "train.sample_tokens=0", "telemetry.tensorboard=false", "checkpoint.at_end=true"]
+    first = cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Traceback" not in again.stderr
+    assert "had already reached train.steps=2; nothing was trained" in again.stdout
