@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from dist_train.bench.muon_convergence import OPTIMIZERS, SIZES, convergence, steps_to_loss, summarize
+from dist_train.bench.muon_convergence import OPTIMIZERS, SIZES, convergence, run_overrides, steps_to_loss, summarize
 
 TARGET_NAMES = ["normuon_steps_to_adamw_loss_ratio", "normuon_minus_muon_final_val_loss"]
 
@@ -34,7 +34,8 @@ def _runs(optimizer: str, lr: float, curves: list[list[float]]) -> list[dict]:
 
 def test_summary_and_targets_on_hand_computed_curves() -> None:
     size = {**SIZES["smoke"], "steps": 40,
-            "grids": {"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.05], "normuon": [1e-3, 3e-3, 1e-2]}}
+            "grids": {"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.05], "normuon": [1e-3, 3e-3, 1e-2],
+                      "normuon_paper": [1e-3, 3e-3, 1e-2]}}
     runs = [
         # AdamW: best lr 3e-3 (mean final 2.0), the others end higher.
         *_runs("adamw", 1e-3, [[4.0, 3.5, 3.0, 2.5], [4.0, 3.5, 3.0, 2.7]]),
@@ -48,11 +49,15 @@ def test_summary_and_targets_on_hand_computed_curves() -> None:
         *_runs("normuon", 1e-3, [[3.6, 3.1, 2.8, 2.6], [3.6, 3.1, 2.8, 2.6]]),
         *_runs("normuon", 3e-3, [[3.2, 2.5, 1.9, 1.8], [3.2, 2.7, 1.9, 1.8]]),
         *_runs("normuon", 1e-2, [[3.1, 2.6, 2.0, 1.85], [3.1, 2.6, 2.0, 1.85]]),
+        # NorMuon without Nesterov: reported only; ending far below Muon must not move either target.
+        *_runs("normuon_paper", 1e-3, [[3.0, 2.0, 1.5, 1.0], [3.0, 2.0, 1.5, 1.0]]),
+        *_runs("normuon_paper", 1e-2, [[3.0, 2.5, 2.0, 1.9], [3.0, 2.5, 2.0, 1.9]]),
     ]
     rows, targets = summarize(size, runs)
     by = {r["optimizer"]: r for r in rows}
     assert [r["optimizer"] for r in rows] == list(OPTIMIZERS)
     assert (by["adamw"]["lr"], by["muon"]["lr"], by["normuon"]["lr"]) == (3e-3, 0.05, 3e-3)
+    assert by["normuon_paper"]["lr"] == 1e-3 and by["normuon_paper"]["val_loss"] == pytest.approx(1.0)
     assert by["adamw"]["val_loss"] == pytest.approx(2.0)
     assert by["adamw"]["val_sd"] == pytest.approx(math.sqrt(0.02))
     assert by["adamw"]["bracketed"] and by["normuon"]["bracketed"] and not by["muon"]["bracketed"]
@@ -73,7 +78,8 @@ def test_never_reaching_adamw_loss_leaves_the_target_unmet() -> None:
     size = {**SIZES["smoke"], "steps": 20}
     runs = [*_runs("adamw", 1e-3, [[3.0, 2.0]]), *_runs("adamw", 1e-2, [[3.0, 2.5]]),
             *_runs("muon", 0.01, [[3.0, 2.4]]), *_runs("muon", 0.05, [[3.0, 2.6]]),
-            *_runs("normuon", 1e-3, [[3.0, 2.2]]), *_runs("normuon", 1e-2, [[3.0, 2.3]])]
+            *_runs("normuon", 1e-3, [[3.0, 2.2]]), *_runs("normuon", 1e-2, [[3.0, 2.3]]),
+            *_runs("normuon_paper", 1e-3, [[3.0, 1.9]]), *_runs("normuon_paper", 1e-2, [[3.0, 2.3]])]
     rows, targets = summarize(size, runs)
     assert rows[2]["steps_to_adamw_loss"] is None
     assert targets[0]["value"] is None and targets[0]["met"] is False
@@ -104,3 +110,17 @@ def test_smoke_run_reports_both_targets(monkeypatch) -> None:
     assert [t["metric"] for t in targets] == TARGET_NAMES
     for t in targets:
         assert t["op"] == "<=" and t["met"] is (t["value"] is not None and t["value"] <= t["target"])
+
+
+def test_the_two_normuon_arms_differ_only_in_nesterov() -> None:
+    """The target's NorMuon takes Nesterov momentum like Muon; the paper arm is Algorithm 1 as written.
+    Everything else in the two runs' overrides is the same."""
+    size = SIZES["full"]
+    arm = run_overrides(size, "normuon", 1e-2)
+    paper = run_overrides(size, "normuon_paper", 1e-2)
+    assert "optim.name=normuon" in arm and "optim.matrix.nesterov=true" in arm
+    assert "optim.matrix.nesterov=false" in paper
+    assert sorted(set(arm) ^ set(paper)) == ["optim.matrix.nesterov=false", "optim.matrix.nesterov=true"]
+    muon = run_overrides(size, "muon", 1e-2)
+    assert "optim.name=muon" in muon and [o for o in muon if o.startswith("optim.matrix.adamw_lr")] == [
+        o for o in arm if o.startswith("optim.matrix.adamw_lr")]
