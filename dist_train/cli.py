@@ -101,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
         val += f", val acc {last['val_acc']:.3f}" if "val_acc" in last else ""
         if "step" in last:
-            print(f"done: step {last['step']}, loss {last['loss']:.4f}{val}, "
+            loss = "-" if last.get("loss") is None else f"{last['loss']:.4f}"  # '-': the window's steps were dropped
+            print(f"done: step {last['step']}, loss {loss}{val}, "
                   f"{last['samples_per_s']:.1f} samples/s; run dir {run_dir}")
         else:  # resumed a run that had already reached train.steps (e.g. `make demo` a second time)
             print(f"done: {run_dir} had already reached train.steps={cfg.train.steps}; nothing was trained "

@@ -267,9 +267,11 @@ def nonfinite(config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             "single_clean": pool.submit(run, "single_clean", *single),
             "ds_skip": pool.submit(_launch, config, work / "ds_skip", "train.steps=12", "checkpoint.every=0",
                                    "train.on_nonfinite=skip", "parallel.backend=deepspeed", fault="nan@step=5,rank=1"),
+            "pipe_skip": pool.submit(_launch, config, work / "pipe_skip", *PIPELINE, "train.steps=12",
+                                     "checkpoint.every=0", "train.on_nonfinite=skip", fault="nan@step=5,rank=0"),
         }
         procs = {k: f.result() for k, f in jobs.items()}
-    runs = {k: work / k / ("runs" if k.startswith(("ddp", "ds")) else "") / "r" for k in procs}
+    runs = {k: work / k / ("runs" if k.startswith(("ddp", "ds", "pipe")) else "") / "r" for k in procs}
     return {"procs": procs, "runs": runs}
 
 
@@ -284,6 +286,21 @@ def test_skip_drops_the_step_on_every_rank_like_one_process(nonfinite: dict) -> 
     # 2 ranks == 1 process over the same global batches (fp32 reduction order: 1e-5)
     assert abs(ddp["val_loss"] - single["val_loss"]) <= 1e-5 * abs(single["val_loss"])
     assert abs(single["val_loss"] - clean["val_loss"]) > 1e-4, "the skipped step must really be skipped"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["ddp_skip", "single_skip", "ds_skip", "pipe_skip"])
+def test_a_dropped_step_leaves_the_logged_loss_finite(nonfinite: dict, run: str) -> None:
+    """The window holding the NaN step (steps 1-5, log_every 5) logs the mean over its 4 applied
+    steps, not NaN (null in JSON); the pipeline's stage 0 drops its own update and stage 1 trains on."""
+    _ok(nonfinite["procs"][run])
+    rows = _rows(nonfinite["runs"][run] / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [5, 10, 12]
+    for r in rows:
+        losses = [r["loss"]] + [r[k] for k in ("stage0_loss", "stage1_loss") if k in r]
+        assert all(v is not None and np.isfinite(v) for v in losses), r
+    if run == "pipe_skip":
+        assert "stage0_loss" in rows[0] and "stage1_loss" in rows[0]
 
 
 @pytest.mark.slow

@@ -56,6 +56,16 @@ class Progress:
         else:
             self._bar.refresh()
 
+    def evaluation(self, total: int, row: Mapping[str, Any]) -> None:
+        """The line both training loops print at an evaluation; a figure the row lacks (a window whose
+        every step was dropped as non-finite has no loss) shows as '-'."""
+        def fig(key: str, spec: str) -> str:
+            value = row.get(key)
+            return "-" if value is None else format(value, spec)
+
+        self.note(f"step {row['step']}/{total}  loss {fig('loss', '.4f')}  val_loss {fig('val_loss', '.4f')}  "
+                  f"{fig('samples_per_s', '.0f')} samples/s")
+
     def note(self, line: str) -> None:
         """A line of its own above the bar (or plain, when there is no bar); only where enabled or forced."""
         if self._bar is not None:

@@ -45,6 +45,7 @@ class RunControl:
         self.run_dir = run_dir
         self.reason: Optional[str] = None  # why the run stopped early, once it has
         self.exit_code = 0
+        self.applied = True  # the last step's verdict: False when its update was dropped
 
     # --- resume ---------------------------------------------------------------------------
     def resume(self, start: int, saved: Optional[dict]) -> None:
@@ -98,7 +99,7 @@ class RunControl:
 
     def accept(self, step: int) -> Callable[[Optional[float]], bool]:
         def verdict(norm: Optional[float]) -> bool:
-            ok = self.guard.accept(step, norm)
+            ok = self.applied = self.guard.accept(step, norm)
             if self.guard.stop_requested:
                 self.vote.nonfinite_step = self.guard.first_bad_step
             return ok

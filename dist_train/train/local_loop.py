@@ -128,7 +128,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         ctx.barrier()
         control.started(start, resume_from)
         energy.start()
-        t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
+        t0, busy, loss_acc, window, applied = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0, 0
         done = start
         for step in range(start, cfg.train.steps):
             if stop := transform.stop_reason():  # every stage reaches the same verdict (same ledger)
@@ -140,6 +140,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 ch.before_step(step)
             idx = sampler.next_indices(layout.dp_rank, layout.dp_size)  # every stage keeps the data position
             parts = [part for part in transform.micro_batches(idx) if part.numel()]
+            step_loss = torch.zeros((), device=ctx.device)
             for m, part in enumerate(parts):
                 msg, x, received, y = (step << 20) + m, None, None, None
                 if reads_data:
@@ -158,14 +159,16 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         ch.on_received(x if stage.reads_data else None, received, y, step)
                 busy_t0 = time.perf_counter()
                 # A device tensor, read at log time: a float() here would sync the GPU every micro-batch.
-                loss_acc += forward_backward(x if stage.reads_data else None, received, y, msg, m == len(parts) - 1,
-                                             step) / len(parts)
+                step_loss += forward_backward(x if stage.reads_data else None, received, y, msg, m == len(parts) - 1,
+                                              step) / len(parts)
                 busy += time.perf_counter() - busy_t0
             busy_t0 = time.perf_counter()
             for ch in channels:
                 ch.before_update()
             backend.step(transform, accept=control.accept(step))  # never a non-finite update
             busy += time.perf_counter() - busy_t0
+            if control.applied:  # a dropped step's (non-finite) loss stays out of the logged mean
+                loss_acc, applied = loss_acc + step_loss, applied + 1
             for ch in channels:
                 ch.after_step(step)
             stage_writer.scalars(step + 1, transform.step_scalars())
@@ -176,7 +179,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             if due(done, cfg.train.log_every) or evaluating:
                 elapsed = time.perf_counter() - t0
                 record = _stage_record(cfg, ctx, backend, link, channels, layout.stage, done, lr,
-                                       float(loss_acc) / window, window, elapsed, busy)
+                                       float(loss_acc) / applied if applied else None, window, elapsed, busy)
                 record.update(energy.window(window * cfg.train.batch_size, tokens_per_sample, window))
                 record.update(transform.metrics(), **control.metrics())
                 if evaluating:
@@ -191,7 +194,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                     last["energy_total_j"] = totals.add(last["energy_j"])
                     writer.log(done, last)
                     _progress(progress, cfg, last)
-                t0, busy, loss_acc, window = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0
+                t0, busy, loss_acc, window, applied = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0, 0
             if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 # Every stage has finished step `done` when the save's barrier passes, and the
                 # activations of step `done` have been consumed: a consistent cut of the pipeline.
@@ -246,8 +249,9 @@ def _save(ckpt, done, backend, sampler, transform, channels, control: RunControl
 
 
 def _stage_record(cfg, ctx, backend, link, channels, stage: int, done, lr, loss, window, elapsed, busy) -> dict:
-    """This stage's logged figures for a window of `window` steps (the loss over its replicas)."""
-    record = {"step": done, "loss": replica_mean(backend, loss), "lr": lr,
+    """This stage's logged figures for a window of `window` steps: the loss is the mean over the window's
+    applied steps and the stage's replicas (which drop the same steps); None when every step was dropped."""
+    record = {"step": done, "loss": None if loss is None else replica_mean(backend, loss), "lr": lr,
               "samples_per_s": window * cfg.train.batch_size / elapsed,
               "idle_fraction": max(0.0, 1.0 - busy / elapsed),
               "bytes_sent": link.bytes_sent, "tensors_sent": link.tensors_sent,
@@ -261,8 +265,7 @@ def _stage_record(cfg, ctx, backend, link, channels, stage: int, done, lr, loss,
 def _progress(progress: Progress, cfg, row: dict) -> None:
     progress.update(row["step"], {"loss": row["loss"]})
     if "val_loss" in row:
-        progress.note(f"step {row['step']}/{cfg.train.steps}  loss {row['loss']:.4f}  "
-                      f"val_loss {row['val_loss']:.4f}  {row['samples_per_s']:.0f} samples/s")
+        progress.evaluation(cfg.train.steps, row)
 
 
 def _from_collector(ctx: DistContext, layout, record: dict) -> dict:

@@ -71,7 +71,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
         ctx.barrier()
         control.started(start, resume_from)
         energy.start()
-        loss_acc = torch.zeros((), device=ctx.device)
+        loss_acc, applied = torch.zeros((), device=ctx.device), 0
         done = start
         for step in range(start, cfg.train.steps):
             if stop := transform.stop_reason():  # e.g. the next step would overspend the privacy budget
@@ -84,6 +84,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             idx = sampler.next_indices(ctx.rank, ctx.world_size)  # advances the data position
             parts = transform.micro_batches(idx)  # DP-SGD: Poisson-sized, possibly none on this rank
             filled = sum(1 for part in parts if part.numel())
+            step_loss = torch.zeros((), device=ctx.device)
             for i, micro in enumerate(parts):
                 is_last = i == len(parts) - 1
                 x, y = (t.to(ctx.device, non_blocking=True) for t in data.get_batch("train", micro))
@@ -93,8 +94,10 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                     loss = control.poison(backend.module.loss(out.float(), y), step)
                     transform.backward(backend, loss, x.size(0), is_last, batch=(x, y))
                 if x.size(0):  # an empty micro-batch (a DP rank that drew few examples) has no loss
-                    loss_acc += control.observe(loss).detach() / filled
+                    step_loss += control.observe(loss).detach() / filled
             grad_norm = backend.step(transform, accept=control.accept(step))  # never a non-finite update
+            if control.applied:  # a dropped step's (non-finite) loss stays out of the logged mean
+                loss_acc, applied = loss_acc + step_loss, applied + 1
             timer.stop()
             done = step + 1
             control.end_step(done, idx)
@@ -102,18 +105,17 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
 
             evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
             if due(done, cfg.train.log_every) or evaluating:
-                last = _window_metrics(cfg, ctx, energy, totals, done, lr, grad_norm, loss_acc, timer,
+                last = _window_metrics(cfg, ctx, energy, totals, done, lr, grad_norm, loss_acc, applied, timer,
                                        tokens_per_sample, flops_per_token)
                 last.update(transform.metrics(), **control.metrics(), **task.train_metrics(backend.module))
                 writer.scalars(done, per_rank_scalars(last, range(ctx.world_size)))
                 if evaluating:
                     last.update(evaluate(backend, data, ctx, transform.eval_batch_size(data, ctx.world_size),
                                          cfg.train.eval_batches))
-                    progress.note(f"step {done}/{cfg.train.steps}  loss {last['loss']:.4f}  "
-                                  f"val_loss {last['val_loss']:.4f}  {last['samples_per_s']:.0f} samples/s")
+                    progress.evaluation(cfg.train.steps, last)
                 writer.log(done, last)
-                progress.update(done, {"loss": f"{last['loss']:.3f}"})
-                loss_acc = torch.zeros((), device=ctx.device)
+                progress.update(done, {"loss": last["loss"]})
+                loss_acc, applied = torch.zeros((), device=ctx.device), 0
 
             if due(done, cfg.checkpoint.every) or (cfg.checkpoint.at_end and done == cfg.train.steps):
                 with transform.checkpointing():
@@ -191,9 +193,10 @@ def _open_run_dir(cfg: Config, ctx: DistContext, run_dir: Path, start: int, comm
 
 
 def _window_metrics(cfg: Config, ctx: DistContext, energy: EnergyLog, totals: EnergyTotals, done: int, lr: float,
-                    grad_norm: float, loss_acc: torch.Tensor, timer: StepTimer, tokens_per_sample: int,
-                    flops_per_token) -> dict:
-    """The logged record for the window since the last one; the loss is averaged over ranks."""
+                    grad_norm: float, loss_acc: torch.Tensor, applied: int, timer: StepTimer,
+                    tokens_per_sample: int, flops_per_token) -> dict:
+    """The logged record for the window since the last one. The loss is the mean over the window's
+    applied steps (every replica drops the same steps) and over ranks; None if every step was dropped."""
     steps, elapsed = timer.pop_window()
     samples_per_s = steps * cfg.train.batch_size / elapsed
     tokens_per_s = samples_per_s * tokens_per_sample
@@ -201,7 +204,7 @@ def _window_metrics(cfg: Config, ctx: DistContext, energy: EnergyLog, totals: En
     for key in ("energy_j_counted", "power_w_counted"):  # the world is the group: the same as energy_j
         figures.pop(key)
     dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32
-    return {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / steps), "lr": lr,
+    return {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / applied) if applied else None, "lr": lr,
             "grad_norm": grad_norm, "step_time_s": elapsed / steps,
             "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
             # Achieved model FLOP/s per device (any device), and its share of the tabulated peak
