@@ -135,3 +135,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, overrides, message) ->
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_loops_forward_records_no_graph_for_diff2(tmp_path: Path, monkeypatch) -> None:
+    """DIFF2 differentiates through torch.func on its own: the loss the loop hands it is only logged,
+    so the forward runs without autograd (no graph kept for nothing), while DP-SGD's still has one."""
+    from dist_train.optim.transform import GradientTransform
+    from dist_train.privacy.diff2_transform import Diff2Transform
+    from dist_train.runtime import discover, init_distributed
+    from dist_train.train.loop import train
+
+    seen: list[bool] = []
+    original = Diff2Transform.backward
+
+    def spy(self, backend, loss, examples, is_last, batch=None):
+        seen.append(loss.requires_grad)
+        return original(self, backend, loss, examples, is_last, batch)
+
+    monkeypatch.setattr(Diff2Transform, "backward", spy)
+    cfg = load_config(ROOT / "configs" / "diff2.yaml",
+                      [*SMALL, "train.steps=2", "parallel.backend=none", "checkpoint.every=0",
+                       "checkpoint.at_end=false", f"run.dir={tmp_path}", "run.name=nograd"])
+    ctx = init_distributed(cfg, discover({}))
+    try:
+        last = train(cfg, ctx, ["pytest"])
+    finally:
+        ctx.destroy()
+    assert seen == [False, False] and torch.isfinite(torch.tensor(last["loss"]))
+    assert Diff2Transform.builds_graph is False and GradientTransform.builds_graph is True

@@ -51,6 +51,10 @@ class GradientTransform:
         return self.cfg.train.batch_size
 
     # --- one step -------------------------------------------------------------------------
+    # False: the transform differentiates on its own (DIFF2's per-example gradients at two iterates);
+    # the loop's forward then only gives the logged loss and runs without recording a graph.
+    builds_graph = True
+
     def stop_reason(self) -> Optional[str]:
         """Checked before each step: a reason to end training now (a spent privacy budget), or None."""
         return None

@@ -14,8 +14,8 @@ Noise: privacy.diff2.noise = calibrated (default: the closed form scaled down to
 privacy.target_epsilon by privacy.accountant, `calibrated_sigmas`) or closed_form, over R =
 train.steps rounds and n = the smallest worker's examples; or explicit sigma1 / sigma2. epsilon is
 fixed by R: it is logged as spent after each round, and a resume must keep R, T and the noise.
-The model's forward in the loop gives the logged loss; the per-example gradients come from torch.func
-(small models, as in the paper).
+The model's forward in the loop gives the logged loss (without autograd: `builds_graph`); the
+per-example gradients come from torch.func (small models, as in the paper).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def describe(cfg: Config, population: int, workers: int) -> str:
 
 class Diff2Transform(GradientTransform):
     name = "diff2"
+    builds_graph = False  # the round differentiates through torch.func; the loop's loss is only logged
 
     def __init__(self, cfg: Config, data, ctx, model: torch.nn.Module):
         super().__init__(cfg)

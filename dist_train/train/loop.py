@@ -89,7 +89,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                 is_last = i == len(parts) - 1
                 x, y = (t.to(ctx.device, non_blocking=True) for t in data.get_batch("train", micro))
                 with backend.sync_context(is_last):
-                    with backend.autocast():
+                    with backend.autocast(), torch.set_grad_enabled(transform.builds_graph):
                         out = backend.model(x)
                     loss = control.poison(backend.module.loss(out.float(), y), step)
                     transform.backward(backend, loss, x.size(0), is_last, batch=(x, y))
