@@ -11,7 +11,7 @@ and train an 8-32-1 tanh MLP (321 parameters) with the full local data every rou
 
 Same budget, same effort: both methods get their noise from `calibrated_sigmas` (the authors' closed
 form scaled down by the RDP accountant to exactly the same epsilon; DP-GD is the T = 1 case), the same
-rounds, seeds and model initialisations, and a grid of 12 settings each — DP-GD over its clipping
+rounds, seeds and model initialisations, and a grid of 16 settings each — DP-GD over its clipping
 norm C and learning rate, DIFF2 over C2, the restart period T and the learning rate (C1 = 2). For each
 method and epsilon the setting with the lowest mean final loss over the seeds is reported, with the
 per-seed figures; the loss and the gradient norm are of the whole training objective at the last
@@ -27,11 +27,13 @@ from typing import Any
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
 WORKERS, DELTA, EPSILONS = 4, 1e-5, (3.0, 5.0)
-# The grids were placed after a first full run (BENCHMARKS.md): there DP-GD's best settings sat on its
-# grid's edge (C = 2, lr = 1) and 7 of DIFF2's 12 settings diverged (lr x C2 >= 1 lets the difference
-# radius C2 ||x_r - x_(r-1)|| compound); both grids were moved to bracket their best, 12 settings each.
-GRID_DPGD = [(c, lr) for c in (1.0, 2.0, 4.0) for lr in (0.3, 0.6, 1.0, 1.5)]
-GRID_DIFF2 = [(c2, t, lr) for c2 in (0.3, 1.0) for t in (10, 40) for lr in (0.3, 0.6, 1.0)]
+# The grids were placed after two full runs (BENCHMARKS.md). In the first, DP-GD's best settings sat on
+# its grid's edge (C = 2, lr = 1) and 7 of DIFF2's 12 settings diverged (lr x C2 >= 1 lets the difference
+# radius C2 ||x_r - x_(r-1)|| compound). In the second, DP-GD's best C at epsilon 3 (1) and DIFF2's best lr
+# at both epsilons (0.3) were still their grid's lowest, with C2 = 0.3 worse than 1 and lr >= 0.6 mostly
+# diverging. So: 16 settings each, DP-GD's C reaching down to 0.5, DIFF2's lr down to 0.1.
+GRID_DPGD = [(c, lr) for c in (0.5, 1.0, 2.0, 4.0) for lr in (0.3, 0.6, 1.0, 1.5)]
+GRID_DIFF2 = [(c2, t, lr) for c2 in (0.5, 1.0) for t in (10, 40) for lr in (0.1, 0.2, 0.3, 0.45)]
 SIZES = {
     "full": {"rounds": 400, "n_per_worker": 1000, "seeds": 3, "dpgd": GRID_DPGD, "diff2": GRID_DIFF2},
     "quick": {"rounds": 150, "n_per_worker": 500, "seeds": 3, "dpgd": GRID_DPGD, "diff2": GRID_DIFF2},
