@@ -2,10 +2,10 @@
 
 Every run is the framework's own end-to-end training (`dist_train.train.loop.train`, what
 `dist-train run` calls) in one process: `parallel.backend=none`, `parallel.stages=1`, CPU, one
-thread. The three optimizers train the quickstart's GPT (4 layers x 128, 4 heads, context 64) on
+thread. Every arm (below) trains the quickstart's GPT (4 layers x 128, 4 heads, context 64) on
 the stdlib_bytes corpus with the same steps (300), batch (32), warm-up (20), cosine schedule (floor 0.1),
 gradient clipping (1.0), no weight decay, and the same seeds: a seed fixes the initial weights and
-the batch order, so the three optimizers see identical batches and start from identical weights.
+the batch order, so every arm sees identical batches and starts from identical weights.
 
 Same tuning effort for each: 3 peak lrs, each over the same seeds. Four arms:
   adamw          optim.lr in the AdamW grid (every parameter).
