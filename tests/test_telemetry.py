@@ -282,6 +282,17 @@ def test_progress_enabled_moves_to_absolute_step(monkeypatch: pytest.MonkeyPatch
     assert "loss=1.235" in err.getvalue()
 
 
+def test_evaluation_line_shows_a_missing_loss_as_a_dash(capsys: pytest.CaptureFixture[str]) -> None:
+    """A window whose every step was dropped as non-finite has loss None: the line says '-', no crash."""
+    bar = Progress(total=20, initial=0, enabled=False, echo=True)
+    bar.evaluation(20, {"step": 10, "loss": 2.5, "val_loss": 2.25, "samples_per_s": 123.4})
+    bar.evaluation(20, {"step": 20, "loss": None, "val_loss": 2.0, "samples_per_s": 99.6})
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines() + captured.err.splitlines()
+    assert "step 10/20  loss 2.5000  val_loss 2.2500  123 samples/s" in lines
+    assert "step 20/20  loss -  val_loss 2.0000  100 samples/s" in lines
+
+
 # ---------------------------------------------------------------------------------- provenance
 
 
