@@ -54,7 +54,6 @@ records its exact config overrides (applied over the built-in quickstart config)
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import re
@@ -69,6 +68,7 @@ from typing import Any, Optional
 from dist_train.bench._spawn import one_thread_env as _one_thread_env
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 from dist_train.bench.sweep import choose_lr, mean_sd, ordered
+from dist_train.bench.windows import after_warmup, read_jsonl
 
 METHODS = ("dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop")
 TARGETED = ("dgl", "infopro", "auglocal", "man")  # the methods the issue sets targets for
@@ -315,29 +315,14 @@ _SWEEP_KEYS = ("part", "task", "method", "K", "lr", "val_acc", "val_loss", "test
 # ------------------------------------------------------------------------------- real pipelines
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def stage_windows(records: list[dict], warmup: int, batch: int) -> dict[str, Optional[float]]:
     """A stage's samples/s over its logged windows after `warmup` steps (samples over summed window
     times), its time-weighted idle fraction and busy seconds per step, and its replayed updates."""
-    recs = sorted((r for r in records if "samples_per_s" in r), key=lambda r: r["step"])
-    prev, wall, samples, idle = 0, 0.0, 0, 0.0
-    for r in recs:
-        steps = r["step"] - prev
-        if r["step"] > warmup:
-            elapsed = steps * batch / r["samples_per_s"]
-            wall += elapsed
-            samples += steps * batch
-            idle += r.get("idle_fraction", 0.0) * elapsed
-        prev = r["step"]
-    if not wall:
+    w = after_warmup(records, warmup, batch)
+    if not w.wall_s:
         return {"samples_s": None, "idle": None, "busy_s_step": None, "replays": None}
-    return {"samples_s": samples / wall, "idle": idle / wall, "busy_s_step": (wall - idle) / (samples / batch),
-            "replays": recs[-1].get("replays")}
+    return {"samples_s": w.samples / w.wall_s, "idle": w.idle_s / w.wall_s,
+            "busy_s_step": (w.wall_s - w.idle_s) / (w.samples / batch), "replays": w.records[-1].get("replays")}
 
 
 def _pipeline_worker(rank: int, world: int, jobs: list[dict[str, Any]], run_dir: str) -> list[dict[str, Any]]:
@@ -363,7 +348,7 @@ def _pipeline_worker(rank: int, world: int, jobs: list[dict[str, Any]], run_dir:
                 continue
             ctx.barrier()
             stages = Path(run_dir) / job["name"] / "stages"
-            per_stage = [stage_windows(_records(stages / f"stage{s}" / "metrics.jsonl"), job.get("warmup", 0),
+            per_stage = [stage_windows(read_jsonl(stages / f"stage{s}" / "metrics.jsonl"), job.get("warmup", 0),
                                        cfg.train.batch_size) for s in range(cfg.parallel.stages)]
             out.append({"name": job["name"], "wall_s": time.perf_counter() - t0, "stages": per_stage,
                         **{k: last.get(k) for k in ("loss", "val_loss", "val_acc", "step")}})

@@ -20,7 +20,6 @@ method computes each forward on micro-batches of the same size (global batch / M
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from unittest import mock
 import torch
 
 from dist_train.bench.memory import live_heap_mode, peak_rss, reset_peak_rss
+from dist_train.bench.windows import after_warmup, read_jsonl
 
 WORLD = 2
 MICRO_BATCHES = 4  # M: micro-batches per global batch, for every method (32 / 4 = 8 samples each)
@@ -107,30 +107,18 @@ def _prewarm(cfg, data) -> None:
     del model, opt
 
 
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _windows(records: list[dict], warmup: int, batch: int) -> dict[str, float]:
     """Samples/s over the logged windows after `warmup` (summed window times), the time-weighted
-    idle fraction, and the mean training loss of the last window."""
-    recs = sorted((r for r in records if "samples_per_s" in r), key=lambda r: r["step"])
-    prev, wall, samples, idle, byte_marks = 0, 0.0, 0, 0.0, {}
-    for r in recs:
-        steps = r["step"] - prev
-        byte_marks[r["step"]] = r.get("bytes_sent")
-        if r["step"] > warmup:
-            elapsed = steps * batch / r["samples_per_s"]
-            wall += elapsed
-            samples += steps * batch
-            idle += r.get("idle_fraction", 0.0) * elapsed
-        prev = r["step"]
-    last = recs[-1]
+    idle fraction, the mean training loss of the last window, and the bytes sent per sample after
+    the warm-up."""
+    w = after_warmup(records, warmup, batch)
+    sent_at = {r["step"]: r.get("bytes_sent") for r in w.records}
+    last = w.records[-1]
     sent = None
-    if byte_marks.get(warmup) is not None and last.get("bytes_sent") is not None:
-        sent = (last["bytes_sent"] - byte_marks[warmup]) / samples
-    return {"samples_s": samples / wall, "idle": idle / wall, "loss": float(last["loss"]),
-            "bytes_per_sample": sent, "wall_s": wall}
+    if sent_at.get(warmup) is not None and last.get("bytes_sent") is not None:
+        sent = (last["bytes_sent"] - sent_at[warmup]) / w.samples
+    return {"samples_s": w.samples / w.wall_s, "idle": w.idle_s / w.wall_s, "loss": float(last["loss"]),
+            "bytes_per_sample": sent, "wall_s": w.wall_s}
 
 
 class _Stamps:
@@ -168,7 +156,7 @@ def _run_local(cfg, ctx, data, warmup: int, command: list[str]) -> dict[str, Any
             mock.patch.object(MetricsWriter, "log", log):
         local_loop.train_local(cfg, ctx, command)
     layout = stage_layout(ctx.rank, ctx.world_size, cfg.parallel.stages)
-    recs = _records(Path(cfg.run.dir) / cfg.run.name / "stages" / f"stage{layout.stage}" / "metrics.jsonl")
+    recs = read_jsonl(Path(cfg.run.dir) / cfg.run.name / "stages" / f"stage{layout.stage}" / "metrics.jsonl")
     out = _windows(recs, warmup, cfg.train.batch_size)
     out["bytes_per_sample"] = out["bytes_per_sample"] or 0.0
     out["cpu_s_step"] = stamps.cpu_per_step(warmup, cfg.train.steps)
@@ -233,7 +221,7 @@ def _run_bp(cfg, ctx, data, warmup: int, command: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"cpu_s_step": stamps.cpu_per_step(warmup, total), "loss_is_task": True,
                            "idle": 0.0, "bytes_per_sample": 0.0}
     if ctx.is_main:
-        out.update(_windows(_records(Path(cfg.run.dir) / cfg.run.name / "metrics.jsonl"), warmup,
+        out.update(_windows(read_jsonl(Path(cfg.run.dir) / cfg.run.name / "metrics.jsonl"), warmup,
                             cfg.train.batch_size))
         out["idle"], out["bytes_per_sample"] = 0.0, 0.0
     if cfg.parallel.backend == "ddp" and len(probe.bw_end) == total:
@@ -384,7 +372,7 @@ def pipeline_stage_losses(rank: int, world: int, overrides: list[str], run_dir: 
         train_local(cfg, ctx, ["test"])
         ctx.barrier()
         stages = Path(run_dir) / "pipe" / "stages"
-        return [[r["loss"] for r in _records(stages / f"stage{k}" / "metrics.jsonl")]
+        return [[r["loss"] for r in read_jsonl(stages / f"stage{k}" / "metrics.jsonl")]
                 for k in range(cfg.parallel.stages)]
     finally:
         ctx.destroy()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from dist_train.errors import UserError
 from dist_train.tasks.base import Task
 

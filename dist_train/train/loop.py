@@ -10,7 +10,6 @@ from dist_train.config.layout import check_layout
 from dist_train.config.load import dump_config
 from dist_train.config.schema import Config
 from dist_train.data import build_dataset
-from dist_train.models import build_model
 from dist_train.optim import lr_at
 from dist_train.train.transforms import build_transform
 from dist_train.parallel import build_backend
