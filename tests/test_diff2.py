@@ -85,6 +85,38 @@ def test_diff2_matches_the_recursion():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"T={period} round {r}")
 
 
+def test_a_difference_round_reuses_the_last_rounds_gradients():
+    """Same data every round: one per-example gradient pass per round, not two (a difference round's
+    gradients at x_(r-1) are the last round's, taken at that iterate), with the iterates of the
+    recursion above. Other data, or a state just loaded, has them computed afresh."""
+    model, x, y = _setup()
+    ref_model, _, _ = _setup()
+    opt = Diff2(model, _loss, LR, 3, C1, C2, S1, S2, seed=SEED)
+    calls: list[torch.Tensor] = []
+    original = opt._per_example_grads
+
+    def counted(flat, xs, ys):
+        calls.append(flat.clone())
+        return original(flat, xs, ys)
+
+    opt._per_example_grads = counted
+    got = []
+    for r in range(ROUNDS):
+        opt.step(x, y, r)
+        got.append(torch.cat([q.detach().reshape(-1) for q in model.parameters()]))
+    assert len(calls) == ROUNDS
+    for r, (a, b) in enumerate(zip(got, _reference(ref_model, x, y, 3))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"round {r}")
+    assert ROUNDS % 3 != 0  # so the next round is a difference round
+    calls.clear()
+    opt.step(x, y + 1.0, ROUNDS)  # other targets: x_(r-1)'s gradients on them are not known yet
+    assert len(calls) == 2 and torch.equal(calls[1], got[-2])
+    calls.clear()
+    opt.load_state_dict(opt.state_dict())
+    opt.step(x, y, ROUNDS + 1)
+    assert len(calls) == 2
+
+
 def test_period_one_is_dp_gd():
     """T = 1 against DP-GD written directly: x <- x - lr (mean_i clip_C1(g_i) + C1 sigma1 noise)."""
     model, x, y = _setup()
