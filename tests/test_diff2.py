@@ -212,3 +212,17 @@ def test_calibrated_noise_is_smaller_at_the_same_guarantee(period):
     assert c1 / s1 == pytest.approx(c2 / s2, rel=1e-12) and c1 < 0.9 * s1  # one common factor, >10% less
     eps = diff2_epsilon(c1, c2, *args, SPEC["delta"])
     assert 3.0 - 1e-3 < eps <= 3.0
+
+
+def test_data_refilled_in_place_is_not_taken_for_the_same():
+    """The kept gradients belong to the data as it was: a caller that overwrites its batch buffer
+    in place gets the gradients at x_(r-1) recomputed on the new contents."""
+    model, x, y = _setup()
+    opt = Diff2(model, _loss, LR, 3, C1, C2, S1, S2, seed=SEED)
+    calls: list[int] = []
+    original = opt._per_example_grads
+    opt._per_example_grads = lambda flat, xs, ys: calls.append(1) or original(flat, xs, ys)
+    opt.step(x, y, 0)
+    y.add_(1.0)  # the same tensor object, other targets
+    opt.step(x, y, 1)
+    assert len(calls) == 3

@@ -167,7 +167,8 @@ class Diff2:
             g_prev = self._grads_at_prev(x, y)
             d = _clip_rows(g_now - g_prev, radius).mean(0)
             v = self.v + self._mean_over_workers(d) + radius * sigma * self._gaussian(d, round_)
-        self.prev, self.v, self._last_grads = cur, v, (x, y, g_now)
+        # Copies of the data, not references: a caller refilling one buffer in place must not look the same.
+        self.prev, self.v, self._last_grads = cur, v, (x.detach().clone(), y.detach().clone(), g_now)
         return v, {"restart": restart, "radius": radius, "noise_std": radius * sigma, "v_norm": float(v.norm())}
 
     def _grads_at_prev(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
