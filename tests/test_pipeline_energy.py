@@ -71,3 +71,29 @@ def test_pipeline_meters_energy_per_stage_and_counts_a_shared_gpu_once(tmp_path)
     summary = json.loads((run / "energy.json").read_text())
     assert summary["energy_total_j"] == pytest.approx(sum(r["energy_j"] for r in main), rel=1e-12)
     assert main[-1]["energy_total_j"] == pytest.approx(summary["energy_total_j"], rel=1e-12)
+
+
+def test_pipeline_row_has_gpu_stats_and_the_whole_models_flops(tmp_path):
+    """Two stages on two (stand-in) GPUs: the run's row takes GPU utilisation as the mean over the
+    stages (40 and 41 %), memory and temperature as the largest (2 GiB, 61 C); its achieved FLOP/s
+    count the whole model's training FLOPs (not one stage's), over both devices; MFU is None on CPU."""
+    from dist_train.config import load_config
+    from dist_train.data import build_dataset
+    from dist_train.models import build_model
+
+    stand_in = Path(__file__).parent / "stand_in"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_in), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "dist_train", "launch", "quickstart.yaml", "--nproc", "2",
+                           "--threads", "1", f"run.dir={tmp_path}", "run.name=stats", *TINY],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", TINY)
+    model = build_model(cfg.model, build_dataset(cfg.data, cfg.model.block_size).info)
+    flops = model.num_flops_per_token()
+    main = _records(tmp_path / "stats" / "metrics.jsonl")
+    assert [r["step"] for r in main] == [2, 4, 6]
+    for row in main:
+        assert row["gpu_util_pct"] == pytest.approx(40.5)
+        assert row["gpu_mem_used_bytes"] == 2 * 2**30 and row["gpu_temp_c"] == 61
+        assert row["tflops_per_device"] == pytest.approx(flops * row["tokens_per_s"] / 2 / 1e12, rel=1e-9)
+        assert row["mfu"] is None

@@ -54,6 +54,9 @@ def stage_of(cfg: Config, model: nn.Module, data_info, layout: StageLayout,
                      model_name=cfg.model.name, input_shape=tuple(data_info.input_shape or ()),
                      cut_points=tuple(r.start for r in ranges[1:]))
     stage = method.build_stage(model, mine, info)
+    # The whole model's training FLOPs per token (auxiliary heads left out, as MFU counts the model's
+    # own work): the pipeline's top-level row reports achieved FLOP/s and MFU from it.
+    stage.model_flops_per_token = model.num_flops_per_token() if hasattr(model, "num_flops_per_token") else None
     # The later blocks were only an architecture reference (AugLocal copies them): drop them now.
     info = dataclasses.replace(info, later_blocks=())
     stage.info = info

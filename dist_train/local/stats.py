@@ -21,7 +21,7 @@ from dist_train.telemetry.energy_log import derived
 
 # What each stage reports for the top-level row (NaN travels for "unknown").
 FIELDS = ("loss", "samples_per_s", "idle_fraction", "peak_mem_bytes", "energy_j", "power_w", "energy_j_counted",
-          "power_w_counted", "bytes_sent")
+          "power_w_counted", "bytes_sent", "gpu_util_pct", "gpu_mem_used_bytes", "gpu_temp_c")
 
 
 def _pack(record: dict, device: torch.device) -> torch.Tensor:
@@ -65,7 +65,8 @@ def top_level_row(step: int, lr: float, rows: list[dict], steps: int, batch_size
                   source: Optional[str], extra: dict) -> dict:
     """The run's row for a window of `steps` steps of `batch_size`: the task loss is the last stage's; throughput
     is the slowest stage's; memory the largest stage's; energy and power the sum over the job, each
-    device counted once (every stage trains every example, so J/sample is the job's energy / samples)."""
+    device counted once (every stage trains every example, so J/sample is the job's energy / samples); GPU
+    utilisation the mean over the stages, GPU memory and temperature the largest (None without NVML)."""
     rate = min(r["samples_per_s"] for r in rows)
     energy = [r["energy_j_counted"] for r in rows]
     power = [r["power_w_counted"] for r in rows]
@@ -76,8 +77,17 @@ def top_level_row(step: int, lr: float, rows: list[dict], steps: int, batch_size
            "bytes_sent": sum(r["bytes_sent"] or 0 for r in rows),
            "energy_j": None if any(e is None for e in energy) else sum(energy),
            "power_w": None if any(p is None for p in power) else sum(power),
-           "energy_source": source}
+           "energy_source": source,
+           "gpu_util_pct": _over_stages(rows, "gpu_util_pct", lambda v: sum(v) / len(v)),
+           "gpu_mem_used_bytes": _over_stages(rows, "gpu_mem_used_bytes", max),
+           "gpu_temp_c": _over_stages(rows, "gpu_temp_c", max)}
     row.update(derived(row["energy_j"], steps * batch_size, tokens_per_sample, steps))
     row.update({f"stage{k}_energy_j": r["energy_j"] for k, r in enumerate(rows) if r["energy_j"] is not None})
     row.update(extra)
     return row
+
+
+def _over_stages(rows: list[dict], key: str, reduce) -> Optional[float]:
+    """`reduce` over the stages that know `key`; None if none does."""
+    known = [r[key] for r in rows if r.get(key) is not None]
+    return reduce(known) if known else None

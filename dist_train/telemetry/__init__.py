@@ -15,6 +15,7 @@ from .energy import (
 from .perf import (
     PEAK_BF16_FLOPS,
     StepTimer,
+    achieved_flops,
     mfu,
     peak_flops,
     peak_memory_bytes,
@@ -43,6 +44,7 @@ __all__ = [
     "git_info",
     "make_energy_meter",
     "mfu",
+    "achieved_flops",
     "peak_flops",
     "peak_memory_bytes",
     "reset_peak_memory",

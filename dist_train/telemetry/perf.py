@@ -161,6 +161,17 @@ def mfu(flops_per_token: float, tokens_per_second: Optional[float], device: Devi
     return flops_per_token * tokens_per_second / (peak * num_devices)
 
 
+def achieved_flops(flops_per_token: Optional[float], tokens_per_second: float, device: DeviceLike,
+                   dtype: torch.dtype, num_devices: int) -> dict:
+    """A logged row's `tflops_per_device` (achieved model FLOP/s per device, any device) and `mfu`
+    (its share of the tabulated peak: known GPUs in bf16 only, None rather than a guess). Both None
+    for a model without a FLOP count."""
+    if not flops_per_token:
+        return {"tflops_per_device": None, "mfu": None}
+    return {"tflops_per_device": flops_per_token * tokens_per_second / num_devices / 1e12,
+            "mfu": mfu(flops_per_token, tokens_per_second, device, dtype, num_devices=num_devices)}
+
+
 def transformer_flops_per_token(n_params: int, n_layer: int, width: int, seq_len: int) -> float:
     """Training FLOPs per token of a decoder-only transformer (forward + backward).
 

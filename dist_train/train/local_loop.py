@@ -28,7 +28,7 @@ from dist_train.local.stats import StageStats, top_level_row
 from dist_train.optim import lr_at
 from dist_train.runtime.dist import DistContext
 from dist_train.tasks import get_task
-from dist_train.telemetry import MetricsWriter, Progress, peak_memory_bytes
+from dist_train.telemetry import MetricsWriter, Progress, achieved_flops, peak_memory_bytes
 from dist_train.telemetry.energy_log import per_rank_scalars
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, checkpoint_layout, resolve_resume, resume
@@ -122,6 +122,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         echo=collector and cfg.telemetry.progress != "off")
     totals = run_totals(cfg, writer, energy, progress)  # the collector's writer keeps the run's total
     tokens_per_sample = get_task(info.task).tokens_per_sample(cfg)
+    precision_dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32  # for MFU's peak
     last: dict = {}
 
     with ctx.phase("steady"), control.signals():
@@ -159,8 +160,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         ch.on_received(x if stage.reads_data else None, received, y, step)
                 busy_t0 = time.perf_counter()
                 # A device tensor, read at log time: a float() here would sync the GPU every micro-batch.
-                step_loss += forward_backward(x if stage.reads_data else None, received, y, msg, m == len(parts) - 1,
-                                              step) / len(parts)
+                step_loss += forward_backward(x if stage.reads_data else None, received, y, msg,
+                                              m == len(parts) - 1, step) / len(parts)
                 busy += time.perf_counter() - busy_t0
             busy_t0 = time.perf_counter()
             for ch in channels:
@@ -192,6 +193,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                                          tokens_per_sample, energy.source,
                                          {k: v for k, v in record.items() if k.startswith("val_")})
                     last["energy_total_j"] = totals.add(last["energy_j"])
+                    last.update(achieved_flops(stage.model_flops_per_token, last["tokens_per_s"], ctx.device,
+                                               precision_dtype, ctx.world_size))
                     writer.log(done, last)
                     _progress(progress, cfg, last)
                 t0, busy, loss_acc, window, applied = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0, 0

@@ -15,8 +15,8 @@ from dist_train.train.transforms import build_transform
 from dist_train.parallel import build_backend
 from dist_train.runtime.dist import DistContext
 from dist_train.tasks import get_task
-from dist_train.telemetry import (MetricsWriter, Progress, StepTimer, collect_provenance, mfu, peak_memory_bytes,
-                                  write_provenance)
+from dist_train.telemetry import (MetricsWriter, Progress, StepTimer, achieved_flops, collect_provenance,
+                                  peak_memory_bytes, write_provenance)
 from dist_train.telemetry.energy_log import EnergyLog, EnergyTotals, per_rank_scalars
 from dist_train.train.energy import finish_energy, open_energy_log, run_totals
 from dist_train.train import state as trainer_state
@@ -206,11 +206,6 @@ def _window_metrics(cfg: Config, ctx: DistContext, energy: EnergyLog, totals: En
     return {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / applied) if applied else None, "lr": lr,
             "grad_norm": grad_norm, "step_time_s": elapsed / steps,
             "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
-            # Achieved model FLOP/s per device (any device), and its share of the tabulated peak
-            # (known GPUs in bf16 only: None rather than a guess).
-            "tflops_per_device": (flops_per_token * tokens_per_s / ctx.world_size / 1e12
-                                  if flops_per_token else None),
-            "mfu": (mfu(flops_per_token, tokens_per_s, ctx.device, dtype, num_devices=ctx.world_size)
-                    if flops_per_token else None),
+            **achieved_flops(flops_per_token, tokens_per_s, ctx.device, dtype, ctx.world_size),
             "peak_mem_bytes": ctx.all_reduce_max(peak_memory_bytes(ctx.device)),
             **figures, "energy_total_j": totals.add(figures["energy_j"])}
