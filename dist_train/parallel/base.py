@@ -55,9 +55,14 @@ class Backend(ABC):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         """Apply the parallelism to `model` (already on the device) and build the optimizer."""
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the forward's matmuls run in (bf16 under mixed precision): what MFU's peak is for."""
+        return torch.bfloat16 if self.cfg.parallel.mixed_precision == "bf16" else torch.float32
+
     def autocast(self) -> ContextManager:
         """Mixed-precision context for forward; backends whose wrapper casts parameters return a no-op."""
-        if self.cfg.parallel.mixed_precision == "bf16":
+        if self.compute_dtype == torch.bfloat16:
             return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

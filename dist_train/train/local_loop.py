@@ -122,7 +122,6 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                         echo=collector and cfg.telemetry.progress != "off")
     totals = run_totals(cfg, writer, energy, progress)  # the collector's writer keeps the run's total
     tokens_per_sample = get_task(info.task).tokens_per_sample(cfg)
-    precision_dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32  # for MFU's peak
     last: dict = {}
 
     with ctx.phase("steady"), control.signals():
@@ -194,7 +193,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
                                          {k: v for k, v in record.items() if k.startswith("val_")})
                     last["energy_total_j"] = totals.add(last["energy_j"])
                     last.update(achieved_flops(stage.model_flops_per_token, last["tokens_per_s"], ctx.device,
-                                               precision_dtype, ctx.world_size))
+                                               backend.compute_dtype, ctx.world_size))
                     writer.log(done, last)
                     _progress(progress, cfg, last)
                 t0, busy, loss_acc, window, applied = time.perf_counter(), 0.0, torch.zeros((), device=ctx.device), 0, 0

@@ -105,7 +105,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str]) -> dict:
             evaluating = due(done, cfg.train.eval_every) or done == cfg.train.steps
             if due(done, cfg.train.log_every) or evaluating:
                 last = _window_metrics(cfg, ctx, energy, totals, done, lr, grad_norm, loss_acc, applied, timer,
-                                       tokens_per_sample, flops_per_token)
+                                       tokens_per_sample, flops_per_token, backend.compute_dtype)
                 last.update(transform.metrics(), **control.metrics(), **task.train_metrics(backend.module))
                 writer.scalars(done, per_rank_scalars(last, range(ctx.world_size)))
                 if evaluating:
@@ -193,7 +193,7 @@ def _open_run_dir(cfg: Config, ctx: DistContext, run_dir: Path, start: int, comm
 
 def _window_metrics(cfg: Config, ctx: DistContext, energy: EnergyLog, totals: EnergyTotals, done: int, lr: float,
                     grad_norm: float, loss_acc: torch.Tensor, applied: int, timer: StepTimer,
-                    tokens_per_sample: int, flops_per_token) -> dict:
+                    tokens_per_sample: int, flops_per_token, dtype: torch.dtype) -> dict:
     """The logged record for the window since the last one. The loss is the mean over the window's
     applied steps (every replica drops the same steps) and over ranks; None if every step was dropped."""
     steps, elapsed = timer.pop_window()
@@ -202,7 +202,6 @@ def _window_metrics(cfg: Config, ctx: DistContext, energy: EnergyLog, totals: En
     figures = energy.window(steps * cfg.train.batch_size, tokens_per_sample, steps)
     for key in ("energy_j_counted", "power_w_counted"):  # the world is the group: the same as energy_j
         figures.pop(key)
-    dtype = torch.bfloat16 if cfg.parallel.mixed_precision == "bf16" else torch.float32
     return {"step": done, "loss": ctx.all_reduce_mean(float(loss_acc) / applied) if applied else None, "lr": lr,
             "grad_norm": grad_norm, "step_time_s": elapsed / steps,
             "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
