@@ -47,22 +47,31 @@ def reset_peak_rss() -> tuple[int, bool]:
     return int(status_bytes("VmRSS") or peak_rss()), ok
 
 
-def live_heap_bytes() -> Optional[int]:
-    """Bytes glibc's malloc has handed out and not taken back (mallinfo2: uordblks + hblkhd):
-    live allocations only, without the freed memory the allocator keeps resident."""
+_MALLINFO2 = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+              "keepcost")
+
+
+def mallinfo2() -> Optional[dict[str, int]]:
+    """glibc's heap accounting (mallinfo2(3)) as a dict, or None off glibc."""
     try:
         import ctypes
 
         class _MallInfo2(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
+            _fields_ = [(n, ctypes.c_size_t) for n in _MALLINFO2]
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = _MallInfo2
         info = libc.mallinfo2()
-        return int(info.uordblks + info.hblkhd)
+        return {n: int(getattr(info, n)) for n in _MALLINFO2}
     except (OSError, AttributeError):
         return None
+
+
+def live_heap_bytes() -> Optional[int]:
+    """Bytes glibc's malloc has handed out and not taken back (mallinfo2: uordblks + hblkhd):
+    live allocations only, without the freed memory the allocator keeps resident."""
+    info = mallinfo2()
+    return None if info is None else info["uordblks"] + info["hblkhd"]
 
 
 def live_heap_mode():

@@ -267,6 +267,10 @@ class CheckpointSection(_Strict):
 class RuntimeSection(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (NCCL) when available, else CPU (gloo).")
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per process; default: leave torch's choice.")
+    cpu_malloc: Literal["cache", "system"] = Field(
+        "cache", description="Host heap (glibc): 'cache' keeps freed memory in the process for the next step instead "
+        "of returning it and faulting it back in (as PyTorch's CUDA allocator does on GPU; the resident set stays at "
+        "the step's high-water mark); 'system' leaves glibc's defaults. See dist_train/runtime/malloc.py.")
     start_timeout_s: float = Field(600, gt=0, description="Collective timeout during start-up (rendezvous, model set-up).")
     steady_timeout_s: float = Field(300, gt=0, description="Collective timeout in steady-state training.")
     save_timeout_s: float = Field(1800, gt=0, description="Collective timeout while saving or loading a checkpoint.")

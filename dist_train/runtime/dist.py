@@ -22,6 +22,7 @@ from dist_train.config.layout import check_layout
 from dist_train.config.schema import Config
 from dist_train.errors import SILENT_PEERS, DistTimeoutError, UserError
 from dist_train.runtime.env import WorldInfo, discover, export_env
+from dist_train.runtime.malloc import configure_cpu_malloc
 from dist_train.runtime.mesh import build_mesh, dp_mesh
 
 _TIMEOUT_WORDS = ("timed out", "timeout", "deadline")
@@ -208,6 +209,7 @@ def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistCont
     world = world or discover()
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
+    configure_cpu_malloc(cfg.runtime.cpu_malloc)  # before the model and data allocate
     device = pick_device(cfg, world.local_rank)
     timeouts = {"start": cfg.runtime.start_timeout_s, "steady": cfg.runtime.steady_timeout_s,
                 "save": cfg.runtime.save_timeout_s}
