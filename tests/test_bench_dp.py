@@ -63,3 +63,30 @@ def test_one_step_matches_opacus_hooks_at_sigma_zero():
         got = updates["dist-train"][name]
         assert want.abs().max() > 0, name
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()), msg=name)
+
+
+def test_allocated_peak_counts_every_allocation_and_temporary():
+    """The CPU memory figure: the peak of live tensor bytes inside the block, over those live on entry,
+    worked out by hand below (tensors of known byte sizes; a product freed inside a reduction)."""
+    from dist_train.bench.dp import allocated_increase
+
+    mib = 1 << 20
+    before = torch.ones(mib // 4)  # 1 MiB live on entry, freed inside: not part of the increase
+
+    def run():
+        nonlocal before
+        a = torch.empty(4 * mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)  # live: 6 MiB
+        del a, before  # 2 MiB (-1 MiB that was live on entry)
+        x = torch.ones(mib // 4)  # 1 MiB of fp32: live 3
+        total = (x * 2.0).sum()  # the 1 MiB product lives only inside this line: 4, then 3
+        c = torch.empty(3 * mib, dtype=torch.uint8)  # 6
+        return b, c, total
+
+    assert allocated_increase(run, torch.device("cpu")) == pytest.approx(6 * mib, abs=4096)
+
+    def bigger():
+        y = torch.ones(2 * mib)  # 8 MiB of fp32
+        return (y * y).sum()  # 16 MiB at the product
+
+    assert allocated_increase(bigger, torch.device("cpu")) == pytest.approx(16 * mib, abs=4096)

@@ -26,24 +26,30 @@ tensor's size and stride"), so on EVERY side a forward pre-hook makes the positi
 contiguous (a B x T int64 copy; the model's code and arithmetic are unchanged).
 
 (a) Step: every side runs in its own fresh process (forked from a server that imported torch and
-Opacus once), `warmup` untimed steps, then `steps` timed ones (the wall time of the whole step,
-optimizer included). samples/s = B / median step time. Repeats alternate the order of the sides
-(forward, then reversed) so drift on a shared machine falls on all of them; figures are medians over
-repeats, and ratios are medians of the per-repeat ratios. Memory: on CPU the process's peak RSS
-(VmHWM, reset right after model, optimizer and privacy wrappers are built) over warm-up and timed
-steps, and its INCREASE over the RSS at that moment — the targets use the increase, i.e. what
-training adds on top of the built model (interpreter, torch and the parameters are common to all
-sides and would push every ratio towards 1); on CUDA `max_memory_allocated` minus the allocated
-bytes at that moment.
+Opacus once), with the framework's host-heap setting (`runtime.cpu_malloc`, default "cache": freed
+blocks stay in the heap for the next step, see dist_train/runtime/malloc.py — the same on every
+side), `warmup` untimed steps, then `steps` timed ones (the wall time of the whole step, optimizer
+included). samples/s = B / median step time. Repeats alternate the order of the sides (forward, then
+reversed) so drift on a shared machine falls on all of them; figures are medians over repeats, and
+ratios are medians of the per-repeat ratios.
+Memory, the target's figure: the peak of ALLOCATED tensor bytes over what was allocated once model,
+optimizer and privacy wrappers were built — what training adds on top of the built model (the
+interpreter, torch and the parameters are common to all sides and would push every ratio towards 1).
+On CUDA that is `max_memory_allocated`; on CPU the same count, read from the allocator's own events
+(`AllocatedPeak`: torch.profiler's memory events, every allocation and free, temporaries included)
+over `mem_steps` further, untimed steps after the timed ones (the profiler slows ops). Beside it, on
+CPU, the resident set: the peak RSS (VmHWM, reset after the build) of the warm-up and timed steps
+minus the RSS at that moment. RSS adds what malloc keeps resident — with "cache" the heap's
+high-water mark and its fragmentation, with glibc's defaults whatever it has not trimmed or unmapped —
+which depends on the order of a side's allocations more than on what it needs, and moved by ±5-20%
+between runs of one side; it is shown, not targeted.
 
 (b) Maximum batch: on CPU there is no out-of-memory wall at these sizes, so the maximum batch is the
 largest B of the grid 8, 12, 16, 24, 32, 48, ... (powers of two and 1.5x powers of two, up to a cap)
-whose training memory increase (as in (a), over `max_batch_steps` steps with a fresh model per B)
+whose allocated-bytes increase (as in (a), over `max_batch_steps` steps with a fresh model per B)
 stays under a fixed budget (`budget_mib` of the size); on CUDA the budget is the device memory and a
 B fits unless it raises out-of-memory. Non-private, dist-train and Opacus hooks each search in their
-own process, walking the grid upwards and stopping at the first B over budget. The CPU figure is
-RSS, so what the allocator keeps resident moves it by up to ~20% between runs at one B: a maximum
-batch can shift by one grid point from run to run.
+own process, walking the grid upwards and stopping at the first B over budget.
 
 Sizes: full = 4 layers x width 128 x 4 heads x block 64, batch 64, 2 warm-up + 12 timed steps,
 7 repeats, 2 GiB budget; quick = 2 layers (same width, heads, block), batch 32, 1 + 5 steps,
@@ -74,11 +80,14 @@ MIB = 2 ** 20
 SIZES = {
     # Tests only: a tiny model and a couple of steps; proves it runs, measures nothing.
     "smoke": {"layers": 1, "width": 32, "heads": 2, "block": 16, "batch": 4, "warmup": 1, "steps": 2,
-              "repeats": 1, "budget_mib": 512, "max_batch_cap": 24, "max_batch_steps": 1, "max_bytes": 200_000},
+              "repeats": 1, "budget_mib": 512, "max_batch_cap": 24, "max_batch_steps": 1, "mem_steps": 1,
+              "max_bytes": 200_000},
     "quick": {"layers": 2, "width": 128, "heads": 4, "block": 64, "batch": 32, "warmup": 1, "steps": 5,
-              "repeats": 3, "budget_mib": 512, "max_batch_cap": 1024, "max_batch_steps": 2, "max_bytes": 1_000_000},
+              "repeats": 3, "budget_mib": 512, "max_batch_cap": 1024, "max_batch_steps": 2, "mem_steps": 2,
+              "max_bytes": 1_000_000},
     "full": {"layers": 4, "width": 128, "heads": 4, "block": 64, "batch": 64, "warmup": 2, "steps": 12,
-             "repeats": 7, "budget_mib": 2048, "max_batch_cap": 4096, "max_batch_steps": 2, "max_bytes": 2_000_000},
+             "repeats": 7, "budget_mib": 2048, "max_batch_cap": 4096, "max_batch_steps": 2, "mem_steps": 2,
+             "max_bytes": 2_000_000},
 }
 
 
@@ -210,28 +219,35 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _memory_start(device) -> tuple[int, bool]:
-    """Reset the peak counter; the memory in use now (RSS on CPU, allocated bytes on CUDA)."""
+def _cuda_allocated_increase(run, device) -> int:
+    """CUDA: the peak allocated bytes while `run()` runs, over those allocated before it."""
     import torch
 
-    from dist_train.bench.memory import reset_peak_rss
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def allocated_increase(run, device) -> int:
+    """The peak allocated tensor bytes while `run()` runs, over those allocated before it (CUDA's
+    counters; on CPU the allocator's events, `AllocatedPeak`)."""
+    from dist_train.bench.memory import AllocatedPeak
 
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated(), True
-    return reset_peak_rss()
+        return _cuda_allocated_increase(run, device)
+    with AllocatedPeak() as mem:
+        run()
+    return mem.peak
 
 
-def _memory_peak(device) -> int:
-    import torch
+def _heap(cfg) -> bool:
+    """The framework's host-heap setting, as a run applies it (every side alike)."""
+    from dist_train.runtime.malloc import configure_cpu_malloc
 
-    from dist_train.bench.memory import peak_rss
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return peak_rss()
+    return configure_cpu_malloc(cfg.runtime.cpu_malloc)
 
 
 def step_worker(rank: int, world: int, size: dict, side: str) -> dict:
@@ -242,13 +258,16 @@ def step_worker(rank: int, world: int, size: dict, side: str) -> dict:
 
     from dist_train.data import build_dataset
 
+    from dist_train.bench.memory import peak_rss, reset_peak_rss
+
     warnings.filterwarnings("ignore")
     device, batch = _device(), size["batch"]
     cfg = _config(size, batch)
+    heap = cfg.runtime.cpu_malloc if _heap(cfg) else "system (mallopt not available)"
     data = build_dataset(cfg.data, cfg.model.block_size)
     batches = _batches(data, size["warmup"] + size["steps"], batch, device)
     step, _ = build_side(side, cfg, data, device, batch)
-    base, reset_ok = _memory_start(device)
+    rss_base, reset_ok = reset_peak_rss()
     times, losses = [], []
     for k, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
@@ -259,9 +278,11 @@ def step_worker(rank: int, world: int, size: dict, side: str) -> dict:
         losses.append(float(loss))
         if k >= size["warmup"]:
             times.append(dt)
-    peak = _memory_peak(device)
-    return {"side": side, "times": times, "losses": losses, "base": base, "peak": peak, "increase": peak - base,
-            "reset_ok": reset_ok, "device": device.type}
+    rss_increase = peak_rss() - rss_base
+    # untimed: the allocated-bytes peak of further steps (on CPU the profiler that counts them slows ops)
+    increase = allocated_increase(lambda: [step(x, y) for x, y in batches[:size["mem_steps"]]], device)
+    return {"side": side, "times": times, "losses": losses, "increase": increase, "rss_base": rss_base,
+            "rss_increase": rss_increase, "reset_ok": reset_ok, "cpu_malloc": heap, "device": device.type}
 
 
 def max_batch_worker(rank: int, world: int, size: dict, side: str) -> dict:
@@ -277,6 +298,7 @@ def max_batch_worker(rank: int, world: int, size: dict, side: str) -> dict:
     device = _device()
     budget = size["budget_mib"] * MIB if device.type == "cpu" else torch.cuda.get_device_properties(device).total_memory
     data = build_dataset(_config(size, 8).data, size["block"])
+    _heap(_config(size, 8))
     tried = []
     for batch in batch_grid(size["max_batch_cap"]):
         cfg = _config(size, batch)
@@ -284,10 +306,7 @@ def max_batch_worker(rank: int, world: int, size: dict, side: str) -> dict:
         step = None
         try:
             step, _ = build_side(side, cfg, data, device, batch)
-            base, _ = _memory_start(device)
-            for x, y in batches:
-                step(x, y)
-            increase = _memory_peak(device) - base
+            increase = allocated_increase(lambda: [step(x, y) for x, y in batches], device)
             fits = device.type == "cuda" or increase <= budget
         except torch.cuda.OutOfMemoryError:
             increase, fits = None, False
@@ -341,17 +360,16 @@ def run(quick: bool) -> dict[str, Any]:
 
     thr = {s: statistics.median(sps(r) for r in per_side[s]) for s in SIDES}
     inc = {s: statistics.median(r["increase"] for r in per_side[s]) for s in SIDES}
-    peak = {s: statistics.median(r["peak"] for r in per_side[s]) for s in SIDES}
-    base = {s: statistics.median(r["base"] for r in per_side[s]) for s in SIDES}
     mem_ratio = {s: median_ratio(s, "nonprivate", lambda r: r["increase"]) for s in SIDES}
+    rss_inc = {s: statistics.median(r["rss_increase"] for r in per_side[s]) for s in SIDES}
+    rss_ratio = {s: median_ratio(s, "nonprivate", lambda r: r["rss_increase"]) for s in SIDES}
     thr_ratio = {s: median_ratio(s, "nonprivate", sps) for s in SIDES}
     dp_vs_ghost = median_ratio("dist-train", "opacus-ghost", sps)
-    mem_name = "RSS" if device == "cpu" else "allocated"
     rows = [{"part": "a: step", "side": s, "batch": batch, "samples_per_s": thr[s],
              "step_ms_median": 1e3 * statistics.median(t for r in per_side[s] for t in r["times"]),
              "throughput_vs_nonprivate": thr_ratio[s],
-             f"{mem_name}_after_build_mib": base[s] / MIB, f"peak_{mem_name}_mib": peak[s] / MIB,
              "mem_increase_mib": inc[s] / MIB, "mem_increase_vs_nonprivate": mem_ratio[s],
+             **({"rss_increase_mib": rss_inc[s] / MIB, "rss_increase_vs_nonprivate": rss_ratio[s]} if device == "cpu" else {}),
              "repeats": len(per_side[s])} for s in SIDES]
 
     # (b) maximum batch under the memory budget
@@ -369,12 +387,12 @@ def run(quick: bool) -> dict[str, Any]:
                      "increase_first_over_mib": over["increase"] / MIB if over and over["increase"] is not None else None})
     max_b = {s: searches[s]["max_batch"] for s in MAX_BATCH_SIDES}
 
-    budget_words = (f"a {size['budget_mib']} MiB training-memory increase" if device == "cpu"
+    budget_words = (f"a {size['budget_mib']} MiB increase of allocated bytes" if device == "cpu"
                     else "the device memory (out-of-memory)")
     targets = [
         make_target("dp_mem_ratio", mem_ratio["dist-train"], "<=", 1.1,
-                    description=f"dist-train DP-SGD / non-private peak memory increase over the built model "
-                                f"({mem_name}; median of per-repeat ratios), batch {batch}"),
+                    description=f"dist-train DP-SGD / non-private peak increase of allocated tensor bytes over "
+                                f"the built model (median of per-repeat ratios), batch {batch}"),
         make_target("dp_throughput_ratio", thr_ratio["dist-train"], ">=", 0.75,
                     description=f"dist-train DP-SGD / non-private samples/s (median of per-repeat ratios), batch {batch}"),
         make_target("dp_vs_opacus_ghost", dp_vs_ghost, ">=", 1.3,
@@ -388,6 +406,9 @@ def run(quick: bool) -> dict[str, Any]:
          "description": "Opacus hooks / non-private memory increase"},
         {"metric": "opacus_ghost_mem_ratio", "value": mem_ratio["opacus-ghost"],
          "description": "Opacus ghost clipping / non-private memory increase"},
+        *({"metric": f"rss_ratio_{s.replace('-', '_')}", "value": rss_ratio[s],
+           "description": f"{s} / non-private peak-RSS increase (what malloc keeps resident included; no target)"}
+          for s in SIDES if s != "nonprivate" and device == "cpu"),
         {"metric": "opacus_hooks_throughput_ratio", "value": thr_ratio["opacus-hooks"],
          "description": "Opacus hooks / non-private samples/s"},
         {"metric": "opacus_ghost_throughput_ratio", "value": thr_ratio["opacus-ghost"],
@@ -403,12 +424,16 @@ def run(quick: bool) -> dict[str, Any]:
              "optimizer": f"SGD lr {LR}, no momentum", "max_grad_norm": CLIP, "noise_multiplier": SIGMA,
              "sampling": "fixed batch (no Poisson)", "opacus": opacus.__version__, "torch": torch.__version__,
              "grid": batch_grid(size["max_batch_cap"]),
-             "memory": ("peak RSS (VmHWM reset after build) minus RSS after build" if device == "cpu"
+             "memory": ("peak allocated tensor bytes over those after build (torch.profiler memory events, "
+                        f"{size['mem_steps']} untimed steps); beside it peak RSS (VmHWM reset after build) minus RSS "
+                        "after build, over the timed steps" if device == "cpu"
                         else "max_memory_allocated minus memory_allocated after build"),
+             "cpu_malloc": sorted({r["cpu_malloc"] for rs in per_side.values() for r in rs}),
              "peak_reset_ok": all(r["reset_ok"] for rs in per_side.values() for r in rs),
              "step_times_s": {s: [r["times"] for r in per_side[s]] for s in SIDES},
              "first_losses": {s: per_side[s][0]["losses"][:2] for s in SIDES},
              "increase_bytes": {s: [r["increase"] for r in per_side[s]] for s in SIDES},
+             "rss_increase_bytes": {s: [r["rss_increase"] for r in per_side[s]] for s in SIDES},
              "max_batch_tried": {s: searches[s]["tried"] for s in MAX_BATCH_SIDES},
              "seconds": {"step": t_step, "max_batch": t_max, "total": time.perf_counter() - t0}}
     return document("dp", command, started, setup, rows, targets, reported)

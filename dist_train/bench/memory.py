@@ -93,3 +93,35 @@ def live_heap_mode():
             return out
 
     return LiveHeapPeak()
+
+
+class AllocatedPeak:
+    """Peak of the tensor bytes torch's CPU allocator has handed out inside the `with` block, over
+    what was allocated on entry: on CPU, what `torch.cuda.max_memory_allocated` counts on GPU.
+
+    It reads the allocator's own events (torch.profiler with `profile_memory`: every allocation and
+    free, intra-op temporaries included), so unlike the resident set it does not depend on what
+    malloc keeps or returns, and the same steps give the same figure on every run. The profiler
+    slows ops, so it belongs in an untimed pass. `peak` (bytes) is set on exit."""
+
+    def __init__(self) -> None:
+        self.peak: Optional[int] = None
+        self._prof = None
+
+    def __enter__(self) -> "AllocatedPeak":
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        # "[memory]" events carry the signed size of one allocation (+) or free (-), in time order
+        events = sorted((e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type().name == "CPU")
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        self.peak = peak
