@@ -26,6 +26,14 @@ def test_smoke_document(monkeypatch):
     for r in runs:  # every run spends exactly the budget it is compared at
         eps = diff2_epsilon(r["sigma1"], r["sigma2"], size["n_per_worker"], WORKERS, size["rounds"], r["period"], DELTA)
         assert r["epsilon"] - 1e-3 < eps <= r["epsilon"]
+    # each method's chosen setting is re-run on the held-out seeds, and the results rows are those runs
+    held = doc["provenance"]["extra"]["held_out_runs"]
+    assert len(held) == len(EPSILONS) * 2 * size["eval_seeds"]
+    assert {r["seed"] for r in held}.isdisjoint({r["seed"] for r in runs})
+    for row in doc["results"]:
+        mine = [r for r in held if (r["epsilon"], r["method"]) == (row["epsilon"], row["method"])]
+        assert {(r["lr"], r["period"]) for r in mine} == {(row["lr"], row["T"])}
+        assert row["losses"] == [r["loss"] for r in mine]
     dpgd = next(r for r in runs if r["method"] == "dp-gd")
     assert dpgd["sigma1"] == calibrated_sigmas(dpgd["epsilon"], DELTA, size["n_per_worker"], WORKERS,
                                                size["rounds"], 1)[0]
