@@ -256,9 +256,8 @@ def step_worker(rank: int, world: int, size: dict, side: str) -> dict:
 
     import torch
 
-    from dist_train.data import build_dataset
-
     from dist_train.bench.memory import peak_rss, reset_peak_rss
+    from dist_train.data import build_dataset
 
     warnings.filterwarnings("ignore")
     device, batch = _device(), size["batch"]
