@@ -296,8 +296,9 @@ def max_batch_worker(rank: int, world: int, size: dict, side: str) -> dict:
     warnings.filterwarnings("ignore")
     device = _device()
     budget = size["budget_mib"] * MIB if device.type == "cpu" else torch.cuda.get_device_properties(device).total_memory
-    data = build_dataset(_config(size, 8).data, size["block"])
-    _heap(_config(size, 8))
+    probe = _config(size, 8)  # the data and the heap setting do not depend on the batch
+    data = build_dataset(probe.data, size["block"])
+    _heap(probe)
     tried = []
     for batch in batch_grid(size["max_batch_cap"]):
         cfg = _config(size, batch)
