@@ -35,18 +35,16 @@ def loss_and_grads(m: PDEModel, u0: torch.Tensor, ref: torch.Tensor) -> tuple[fl
     u = m(u0)
     loss = m.loss(u, ref)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in m.named_parameters()}, u.detach()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in m.named_parameters()}, u.detach()
 
 
-def worker(rank: int, world: int, port: int, out: str, expert_parallel=None) -> None:
+def worker(rank: int, world: int, out: str, expert_parallel=None) -> None:
     """Each rank takes its slice of the batch; loss and gradients are averaged over ranks like DDP does.
     The experts are spread over this rank's expert group of the run's own mesh (`runtime/mesh.py`):
     all ranks, or groups of `expert_parallel` ranks."""
     from dist_train.runtime.mesh import build_mesh, expert_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo")  # env:// variables and one thread from run_on_ranks
     group = expert_group(build_mesh("cpu", world, 1), expert_parallel)
     u0, ref = batch()
     per = SAMPLES // world
@@ -66,6 +64,4 @@ def worker(rank: int, world: int, port: int, out: str, expert_parallel=None) -> 
                                       "owned": list(m.experts.mine), "group": dist.get_process_group_ranks(group)}
     if rank == 0:
         torch.save(results, os.path.join(out, "results.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # skip interpreter finalization: a gloo thread freeing tensors there can abort
+    dist.barrier()  # leave together; run_on_ranks tears the group down and skips finalization

@@ -14,7 +14,6 @@ rank at step 2 (skipped) and one has none on rank 0 only at step 3 (zero there).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -162,13 +161,9 @@ CASES = [(k, lay) for k in ("muon", "muon_adamw_scale", "normuon", "normuon_refe
          for lay in ("replicated", "sharded")]
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = {f"{k}/{lay}": run(k, lay, rank, world, ckpt_dir=out_dir) for k, lay in CASES}
-        if rank == 0:
-            torch.save(results, Path(out_dir) / "results.pt")
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, world: int, out_dir: str) -> None:
+    dist.init_process_group("gloo")  # env:// variables and one thread from run_on_ranks
+    results = {f"{k}/{lay}": run(k, lay, rank, world, ckpt_dir=out_dir) for k, lay in CASES}
+    if rank == 0:
+        torch.save(results, Path(out_dir) / "results.pt")
+    dist.barrier()  # leave together; run_on_ranks tears the group down and skips finalization

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from dist_train.bench._spawn import run_on_ranks
 from dist_train.data.sampler import derive_seed
 from dist_train.privacy.diff2 import Diff2, calibrated_sigmas, closed_form_sigmas, diff2_epsilon
 
@@ -143,34 +144,23 @@ def test_closed_form_noise():
         assert s2 == math.sqrt((4 * 1.25 / 0.25) * alpha * R / (n * n * P * P * eps))
 
 
-def _worker(rank: int, port: int, out: str, period: int) -> None:
-    import os
-
+def _worker(rank: int, world: int, out: str, period: int) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # env:// variables from run_on_ranks
     model, x, y = _setup()
     opt = Diff2(model, _loss, LR, period, C1, C2, S1, S2, seed=SEED, process_group=dist.group.WORLD)
     shard = slice(rank * 6, rank * 6 + 6)
     for r in range(ROUNDS):
         opt.step(x[shard], y[shard], r)
     torch.save(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()  # leave together; run_on_ranks tears the group down
 
 
 def test_two_workers_match_one_process(tmp_path):
     """P = 2 gloo ranks holding 6 examples each == one process on all 12 (equal n_p: the mean of the
     workers' means is the mean over all examples); fp64, rtol 1e-10 (only the sum order differs)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(tmp_path), 3), nprocs=2, join=True, start_method="spawn")
+    run_on_ranks(_worker, 2, (str(tmp_path), 3))
     model, x, y = _setup()
     want = _run(model, x, y, 3)[-1]
     for r in range(2):

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from cli_helpers import clean_env
+from dist_train.bench._spawn import run_on_ranks
 from dist_train.config import load_config
 from dist_train.errors import UserError
 from dist_train.models.gpt import GPT
@@ -124,23 +123,13 @@ def test_layer_without_batch_dimension_is_refused():
 SIGMA, CLIP, BATCH, STEPS, LR = 1.3, 0.7, 16, 3, 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _noise_worker(rank: int, world: int, port: int, out: str) -> None:
-    import os
-
+def _noise_worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from dist_train.privacy.dp_sgd import DPSGD
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # env:// variables from run_on_ranks
     cfg = load_config(None, ["optim.name=dp_sgd", f"privacy.noise_multiplier={SIGMA}", f"privacy.max_grad_norm={CLIP}",
                              f"train.batch_size={BATCH}", "train.seed=3"])
     model = nn.Linear(400, 250)  # d = 100 250 coordinates
@@ -157,13 +146,12 @@ def _noise_worker(rank: int, world: int, port: int, out: str) -> None:
         opt.zero_grad(set_to_none=True)
     theta = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
     torch.save({"grads": per_step, "theta": theta, "epsilon": transform.epsilon()}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()  # leave together; run_on_ranks tears the group down
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_noise_is_added_once_per_coordinate_across_ranks(world, tmp_path):
-    mp.start_processes(_noise_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    run_on_ranks(_noise_worker, world, (str(tmp_path),))
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for r in res[1:]:  # every rank applies the same reduced gradient
         for a, b in zip(r["grads"], res[0]["grads"]):

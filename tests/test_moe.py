@@ -3,13 +3,12 @@ assembled piecewise solution, and W gloo ranks against all experts in one proces
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import moe_cases as mc
+from dist_train.bench._spawn import run_on_ranks
 from dist_train.data.pde import PDEGrid
 from dist_train.errors import UserError
 from dist_train.moe.domain import constraint_points, decompose, owner_of, points_per_expert
@@ -21,12 +20,6 @@ from dist_train.moe.physics import grid_residual
 # condition number, measured ~1e-8 relative on loss and u. The negative control below moves the
 # loss by far more than this tolerance.
 RTOL = 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("experts,splits", [(1, 1), (4, 1), (5, 1), (6, 2)])
@@ -100,8 +93,7 @@ def test_experts_beat_one_global_constraint_on_the_constrained_residual() -> Non
 def test_ranks_match_all_experts_in_one_process(world, ep, tmp_path) -> None:
     # ep = 2 on 4 ranks: two expert groups {0, 1} and {2, 3} of the mesh's "ep" dimension, each with
     # all K experts; the result must still be the one-process one.
-    mp.start_processes(mc.worker, args=(world, _free_port(), str(tmp_path), ep), nprocs=world, join=True,
-                       start_method="spawn")
+    run_on_ranks(mc.worker, world, (str(tmp_path), ep))
     got = torch.load(tmp_path / "results.pt", weights_only=False)
     u0, ref = mc.batch()
     group = ep or world  # rank 0's expert group

@@ -14,21 +14,13 @@ average or a skipped clip moves values by far more than 1e-10.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import muon_cases as mc
+from dist_train.bench._spawn import run_on_ranks
 
 RTOL = 1e-10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def references(world: int, tmp_path) -> dict:
@@ -50,8 +42,7 @@ def assert_close(got: dict, ref: dict, where: str) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_distributed_step_matches_single_process(world, tmp_path):
-    mp.start_processes(mc.worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    run_on_ranks(mc.worker, world, (str(tmp_path),))
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     refs = references(world, tmp_path)
     for case, steps in results.items():
