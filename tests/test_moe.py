@@ -3,7 +3,6 @@ assembled piecewise solution, and W gloo ranks against all experts in one proces
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
