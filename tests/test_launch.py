@@ -196,6 +196,42 @@ def test_no_restarts_launcher_names_the_dead_worker(killed_without_restarts: dic
     assert "AttributeError" not in res["stderr"]
 
 
+def test_a_failed_group_is_stopped_within_the_configured_grace() -> None:
+    """torch stops the survivors of a failed worker with a hard-coded 30 s grace, in the process
+    context's poll and in the agent (pytorch/pytorch#119856); the launcher routes
+    `runtime.stop_grace_s` into both. Driven here without workers: each path must ask for the
+    configured timeout, and an explicit timeout still wins."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    from dist_train.runtime.launch import _stop_within_grace
+
+    asked = []
+
+    class Agent(LocalElasticAgent):
+        def __init__(self) -> None:  # no spec, no workers: only the grace is under test
+            pass
+
+        def _shutdown(self, death_sig=signal.SIGTERM, timeout=30) -> None:
+            asked.append(("agent", timeout))
+
+    class Context(PContext):
+        def __init__(self) -> None:
+            self._tail_logs, self.filtered_stdout, self.filtered_stderr = [], None, None
+
+        def _close(self, death_sig, timeout=30) -> None:
+            asked.append(("context", timeout))
+
+        _start = _poll = pids = None  # abstract in PContext; never reached here
+
+    _stop_within_grace(7)
+    _stop_within_grace(3)  # a second launch in one process wraps torch's close once, with its own grace
+    Agent()._stop_workers(None)
+    Context().close()
+    Context().close(timeout=11)
+    assert asked == [("agent", 3), ("context", 3), ("context", 11)]
+
+
 # ------------------------------------------------------------------------------------------- plan
 
 

@@ -274,6 +274,10 @@ class RuntimeSection(_Strict):
     start_timeout_s: float = Field(600, gt=0, description="Collective timeout during start-up (rendezvous, model set-up).")
     steady_timeout_s: float = Field(300, gt=0, description="Collective timeout in steady-state training.")
     save_timeout_s: float = Field(1800, gt=0, description="Collective timeout while saving or loading a checkpoint.")
+    stop_grace_s: int = Field(
+        30, ge=0, description="`dist-train launch`: seconds the agent lets its workers end on their own after "
+        "SIGTERM (when the job is stopped, to commit a checkpoint; when a peer failed, to exit) before it SIGKILLs "
+        "them. torchrun's default is 30; a hung peer holds the failed job that long.")
 
 
 class Config(_Strict):

@@ -76,6 +76,38 @@ def _root_cause(error, err_dir: Path) -> str:
     return messages[failures[0][0]]
 
 
+_TORCH_CLOSE = None  # torch's own PContext.close, kept so that patching twice wraps it once
+
+
+def _stop_within_grace(grace_s: int) -> None:
+    """Give a failed worker group `runtime.stop_grace_s` between SIGTERM and SIGKILL, not torch's 30 s.
+
+    When a worker fails, torch's agent stops the survivors with a hard-coded 30 s grace, twice over:
+    the process context's poll calls `close()` with its default timeout, and
+    `LocalElasticAgent._stop_workers` calls `_shutdown()` with its own (pytorch/pytorch#119856;
+    pytorch/pytorch#192815 proposes the second half). Only the launcher's SIGTERM path passes
+    `LaunchConfig.shutdown_timeout`. A peer hung in a collective ignores SIGTERM, so a failed job
+    outlived its grace by 30 s. Both defaults take the configured grace here, in the launcher process
+    only; explicit timeouts are left as they are.
+    """
+    global _TORCH_CLOSE
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    if _TORCH_CLOSE is None:
+        _TORCH_CLOSE = PContext.close
+    torch_close = _TORCH_CLOSE
+
+    def close(self, death_sig=None, timeout=None) -> None:
+        torch_close(self, death_sig, grace_s if timeout is None else timeout)
+
+    def stop_workers(self, worker_group) -> None:
+        self._shutdown(timeout=grace_s)
+
+    PContext.close = close
+    LocalElasticAgent._stop_workers = stop_workers
+
+
 def launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -125,6 +157,8 @@ def launch(args: argparse.Namespace) -> int:
     config = LaunchConfig(min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.nproc,
                           run_id=run_id, max_restarts=args.max_restarts,
                           monitor_interval=0.5, start_method="spawn", **rdzv)
+    config.shutdown_timeout = cfg.runtime.stop_grace_s  # read by the agent where torch has the field
+    _stop_within_grace(cfg.runtime.stop_grace_s)
     worker_args = ["-m", "dist_train", "run", str(args.config), *args.overrides]
     try:
         elastic_launch(config, sys.executable)(*worker_args)
