@@ -26,8 +26,12 @@ demo: $(STAMP)
 	@echo
 	@echo "TensorBoard logs: runs/quickstart/tb  ->  $(VENV)/bin/tensorboard --logdir runs/"
 
+# Two pytest workers keep both cores busy (most tests wait on subprocesses part of the time); each
+# test file stays on one worker so its module fixtures run once. Tests marked `serial` (wall-clock
+# assertions, a Slurm cluster, network namespaces) then run alone.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -19,7 +19,8 @@ TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size
         "optim.warmup_steps=2", "checkpoint.at_end=false", "parallel.stages=1"]
 HAVE_NETNS = os.geteuid() == 0 and shutil.which("ip") is not None
 
-pytestmark = pytest.mark.multinode  # deselect with -m 'not multinode'; make test and CI run them
+# deselect with -m 'not multinode'; make test and CI run them, alone (serial: the namespaces are machine-wide)
+pytestmark = [pytest.mark.multinode, pytest.mark.serial]
 
 
 def _ip(*args: str) -> None:

@@ -264,6 +264,7 @@ def _clean_env() -> dict[str, str]:
             if k not in drop and not k.startswith(("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))}
 
 
+@pytest.mark.serial  # asserts the wall time of the timeout
 @pytest.mark.timeout(90)
 def test_steady_phase_timeout_names_rank_and_phase(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"

@@ -103,6 +103,7 @@ def _report(cluster: SlurmCluster, run: Path, job: str) -> str:
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.serial  # one Slurm cluster on the machine
 def test_job_runs_the_quickstart_on_two_tasks(cluster: SlurmCluster, tmp_path: Path) -> None:
     job = _submit(cluster, tmp_path, "qs", "train.steps=12", "train.log_every=4", "train.eval_every=12")
     run = tmp_path / "qs"
@@ -119,6 +120,7 @@ def test_job_runs_the_quickstart_on_two_tasks(cluster: SlurmCluster, tmp_path: P
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.serial  # one Slurm cluster on the machine
 def test_requeued_job_resumes_from_the_checkpoint_it_committed(cluster: SlurmCluster, tmp_path: Path) -> None:
     steps = 400
     job = _submit(cluster, tmp_path, "rq", f"train.steps={steps}", "train.log_every=10", "train.eval_every=0",

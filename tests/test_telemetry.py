@@ -199,6 +199,7 @@ def test_nvml_counter_going_backwards_is_unknown_not_negative() -> None:
     assert meter.read()[0] == pytest.approx(2.0)
 
 
+@pytest.mark.serial  # a sampling thread against the wall clock
 def test_nvml_power_fallback_integrates_constant_power() -> None:
     meter = make_energy_meter("nvml", nvml=FakeNvml(counter_mj=None, power_mw=200_000.0), sample_interval_s=0.01)
     assert meter.source == "nvml-power"
