@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -27,8 +28,8 @@ class DistTrain:
     timeout_s = 300
     TINY_GPT = TINY_GPT
 
-    def _call(self, argv: list[str], cwd: Path, steps: int) -> str:
-        env = clean_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    def _call(self, argv: list[str], cwd: Path, steps: int, env: Optional[dict[str, str]] = None) -> str:
+        env = clean_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         cwd.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([sys.executable, "-m", "dist_train", *argv], cwd=cwd, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -47,11 +48,12 @@ class DistTrain:
         self._call(["run", *args], run_dir, steps)
         return self.metrics(run_dir / name)
 
-    def launch(self, run_dir: Path, name: str, *overrides: str, steps: int, nproc: int = 2) -> list[dict]:
-        """`nproc` gloo workers through the elastic agent, one thread each."""
+    def launch(self, run_dir: Path, name: str, *overrides: str, steps: int, nproc: int = 2,
+               env: Optional[dict[str, str]] = None) -> list[dict]:
+        """`nproc` gloo workers through the elastic agent, one thread each; `env` adds variables."""
         args = ["quickstart.yaml", "--nproc", str(nproc), "--threads", "1", f"run.dir={run_dir}",
                 f"run.name={name}", f"train.steps={steps}", "parallel.stages=1", *overrides]
-        self._call(["launch", *args], run_dir, steps)
+        self._call(["launch", *args], run_dir, steps, env)
         return self.metrics(run_dir / name)
 
     @staticmethod

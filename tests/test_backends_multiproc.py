@@ -71,8 +71,13 @@ BACKENDS = {
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_two_ranks_match_single_process(dt, tmp_path, gpt_reference, backend):
-    got = dt.launch(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *BACKENDS[backend], steps=STEPS)
+    # An extensions folder of its own: on CPU, DeepSpeed would JIT-compile its inference-only
+    # shared-memory all-reduce there (~25 s); the backend declines it, so the folder stays empty.
+    extensions = tmp_path / "torch_extensions"
+    got = dt.launch(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *BACKENDS[backend], steps=STEPS,
+                    env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert_same_run(got, gpt_reference)
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.rglob("*"))
 
 
 # Accumulation: 2 ranks x 2 micro-batches of 2 = the same global batch of 8. Gradients of the first

@@ -112,6 +112,21 @@ class _SubMeshMPU:
     get_tensor_model_parallel_rank = get_model_parallel_rank
 
 
+def _decline_inference_shm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce, which training never calls.
+
+    DeepSpeed's torch comm backend builds the `deepspeed_shm_comm` op with ninja whenever it starts
+    on the CPU accelerator: about 25 s on 2 cores, and again for every new virtual environment,
+    since the build file holds the venv's absolute paths. The op serves only `inference_all_reduce`
+    (DeepSpeed-Inference's tensor-parallel layers); a training engine's collectives are
+    torch.distributed's. DeepSpeed reads `deepspeed.ops.__compatible_ops__` before building, so the
+    op is marked unavailable there.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -127,6 +142,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
+        _decline_inference_shm_op()
         ds_logger.setLevel(logging.WARNING)  # its INFO lines drown the training log
         # On a sub-mesh (a local-learning stage's replicas) DeepSpeed learns its data-parallel group
         # from a Megatron-style `mpu`; on the whole world it needs none.
