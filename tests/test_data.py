@@ -200,6 +200,7 @@ def test_digits_shapes_and_split():
     assert x.shape == (16, 1, 8, 8) and x.dtype == torch.float32
     assert y.shape == (16,) and y.dtype == torch.int64
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert info.image_norm == ((0.0,), (1.0,))  # the input is the [0, 1] image itself
     # The split is fixed (seed 0), never a function of train.seed.
     again = build_dataset(DataSection(name="digits", val_fraction=0.1), block_size=64)
     assert torch.equal(again.val_ids, ds.val_ids)
@@ -271,6 +272,11 @@ def test_shapes32_is_deterministic_balanced_and_split_disjoint():
     # standardised with the training split's statistics
     x, _ = ds.get_batch("train", torch.arange(700))
     assert x.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (x.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+    # info.image_norm undoes it: x * std + mean is the stored uint8 image / 255 (InfoPro's decoder target)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in info.image_norm)
+    x, _ = ds.get_batch("val", torch.arange(5))
+    raw = ds._splits["val"][0][:5].float() / 255.0
+    torch.testing.assert_close(x * std + mean, raw, atol=1e-5, rtol=0)
 
 
 def test_shapes32_default_test_split_and_config_checks():

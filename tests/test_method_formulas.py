@@ -1,7 +1,7 @@
 """Each method's local loss equals its paper's formula, recomputed here independently.
 
 InfoPro (arXiv 2101.10832): L_k = λ1_k·L_recons(w(h), x) + λ2_k·CE(g(h), y), with the official
-code's λ schedule; AugLocal (arXiv 2402.17318): the pyramidal depth rule, uniform sampling, fresh
+code's λ schedule and decoder (BatchNorm, sigmoid, BCE against the image restored to [0, 1]); AugLocal (arXiv 2402.17318): the pyramidal depth rule, uniform sampling, fresh
 copies, L = CE(out(b_d(…b_1(h))), y); tpSGD (arXiv 2208.08503): J = mse(y_i, P_i·onehot(y)).
 The expected values are written out by hand or computed with plain torch ops on the head's weights,
 never with the method's own helpers.
@@ -26,11 +26,12 @@ torch.set_num_threads(1)
 B, W, C, V = 6, 16, 10, 256
 
 
-def info(model_name: str, index: int, num_stages: int, later=(), input_shape=(), width=W) -> StageInfo:
+def info(model_name: str, index: int, num_stages: int, later=(), input_shape=(), width=W,
+         image_norm=None) -> StageInfo:
     lm = model_name == "gpt"
     return StageInfo(index=index, num_stages=num_stages, task="lm" if lm else "classify", width=width,
                      num_classes=V if lm else C, later_blocks=tuple(later), model_name=model_name,
-                     input_shape=tuple(input_shape))
+                     input_shape=tuple(input_shape), image_norm=image_norm)
 
 
 def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -41,6 +42,19 @@ def ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+
+
+def bce_of_sigmoid(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of sigmoid(z) against t in [0, 1], written out."""
+    p = 1 / (1 + torch.exp(-z))
+    return -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
+
+
+def batch_norm_train(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """BatchNorm in training mode: per-channel batch mean and biased variance."""
+    mu = z.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((z - mu) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    return (z - mu) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
 
 
 # ---------------------------------------------------------------- InfoPro
@@ -94,30 +108,56 @@ def test_infopro_mlp_loss_is_the_papers(num_stages, index):
     x = torch.rand(B, 1, 8, 8, generator=g)
     h, y = torch.randn(B, W, generator=g), torch.randint(0, C, (B,), generator=g)
     method = InfoPro()
-    inf = info("mlp", index, num_stages, input_shape=(1, 8, 8))
+    inf = info("mlp", index, num_stages, input_shape=(1, 8, 8), image_norm=((0.0,), (1.0,)))
     head = method.build_head(inf)
     dec = head.decoder
     recon = linear(torch.relu(linear(h, dec[0])), dec[2])  # w(h): [B, 64]
     assert recon.shape == (B, 64)
     lam1, lam2 = INFOPRO_WEIGHTS[(num_stages, index)]
-    expected = lam1 * ((recon - x.reshape(B, -1)) ** 2).mean() + lam2 * ce(_mlp_classifier(head, h), y)
+    expected = lam1 * bce_of_sigmoid(recon, x.reshape(B, -1)) + lam2 * ce(_mlp_classifier(head, h), y)
+    torch.testing.assert_close(method.local_loss(head, h, y, x, inf), expected)
+
+
+def test_infopro_reconstructs_an_input_that_is_not_an_image_with_mse():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, 1, 8, 8, generator=g) * 3  # not pixels in [0, 1]: no image_norm
+    h, y = torch.randn(B, W, generator=g), torch.randint(0, C, (B,), generator=g)
+    method = InfoPro()
+    inf = info("mlp", 0, 2, input_shape=(1, 8, 8))
+    head = method.build_head(inf)
+    recon = linear(torch.relu(linear(h, head.decoder[0])), head.decoder[2])
+    expected = 5.0 * ((recon - x.reshape(B, -1)) ** 2).mean() + 0.5 * ce(_mlp_classifier(head, h), y)
     torch.testing.assert_close(method.local_loss(head, h, y, x, inf), expected)
 
 
 @pytest.mark.parametrize("spatial", [8, 4], ids=["same-size", "upsampled"])
 def test_infopro_cnn_loss_is_the_papers(spatial):
+    """The official decoder: conv3x3 -> BatchNorm -> ReLU -> conv3x3 -> sigmoid, BCE against the
+    image restored from the normalised input x (x·std + mean per channel)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(B, 1, 8, 8, generator=g)
+    mean, std = torch.tensor([0.2, 0.5, 0.4]), torch.tensor([0.3, 0.1, 0.25])
+    pixels = torch.rand(B, 3, 8, 8, generator=g)
+    x = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # what the model is fed
     h, y = torch.randn(B, W, spatial, spatial, generator=g), torch.randint(0, C, (B,), generator=g)
     method = InfoPro()
-    inf = info("cnn", 0, 2, input_shape=(1, 8, 8))
+    inf = info("cnn", 0, 2, input_shape=(3, 8, 8), image_norm=(tuple(mean.tolist()), tuple(std.tolist())))
     head = method.build_head(inf)
+    with torch.no_grad():  # non-trivial BatchNorm affine parameters
+        head.decoder[1].weight.uniform_(0.5, 1.5, generator=g)
+        head.decoder[1].bias.uniform_(-0.5, 0.5, generator=g)
     z = h if spatial == 8 else F.interpolate(h, size=(8, 8), mode="bilinear", align_corners=True)
-    c0, c2 = head.decoder[0], head.decoder[2]
-    recon = F.conv2d(torch.relu(F.conv2d(z, c0.weight, c0.bias, padding=1)), c2.weight, c2.bias, padding=1)
+    c0, bn, c2 = head.decoder[0], head.decoder[1], head.decoder[3]
+    hidden = torch.relu(batch_norm_train(F.conv2d(z, c0.weight, c0.bias, padding=1), bn))
+    recon = F.conv2d(hidden, c2.weight, c2.bias, padding=1)
     assert recon.shape == x.shape
-    expected = 5.0 * ((recon - x) ** 2).mean() + 0.5 * ce(_cnn_classifier(head, h), y)
+    expected = 5.0 * bce_of_sigmoid(recon, pixels) + 0.5 * ce(_cnn_classifier(head, h), y)
     torch.testing.assert_close(method.local_loss(head, h, y, x, inf), expected)
+
+
+def test_infopro_rejects_an_image_normalisation_of_the_wrong_channel_count():
+    from dist_train.errors import UserError
+    with pytest.raises(UserError, match="2 channels"):
+        InfoPro().build_head(info("cnn", 0, 2, input_shape=(3, 8, 8), image_norm=((0.1, 0.2), (1.0, 1.0))))
 
 
 def test_infopro_gpt_reconstructs_the_input_bytes():

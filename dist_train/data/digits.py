@@ -37,4 +37,5 @@ class DigitsDataset(InMemoryDataset):
             "test": (images[self.test_ids], labels[self.test_ids]),
         }
         self.info = DataInfo(task="classify", vocab_size=None, input_shape=(1, 8, 8), num_classes=10,
-                             train_size=n - n_val - n_test, val_size=n_val, test_size=n_test)
+                             train_size=n - n_val - n_test, val_size=n_val, test_size=n_test,
+                             image_norm=((0.0,), (1.0,)))  # the input is the image itself

@@ -205,7 +205,8 @@ class Shapes32Dataset(InMemoryDataset):
         self.mean = train.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
         self.std = train.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
         self.info = DataInfo(task="classify", vocab_size=None, input_shape=(3, SIZE, SIZE),
-                             num_classes=NUM_CLASSES, train_size=n_train, val_size=n_val, test_size=n_test)
+                             num_classes=NUM_CLASSES, train_size=n_train, val_size=n_val, test_size=n_test,
+                             image_norm=(tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())))
 
     def get_batch(self, split: Split, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = super().get_batch(split, indices)  # uint8: normalised per batch, 4x less memory

@@ -33,6 +33,7 @@ class StageInfo:
     model_name: str  # "gpt", "mlp" or "cnn"
     input_shape: tuple = ()  # one example of the model input x, e.g. (1, 8, 8); () for token ids
     cut_points: tuple = ()  # the block index where each stage after the first begins (all stages)
+    image_norm: Optional[tuple] = None  # DataInfo.image_norm: (mean, std) per channel back to [0, 1] pixels
 
 
 class LocalMethod(ABC):

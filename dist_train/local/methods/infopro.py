@@ -25,22 +25,24 @@ K = 16: λ1 5 -> 0.5, λ2 0 -> 1 (`PAPER_WEIGHTS`). An option left unset (`local
 the default) takes the value of the row whose K is nearest to the run's (ties: the larger K, so
 K = 3 uses K = 4's row, never K = 2's, whose end point is zero for both terms).
 
-Decoder w_k (the paper's decoder is bilinear upsampling to the image size, conv3x3 to 12 channels,
-BN, ReLU, conv3x3 to the image channels, sigmoid, binary cross-entropy against the image):
-  * CNN: the same, upsampling h only if its spatial size differs from x's, and without BatchNorm
-    and sigmoid: conv3x3(W -> 12) + ReLU + conv3x3(12 -> C_in), **MSE** against x [B, C_in, H, W].
-  * MLP: Linear(W, W) + ReLU + Linear(W, D) against x flattened [B, D] (D from `info.input_shape`),
-    **MSE**.
+Decoder w_k and L_recons, as the official code (`Decoder` in `networks/auxiliary_nets.py`): bilinear upsampling
+of h to the image size, conv3x3 to 12 channels, BatchNorm, ReLU, conv3x3 to the image channels,
+sigmoid, and binary cross-entropy against the image restored to [0, 1] pixels (its
+`_image_restore` undoes the input normalisation; here `info.image_norm`, the data set's per-channel
+mean and std, does the same):
+  * CNN: exactly that (upsampling only if h's spatial size differs from x's); sigmoid + BCE as
+    `binary_cross_entropy_with_logits`, the numerically stable form of the same loss.
+  * MLP (no counterpart in the paper, which only uses CNNs): Linear(W, W) + ReLU + Linear(W, D),
+    the same sigmoid + BCE against the flattened image [B, D] (D from `info.input_shape`).
   * GPT (adaptation): x is token ids [B, T]; "reconstructing x" is predicting the input byte at
     every position, w = LayerNorm + Linear(W, vocab), cross-entropy against x.
+  * An input that is not an image in [0, 1] (`info.image_norm` is None): MSE against x as given.
 Task head g_k: the DGL-style classifier of `_common.small_classifier` with cross-entropy (the paper
 reports both a cross-entropy and a supervised-contrastive task term; its best results use the
 contrastive one with a conv+2fc head).
 
-Named simplifications: MSE instead of sigmoid + binary cross-entropy for images (the two have
-different scales, so the paper's λ values weigh the terms somewhat differently here); no BatchNorm in
-the decoder (the reference CNN avoids BatchNorm, see `models/cnn.py`); the cross-entropy task
-term, not the contrastive one.
+Named simplifications: the cross-entropy task term, not the contrastive one; the MLP decoder and
+the GPT's byte "reconstruction" have no counterpart in the paper; MSE for non-image inputs.
 
 x arrives detached on every non-last stage (`needs_input`: the runtime reads it from the
 deterministic sampler, nothing extra is sent), so the reconstruction never pushes a gradient into
@@ -96,6 +98,7 @@ class InfoProHead(nn.Module):
             self.decoder = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, info.num_classes, bias=False))
             return
         shape = tuple(info.input_shape)
+        self.input_shape = shape
         if not shape:
             raise UserError(f"local.method: infopro needs the input shape of model '{info.model_name}' "
                             f"(StageInfo.input_shape is empty)")
@@ -106,8 +109,16 @@ class InfoProHead(nn.Module):
                 raise UserError(f"local.method: infopro's CNN decoder needs [C, H, W] inputs, got {shape}")
             self.image_size = tuple(shape[1:])
             self.decoder = nn.Sequential(
-                nn.Conv2d(w, DECODER_CHANNELS, kernel_size=3, padding=1), nn.ReLU(),
-                nn.Conv2d(DECODER_CHANNELS, shape[0], kernel_size=3, padding=1))
+                nn.Conv2d(w, DECODER_CHANNELS, kernel_size=3, padding=1), nn.BatchNorm2d(DECODER_CHANNELS),
+                nn.ReLU(), nn.Conv2d(DECODER_CHANNELS, shape[0], kernel_size=3, padding=1))
+        # x * std + mean: the [0, 1] image the input was normalised from, per channel (None: not an image)
+        self.image_norm = None
+        if info.image_norm is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32) for v in info.image_norm)
+            if len(shape) != 3 or len(mean) not in (1, shape[0]) or len(std) != len(mean):
+                raise UserError(f"local.method: infopro got an image normalisation for {len(mean)} channels, "
+                                f"the input has shape {shape}")
+            self.image_norm = (mean.view(-1, 1, 1), std.view(-1, 1, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Task logits g_k(h)."""
@@ -120,12 +131,19 @@ class InfoProHead(nn.Module):
         return self.decoder(h)
 
     def reconstruction_loss(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """L_recons(w_k(h), x)."""
+        """L_recons(w_k(h), x): BCE of sigmoid(w_k(h)) against the [0, 1] image (CNN, MLP), byte
+        cross-entropy (GPT), MSE for an input that is not an image."""
         out = self.reconstruct(h)
         if self.model_name == "gpt":
             return cross_entropy(out, x)
-        # float32 MSE: under bf16 autocast a squared error loses visible precision.
-        return F.mse_loss(out.float(), x.detach().reshape(out.shape).float())
+        # float32: under bf16 autocast the loss loses visible precision.
+        x = x.detach().float()
+        if self.image_norm is None:
+            return F.mse_loss(out.float(), x.reshape(out.shape))
+        mean, std = (t.to(x.device) for t in self.image_norm)
+        # clamp: only rounding can leave [0, 1] (the pixels were in it before normalisation).
+        pixels = (x.reshape(-1, *self.input_shape) * std + mean).clamp(0.0, 1.0)
+        return F.binary_cross_entropy_with_logits(out.float(), pixels.reshape(out.shape))
 
 
 class InfoPro(LocalMethod):
