@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
+
+from dist_train.runtime.env import free_port  # noqa: F401  (re-exported for the CLI tests)
 
 _SCRIPT = Path(sys.executable).with_name("dist-train")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dist_train"]
@@ -34,12 +35,6 @@ def clean_env(**extra: str) -> dict[str, str]:
            if k not in _WORLD_VARS and not k.startswith(("SLURM_", "OMPI_", "PMI_", "TORCHELASTIC_"))}
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(args: list[str], cwd: Path, env: Optional[dict[str, str]] = None,

@@ -19,6 +19,8 @@ from typing import Optional
 
 import pytest
 
+from dist_train.runtime.env import free_port
+
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
 
 
@@ -42,12 +44,6 @@ def ensure_installed() -> None:
     if proc.returncode != 0 or _missing():
         pytest.fail(f"could not install slurm-wlm and munge:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}",
                     pytrace=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _sbin(name: str) -> str:
@@ -83,8 +79,8 @@ class SlurmCluster:
         self.conf.write_text(f"""\
 ClusterName=dt-test
 SlurmctldHost={self.host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port("")}
+SlurmdPort={free_port("")}
 AuthType=auth/munge
 AuthInfo=socket={sock}
 CredType=cred/munge

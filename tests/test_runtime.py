@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import pytest
 
 from dist_train.errors import DistTimeoutError, UserError
 from dist_train.runtime.dist import DistContext
-from dist_train.runtime.env import (WorldInfo, discover, expand_nodelist, export_env,
+from dist_train.runtime.env import (WorldInfo, discover, expand_nodelist, export_env, free_port,
                                     strip_deepspeed_local_rank)
 
 # ---------------------------------------------------------------------------------- expand_nodelist
@@ -251,12 +250,6 @@ _TIMEOUT_WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _clean_env() -> dict[str, str]:
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
             "MASTER_PORT", "DIST_TRAIN_ERROR_DIR")
@@ -269,7 +262,7 @@ def _clean_env() -> dict[str, str]:
 def test_steady_phase_timeout_names_rank_and_phase(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(_TIMEOUT_WORKER)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = _clean_env()

@@ -18,19 +18,14 @@ import contextlib
 
 import os
 import pickle
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dist_train.runtime.env import free_port
+
 # Read by OpenMP/MKL when the child imports torch, so they must be in the environment before spawn.
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, fn: Callable[..., Any], nprocs: int, port: int, threads: int, out: str,

@@ -154,14 +154,16 @@ def discover(env: Optional[Mapping[str, str]] = None, use_mpi4py: bool = True) -
         if "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env:
             warnings.warn("inside a Slurm allocation but not under srun: running as a single process", stacklevel=2)
         info = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1,
-                         master_addr="127.0.0.1", master_port=_free_port(), launcher="single")
+                         master_addr="127.0.0.1", master_port=free_port(), launcher="single")
     validate(info)
     return info
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now ("": every interface). Another process may take it before the
+    caller binds it; the rendezvous that uses it reports that clearly."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

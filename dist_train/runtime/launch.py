@@ -21,13 +21,7 @@ from pathlib import Path
 from dist_train.config import load_config
 from dist_train.config.layout import check_layout
 from dist_train.errors import SILENT_PEERS, UserError
-from dist_train.runtime.env import LOOPBACK
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dist_train.runtime.env import LOOPBACK, free_port
 
 
 def _wait_for_master(addr: str, port: int, timeout_s: float) -> None:
@@ -134,7 +128,7 @@ def launch(args: argparse.Namespace) -> int:
         rdzv = dict(rdzv_backend="static", rdzv_endpoint=f"{args.master_addr}:{args.master_port or 29500}",
                     rdzv_configs={"rank": args.node_rank, "timeout": int(cfg.runtime.start_timeout_s)})
     else:
-        rdzv = dict(rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{args.master_port or _free_port()}",
+        rdzv = dict(rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{args.master_port or free_port()}",
                     rdzv_configs={"timeout": int(cfg.runtime.start_timeout_s)})
 
     # Every node must name the same run: derive it from the rendezvous endpoint, not a random id.
