@@ -1,8 +1,9 @@
 """Each method's local loss equals its paper's formula, recomputed here independently.
 
 InfoPro (arXiv 2101.10832): L_k = λ1_k·L_recons(w(h), x) + λ2_k·CE(g(h), y), with the official
-code's λ schedule and decoder (BatchNorm, sigmoid, BCE against the image restored to [0, 1]); AugLocal (arXiv 2402.17318): the pyramidal depth rule, uniform sampling, fresh
-copies, L = CE(out(b_d(…b_1(h))), y); tpSGD (arXiv 2208.08503): J = mse(y_i, P_i·onehot(y)).
+code's λ schedule and decoder (BatchNorm, sigmoid, BCE against the image restored to [0, 1]);
+AugLocal (arXiv 2402.17318): the pyramidal depth rule, uniform sampling, fresh copies,
+L = CE(out(b_d(…b_1(h))), y); tpSGD (arXiv 2208.08503): J = mse(y_i, P_i·onehot(y)).
 The expected values are written out by hand or computed with plain torch ops on the head's weights,
 never with the method's own helpers.
 """

@@ -19,16 +19,17 @@ Weights across depth (the official code, `networks/resnet.py`): for local module
     r_k = k / (K - 2)   (0 when K = 2),
     λ1_k = λ1_first·(1 - r_k) + λ1_last·r_k,   λ2_k = λ2_first·(1 - r_k) + λ2_last·r_k.   (2)
 
-The four end points are tuned per K in the official commands (README, ResNet-110 on CIFAR-10):
+The four end points are tuned per K in the official commands (README, ResNet-110 on CIFAR-10,
+with the contrastive task term):
 K = 2: λ1 5, λ2 0.5 (one local module); K = 4: λ1 1 -> 0, λ2 0 -> 1; K = 8: λ1 5 -> 0, λ2 0 -> 1;
 K = 16: λ1 5 -> 0.5, λ2 0 -> 1 (`PAPER_WEIGHTS`). An option left unset (`local.infopro.*: null`,
 the default) takes the value of the row whose K is nearest to the run's (ties: the larger K, so
 K = 3 uses K = 4's row, never K = 2's, whose end point is zero for both terms).
 
-Decoder w_k and L_recons, as the official code (`Decoder` in `networks/auxiliary_nets.py`): bilinear upsampling
-of h to the image size, conv3x3 to 12 channels, BatchNorm, ReLU, conv3x3 to the image channels,
-sigmoid, and binary cross-entropy against the image restored to [0, 1] pixels (its
-`_image_restore` undoes the input normalisation; here `info.image_norm`, the data set's per-channel
+Decoder w_k and L_recons, as the official code (`Decoder` in `networks/auxiliary_nets.py`):
+bilinear upsampling of h to the image size, conv3x3 to 12 channels, BatchNorm, ReLU, conv3x3 to
+the image channels, sigmoid, and binary cross-entropy against the image restored to [0, 1] pixels
+(its `_image_restore` undoes the input normalisation; here `info.image_norm`, the data set's per-channel
 mean and std, does the same):
   * CNN: exactly that (upsampling only if h's spatial size differs from x's); sigmoid + BCE as
     `binary_cross_entropy_with_logits`, the numerically stable form of the same loss.
