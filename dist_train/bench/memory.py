@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Optional
+import os
+import sys
+from typing import Iterator, Optional
 
 
 def status_bytes(field: str) -> Optional[int]:
@@ -95,6 +97,23 @@ def live_heap_mode():
     return LiveHeapPeak()
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block. torch 2.13's kineto writes a `USDT: ...
+    profiler_start` / `profiler_stop` line to stderr from C++ at every profiler start and stop
+    (kineto PR #1325), whatever KINETO_LOG_LEVEL says; a benchmark that profiles dozens of runs
+    would print a page of them. Python exceptions still propagate: only the C++ writes are lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class AllocatedPeak:
     """Peak of the tensor bytes torch's CPU allocator has handed out inside the `with` block, over
     what was allocated on entry: on CPU, what `torch.cuda.max_memory_allocated` counts on GPU.
@@ -112,11 +131,13 @@ class AllocatedPeak:
         from torch.profiler import ProfilerActivity, profile
 
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._prof.__enter__()
+        with _stderr_to_devnull():
+            self._prof.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._prof.__exit__(*exc)
+        with _stderr_to_devnull():
+            self._prof.__exit__(*exc)
         # "[memory]" events carry the signed size of one allocation (+) or free (-), in time order
         events = sorted((e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
                         if e.name() == "[memory]" and e.device_type().name == "CPU")
