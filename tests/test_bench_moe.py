@@ -16,13 +16,19 @@ def test_smoke_moe_benchmark_measures_every_model(monkeypatch):
     assert doc["name"] == "moe" and doc["provenance"]
     rows = doc["results"]
     size = SIZES["smoke"]
-    assert len(rows) == 1 + len(size["points"]) * (1 + len(size["experts"]))
+    assert len(rows) == 1 + len(size["points"]) * (2 + len(size["experts"]))
     for r in rows:
         assert 0 < r["rel_l2"] < 10 and r["step_time_s"] > 0
         assert (r["lm_iterations"] is None) == (r["experts"] is None)  # the soft model solves nothing
 
-    def at(k, m):
-        return next(r for r in rows if r["experts"] == k and r["points"] == m)
+    def at(k, m, ranks=2):
+        return next(r for r in rows if r["experts"] == k and r["points"] == m and r["ranks"] == ranks)
+
+    # The global constraint on one rank for the whole batch (the paper's placement) trains the same
+    # model as its data-parallel placement on 2 ranks: same samples, same averaged gradient.
+    for m in size["points"]:
+        assert at(1, m, ranks=1)["loss"] == pytest.approx(at(1, m)["loss"], rel=1e-3)
+        assert at(1, m, ranks=1)["rel_l2"] == pytest.approx(at(1, m)["rel_l2"], rel=1e-3)
 
     targets = {t["metric"]: t for t in doc["targets"]}
     large, small, k = size["points"][-1], size["points"][0], size["experts"][-1]
@@ -32,5 +38,8 @@ def test_smoke_moe_benchmark_measures_every_model(monkeypatch):
     growth = (at(k, large)["step_time_s"] / at(k, small)["step_time_s"]) / (
         at(1, large)["step_time_s"] / at(1, small)["step_time_s"])
     assert targets["step_time_growth_experts_vs_global"]["value"] == pytest.approx(growth)
+    reported = {r["metric"]: r["value"] for r in doc["reported"]}
+    assert reported["step_time_global_1rank_vs_experts"] == pytest.approx(
+        at(1, large, ranks=1)["step_time_s"] / at(k, large)["step_time_s"])
     for t in targets.values():
         assert t["met"] == (t["value"] <= t["target"] if t["op"] == "<=" else t["value"] >= t["target"])

@@ -9,7 +9,11 @@ and basis size; only the constraint differs:
   each rank solves it for its own half of the batch (the data-parallel placement: the fastest
   equal-device baseline, not a single rank solving for everyone);
 - experts (K = 2, 4): K sub-domains with m / K points each, placed round-robin on the 2 ranks;
-  each owner solves its experts for the whole batch.
+  each owner solves its experts for the whole batch;
+- global on 1 rank (reported, no target): the paper's placement, one device solving the single
+  constraint for the whole batch (`--nproc 1`). It trains the same model as the 2-rank global row
+  (same samples, same averaged gradient), so only its step time is new: the paper's speed-up of
+  experts over a global constraint compares these unequal device counts.
 
 Figures, read from each run's own metrics.jsonl: the held-out (validation split) relative L2 error
 after the last step, and the median training step time over the logged windows after the first
@@ -46,10 +50,10 @@ COMMON = ["telemetry.progress=off", "telemetry.tensorboard=false", "checkpoint.e
           "train.eval_batches=4"]
 
 
-def _train(work: Path, name: str, size: dict, overrides: list[str]) -> dict[str, Any]:
+def _train(work: Path, name: str, size: dict, overrides: list[str], nproc: int = 2) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_TRAIN_FAULT"))}
     env.update(OMP_NUM_THREADS="1")
-    argv = [sys.executable, "-m", "dist_train", "launch", str(CONFIG), "--nproc", "2", "--threads", "1",
+    argv = [sys.executable, "-m", "dist_train", "launch", str(CONFIG), "--nproc", str(nproc), "--threads", "1",
             f"run.dir={work}", f"run.name={name}", f"train.steps={size['steps']}",
             f"train.log_every={size['log_every']}", f"train.eval_every={size['steps']}", *COMMON,
             *size["extra"], *overrides]
@@ -65,10 +69,10 @@ def _train(work: Path, name: str, size: dict, overrides: list[str]) -> dict[str,
             "step_time_s": statistics.median(times), "lm_iterations": last.get("lm_iterations"), "wall_s": wall}
 
 
-def _repeated(work: Path, name: str, size: dict, overrides: list[str]) -> dict[str, Any]:
+def _repeated(work: Path, name: str, size: dict, overrides: list[str], nproc: int = 2) -> dict[str, Any]:
     """Median over `repeats` runs with seeds 0, 1, ... (initial weights and data order; the data set
     and the constraint points stay fixed), the per-seed errors listed beside."""
-    runs = [_train(work, f"{name}_s{seed}", size, [*overrides, f"train.seed={seed}"])
+    runs = [_train(work, f"{name}_s{seed}", size, [*overrides, f"train.seed={seed}"], nproc)
             for seed in range(size["repeats"])]
     out = {key: statistics.median(r[key] for r in runs) if runs[0][key] is not None else None for key in runs[0]}
     out["rel_l2_each"] = " ".join(f"{r['rel_l2']:.3f}" for r in runs)
@@ -82,15 +86,20 @@ def run(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-moe-") as tmp:
         work = Path(tmp)
         soft = _repeated(work, "soft", size, ["moe.constraint=soft"])
-        rows.append({"model": "soft constraint", "experts": None, "points": None, **soft})
+        rows.append({"model": "soft constraint", "experts": None, "points": None, "ranks": 2, **soft})
         for m in size["points"]:
             for k in [1, *size["experts"]]:
                 fig = _repeated(work, f"k{k}_m{m}", size, ["moe.constraint=hard", f"moe.experts={k}", f"moe.points={m}"])
                 rows.append({"model": "global hard constraint" if k == 1 else f"{k} experts", "experts": k,
-                             "points": m, **fig})
+                             "points": m, "ranks": 2, **fig})
+            # The paper's placement of the global constraint: one device solves it for the whole
+            # batch. Reported beside the targets, which use the equal-device row above.
+            one = _repeated(work, f"k1_m{m}_1rank", size, ["moe.constraint=hard", "moe.experts=1", f"moe.points={m}"],
+                            nproc=1)
+            rows.append({"model": "global hard constraint, 1 rank", "experts": 1, "points": m, "ranks": 1, **one})
 
     def at(k: int, m: int) -> dict:
-        return next(r for r in rows if r["experts"] == k and r["points"] == m)
+        return next(r for r in rows if r["experts"] == k and r["points"] == m and r["ranks"] == 2)
 
     small, large, best = size["points"][0], size["points"][-1], max(size["experts"])
     targets = []
@@ -111,6 +120,10 @@ def run(quick: bool) -> dict[str, Any]:
     reported = [{"metric": f"step_time_growth_{name}", "value": value,
                  "description": f"median step time at m = {large} / at m = {small}"}
                 for name, value in (("global", growth_global), (f"{best}_experts", growth_experts))]
+    one_rank = next(r for r in rows if r["ranks"] == 1 and r["points"] == large)
+    reported.append({"metric": "step_time_global_1rank_vs_experts", "value": one_rank["step_time_s"] / at(best, large)["step_time_s"],
+                     "description": f"median step time, global hard constraint on ONE rank for the whole batch (the "
+                     f"paper's placement) / {best} experts on 2 ranks, m = {large}: unequal devices, no target"})
     setup = {"size": size_name, "steps": size["steps"], "repeats": size["repeats"], "world_size": 2, "threads_per_rank": 1,
              "config": "configs/moe_pde.yaml", "overrides": [*COMMON, *size["extra"]], "points": size["points"],
              "experts": size["experts"], "error": "relative L2 on the validation split after the last step"}
