@@ -13,14 +13,16 @@ from dist_train.moe.model import PDEModel
 
 GRID = PDEGrid(nx=17, nt=9, t_end=0.5, nu=0.01, rho=1.0)
 SAMPLES = 4
-# (experts, time_splits): several experts per rank, a number not divisible by W, a time split, K = 1
-CASES = [(4, 1), (3, 1), (4, 2), (1, 1)]
+# (experts, time_splits, overlap): several experts per rank, a number not divisible by W, a time split,
+# K = 1, overlapping constrained regions (3 columns: wider than a 4-column band's neighbour needs)
+CASES = [(4, 1, 0), (3, 1, 0), (4, 2, 0), (1, 1, 0), (4, 1, 3)]
 
 
-def model(experts: int, time_splits: int, group=None) -> PDEModel:
+def model(experts: int, time_splits: int, overlap: int = 0, group=None) -> PDEModel:
     torch.manual_seed(0)
     return PDEModel(GRID, n_basis=6, width=16, n_layer=2, constraint="hard", experts=experts,
-                    points=48, time_splits=time_splits, options=LMOptions(tol=1e-13), group=group).double()
+                    points=48, time_splits=time_splits, options=LMOptions(tol=1e-13), group=group,
+                    overlap=overlap).double()
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,8 +52,8 @@ def worker(rank: int, world: int, out: str, expert_parallel=None) -> None:
     per = SAMPLES // world
     mine = slice(rank * per, (rank + 1) * per)
     results = {}
-    for experts, splits in CASES:
-        m = model(experts, splits, group=group)
+    for case in CASES:
+        m = model(*case, group=group)
         loss, grads, u = loss_and_grads(m, u0[mine], ref[mine])
         t = torch.tensor([loss])
         dist.all_reduce(t)
@@ -60,7 +62,7 @@ def worker(rank: int, world: int, out: str, expert_parallel=None) -> None:
             g /= world
         us = [torch.empty_like(u) for _ in range(world)]
         dist.all_gather(us, u)
-        results[(experts, splits)] = {"loss": float(t) / world, "grads": grads, "u": torch.cat(us),
+        results[case] = {"loss": float(t) / world, "grads": grads, "u": torch.cat(us),
                                       "owned": list(m.experts.mine), "group": dist.get_process_group_ranks(group)}
     if rank == 0:
         torch.save(results, os.path.join(out, "results.pt"))

@@ -21,20 +21,28 @@ from dist_train.moe.physics import grid_residual
 RTOL = 1e-6
 
 
-@pytest.mark.parametrize("experts,splits", [(1, 1), (4, 1), (5, 1), (6, 2)])
-def test_sub_domains_tile_the_grid_and_halos_hold_the_stencils(experts, splits) -> None:
+@pytest.mark.parametrize("experts,splits,overlap", [(1, 1, 0), (4, 1, 0), (5, 1, 0), (6, 2, 0), (4, 1, 3), (6, 2, 2)])
+def test_sub_domains_tile_the_grid_and_halos_hold_the_stencils(experts, splits, overlap) -> None:
     grid = mc.GRID
-    subs = decompose(grid, experts, splits)
+    subs = decompose(grid, experts, splits, overlap)
     cover = torch.zeros(grid.nt, grid.nx, dtype=torch.int64)
     for s in subs:
         cover[s.t0:s.t1, s.x0:s.x1] += 1
-        pts = constraint_points(s, grid, 3, seed=0)
+        # the constrained region: the own columns widened by the overlap on either side, within the grid
+        assert (s.cx0, s.cx1) == (max(s.x0 - overlap, 0), min(s.x1 + overlap, grid.nx))
+        eligible = (s.t1 - max(s.t0, 1)) * (min(s.cx1, grid.nx - 1) - max(s.cx0, 1))
+        pts = constraint_points(s, grid, eligible // 2, seed=0)
         tb, xb = s.halo_shape
         pts.validate(tb, xb)  # every residual stencil inside the expert's block with halo
-        # global positions of the residual points lie in the own block, interior of the domain
+        # global positions of the residual points lie in the constrained region, interior of the domain
         j, i = pts.pde_j + s.ht0, pts.pde_i + s.hx0
-        assert ((j >= max(s.t0, 1)) & (j < s.t1) & (i >= max(s.x0, 1)) & (i < min(s.x1, grid.nx - 1))).all()
-        assert (pts.ic_j + s.ht0 == 0).all() and len(pts.ic_j) == (s.x1 - s.x0 if s.t0 == 0 else 0)
+        assert ((j >= max(s.t0, 1)) & (j < s.t1) & (i >= max(s.cx0, 1)) & (i < min(s.cx1, grid.nx - 1))).all()
+        if overlap and 0 < s.x0:  # a draw this size reaches into the widened part
+            assert (i < s.x0).any() or (i >= s.x1).any()
+        assert (pts.ic_j + s.ht0 == 0).all() and len(pts.ic_j) == (s.cx1 - s.cx0 if s.t0 == 0 else 0)
+        bc = pts.bc_i + s.hx0
+        assert ((bc == 0) | (bc == grid.nx - 1)).all()
+        assert len(bc) == (s.t1 - max(s.t0, 1)) * ((s.cx0 == 0) + (s.cx1 == grid.nx))
     assert (cover == 1).all()  # every grid point belongs to exactly one expert
     assert sum(points_per_expert(10, experts)) == 10
     assert [owner_of(k, 2) for k in range(experts)] == [k % 2 for k in range(experts)]
@@ -45,6 +53,8 @@ def test_too_many_experts_or_points_is_a_clear_error() -> None:
         decompose(mc.GRID, 16)
     with pytest.raises(UserError, match="moe.time_splits: 3 does not divide moe.experts=4"):
         decompose(mc.GRID, 4, 3)
+    with pytest.raises(UserError, match="moe.overlap: 17 columns must be at least 0 and below the grid's 17"):
+        decompose(mc.GRID, 4, overlap=17)
     with pytest.raises(UserError, match="moe.points: expert 0 would need 500 residual points"):
         constraint_points(decompose(mc.GRID, 4)[0], mc.GRID, 500)
 
@@ -63,8 +73,9 @@ def test_physics_residual_equals_the_constraint_rows() -> None:
     torch.testing.assert_close(grid_residual(u, grid).flatten(1), rows, rtol=1e-12, atol=1e-12)
 
 
-def test_assembled_solution_is_each_experts_own_solve() -> None:
-    m = mc.model(4, 2)
+@pytest.mark.parametrize("overlap", [0, 3])
+def test_assembled_solution_is_each_experts_own_solve(overlap) -> None:
+    m = mc.model(4, 2, overlap)
     u0, _ = mc.batch()
     with torch.no_grad():
         b = m.basis(u0)
@@ -98,7 +109,7 @@ def test_ranks_match_all_experts_in_one_process(world, ep, tmp_path) -> None:
     group = ep or world  # rank 0's expert group
     for case in mc.CASES:
         loss, grads, u = mc.loss_and_grads(mc.model(*case), u0, ref)
-        where = f"W={world} ep={group} experts/time_splits={case}"
+        where = f"W={world} ep={group} experts/time_splits/overlap={case}"
         assert got[case]["group"] == list(range(group)), where
         assert got[case]["loss"] == pytest.approx(loss, rel=RTOL), where
         torch.testing.assert_close(got[case]["u"], u, rtol=RTOL, atol=1e-10, msg=where)

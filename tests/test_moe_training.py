@@ -99,6 +99,7 @@ def test_baselines_train_in_the_same_code(runs, constraint) -> None:
     ("moe.experts=40", ["moe.experts: 40 sub-domains in space do not fit the 31 interior columns"]),
     ("moe.points=5000", ["moe.points: expert 0 would need 1250 residual points"]),
     ("moe.time_splits=3", ["moe.time_splits: 3 does not divide moe.experts=4"]),
+    ("moe.overlap=33", ["moe.overlap: 33 columns must be at least 0 and below the grid's 33 columns"]),
     ("moe.expert_parallel=2", ["moe.expert_parallel: expert groups of 2 ranks do not divide the 1 data-parallel"]),
     ("parallel.backend=fsdp", ["parallel.backend: the PDE task runs under ddp or none"]),
     ("parallel.stages=2", ["parallel.stages: the PDE task trains end to end"]),

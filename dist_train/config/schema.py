@@ -114,6 +114,7 @@ class MoESection(_Strict):
     experts: int = Field(4, ge=1, description="Hard-constraint experts K, one per sub-domain, placed round-robin on the ranks of each expert group (several per rank allowed); 1 = one global constraint.")
     expert_parallel: Optional[int] = Field(None, ge=1, description="Ranks per expert group (the device mesh's 'ep' dimension): the data-parallel ranks form dp / ep groups of ep neighbouring ranks, each holding all K experts and exchanging basis values and solutions only inside the group; must divide the data-parallel size. null: one group of every data-parallel rank.")
     time_splits: int = Field(1, ge=1, description="Split time as well as space: experts = time_splits x space bands (must divide moe.experts).")
+    overlap: int = Field(0, ge=0, description="Columns each expert constrains beyond its own block on either side (restricted additive Schwarz; an extension, not in PI-HC-MoE): it solves omega_k on the widened region and keeps b.omega_k on its own block. 0 = the paper's non-overlapping split.")
     points: int = Field(1024, ge=1, description="PDE residual points m sampled over the whole grid (m / K per expert), besides every initial and boundary point.")
     basis: int = Field(32, ge=1, description="Basis functions N produced by the basis network.")
     loss: Literal["physics", "data"] = Field("physics", description="Training loss: the discretised PDE's residual + initial + boundary terms over the whole grid (no solution data, as PI-HC), or mean squared error to the reference solution.")

@@ -8,11 +8,21 @@ before (the halo), where the block has a neighbour. The halo carries *basis valu
 with the expert's own ω_k: each expert stays an independent problem (PI-HC-MoE's experts never
 share ω), and the basis values it needs beyond its border are what crosses ranks.
 
-Points (all of the expert's own block; global index conditions):
-- residual: m_k points drawn without replacement (fixed seed per expert) from the own points with
-  j >= 1 and 1 <= i <= nx - 2, m_k = m // K (the first m % K experts take one more);
-- initial condition: every own point with j = 0;
-- boundary (u = 0): every own point with i in {0, nx - 1} and j >= 1.
+Overlap (`moe.overlap` = o columns; 0, the paper's non-overlapping split, by default). An extension,
+not in PI-HC-MoE: expert k constrains the PDE on its column band widened by o columns on each side
+(clipped to the grid), solves its ω_k there, and keeps b·ω_k only on its own block — the restricted
+additive Schwarz pattern of overlapping domain decomposition (Cai & Sarkis, SIAM J. Sci. Comput. 21,
+1999), as overlapping-subdomain PINNs use it (FBPINNs, Moseley et al., 2023). Without it, a sub-problem
+has no condition at an interface and neighbouring ω's need not agree there; BENCHMARKS.md (moe,
+converge size) measures what the overlap changes.
+Still no ω and no solution crosses between experts; only the basis block each expert receives grows.
+
+Points (all in the expert's constrained region: its own block widened by the overlap; global index
+conditions):
+- residual: m_k points drawn without replacement (fixed seed per expert) from the region's points
+  with j >= 1 and 1 <= i <= nx - 2, m_k = m // K (the first m % K experts take one more);
+- initial condition: every point of the region with j = 0;
+- boundary (u = 0): every point of the region with i in {0, nx - 1} and j >= 1.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ class SubDomain:
     t1: int
     x0: int
     x1: int
-    ht0: int  # block with halo: [ht0, t1) x [hx0, hx1)
+    cx0: int  # constrained columns [cx0, cx1): the own columns widened by the overlap
+    cx1: int
+    ht0: int  # block with halo: [ht0, t1) x [hx0, hx1), around the constrained region
     hx0: int
     hx1: int
 
@@ -51,7 +63,7 @@ class SubDomain:
 
     def ic_columns(self) -> torch.Tensor:
         """Global columns of this expert's initial-condition points (none unless it holds t = 0)."""
-        return torch.arange(self.x0, self.x1) if self.t0 == 0 else torch.zeros(0, dtype=torch.long)
+        return torch.arange(self.cx0, self.cx1) if self.t0 == 0 else torch.zeros(0, dtype=torch.long)
 
 
 def _bands(n: int, parts: int) -> list[tuple[int, int]]:
@@ -60,8 +72,9 @@ def _bands(n: int, parts: int) -> list[tuple[int, int]]:
     return [(s, s + z) for s, z in zip(starts, sizes)]
 
 
-def decompose(grid: PDEGrid, experts: int, time_splits: int = 1) -> list[SubDomain]:
-    """K sub-domains; UserError when K does not fit the grid."""
+def decompose(grid: PDEGrid, experts: int, time_splits: int = 1, overlap: int = 0) -> list[SubDomain]:
+    """K sub-domains, each constraining `overlap` columns beyond its own on either side; UserError
+    when K or the overlap does not fit the grid."""
     if experts % time_splits:
         raise UserError(f"moe.time_splits: {time_splits} does not divide moe.experts={experts}")
     kx = experts // time_splits
@@ -73,17 +86,21 @@ def decompose(grid: PDEGrid, experts: int, time_splits: int = 1) -> list[SubDoma
     if time_splits > grid.nt - 1:
         raise UserError(f"moe.time_splits: {time_splits} time bands do not fit the {grid.nt - 1} time steps "
                         f"(data.nt={grid.nt})")
+    if overlap < 0 or overlap >= grid.nx:
+        raise UserError(f"moe.overlap: {overlap} columns must be at least 0 and below the grid's "
+                        f"{grid.nx} columns (data.nx)")
     subs = []
     for a, (t0, t1) in enumerate(_bands(grid.nt, time_splits)):
         for c, (x0, x1) in enumerate(_bands(grid.nx, kx)):
-            subs.append(SubDomain(index=a * kx + c, t0=t0, t1=t1, x0=x0, x1=x1, ht0=max(t0 - 1, 0),
-                                  hx0=max(x0 - 1, 0), hx1=min(x1 + 1, grid.nx)))
+            cx0, cx1 = max(x0 - overlap, 0), min(x1 + overlap, grid.nx)
+            subs.append(SubDomain(index=a * kx + c, t0=t0, t1=t1, x0=x0, x1=x1, cx0=cx0, cx1=cx1,
+                                  ht0=max(t0 - 1, 0), hx0=max(cx0 - 1, 0), hx1=min(cx1 + 1, grid.nx)))
     return subs
 
 
 def constraint_points(sub: SubDomain, grid: PDEGrid, m_k: int, seed: int = 0) -> ConstraintPoints:
     """The expert's points in halo-block coordinates (see the module docstring)."""
-    jj, ii = torch.meshgrid(torch.arange(sub.t0, sub.t1), torch.arange(sub.x0, sub.x1), indexing="ij")
+    jj, ii = torch.meshgrid(torch.arange(sub.t0, sub.t1), torch.arange(sub.cx0, sub.cx1), indexing="ij")
     jj, ii = jj.flatten(), ii.flatten()
     eligible = (jj >= 1) & (ii >= 1) & (ii <= grid.nx - 2)
     ej, ei = jj[eligible], ii[eligible]

@@ -3,8 +3,9 @@
 Every rank computes the basis b = f_θ(u0) for its own samples on the whole grid. Expert k owns one
 sub-domain (`domain.py`) and lives on rank k mod W. One forward is:
 
-1. every rank sends, to each expert's owner, its samples' basis values on that expert's block plus
-   halo, and the initial values at the expert's initial-condition points (one `all_to_all_single`);
+1. every rank sends, to each expert's owner, its samples' basis values on that expert's constrained
+   region (its block, widened by `moe.overlap` columns) plus halo, and the initial values at the
+   expert's initial-condition points (one `all_to_all_single`);
 2. the owner solves its experts' constrained problems for the samples of all ranks at once
    (Levenberg–Marquardt, float64, batched; IFT backward: `hard_constraint.py`) and forms
    u_k = b_k ω_k on the expert's own block;
@@ -55,15 +56,16 @@ class ExpertLayer(nn.Module):
     """u [B_local, nt, nx] from basis values b [B_local, nt, nx, N] and initial values u0 [B_local, nx]."""
 
     def __init__(self, grid: PDEGrid, experts: int, points: int, time_splits: int = 1,
-                 options: Optional[LMOptions] = None, group=None, seed: int = 0, replicas=None):
+                 options: Optional[LMOptions] = None, group=None, seed: int = 0, replicas=None, overlap: int = 0):
         """`group`: the expert group the experts are spread over (None: all in this process);
-        `replicas`: every data-parallel rank, over which `stats` takes its maxima (default: `group`)."""
+        `replicas`: every data-parallel rank, over which `stats` takes its maxima (default: `group`);
+        `overlap`: columns each expert constrains beyond its own block on either side (`domain.py`)."""
         super().__init__()
         self.grid, self.group, self.options = grid, group, options or LMOptions()
         self.replicas = replicas if replicas is not None else group
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
-        self.subs = decompose(grid, experts, time_splits)
+        self.subs = decompose(grid, experts, time_splits, overlap)
         self.points = [constraint_points(s, grid, m_k, seed)
                        for s, m_k in zip(self.subs, points_per_expert(points, experts))]
         self.pde = FisherKPP(nu=grid.nu, rho=grid.rho, dt=grid.dt, dx=grid.dx)

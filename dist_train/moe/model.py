@@ -31,12 +31,13 @@ class PDEModel(nn.Module):
 
     def __init__(self, grid: PDEGrid, n_basis: int, width: int, n_layer: int, constraint: str,
                  experts: int = 1, points: int = 256, time_splits: int = 1, loss: str = "physics",
-                 options: Optional[LMOptions] = None, group=None, replicas=None):
+                 options: Optional[LMOptions] = None, group=None, replicas=None, overlap: int = 0):
         super().__init__()
         self.grid, self.constraint, self.loss_kind = grid, constraint, loss
         self.basis = BasisMLP(grid, n_basis, width, n_layer)
         if constraint == "hard":
-            self.experts = ExpertLayer(grid, experts, points, time_splits, options, group, replicas=replicas)
+            self.experts = ExpertLayer(grid, experts, points, time_splits, options, group, replicas=replicas,
+                                       overlap=overlap)
         else:  # the soft constraint's linear combination is learned, not solved
             self.weights = nn.Parameter(torch.randn(n_basis) / n_basis ** 0.5)
 

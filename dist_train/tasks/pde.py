@@ -25,7 +25,7 @@ class PDESolving(Task):
         options = LMOptions(max_iter=moe.lm_max_iter, tol=moe.lm_tol, ridge=moe.ridge)
         return PDEModel(info.grid, moe.basis, cfg_model.width, cfg_model.n_layer, moe.constraint,
                         experts=moe.experts, points=moe.points, time_splits=moe.time_splits, loss=moe.loss,
-                        options=options, group=group, replicas=replicas)
+                        options=options, group=group, replicas=replicas, overlap=moe.overlap)
 
     def build_for_run(self, cfg, info, mesh):
         from dist_train.runtime.mesh import expert_group, replica_group
@@ -62,6 +62,9 @@ class PDESolving(Task):
                 f"rank {r}: experts {[k for k in range(len(subs)) if owner_of(k, ep) == r]}"
                 for r in range(min(ep, len(subs))))
         blocks = ", ".join(f"{s.t1 - s.t0}x{s.x1 - s.x0}" for s in subs)
+        if moe.overlap and len(subs) > 1:
+            blocks += (f" (each constrained {moe.overlap} columns wider on either side, within the grid: "
+                       + ", ".join(f"{s.t1 - s.t0}x{s.cx1 - s.cx0}" for s in subs) + ")")
         return [("moe", f"hard constraint, {moe.experts} expert(s) ({where}); blocks {blocks} of the "
                         f"{grid.nt} x {grid.nx} grid; m = {moe.points} residual points "
                         f"(~{moe.points // moe.experts} per expert); N = {moe.basis}; LM in float64, IFT backward")]
