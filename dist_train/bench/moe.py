@@ -13,7 +13,10 @@ and basis size; only the constraint differs:
 - global on 1 rank (reported, no target): the paper's placement, one device solving the single
   constraint for the whole batch (`--nproc 1`). It trains the same model as the 2-rank global row
   (same samples, same averaged gradient), so only its step time is new: the paper's speed-up of
-  experts over a global constraint compares these unequal device counts.
+  experts over a global constraint compares these unequal device counts;
+- overlapping experts (sizes with `overlap`; reported, no target): the same K experts with
+  `moe.overlap` columns of overlap (restricted additive Schwarz, an extension beyond the paper,
+  `moe/domain.py`). The targets keep the paper's non-overlapping experts.
 
 Figures, read from each run's own metrics.jsonl: the held-out (validation split) relative L2 error
 after the last step, and the median training step time over the logged windows after the first
@@ -44,9 +47,11 @@ SIZES = {
               "extra": []},
     # DIST_TRAIN_BENCH_SIZE=converge: 4x the steps at one m, the error evaluated every 100 steps —
     # whether the 200-step ranking of the full size holds once the models have converged.
+    # It also trains the experts with 16 columns of overlap (an eighth of the grid).
     "converge": {"points": [1024], "experts": [2, 4], "steps": 800, "log_every": 50, "eval_every": 100,
-                 "repeats": 1, "limit_s": 2400, "extra": [], "one_rank": False},
+                 "repeats": 1, "limit_s": 2400, "extra": [], "one_rank": False, "overlap": 16},
     "smoke": {"points": [32, 64], "experts": [2], "steps": 4, "log_every": 2, "repeats": 1, "limit_s": 300,
+              "overlap": 2,
               "extra": ["data.nx=17", "data.nt=9", "data.num_examples=24", "moe.basis=6", "model.width=16",
                         "model.n_layer=2", "train.batch_size=4"]},
 }
@@ -95,22 +100,30 @@ def run(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-moe-") as tmp:
         work = Path(tmp)
         soft = _repeated(work, "soft", size, ["moe.constraint=soft"])
-        rows.append({"model": "soft constraint", "experts": None, "points": None, "ranks": 2, **soft})
+        rows.append({"model": "soft constraint", "experts": None, "points": None, "ranks": 2, "overlap": None, **soft})
+        overlap = size.get("overlap")
         for m in size["points"]:
             for k in [1, *size["experts"]]:
                 fig = _repeated(work, f"k{k}_m{m}", size, ["moe.constraint=hard", f"moe.experts={k}", f"moe.points={m}"])
                 rows.append({"model": "global hard constraint" if k == 1 else f"{k} experts", "experts": k,
-                             "points": m, "ranks": 2, **fig})
+                             "points": m, "ranks": 2, "overlap": 0, **fig})
+            for k in size["experts"] if overlap else []:
+                fig = _repeated(work, f"k{k}_m{m}_o{overlap}", size, ["moe.constraint=hard", f"moe.experts={k}",
+                                                                      f"moe.points={m}", f"moe.overlap={overlap}"])
+                rows.append({"model": f"{k} experts, overlap {overlap}", "experts": k, "points": m, "ranks": 2,
+                             "overlap": overlap, **fig})
             if not size.get("one_rank", True):
                 continue
             # The paper's placement of the global constraint: one device solves it for the whole
             # batch. Reported beside the targets, which use the equal-device row above.
             one = _repeated(work, f"k1_m{m}_1rank", size, ["moe.constraint=hard", "moe.experts=1", f"moe.points={m}"],
                             nproc=1)
-            rows.append({"model": "global hard constraint, 1 rank", "experts": 1, "points": m, "ranks": 1, **one})
+            rows.append({"model": "global hard constraint, 1 rank", "experts": 1, "points": m, "ranks": 1, "overlap": 0,
+                         **one})
 
-    def at(k: int, m: int) -> dict:
-        return next(r for r in rows if r["experts"] == k and r["points"] == m and r["ranks"] == 2)
+    def at(k: int, m: int, overlap: int = 0) -> dict:
+        return next(r for r in rows if r["experts"] == k and r["points"] == m and r["ranks"] == 2
+                    and r["overlap"] == overlap)
 
     small, large, best = size["points"][0], size["points"][-1], max(size["experts"])
     targets = []
@@ -140,7 +153,18 @@ def run(quick: bool) -> dict[str, Any]:
                          "description": f"median step time, global hard constraint on ONE rank for the whole "
                          f"batch (the paper's placement) / {best} experts on 2 ranks, m = {large}: unequal "
                          "devices, no target"})
+    for k in size["experts"] if overlap else []:
+        reported.append({"metric": f"rel_l2_{k}_experts_overlap_vs_global",
+                         "value": at(k, large, overlap)["rel_l2"] / at(1, large)["rel_l2"],
+                         "description": f"held-out relative L2 error, {k} experts with {overlap} columns of overlap "
+                         f"/ one global hard constraint, m = {large} (an extension beyond the paper, no target)"})
+    if overlap:
+        reported.append({"metric": "step_time_global_vs_experts_overlap",
+                         "value": at(1, large)["step_time_s"] / at(best, large, overlap)["step_time_s"],
+                         "description": f"median step time, global hard constraint / {best} experts with {overlap} "
+                         f"columns of overlap, m = {large} (2 ranks each, no target)"})
     setup = {"size": size_name, "steps": size["steps"], "repeats": size["repeats"], "world_size": 2, "threads_per_rank": 1,
              "config": "configs/moe_pde.yaml", "overrides": [*COMMON, *size["extra"]], "points": size["points"],
-             "experts": size["experts"], "error": "relative L2 on the validation split after the last step"}
+             "experts": size["experts"], "overlap": overlap or 0,
+             "error": "relative L2 on the validation split after the last step"}
     return document("moe", command, started, setup, rows, targets, reported)
