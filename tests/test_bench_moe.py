@@ -51,3 +51,37 @@ def test_smoke_moe_benchmark_measures_every_model(monkeypatch):
         at(1, large, ranks=1)["step_time_s"] / at(k, large)["step_time_s"])
     for t in targets.values():
         assert t["met"] == (t["value"] <= t["target"] if t["op"] == "<=" else t["value"] >= t["target"])
+
+
+def test_lr_sweep_reports_each_model_at_its_best_lr(monkeypatch):
+    # The selection logic alone, with made-up figures: every model trains at every lr of the size,
+    # each row is kept, and the targets use each model's lowest-error lr — whichever lr that is.
+    import dist_train.bench.moe as bench
+
+    error = {("soft", 1e-3): 0.9, ("soft", 3e-3): 0.8, ("k1_m64", 1e-3): 0.2, ("k1_m64", 3e-3): 0.05,
+             ("k2_m64", 1e-3): 0.3, ("k2_m64", 3e-3): 0.4, ("k2_m64_o2", 1e-3): 0.5, ("k2_m64_o2", 3e-3): 0.1}
+    calls = []
+
+    def fake(work, name, size, overrides, nproc=2):
+        base, lr = name.rsplit("_lr", 1)
+        calls.append((base, float(lr), overrides))
+        return {"rel_l2": error[(base, float(lr))], "residual": 0.0, "loss": 0.0, "step_time_s": 0.1 * (1 + float(lr)),
+                "lm_iterations": None, "wall_s": 0.0, "rel_l2_each": ""}
+
+    monkeypatch.setattr(bench, "_repeated", fake)
+    monkeypatch.setitem(bench.SIZES, "sweep", {"points": [64], "experts": [2], "steps": 1, "log_every": 1, "repeats": 1,
+                                               "limit_s": 1, "extra": [], "one_rank": False, "overlap": 2,
+                                               "lrs": [1e-3, 3e-3]})
+    monkeypatch.setenv(SIZE_ENV, "sweep")
+    doc = bench.run(quick=True)
+    assert sorted((b, lr) for b, lr, _ in calls) == sorted(error)
+    assert all(f"optim.lr={lr:g}" in o for _, lr, o in calls)
+    assert len(doc["results"]) == len(error)
+    best = {(r["model"], r["lr"]) for r in doc["results"] if r["best_lr"]}
+    assert best == {("soft constraint", 3e-3), ("global hard constraint", 3e-3), ("2 experts", 1e-3),
+                    ("2 experts, overlap 2", 3e-3)}
+    targets = {t["metric"]: t["value"] for t in doc["targets"]}
+    assert targets["rel_l2_2_experts_vs_global"] == pytest.approx(0.3 / 0.05)
+    assert targets["rel_l2_experts_vs_soft"] == pytest.approx(0.3 / 0.8)
+    reported = {r["metric"]: r["value"] for r in doc["reported"]}
+    assert reported["rel_l2_2_experts_overlap_vs_global"] == pytest.approx(0.1 / 0.05)
