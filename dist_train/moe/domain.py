@@ -12,9 +12,9 @@ Overlap (`moe.overlap` = o columns; 0, the paper's non-overlapping split, by def
 not in PI-HC-MoE: expert k constrains the PDE on its column band widened by o columns on each side
 (clipped to the grid), solves its ω_k there, and keeps b·ω_k only on its own block — the restricted
 additive Schwarz pattern of overlapping domain decomposition (Cai & Sarkis, SIAM J. Sci. Comput. 21,
-1999), as overlapping-subdomain PINNs use it (FBPINNs, Moseley et al., 2023). Without it, a sub-problem
-has no condition at an interface and neighbouring ω's need not agree there; BENCHMARKS.md (moe,
-converge size) measures what the overlap changes.
+1999), as overlapping-subdomain PINNs use it (FBPINNs, Moseley et al., 2023), applied once: there are
+no Schwarz iterations between experts. Without it, a sub-problem has no condition at an interface and
+neighbouring ω's need not agree there; BENCHMARKS.md (moe, converge size) measures what it changes.
 Still no ω and no solution crosses between experts; only the basis block each expert receives grows.
 
 Points (all in the expert's constrained region: its own block widened by the overlap; global index
