@@ -14,7 +14,7 @@ from dist_train.moe.model import PDEModel
 GRID = PDEGrid(nx=17, nt=9, t_end=0.5, nu=0.01, rho=1.0)
 SAMPLES = 4
 # (experts, time_splits, overlap): several experts per rank, a number not divisible by W, a time split,
-# K = 1, overlapping constrained regions (3 columns: wider than a 4-column band's neighbour needs)
+# K = 1, overlapping constrained regions (3 columns: most of a neighbouring 4-column band)
 CASES = [(4, 1, 0), (3, 1, 0), (4, 2, 0), (1, 1, 0), (4, 1, 3)]
 
 
@@ -63,7 +63,7 @@ def worker(rank: int, world: int, out: str, expert_parallel=None) -> None:
         us = [torch.empty_like(u) for _ in range(world)]
         dist.all_gather(us, u)
         results[case] = {"loss": float(t) / world, "grads": grads, "u": torch.cat(us),
-                                      "owned": list(m.experts.mine), "group": dist.get_process_group_ranks(group)}
+                         "owned": list(m.experts.mine), "group": dist.get_process_group_ranks(group)}
     if rank == 0:
         torch.save(results, os.path.join(out, "results.pt"))
     dist.barrier()  # leave together; run_on_ranks tears the group down and skips finalization

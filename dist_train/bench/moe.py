@@ -133,7 +133,7 @@ def run(quick: bool) -> dict[str, Any]:
     overlap = size.get("overlap")
     # Sizes with `lrs` train every model at every lr and report each at its best (lowest final
     # validation error): the same sweep for every model. Without, the config's lr.
-    lrs = size.get("lrs") or [None]
+    lrs, config_lr = size.get("lrs") or [None], _config_lr()
     rows = []
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-moe-") as tmp:
         work = Path(tmp)
@@ -143,7 +143,7 @@ def run(quick: bool) -> dict[str, Any]:
             for lr in lrs:
                 fig = _repeated(work, name if lr is None else f"{name}_lr{lr:g}", size,
                                 overrides if lr is None else [*overrides, f"optim.lr={lr:g}"], nproc=spec["ranks"])
-                tried.append({**spec, "lr": lr if lr is not None else _config_lr(), **fig})
+                tried.append({**spec, "lr": lr if lr is not None else config_lr, **fig})
             chosen = min(tried, key=lambda r: r["rel_l2"])
             rows += [{**r, "best_lr": r is chosen} for r in tried]
 
@@ -192,7 +192,7 @@ def run(quick: bool) -> dict[str, Any]:
                          f"columns of overlap, m = {large} (2 ranks each, no target)"})
     setup = {"size": size_name, "steps": size["steps"], "repeats": size["repeats"], "world_size": 2, "threads_per_rank": 1,
              "config": "configs/moe_pde.yaml", "overrides": [*COMMON, *size["extra"]], "points": size["points"],
-             "experts": size["experts"], "overlap": overlap or 0, "lrs": [lr or _config_lr() for lr in lrs],
+             "experts": size["experts"], "overlap": overlap or 0, "lrs": [lr or config_lr for lr in lrs],
              "error": "relative L2 on the validation split after the last step",
              "lr_choice": "each model at the lr of its lowest final validation error (rows with best_lr)"}
     return document("moe", command, started, setup, rows, targets, reported)
