@@ -17,8 +17,11 @@ import pytest
 
 WATTS = 50.0
 
-# A pynvml-shaped module: one GPU whose cumulative energy counter (mJ) grows at WATTS from a
-# shared wall clock, so every process reads the same device consistently.
+# A pynvml-shaped module: one GPU whose cumulative energy counter (mJ) grows at WATTS from the
+# system-wide monotonic clock (the meter's own clock), so every process reads the same device
+# consistently. Each read first sleeps 0.2 s: the meter reads the counter and then its clock, and a
+# window of a few ms (this model's steps) lets a ms of scheduler preemption between the two reads
+# (a loaded 2-core CI machine) move the measured power by 30%; in a window of >= 0.2 s it is ~1%.
 FAKE_PYNVML = f'''
 import time
 def nvmlInit(): pass
@@ -26,7 +29,9 @@ def nvmlShutdown(): pass
 def nvmlDeviceGetCount(): return 1
 def nvmlDeviceGetHandleByIndex(i): return "gpu%d" % i
 def nvmlDeviceGetUUID(h): return "GPU-stand-in-0"
-def nvmlDeviceGetTotalEnergyConsumption(h): return int(time.time() * 1000 * {WATTS})
+def nvmlDeviceGetTotalEnergyConsumption(h):
+    time.sleep(0.2)
+    return int(time.monotonic() * 1000 * {WATTS})
 def nvmlDeviceGetPowerUsage(h): return int({WATTS} * 1000)
 '''
 
