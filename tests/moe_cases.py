@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train.data.pde import PDEGrid, initial_conditions
+from dist_train.models.basis import BasisMLP
 from dist_train.moe.hard_constraint import LMOptions
 from dist_train.moe.model import PDEModel
 
@@ -20,7 +21,7 @@ CASES = [(4, 1, 0), (3, 1, 0), (4, 2, 0), (1, 1, 0), (4, 1, 3)]
 
 def model(experts: int, time_splits: int, overlap: int = 0, group=None) -> PDEModel:
     torch.manual_seed(0)
-    return PDEModel(GRID, n_basis=6, width=16, n_layer=2, constraint="hard", experts=experts,
+    return PDEModel(GRID, BasisMLP(GRID, 6, width=16, n_layer=2), n_basis=6, constraint="hard", experts=experts,
                     points=48, time_splits=time_splits, options=LMOptions(tol=1e-13), group=group,
                     overlap=overlap).double()
 

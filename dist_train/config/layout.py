@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dist_train.config.schema import Config
 from dist_train.errors import UserError
+from dist_train.tasks.names import MODEL_TASKS
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Raise UserError naming the key when the config cannot run on `world_size` ranks."""
-    if cfg.model.name == "basis_mlp":
+    if MODEL_TASKS[cfg.model.name] == "pde":
         _check_pde(cfg, world_size)
     stages = cfg.parallel.stages
     if stages > 1:

@@ -1,6 +1,7 @@
-"""The PDE basis network f_θ: N basis functions on a space-time grid, for the hard-constraint experts.
+"""The PDE basis networks f_θ: N basis functions on a space-time grid, for the hard-constraint experts.
+`BASIS_MODELS` maps `model.name` to its class; each is built as cls(grid, n_basis, cfg_model).
 
-A small MLP applied at every grid point to [encode(u0), x, t] (DeepONet-style: the initial condition
+`BasisMLP` (basis_mlp): a small MLP applied at every grid point to [encode(u0), x, t] (DeepONet-style: the initial condition
 enters through a learned linear encoding, the point through its coordinates scaled to [0, 1]).
 A simplification of the paper's FNO basis, named in the README: cheaper on CPU, and pointwise.
 """
@@ -33,3 +34,16 @@ class BasisMLP(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(h)  # [B, nt, nx, N]
+
+
+def _build_mlp(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
+    return BasisMLP(grid, n_basis, cfg_model.width, cfg_model.n_layer)
+
+
+# model.name -> builder(grid, n_basis, cfg_model): a new basis network is one class and one line here
+# (plus its name in `tasks/names.py` and the schema's Literal).
+BASIS_MODELS = {"basis_mlp": _build_mlp}
+
+
+def build_basis(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
+    return BASIS_MODELS[cfg_model.name](grid, n_basis, cfg_model)

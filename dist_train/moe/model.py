@@ -1,7 +1,7 @@
 """The PDE models: a basis network f_θ and the constraint that turns its N basis functions into u.
 
-f_θ (`models/basis.py`) is a small MLP applied at every grid point to [encode(u0), x, t] (a DeepONet-style
-basis: the initial condition enters through a learned linear encoding), giving b [B, nt, nx, N].
+f_θ is the basis network `model.name` names (`models/basis.py`: `BASIS_MODELS`), giving b [B, nt, nx, N]
+from the initial values u0 [B, nx].
 
 - `constraint="hard"`: u = b·ω_k on each expert's block, ω_k solved per sample from the discretised
   PDE (`experts.py`, `hard_constraint.py`). K = moe.experts experts; K = 1 is one global constraint.
@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from dist_train.data.pde import PDEGrid
-from dist_train.models.basis import BasisMLP
 from dist_train.moe.experts import ExpertLayer
 from dist_train.moe.hard_constraint import LMOptions
 from dist_train.moe.physics import physics_loss
@@ -29,12 +28,13 @@ from dist_train.moe.physics import physics_loss
 class PDEModel(nn.Module):
     task = "pde"
 
-    def __init__(self, grid: PDEGrid, n_basis: int, width: int, n_layer: int, constraint: str,
+    def __init__(self, grid: PDEGrid, basis: nn.Module, n_basis: int, constraint: str,
                  experts: int = 1, points: int = 256, time_splits: int = 1, loss: str = "physics",
                  options: Optional[LMOptions] = None, group=None, replicas=None, overlap: int = 0):
+        """`basis`: f_θ, mapping u0 [B, nx] to b [B, nt, nx, n_basis]."""
         super().__init__()
         self.grid, self.constraint, self.loss_kind = grid, constraint, loss
-        self.basis = BasisMLP(grid, n_basis, width, n_layer)
+        self.basis = basis
         if constraint == "hard":
             self.experts = ExpertLayer(grid, experts, points, time_splits, options, group, replicas=replicas,
                                        overlap=overlap)

@@ -17,13 +17,15 @@ class PDESolving(Task):
         every data-parallel rank, over which the solver figures are maximised (default: `group`)."""
         from dist_train.config.schema import MoESection
         from dist_train.moe.hard_constraint import LMOptions
+        from dist_train.models.basis import BASIS_MODELS, build_basis
         from dist_train.moe.model import PDEModel
 
-        if cfg_model.name != "basis_mlp" or info.grid is None:
-            raise UserError(f"model.name: {cfg_model.name} cannot solve a PDE data set (use basis_mlp)")
+        if cfg_model.name not in BASIS_MODELS or info.grid is None:
+            raise UserError(f"model.name: {cfg_model.name} cannot solve a PDE data set "
+                            f"(use {' or '.join(BASIS_MODELS)})")
         moe = moe or MoESection()
         options = LMOptions(max_iter=moe.lm_max_iter, tol=moe.lm_tol, ridge=moe.ridge)
-        return PDEModel(info.grid, moe.basis, cfg_model.width, cfg_model.n_layer, moe.constraint,
+        return PDEModel(info.grid, build_basis(info.grid, moe.basis, cfg_model), moe.basis, moe.constraint,
                         experts=moe.experts, points=moe.points, time_splits=moe.time_splits, loss=moe.loss,
                         options=options, group=group, replicas=replicas, overlap=moe.overlap)
 
