@@ -110,7 +110,7 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
     layout = json.loads((folder / MARKER).read_text()).get("layout", {})
     info = build_dataset(cfg.data, cfg.model.block_size).info
     if not get_task(info.task).exportable:  # e.g. the PDE model needs the grid and the moe section too
-        raise UserError("export: PDE runs (model.name basis_mlp) are not exported; load the checkpoint with "
+        raise UserError("export: PDE runs (model.name basis_mlp, basis_fno) are not exported; load the checkpoint with "
                         "dist-train run (checkpoint.resume) instead")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, info)

@@ -45,6 +45,18 @@ def test_two_ranks_match_one_process(runs) -> None:
     assert two[-1]["loss"] != two[0]["loss"]
 
 
+def test_fno_basis_two_ranks_match_one_process(runs) -> None:
+    # The FNO basis (its Fourier weights stored as real tensors) through DDP and the expert exchange.
+    fno = ["model.name=basis_fno", "model.modes=4", "train.steps=3", "train.eval_every=3"]
+    two = _rows(_run(runs["tmp"], "fno_two", *fno))
+    one = _rows(_run(runs["tmp"], "fno_one", *fno, "parallel.backend=none", nproc=1))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 3]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+    assert two[-1]["val_rel_l2"] == pytest.approx(one[-1]["val_rel_l2"], rel=1e-4)
+    assert two[-1]["loss"] != two[0]["loss"]
+
+
 @pytest.mark.slow
 def test_two_expert_groups_on_four_ranks_match_one_process(runs) -> None:
     # The mesh's "ep" view through the real launcher: ranks {0, 1} and {2, 3} each hold all 4 experts.
@@ -113,4 +125,4 @@ def test_bad_input_is_one_line(tmp_path, override, needles) -> None:
 
 def test_export_refuses_a_pde_run_in_one_line(runs) -> None:
     proc = cli(["export", str(runs["two"])], cwd=runs["tmp"])
-    assert_user_error(proc, "export: PDE runs (model.name basis_mlp) are not exported")
+    assert_user_error(proc, "export: PDE runs (model.name basis_mlp, basis_fno) are not exported")

@@ -52,12 +52,13 @@ class TrainSection(_Strict):
 
 
 class ModelSection(_Strict):
-    name: Literal["gpt", "mlp", "cnn", "basis_mlp"] = Field("gpt", description="Reference model: byte-level GPT, MLP, small CNN, or the PDE basis network (basis_mlp, with the moe section's constraint).")
+    name: Literal["gpt", "mlp", "cnn", "basis_mlp", "basis_fno"] = Field("gpt", description="Reference model: byte-level GPT, MLP, small CNN, or a PDE basis network with the moe section's constraint (basis_mlp: pointwise MLP; basis_fno: 2-D Fourier neural operator over (t, x), the paper's kind).")
     n_layer: int = Field(4, ge=1, description="Number of blocks (transformer blocks, hidden layers or conv blocks).")
     width: int = Field(128, ge=1, description="Embedding size (gpt), hidden units (mlp) or channels (cnn).")
     n_head: int = Field(4, ge=1, description="Attention heads (gpt only); must divide width.")
     block_size: int = Field(64, ge=2, description="Context length in tokens (gpt only).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
+    modes: int = Field(12, ge=1, description="basis_fno only: Fourier modes kept per axis in each layer (the lowest in x, the lowest of either sign in t; capped at what the padded grid has).")
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -288,7 +289,7 @@ class Config(_Strict):
     data: DataSection = Field(default_factory=DataSection, description="Data set and split.")
     parallel: ParallelSection = Field(default_factory=ParallelSection, description="Parallelism.")
     local: LocalSection = Field(default_factory=LocalSection, description="Local-learning pipeline.")
-    moe: MoESection = Field(default_factory=MoESection, description="PDE models (model.name basis_mlp): hard-constraint experts or the soft constraint.")
+    moe: MoESection = Field(default_factory=MoESection, description="PDE models (model.name basis_mlp or basis_fno): hard-constraint experts or the soft constraint.")
     optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer and schedule.")
     privacy: PrivacySection = Field(default_factory=PrivacySection, description="Differential privacy (optim.name dp_sgd or diff2): noise, clipping, budget, accountant.")
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection, description="Logging, energy, progress.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 DATA_TASKS: dict[str, str] = {"stdlib_bytes": "lm", "token_bin": "lm", "digits": "classify", "shapes32": "classify",
                              "reaction_diffusion": "pde"}
 # model.name -> the task it is built for
-MODEL_TASKS: dict[str, str] = {"gpt": "lm", "mlp": "classify", "cnn": "classify", "basis_mlp": "pde"}
+MODEL_TASKS: dict[str, str] = {"gpt": "lm", "mlp": "classify", "cnn": "classify", "basis_mlp": "pde", "basis_fno": "pde"}
 # how an error message names a task's data sets
 DATA_WORDS: dict[str, str] = {"lm": "a token", "classify": "an image", "pde": "a PDE"}
 
