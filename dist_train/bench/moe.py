@@ -58,6 +58,11 @@ SIZES = {
     # at lr 1e-3 (the config's) and 3e-3, each reported at its better one.
     "converge": {"points": [1024], "experts": [2, 4], "steps": 800, "log_every": 50, "eval_every": 100,
                  "repeats": 1, "limit_s": 2400, "extra": [], "one_rank": False, "overlap": 16, "lrs": [1e-3, 3e-3]},
+    # DIST_TRAIN_BENCH_SIZE=converge_fno: the converge size's schedule and lr sweep with the paper's kind
+    # of basis network, a 2-D FNO (model.name basis_fno), for every model alike (no overlap rows).
+    "converge_fno": {"points": [1024], "experts": [2, 4], "steps": 800, "log_every": 50, "eval_every": 100,
+                     "repeats": 1, "limit_s": 2400, "one_rank": False, "lrs": [1e-3, 3e-3],
+                     "extra": ["model.name=basis_fno", "model.width=32", "model.n_layer=4", "model.modes=12"]},
     "smoke": {"points": [32, 64], "experts": [2], "steps": 4, "log_every": 2, "repeats": 1, "limit_s": 300,
               "overlap": 2,
               "extra": ["data.nx=17", "data.nt=9", "data.num_examples=24", "moe.basis=6", "model.width=16",
