@@ -85,3 +85,13 @@ def test_lr_sweep_reports_each_model_at_its_best_lr(monkeypatch):
     assert targets["rel_l2_experts_vs_soft"] == pytest.approx(0.3 / 0.8)
     reported = {r["metric"]: r["value"] for r in doc["reported"]}
     assert reported["rel_l2_2_experts_overlap_vs_global"] == pytest.approx(0.1 / 0.05)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_every_size_trains_valid_configs(size):
+    # A size's overrides are only read by the launched runs; a typo there would fail half an hour in.
+    import dist_train.bench.moe as bench
+    from dist_train.config.load import load_config
+
+    for model in bench._models(SIZES[size]):
+        load_config(bench.CONFIG, [*bench.COMMON, *SIZES[size]["extra"], *model["overrides"]])
