@@ -73,6 +73,7 @@ def test_metrics_report_error_residual_and_each_expert(runs) -> None:
     last = _rows(runs["two"])[-1]
     assert 0 < last["val_rel_l2"] < 1 and last["val_residual"] > 0
     assert all(last[f"expert{k}_solve_s"] > 0 for k in range(4))  # experts 1 and 3 live on rank 1
+    assert all(0 < last[f"val_rel_l2_expert{k}"] < last["val_rel_l2"] for k in range(4)), last
     # rho = 1: the linearised start is never the solution, so LM iterates, within its cap (moe.lm_max_iter)
     assert last["lm_iterations"] >= 1, last
     assert last["lm_iterations"] < 50, last

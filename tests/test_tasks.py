@@ -62,3 +62,24 @@ def test_unknown_task_and_wrong_model_are_user_errors() -> None:
     info = DataInfo(task="lm", vocab_size=50, input_shape=None, num_classes=None, train_size=1, val_size=1)
     with pytest.raises(UserError, match="model.name: mlp cannot read a token data set"):
         get_task("lm").build_model(ModelSection(name="mlp"), info)
+
+
+def test_pde_eval_reports_each_experts_share_of_the_error() -> None:
+    from types import SimpleNamespace
+
+    from dist_train.data.pde import PDEGrid
+    from dist_train.moe.domain import decompose
+
+    grid = PDEGrid(nx=16, nt=6, t_end=0.5, nu=0.01, rho=1.0)
+    model = SimpleNamespace(grid=grid, constraint="hard", experts=SimpleNamespace(subs=decompose(grid, 4, 1, 0)))
+    torch.manual_seed(0)
+    ref = torch.rand(1, 6, 16)
+    u = ref.clone()
+    u[0, :, 4:8] += 0.1  # the columns of expert 1 (16 columns in 4 bands of 4)
+    u[0, 2:, 12:] -= 0.2  # part of expert 3's
+    sums = get_task("pde").eval_sums(u, ref, model)
+    whole = ref.norm()
+    assert sums["rel_l2_expert0"] == sums["rel_l2_expert2"] == 0
+    assert sums["rel_l2_expert1"] == pytest.approx(float(0.1 * (6 * 4) ** 0.5 / whole), rel=1e-5)
+    assert sums["rel_l2_expert3"] == pytest.approx(float(0.2 * (4 * 4) ** 0.5 / whole), rel=1e-5)
+    assert sums["rel_l2"] ** 2 == pytest.approx(sums["rel_l2_expert1"] ** 2 + sums["rel_l2_expert3"] ** 2, rel=1e-5)

@@ -44,8 +44,19 @@ class PDESolving(Task):
     def eval_sums(self, outputs, targets, model):
         from dist_train.moe.physics import grid_residual, relative_l2
 
-        return {"rel_l2": float(relative_l2(outputs.float(), targets.float())),
+        u, ref = outputs.float(), targets.float()
+        sums = {"rel_l2": float(relative_l2(u, ref)),
                 "residual": float(grid_residual(outputs.double(), model.grid).abs().mean())}
+        subs = model.experts.subs if model.constraint == "hard" else []
+        if len(subs) > 1:
+            # Where the error is: expert k's share, ‖u − u_ref‖ on its own block / ‖u_ref‖ on the whole
+            # grid, per sample (the shares' squares add up to rel_l2's square), averaged over the batch.
+            # Relative to the whole grid, not the block: a block near u = 0 would divide by ~0.
+            whole = ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+            for s in subs:
+                diff = (u - ref)[:, s.t0:s.t1, s.x0:s.x1].flatten(1).norm(dim=1)
+                sums[f"rel_l2_expert{s.index}"] = float((diff / whole).mean())
+        return sums
 
     def plan_rows(self, cfg, model, dp):
         from dist_train.moe.domain import owner_of
