@@ -1,10 +1,12 @@
 """The PDE basis networks f_θ: N basis functions on a space-time grid, for the hard-constraint experts.
-`BASIS_MODELS` maps `model.name` to its class; each is built as cls(grid, n_basis, cfg_model).
+`BASIS_MODELS` maps `model.name` to a builder(grid, n_basis, cfg_model).
 
-`BasisFNO` (basis_fno, `basis_fno.py`): the paper's kind of basis, a 2-D Fourier neural operator over (t, x).
-`BasisMLP` (basis_mlp): a small MLP applied at every grid point to [encode(u0), x, t] (DeepONet-style: the initial condition
-enters through a learned linear encoding, the point through its coordinates scaled to [0, 1]).
-A simplification of the paper's FNO basis, named in the README: cheaper on CPU, and pointwise.
+- `BasisMLP` (basis_mlp, the config's default): a small MLP applied at every grid point to
+  [encode(u0), x, t] (DeepONet-style: the initial condition enters through a learned linear encoding,
+  the point through its coordinates scaled to [0, 1]). A simplification of the paper's FNO basis,
+  named in the README: cheaper on CPU, and pointwise.
+- `BasisFNO` (basis_fno, `basis_fno.py`): the paper's kind of basis, a 2-D Fourier neural operator
+  over (t, x).
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ def _build_mlp(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
     return BasisMLP(grid, n_basis, cfg_model.width, cfg_model.n_layer)
 
 
-# model.name -> builder(grid, n_basis, cfg_model): a new basis network is one class and one line here
-# (plus its name in `tasks/names.py` and the schema's Literal).
 def _build_fno(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
     from dist_train.models.basis_fno import BasisFNO
 
     return BasisFNO(grid, n_basis, cfg_model.width, cfg_model.n_layer, modes=cfg_model.modes)
 
 
+# model.name -> builder(grid, n_basis, cfg_model): a new basis network is one class and one line here
+# (plus its name in `tasks/names.py` and the schema's Literal).
 BASIS_MODELS = {"basis_mlp": _build_mlp, "basis_fno": _build_fno}
 
 
