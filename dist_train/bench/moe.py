@@ -70,6 +70,11 @@ SIZES = {
     "long_fno": {"points": [1024], "experts": [2, 4], "steps": 1600, "log_every": 100, "eval_every": 200,
                  "repeats": 1, "limit_s": 3000, "one_rank": False, "lrs": [3e-3],
                  "extra": ["model.name=basis_fno", "model.width=32", "model.n_layer=4", "model.modes=12"]},
+    # DIST_TRAIN_BENCH_SIZE=overlap_fno: converge_fno's models at the lr it chose (3e-3), plus the experts
+    # with 16 columns of overlap (an extension, reported without target) on the FNO basis.
+    "overlap_fno": {"points": [1024], "experts": [2, 4], "steps": 800, "log_every": 50, "eval_every": 100,
+                    "repeats": 1, "limit_s": 2400, "one_rank": False, "overlap": 16, "lrs": [3e-3],
+                    "extra": ["model.name=basis_fno", "model.width=32", "model.n_layer=4", "model.modes=12"]},
     "smoke": {"points": [32, 64], "experts": [2], "steps": 4, "log_every": 2, "repeats": 1, "limit_s": 300,
               "overlap": 2,
               "extra": ["data.nx=17", "data.nt=9", "data.num_examples=24", "moe.basis=6", "model.width=16",
