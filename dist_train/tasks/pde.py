@@ -16,8 +16,8 @@ class PDESolving(Task):
         are spread over, this rank's expert group (None: every expert in this process); `replicas`:
         every data-parallel rank, over which the solver figures are maximised (default: `group`)."""
         from dist_train.config.schema import MoESection
-        from dist_train.moe.hard_constraint import LMOptions
         from dist_train.models.basis import BASIS_MODELS, build_basis
+        from dist_train.moe.hard_constraint import LMOptions
         from dist_train.moe.model import PDEModel
 
         if cfg_model.name not in BASIS_MODELS or info.grid is None:
