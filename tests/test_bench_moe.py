@@ -66,7 +66,7 @@ def test_lr_sweep_reports_each_model_at_its_best_lr(monkeypatch):
         base, lr = name.rsplit("_lr", 1)
         calls.append((base, float(lr), overrides))
         return {"rel_l2": error[(base, float(lr))], "residual": 0.0, "loss": 0.0, "step_time_s": 0.1 * (1 + float(lr)),
-                "lm_iterations": None, "wall_s": 0.0, "rel_l2_each": ""}
+                "lm_iterations": None, "wall_s": 0.0, "rel_l2_each": "", "rel_l2_seeds": [error[(base, float(lr))]]}
 
     monkeypatch.setattr(bench, "_repeated", fake)
     monkeypatch.setitem(bench.SIZES, "sweep", {"points": [64], "experts": [2], "steps": 1, "log_every": 1, "repeats": 1,
@@ -85,6 +85,39 @@ def test_lr_sweep_reports_each_model_at_its_best_lr(monkeypatch):
     assert targets["rel_l2_experts_vs_soft"] == pytest.approx(0.3 / 0.8)
     reported = {r["metric"]: r["value"] for r in doc["reported"]}
     assert reported["rel_l2_2_experts_overlap_vs_global"] == pytest.approx(0.1 / 0.05)
+
+
+def test_a_size_with_some_rows_sets_only_the_targets_it_can_and_pairs_seeds(monkeypatch):
+    # overlap_seeds trains the global constraint and the overlapping experts only: no target divides
+    # rows it did not train, and each seed's experts are compared with the same seed's global run.
+    import dist_train.bench.moe as bench
+
+    per_seed = {"k1_m64": [0.10, 0.20, 0.40], "k2_m64_o2": [0.08, 0.30, 0.20]}
+    names = []
+
+    def fake(work, name, size, overrides, nproc=2):
+        base = name.rsplit("_lr", 1)[0]
+        names.append(base)
+        seeds = per_seed[base]
+        return {"rel_l2": sorted(seeds)[1], "residual": 0.0, "loss": 0.0, "step_time_s": 0.1, "lm_iterations": 3,
+                "wall_s": 0.0, "rel_l2_each": "", "rel_l2_seeds": seeds}
+
+    monkeypatch.setattr(bench, "_repeated", fake)
+    monkeypatch.setitem(bench.SIZES, "pairs", {"points": [64], "experts": [2], "steps": 1, "log_every": 1, "repeats": 3,
+                                               "limit_s": 1, "extra": [], "overlap": 2, "lrs": [1e-3],
+                                               "rows": ["global", "overlap"]})
+    monkeypatch.setenv(SIZE_ENV, "pairs")
+    doc = bench.run(quick=True)
+    assert names == ["k1_m64", "k2_m64_o2"]
+    assert doc["targets"] == []  # every target divides a row this size does not train
+    reported = {r["metric"]: r["value"] for r in doc["reported"]}
+    assert reported["rel_l2_2_experts_overlap_vs_global"] == pytest.approx(0.20 / 0.20)
+    assert reported["rel_l2_2_experts_overlap_vs_global_paired_median"] == pytest.approx(0.8)  # 0.8, 1.5, 0.5
+    assert reported["rel_l2_2_experts_overlap_vs_global_paired_worst"] == pytest.approx(1.5)
+    assert reported["seeds_2_experts_overlap_below_global"] == 2
+    assert reported["step_time_global_vs_experts_overlap"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown row kinds"):
+        bench._models({**bench.SIZES["pairs"], "rows": ["globl"]})
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
