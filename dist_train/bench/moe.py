@@ -18,6 +18,10 @@ and basis size; only the constraint differs:
   `moe.overlap` columns of overlap (restricted additive Schwarz, an extension beyond the paper,
   `moe/domain.py`). The targets keep the paper's non-overlapping experts.
 
+A size's `rows` may keep some of these kinds only (ROW_KINDS); a target is then set only where both
+rows it divides were trained. With several seeds, overlapping experts are also compared seed by seed
+with the global constraint's run of the same seed (paired: same initial weights and data order).
+
 Sizes with `lrs` train every model at each of those learning rates and report each model at the one
 with its lowest final validation error (`best_lr` marks the row; the others stay in the table). The
 validation split both picks the lr and gives the reported error, for every model alike: with one seed
