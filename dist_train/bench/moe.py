@@ -88,6 +88,13 @@ SIZES = {
                       "repeats": 3, "limit_s": 3000, "one_rank": False, "overlap": 16, "lrs": [3e-3],
                       "rows": ["global", "overlap"],
                       "extra": ["model.name=basis_fno", "model.width=32", "model.n_layer=4", "model.modes=12"]},
+    # DIST_TRAIN_BENCH_SIZE=overlap2_seeds: overlap_seeds for 2 experts with 32 columns of overlap (half
+    # a block, the share of its block a 4-expert interior expert gets from 16 columns); the experts only,
+    # to be read against overlap_seeds' global runs (deterministic per seed: seed 0 repeats long_fno's).
+    "overlap2_seeds": {"points": [1024], "experts": [2], "steps": 1600, "log_every": 100, "eval_every": 200,
+                       "repeats": 3, "limit_s": 3000, "one_rank": False, "overlap": 32, "lrs": [3e-3],
+                       "rows": ["overlap"],
+                       "extra": ["model.name=basis_fno", "model.width=32", "model.n_layer=4", "model.modes=12"]},
     "smoke": {"points": [32, 64], "experts": [2], "steps": 4, "log_every": 2, "repeats": 1, "limit_s": 300,
               "overlap": 2,
               "extra": ["data.nx=17", "data.nt=9", "data.num_examples=24", "moe.basis=6", "model.width=16",
