@@ -170,8 +170,7 @@ def _models(size: dict) -> list[dict[str, Any]]:
             # The paper's placement of the global constraint: one device solves it for the whole
             # batch. Reported beside the targets, which use the equal-device row above.
             models.append({"model": "global hard constraint, 1 rank", "kind": "one_rank", "experts": 1, "points": m,
-                           "ranks": 1,
-                           "overlap": 0, "name": f"k1_m{m}_1rank", "overrides": [*hard, "moe.experts=1"]})
+                           "ranks": 1, "overlap": 0, "name": f"k1_m{m}_1rank", "overrides": [*hard, "moe.experts=1"]})
     kinds = size.get("rows", ROW_KINDS)
     unknown = set(kinds) - set(ROW_KINDS)
     if unknown:
@@ -263,7 +262,8 @@ def run(quick: bool) -> dict[str, Any]:
                          f"columns of overlap, m = {large} (2 ranks each, no target)"})
     setup = {"size": size_name, "steps": size["steps"], "repeats": size["repeats"], "world_size": 2, "threads_per_rank": 1,
              "config": "configs/moe_pde.yaml", "overrides": [*COMMON, *size["extra"]], "points": size["points"],
-             "experts": size["experts"], "overlap": overlap or 0, "rows": list(size.get("rows", ROW_KINDS)), "lrs": [lr or config_lr for lr in lrs],
+             "experts": size["experts"], "overlap": overlap or 0, "rows": list(size.get("rows", ROW_KINDS)),
+             "lrs": [lr or config_lr for lr in lrs],
              "error": "relative L2 on the validation split after the last step",
              "lr_choice": "each model at the lr of its lowest final validation error (rows with best_lr)"}
     return document("moe", command, started, setup, rows, targets, reported)
