@@ -8,6 +8,7 @@ traceback, and must leave an existing run directory exactly as it was.
 from __future__ import annotations
 
 import shutil
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +62,9 @@ EXTRA = {
     "launch-unreachable_master": (["launch", "{config}", "--nnodes", "2", "--node-rank", "1", "--master-addr",
                                    "{addr}", "--master-port", "{port}", "runtime.start_timeout_s=3"],
                                   ["--master-addr {addr}:{port}", "cannot be reached within 3s"]),
+    # node 0 hosts the store: a --master-port something already listens on is named, not a traceback
+    "launch-master_port_in_use": (["launch", "{config}", "--nproc", "2", "--master-port", "{busy}"],
+                                  ["--master-port {busy} is already in use"]),
     "plan-malformed_override": (["plan", "{config}", "train.steps"],
                                 ["override 'train.steps': expected key.path=value"]),
     "bench-unknown": (["bench", "nosuch"], ["unknown benchmark 'nosuch'"]),
@@ -76,12 +80,16 @@ def bad_input_results(tiny_config: Path, tmp_path_factory: pytest.TempPathFactor
     Returns job id -> (CompletedProcess, run dir that must not exist afterwards, needles).
     """
     specs = {}
+    busy = socket.socket()  # held (listening) until every job has run
+    busy.bind(("", 0))
+    busy.listen()
     for job in JOBS:
         work = tmp_path_factory.mktemp(job)
         run_dir = work / "runs"
         if job in EXTRA:
             template, needles = EXTRA[job]
-            fill = dict(config=tiny_config, addr=routable_address(), port=free_port())
+            fill = dict(config=tiny_config, addr=routable_address(), port=free_port(),
+                        busy=busy.getsockname()[1])
             argv = [a.format(**fill) for a in template]
             needles = [n.format(**fill) for n in needles]
             if argv[0] != "bench":
@@ -93,7 +101,7 @@ def bad_input_results(tiny_config: Path, tmp_path_factory: pytest.TempPathFactor
             config = str(work / "nope.yaml") if case == "missing_config" else str(tiny_config)
             argv, env = _command(command, config, [*overrides, f"run.dir={run_dir}"], two_ranks)
         specs[job] = (argv, env, work, run_dir, needles)
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with busy, ThreadPoolExecutor(max_workers=3) as pool:
         futures = {job: pool.submit(cli, argv, work, env, 150) for job, (argv, env, work, _, _) in specs.items()}
         return {job: (f.result(), specs[job][3], specs[job][4]) for job, f in futures.items()}
 

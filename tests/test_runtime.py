@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,59 @@ def test_steady_phase_timeout_names_rank_and_phase(tmp_path: Path) -> None:
     assert "rank 0" in r["message"] and "phase 'steady'" in r["message"], r["message"]
     assert "after 3.0s" in r["message"], r["message"]  # the phase's timeout, not the start-up one
     assert 2.0 <= r["elapsed"] < 10.0, r
+
+
+# ---------------------------------------------------------------------------------------- free_port
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable() -> None:
+    """Ports from the ephemeral range can be taken by any outgoing connection before the caller
+    binds them (EADDRINUSE in CI); `free_port` must stay below it and hand out a port that binds."""
+    import socket
+
+    from dist_train.runtime import env as env_mod
+
+    low = env_mod._ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports), (ports, low)
+    assert len(ports) > 1  # random, so two launches in parallel do not pick the same one
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))
+
+
+def test_free_port_falls_back_to_the_kernel_when_no_room_below_the_range(monkeypatch, tmp_path: Path) -> None:
+    from dist_train.runtime import env as env_mod
+
+    fake = tmp_path / "range"
+    fake.write_text("1024\t60999\n")
+    monkeypatch.setattr(env_mod, "_EPHEMERAL_RANGE", fake)
+    assert env_mod._ephemeral_low() == 1024
+    assert free_port() >= 1024  # bind(0) fallback: any port the kernel gives is fine
+
+
+# ------------------------------------------------------------------------------------- agent store
+
+
+def test_agent_store_keys_each_restart_apart(monkeypatch) -> None:
+    """A restarted worker group must not read the dead group's keys from the agent's one store."""
+    import torch.distributed as dist
+
+    from dist_train.runtime.dist import _agent_store
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
+    world = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1,
+                      master_addr="127.0.0.1", master_port=port, launcher="torchrun")
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert _agent_store(world, timedelta(seconds=5)) is None  # outside the agent: env:// as usual
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = _agent_store(world, timedelta(seconds=5))
+    first.set("rank_0_addr", "dead")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = _agent_store(world, timedelta(seconds=5))
+    assert not second.check(["rank_0_addr"])  # the restart sees none of attempt 0's keys
+    second.set("rank_0_addr", "alive")
+    assert first.get("rank_0_addr") == b"dead"
+    assert server.num_keys() >= 2

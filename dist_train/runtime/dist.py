@@ -204,6 +204,22 @@ def _pin_socket_interface(master_addr: str) -> None:
             return
 
 
+def _agent_store(world: WorldInfo, timeout: timedelta) -> Optional[dist.Store]:
+    """Under the elastic agent, a client of the store its node-0 agent hosts, keyed by restart.
+
+    torch's `env://` handler connects to the agent's store without a prefix, on the assumption that
+    every restart gets a fresh store; the static rendezvous keeps one store for the agent's life.
+    A restarted group would then read the dead group's gloo addresses and fail to connect. A prefix
+    per restart count keeps each attempt's keys apart. None outside the agent: `env://` then
+    hosts the store on rank 0 as usual.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(world.master_addr, world.master_port, world.world_size, is_master=False,
+                           timeout=timeout)
+    return dist.PrefixStore(f"dist-train/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+
+
 def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistContext:
     """Discover the world, pick the device, create the process group and the (stage x dp) mesh."""
     world = world or discover()
@@ -226,8 +242,12 @@ def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistCont
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=world.rank,
-                                world_size=world.world_size,
+        store = _agent_store(world, timedelta(seconds=cfg.runtime.start_timeout_s))
+        if store is None:
+            kwargs["init_method"] = "env://"
+        else:
+            kwargs["store"] = store
+        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.world_size,
                                 timeout=timedelta(seconds=cfg.runtime.start_timeout_s), **kwargs)
     check_layout(cfg, world.world_size)  # the mesh below needs a world the stages divide
     mesh = build_mesh(device.type, world.world_size, cfg.parallel.stages)

@@ -7,12 +7,13 @@ and exports the torch.distributed `env://` variables so `init_process_group` wor
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
-
 import warnings
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, MutableMapping, Optional
 
 from dist_train.errors import UserError
@@ -90,10 +91,7 @@ def _mpi_rendezvous(rank: int, world: int) -> tuple[str, int]:
     payload = None
     if rank == 0:
         addr = routable_address()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        payload = (addr, port)
+        payload = (addr, free_port(""))
     addr, port = comm.bcast(payload, root=0)
     return addr, port
 
@@ -159,10 +157,37 @@ def discover(env: Optional[Mapping[str, str]] = None, use_mpi4py: bool = True) -
     return info
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out for outgoing connections (32768 on Linux by default)."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now ("": every interface). Another process may take it before the
-    caller binds it; the rendezvous that uses it reports that clearly."""
-    with socket.socket() as s:
+    """A TCP port free on `host` now ("": every interface), chosen *below* the ephemeral range.
+
+    Why not `bind(0)`: the kernel takes that port from the same range it uses for the local end of
+    every outgoing connection, and a process group opens dozens of those (gloo pairs, store
+    clients). Between this call and the moment the caller binds the port, any of them can take it,
+    and the store then fails with EADDRINUSE (seen in CI with two test workers). Ports below the
+    range are only ever taken by an explicit bind, so a random free one stays free in practice.
+    """
+    low = min(_ephemeral_low(), 65536)
+    candidates = range(max(1024, low // 2), low)
+    rng = random.Random()  # own generator: a seeded global `random` must not make two runs agree
+    for port in (rng.choice(candidates) for _ in range(64 if candidates else 0)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the range: fall back to the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 

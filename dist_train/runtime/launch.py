@@ -102,6 +102,19 @@ def _stop_within_grace(grace_s: int) -> None:
     LocalElasticAgent._stop_workers = stop_workers
 
 
+def _check_port_free(port: int) -> None:
+    """Node 0's agent hosts the store on `port`: a port already held would fail the rendezvous with
+    a page of traceback, so say it in one line first (SO_REUSEADDR as TCPStore sets it, so a port
+    merely in TIME_WAIT passes)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise UserError(f"--master-port {port} is already in use on this host ({e.strerror}); "
+                            f"choose a free port or leave it out") from None
+
+
 def launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -116,6 +129,8 @@ def launch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_layout(cfg, args.nproc * args.nnodes)
 
+    if args.master_port is not None and args.node_rank == 0:
+        _check_port_free(args.master_port)
     if args.nnodes > 1:
         if not args.master_addr:
             raise UserError("--master-addr is required with --nnodes > 1 (the routable address of node 0)")
@@ -124,23 +139,22 @@ def launch(args: argparse.Namespace) -> int:
                             f"{args.nnodes} nodes; use node 0's routable address")
         if args.node_rank > 0:  # node 0 hosts the store: the others must reach it, or say why not
             _wait_for_master(args.master_addr, args.master_port or 29500, cfg.runtime.start_timeout_s)
-        # Static rendezvous: every node knows its rank, node 0 hosts the store.
-        rdzv = dict(rdzv_backend="static", rdzv_endpoint=f"{args.master_addr}:{args.master_port or 29500}",
-                    rdzv_configs={"rank": args.node_rank, "timeout": int(cfg.runtime.start_timeout_s)})
+        endpoint = f"{args.master_addr}:{args.master_port or 29500}"
+        # Every node must name the same run: derive it from the rendezvous endpoint, not a random id.
+        run_id = f"dist-train-{args.master_addr}-{args.master_port or 29500}"
     else:
-        rdzv = dict(rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{args.master_port or free_port()}",
-                    rdzv_configs={"timeout": int(cfg.runtime.start_timeout_s)})
-
-    # Every node must name the same run: derive it from the rendezvous endpoint, not a random id.
-    run_id = (f"dist-train-{args.master_addr}-{args.master_port or 29500}" if args.nnodes > 1
-              else f"dist-train-{uuid.uuid4().hex[:8]}")
+        endpoint = f"127.0.0.1:{args.master_port or free_port()}"
+        run_id = f"dist-train-{uuid.uuid4().hex[:8]}"
+    # Static rendezvous on one node too: every node knows its rank and node 0's agent hosts the one
+    # store, which the workers share (a restart gets a fresh key prefix). Under the dynamic c10d
+    # rendezvous with sharing off, the agent would instead name a port for worker 0 to bind seconds
+    # later, after spawn and import, and another process can take it in between (EADDRINUSE in CI).
+    rdzv = dict(rdzv_backend="static", rdzv_endpoint=endpoint,
+                rdzv_configs={"rank": args.node_rank, "timeout": int(cfg.runtime.start_timeout_s)})
 
     # One rank stands for one device: split the cores so workers do not oversubscribe the CPU.
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.nproc)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    # The agent shares its rendezvous store with the workers by default; a restarted worker group
-    # can then read the dead group's addresses and fail to connect (pytorch/pytorch#135712).
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # Workers record the command the user typed, not their own `python -m dist_train run ...`.
     os.environ.setdefault("DIST_TRAIN_COMMAND", shlex.join(["dist-train", *sys.argv[1:]]))
     err_dir = tempfile.mkdtemp(prefix="dist-train-err-")
