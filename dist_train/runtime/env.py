@@ -73,10 +73,14 @@ def _slurm_tasks_per_node(env: Mapping[str, str], world: int, nodes: int) -> int
     return int(m.group(1)) if m else max(1, world // max(1, nodes))
 
 
+# Below both free_port's range and the kernel's ephemeral range (see free_port for why).
+_SLURM_PORTS = range(10000, 16384)
+
+
 def _slurm_port(job_id: Optional[int]) -> int:
     # Derive the port from the job id so every task agrees without talking, and two jobs sharing a
     # node do not collide.
-    return 15000 + (job_id or 0) % 20000
+    return _SLURM_PORTS[(job_id or 0) % len(_SLURM_PORTS)]
 
 
 def _mpi_rendezvous(rank: int, world: int) -> tuple[str, int]:
