@@ -195,7 +195,11 @@ def build_side(side: str, cfg, data, device, batch: int):
     if mode == "hooks":
         def step(x, y):
             loss = mean_loss(gsm(x), y)
-            loss.backward()
+            with warnings.catch_warnings():
+                # Opacus reads per-sample gradients off module outputs by design; torch notes that
+                # the first layer's input needs no gradient. Benign, and it would print every run.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                loss.backward()
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
             return loss.detach()
