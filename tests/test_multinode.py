@@ -81,3 +81,41 @@ def test_loopback_master_with_two_nodes_is_refused(tmp_path):
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "loopback" in lines[0], proc.stderr
+
+
+@pytest.mark.skipif(not HAVE_NETNS, reason="needs root and iproute2 to create network namespaces")
+def test_two_node_run_restarts_after_a_killed_worker_and_matches_single_process(tmp_path, two_hosts):
+    """Rank 1 (node 1) is SIGKILLed after step 6; both agents restart (--max-restarts 1) and the job
+    resumes from the step-4 checkpoint on the shared run directory. Node 0's agent keeps one store
+    across the restart, so this is where a restarted group could read the dead one's addresses:
+    workers key the store by restart count (dist_train/runtime/dist.py). Same losses as one process
+    on the same global batch (rel 1e-4, as above)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GLOO_", "NCCL_", "MASTER_"))}
+    env["DIST_TRAIN_FAULT"] = "kill@step=6,rank=1"
+    steps = ["train.steps=10", "checkpoint.every=4", "runtime.steady_timeout_s=60"]
+    procs = []
+    for node, ns in enumerate(two_hosts):
+        # One run directory for both nodes, as on a cluster with a shared file system: the resume
+        # reads one checkpoint that both nodes wrote.
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "dist_train", "launch", "quickstart.yaml",
+               "--nproc", "1", "--nnodes", "2", "--node-rank", str(node), "--master-addr", "10.77.0.1",
+               "--master-port", "29556", "--max-restarts", "1", "--threads", "1", f"run.dir={tmp_path / 'shared'}",
+               "run.name=mn", "runtime.start_timeout_s=60", *TINY, *steps]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    run = tmp_path / "shared" / "mn"
+    prov = json.loads((run / "provenance.json").read_text())
+    assert str(prov["extra"]["resumed_from"]).endswith("step-4"), prov["extra"]
+    single = subprocess.run([sys.executable, "-m", "dist_train", "run", "quickstart.yaml", "parallel.backend=none",
+                             f"run.dir={tmp_path}", "run.name=single", "runtime.threads=1", *TINY, *steps],
+                            capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0, single.stderr[-2000:]
+
+    def losses(d: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+
+    got, want = losses(run), losses(tmp_path / "single")
+    assert sorted(got) == list(range(1, 11)), sorted(got)
+    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(got)], rel=1e-4)
