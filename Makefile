@@ -28,10 +28,11 @@ demo: $(STAMP)
 
 # Two pytest workers keep both cores busy (most tests wait on subprocesses part of the time); each
 # test file stays on one worker so its module fixtures run once. Tests marked `serial` (wall-clock
-# assertions, a Slurm cluster, network namespaces) then run alone.
+# assertions, a Slurm cluster, network namespaces) then run alone. The slowest tests are listed at
+# the end of each part, so a suite creeping towards the 20-minute budget shows where.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial"
-	$(PY) -m pytest -q -m serial
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=15
+	$(PY) -m pytest -q -m serial --durations=5
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
