@@ -149,6 +149,27 @@ def test_killed_run_ends_with_the_uninterrupted_losses(killed: dict) -> None:
     assert _close(got["val_loss"], want["val_loss"]), (got["val_loss"], want["val_loss"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", ["ddp"], indirect=True)  # one layout is enough for the launcher path
+def test_killed_worker_under_real_torchrun_restarts_and_ends_with_the_uninterrupted_losses(
+        killed: dict, config: Path, tmp_path: Path) -> None:
+    """The same kill under the real `torchrun --max-restarts 1` (its dynamic rendezvous, with the
+    agent's store shared with the workers): the restarted group keys the store by restart count, so
+    it never reads the dead group's addresses (pytorch/pytorch#135712), and resumes like `launch`."""
+    import sys
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "--max-restarts", "1", "-m", "dist_train", "run", str(config), f"run.dir={tmp_path / 'runs'}"]
+    proc = subprocess.run(argv, cwd=tmp_path, env=clean_env(OMP_NUM_THREADS="1", DIST_TRAIN_FAULT="kill@step=16,rank=1"),
+                          capture_output=True, text=True, timeout=240)
+    _ok(proc)
+    run = tmp_path / "runs" / "r"
+    assert str(json.loads((run / "provenance.json").read_text())["extra"]["resumed_from"]).endswith("step-10")
+    got, want = _rows(run / "metrics.jsonl"), _rows(killed["straight"] / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert all(_close(a["loss"], b["loss"]) for a, b in zip(got, want)), [(a["loss"], b["loss"]) for a, b in zip(got, want)]
+
+
 # ----------------------------------------------------------------- 2. SIGTERM to the launcher
 
 
