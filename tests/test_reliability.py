@@ -155,7 +155,8 @@ def test_killed_worker_under_real_torchrun_restarts_and_ends_with_the_uninterrup
         killed: dict, config: Path, tmp_path: Path) -> None:
     """The same kill under the real `torchrun --max-restarts 1` (its dynamic rendezvous, with the
     agent's store shared with the workers): the restarted group keys the store by restart count, so
-    it never reads the dead group's addresses (pytorch/pytorch#135712), and resumes like `launch`."""
+    it never reads the dead group's addresses (pytorch/pytorch#135712), and resumes like `launch`.
+    Without that keying this run fails: gloo's connectFullMesh is refused at the dead rank's port."""
     import sys
 
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
