@@ -64,7 +64,7 @@ EXTRA = {
                                   ["--master-addr {addr}:{port}", "cannot be reached within 3s"]),
     # node 0 hosts the store: a --master-port something already listens on is named, not a traceback
     "launch-master_port_in_use": (["launch", "{config}", "--nproc", "2", "--master-port", "{busy}"],
-                                  ["--master-port {busy} is already in use"]),
+                                  ["rendezvous port {busy} (--master-port) is already in use"]),
     "plan-malformed_override": (["plan", "{config}", "train.steps"],
                                 ["override 'train.steps': expected key.path=value"]),
     "bench-unknown": (["bench", "nosuch"], ["unknown benchmark 'nosuch'"]),

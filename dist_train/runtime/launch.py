@@ -111,8 +111,8 @@ def _check_port_free(port: int) -> None:
         try:
             s.bind(("", port))
         except OSError as e:
-            raise UserError(f"--master-port {port} is already in use on this host ({e.strerror}); "
-                            f"choose a free port or leave it out") from None
+            raise UserError(f"rendezvous port {port} (--master-port) is already in use on this host "
+                            f"({e.strerror}); choose a free one with --master-port") from None
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -129,22 +129,24 @@ def launch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_layout(cfg, args.nproc * args.nnodes)
 
-    if args.master_port is not None and args.node_rank == 0:
-        _check_port_free(args.master_port)
     if args.nnodes > 1:
         if not args.master_addr:
             raise UserError("--master-addr is required with --nnodes > 1 (the routable address of node 0)")
         if args.master_addr.startswith(LOOPBACK):
             raise UserError(f"--master-addr {args.master_addr} is a loopback address but the job spans "
                             f"{args.nnodes} nodes; use node 0's routable address")
+        port = args.master_port or 29500  # every node must know it without talking: torchrun's default
         if args.node_rank > 0:  # node 0 hosts the store: the others must reach it, or say why not
-            _wait_for_master(args.master_addr, args.master_port or 29500, cfg.runtime.start_timeout_s)
-        endpoint = f"{args.master_addr}:{args.master_port or 29500}"
+            _wait_for_master(args.master_addr, port, cfg.runtime.start_timeout_s)
+        endpoint = f"{args.master_addr}:{port}"
         # Every node must name the same run: derive it from the rendezvous endpoint, not a random id.
-        run_id = f"dist-train-{args.master_addr}-{args.master_port or 29500}"
+        run_id = f"dist-train-{args.master_addr}-{port}"
     else:
-        endpoint = f"127.0.0.1:{args.master_port or free_port()}"
+        port = args.master_port or free_port("")  # "": the store listens on every interface
+        endpoint = f"127.0.0.1:{port}"
         run_id = f"dist-train-{uuid.uuid4().hex[:8]}"
+    if args.node_rank == 0 and (args.master_port or args.nnodes > 1):  # a port the user chose (or 29500)
+        _check_port_free(port)
     # Static rendezvous on one node too: every node knows its rank and node 0's agent hosts the one
     # store, which the workers share (a restart gets a fresh key prefix). Under the dynamic c10d
     # rendezvous with sharing off, the agent would instead name a port for worker 0 to bind seconds
