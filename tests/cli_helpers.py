@@ -13,6 +13,8 @@ from dist_train.runtime.env import free_port  # noqa: F401  (re-exported for the
 
 _SCRIPT = Path(sys.executable).with_name("dist-train")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dist_train"]
+# The real torchrun (what the `torchrun` script runs), one node, its own c10d rendezvous.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 # A whole config file (schema defaults underneath, not the quickstart): end-to-end backprop.
 TINY_YAML = """\

@@ -14,7 +14,7 @@ import pytest
 
 from dist_train.config.load import dump_config, load_config
 
-from cli_helpers import CLI, clean_env  # tests/ is on sys.path
+from cli_helpers import CLI, TORCHRUN, clean_env  # tests/ is on sys.path
 
 
 
@@ -70,11 +70,9 @@ def test_real_torchrun_trains_the_same_losses_as_launch(launched, tiny_config: P
     """The README's `torchrun ... -m dist_train run` line, with the real torchrun (its own c10d
     rendezvous and shared store): same config, same seed, so the same losses as `dist-train launch`
     (rtol 1e-6: both are 2 gloo ranks running the same arithmetic)."""
-    import sys
-
     proc, run_dir, _ = launched
     assert proc.returncode == 0, proc.stderr
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    argv = [*TORCHRUN, "--nproc-per-node", "2",
             "-m", "dist_train", "run", str(tiny_config), f"run.dir={tmp_path / 'runs'}", "train.steps=4"]
     ran = subprocess.run(argv, cwd=tmp_path, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                          timeout=180)

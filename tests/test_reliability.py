@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 
-from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file
+from cli_helpers import CLI, TORCHRUN, assert_user_error, clean_env, cli, config_file
 
 STEPS = 30
 # 359 training images (val_fraction 0.8) in batches of 32: an epoch is 11.2 steps, so 30 steps
@@ -157,9 +157,7 @@ def test_killed_worker_under_real_torchrun_restarts_and_ends_with_the_uninterrup
     agent's store shared with the workers): the restarted group keys the store by restart count, so
     it never reads the dead group's addresses (pytorch/pytorch#135712), and resumes like `launch`.
     Without that keying this run fails: gloo's connectFullMesh is refused at the dead rank's port."""
-    import sys
-
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    argv = [*TORCHRUN, "--nproc-per-node", "2",
             "--max-restarts", "1", "-m", "dist_train", "run", str(config), f"run.dir={tmp_path / 'runs'}"]
     proc = subprocess.run(argv, cwd=tmp_path, env=clean_env(OMP_NUM_THREADS="1", DIST_TRAIN_FAULT="kill@step=16,rank=1"),
                           capture_output=True, text=True, timeout=240)

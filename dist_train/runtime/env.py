@@ -172,6 +172,18 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def port_is_free(port: int, host: str = "") -> bool:
+    """Whether a TCP server could bind `port` on `host` now ("": every interface). With SO_REUSEADDR,
+    as torch's TCPStore sets it, so a port merely in TIME_WAIT counts as free."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` now ("": every interface), chosen *below* the ephemeral range.
 
@@ -185,11 +197,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     candidates = range(max(1024, low // 2), low)
     rng = random.Random()  # own generator: a seeded global `random` must not make two runs agree
     for port in (rng.choice(candidates) for _ in range(64 if candidates else 0)):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+        if port_is_free(port, host):
             return port
     with socket.socket() as s:  # no room below the range: fall back to the kernel's choice
         s.bind((host, 0))

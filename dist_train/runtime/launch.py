@@ -21,7 +21,7 @@ from pathlib import Path
 from dist_train.config import load_config
 from dist_train.config.layout import check_layout
 from dist_train.errors import SILENT_PEERS, UserError
-from dist_train.runtime.env import LOOPBACK, free_port
+from dist_train.runtime.env import LOOPBACK, free_port, port_is_free
 
 
 def _wait_for_master(addr: str, port: int, timeout_s: float) -> None:
@@ -102,19 +102,6 @@ def _stop_within_grace(grace_s: int) -> None:
     LocalElasticAgent._stop_workers = stop_workers
 
 
-def _check_port_free(port: int) -> None:
-    """Node 0's agent hosts the store on `port`: a port already held would fail the rendezvous with
-    a page of traceback, so say it in one line first (SO_REUSEADDR as TCPStore sets it, so a port
-    merely in TIME_WAIT passes)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError as e:
-            raise UserError(f"rendezvous port {port} (--master-port) is already in use on this host "
-                            f"({e.strerror}); choose a free one with --master-port") from None
-
-
 def launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -145,8 +132,11 @@ def launch(args: argparse.Namespace) -> int:
         port = args.master_port or free_port("")  # "": the store listens on every interface
         endpoint = f"127.0.0.1:{port}"
         run_id = f"dist-train-{uuid.uuid4().hex[:8]}"
-    if args.node_rank == 0 and (args.master_port or args.nnodes > 1):  # a port the user chose (or 29500)
-        _check_port_free(port)
+    # Node 0's agent hosts the store there: a port already held would fail the rendezvous with a page
+    # of traceback. Checked where the user chose it (or the 29500 default applies).
+    if args.node_rank == 0 and (args.master_port or args.nnodes > 1) and not port_is_free(port):
+        raise UserError(f"rendezvous port {port} (--master-port) is already in use on this host; "
+                        f"choose a free one with --master-port")
     # Static rendezvous on one node too: every node knows its rank and node 0's agent hosts the one
     # store, which the workers share (a restart gets a fresh key prefix). Under the dynamic c10d
     # rendezvous with sharing off, the agent would instead name a port for worker 0 to bind seconds
