@@ -17,10 +17,11 @@ every ratio is taken inside one repeat, and the median over repeats is reported.
               from per-step `perf_counter` stamps here, slower rank.
   peak memory per rank: the process's peak resident set (VmHWM, the Linux figure behind the
               `ru_maxrss` that the framework logs as peak_mem_bytes) minus its resident set just
-              before the method starts. Every worker first builds the data set, trains a tiny
-              throw-away model for 2 steps (the second through activation checkpointing), so
-              library code paged in on first use is billed to no method, runs `malloc_trim`, then
-              resets the peak through /proc/self/clear_refs ("5"). The delta is thus what the
+              before the method starts. Every worker first builds the data set, trains a
+              throw-away copy of the run's model for 2 steps at the method's own micro-batch (the
+              second through activation checkpointing), so library code paged in on first use and
+              the math library's per-shape GEMM buffers (MKL's pool) are billed to no method, runs
+              `malloc_trim`, then resets the peak through /proc/self/clear_refs ("5"). The delta is thus what the
               method adds: weights, gradients, optimizer state, activations, communication buffers.
               The absolute peak (what peak_mem_bytes shows) is reported beside it.
   bytes/sample over all ranks: local: the link's own `bytes_sent` counter (float32 activations

@@ -85,17 +85,25 @@ def config(overrides: list[str]):
     return load_config(None, [*_COMMON, *overrides])
 
 
-def _prewarm(cfg, data) -> None:
-    """Page in the kernels and modules every method uses, on a tiny throw-away model."""
+def _prewarm(cfg, data, micro_batch: int) -> None:
+    """Page in the kernels and modules every method uses, and fill the math library's caches, on a
+    throw-away copy of the run's own model at the method's own forward size.
+
+    Why the real shapes: MKL keeps the packing buffers of every GEMM shape it has run in its own
+    pool ("fast memory management"), live heap that is never returned. A tiny prewarm model
+    (width 16, as until 2026-12-06) filled that pool only for its own shapes, so the pool for the
+    real ones (8.9 MiB for the quickstart GPT at 8 samples per forward on an Intel Xeon; the AMD EPYC
+    of the earlier runs was not probed) was billed to the method: about the same constant on both
+    sides of every ratio, which moves each ratio towards 1. Each method now has the pool filled for
+    its own shapes (`tests/test_bench_local.py` checks that a step after the prewarm retains nothing)."""
     from dist_train.models import build_model
     from dist_train.optim import optimizer_spec
     from dist_train.telemetry import collect_provenance
     from dist_train.train.loop import apply_activation_checkpointing
 
-    small = cfg.model.model_copy(update={"n_layer": 1, "width": 16, "n_head": 2})
-    model = build_model(small, data.info)
+    model = build_model(cfg.model, data.info)
     opt = optimizer_spec(cfg.optim, model).build()
-    x, y = data.get_batch("train", torch.arange(2))
+    x, y = data.get_batch("train", torch.arange(micro_batch))
     for i in range(2):
         if i == 1:  # the second step through the recomputation path that bp-ckpt uses
             apply_activation_checkpointing(model)
@@ -334,7 +342,10 @@ def method_worker(rank: int, world: int, method: str, overrides: list[str], warm
     command = ["dist-train", "bench", "local-vs-bp", method]
     try:
         data = build_dataset(cfg.data, cfg.model.block_size)
-        _prewarm(cfg, data)
+        # Samples in one forward: the data-parallel ranks (DDP only) split the batch, then grad_accum.
+        dp = ctx.world_size if spec.runner == "bp" else 1
+        micro_batch = cfg.train.batch_size // (dp * cfg.train.grad_accum)
+        _prewarm(cfg, data, micro_batch)
         ctx.barrier()
         rss0, reset_ok = reset_peak_rss()
         mode = live_heap_mode() if live_heap else contextlib.nullcontext()
@@ -346,10 +357,8 @@ def method_worker(rank: int, world: int, method: str, overrides: list[str], warm
             else:
                 out = _run_pipe(cfg, ctx, data, warmup, method)
         peak = peak_rss()
-        # Samples in one forward: the data-parallel ranks (DDP only) split the batch, then grad_accum.
-        dp = ctx.world_size if spec.runner == "bp" else 1
         out.update(rank=rank, mem_delta=peak - rss0, rss_peak=peak, rss_before=rss0, peak_reset=reset_ok,
-                   threads=torch.get_num_threads(), micro_batch=cfg.train.batch_size // (dp * cfg.train.grad_accum),
+                   threads=torch.get_num_threads(), micro_batch=micro_batch,
                    heap_delta=(mode.peak - mode.base) if live_heap else None)
         if ctx.distributed:
             gathered: list = [None] * ctx.world_size
