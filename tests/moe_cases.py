@@ -7,30 +7,40 @@ import os
 import torch
 import torch.distributed as dist
 
-from dist_train.data.pde import PDEGrid, initial_conditions
+from dist_train.data.pde import PDEGrid
 from dist_train.models.basis import BasisMLP
 from dist_train.moe.hard_constraint import LMOptions
 from dist_train.moe.model import PDEModel
 
 GRID = PDEGrid(nx=17, nt=9, t_end=0.5, nu=0.01, rho=1.0)
+# diffusion–sorption at PDEBench's D on a short horizon: the front moves a few cells of this grid
+SORPTION = PDEGrid(nx=17, nt=9, t_end=50.0, nu=5e-4, rho=0.0, equation="diffusion_sorption")
+GRIDS = {"fisher_kpp": GRID, "diffusion_sorption": SORPTION}
 SAMPLES = 4
-# (experts, time_splits, overlap): several experts per rank, a number not divisible by W, a time split,
-# K = 1, overlapping constrained regions (3 columns: most of a neighbouring 4-column band)
-CASES = [(4, 1, 0), (3, 1, 0), (4, 2, 0), (1, 1, 0), (4, 1, 3)]
+# (experts, time_splits, overlap[, equation]): several experts per rank, a number not divisible by W, a
+# time split, K = 1, overlapping constrained regions (3 columns: most of a neighbouring 4-column band),
+# and diffusion–sorption's inflow and outflow rows (Fisher–KPP otherwise)
+CASES = [(4, 1, 0), (3, 1, 0), (4, 2, 0), (1, 1, 0), (4, 1, 3), (4, 1, 0, "diffusion_sorption")]
 
 
-def model(experts: int, time_splits: int, overlap: int = 0, group=None) -> PDEModel:
+def model(experts: int, time_splits: int, overlap: int = 0, equation: str = "fisher_kpp", group=None) -> PDEModel:
     torch.manual_seed(0)
-    return PDEModel(GRID, BasisMLP(GRID, 6, width=16, n_layer=2), n_basis=6, constraint="hard", experts=experts,
+    grid = GRIDS[equation]
+    return PDEModel(grid, BasisMLP(grid, 6, width=16, n_layer=2), n_basis=6, constraint="hard", experts=experts,
                     points=48, time_splits=time_splits, options=LMOptions(tol=1e-13), group=group,
                     overlap=overlap).double()
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    from dist_train.data.pde import solve_reference
+def batch(equation: str = "fisher_kpp") -> tuple[torch.Tensor, torch.Tensor]:
+    from dist_train.data.pde import reference_solution, sample_initial_conditions
 
-    u0 = initial_conditions(SAMPLES, GRID.nx, torch.Generator().manual_seed(1))
-    return u0, solve_reference(u0, GRID)
+    grid = GRIDS[equation]
+    u0 = sample_initial_conditions(grid, SAMPLES, torch.Generator().manual_seed(1))
+    return u0, reference_solution(u0, grid)
+
+
+def equation_of(case: tuple) -> str:
+    return case[3] if len(case) > 3 else "fisher_kpp"
 
 
 def loss_and_grads(m: PDEModel, u0: torch.Tensor, ref: torch.Tensor) -> tuple[float, dict, torch.Tensor]:
@@ -49,11 +59,11 @@ def worker(rank: int, world: int, out: str, expert_parallel=None) -> None:
 
     dist.init_process_group("gloo")  # env:// variables and one thread from run_on_ranks
     group = expert_group(build_mesh("cpu", world, 1), expert_parallel)
-    u0, ref = batch()
     per = SAMPLES // world
     mine = slice(rank * per, (rank + 1) * per)
     results = {}
     for case in CASES:
+        u0, ref = batch(equation_of(case))
         m = model(*case, group=group)
         loss, grads, u = loss_and_grads(m, u0[mine], ref[mine])
         t = torch.tensor([loss])

@@ -105,11 +105,11 @@ def test_ranks_match_all_experts_in_one_process(world, ep, tmp_path) -> None:
     # all K experts; the result must still be the one-process one.
     run_on_ranks(mc.worker, world, (str(tmp_path), ep))
     got = torch.load(tmp_path / "results.pt", weights_only=False)
-    u0, ref = mc.batch()
     group = ep or world  # rank 0's expert group
     for case in mc.CASES:
+        u0, ref = mc.batch(mc.equation_of(case))
         loss, grads, u = mc.loss_and_grads(mc.model(*case), u0, ref)
-        where = f"W={world} ep={group} experts/time_splits/overlap={case}"
+        where = f"W={world} ep={group} experts/time_splits/overlap[/equation]={case}"
         assert got[case]["group"] == list(range(group)), where
         assert got[case]["loss"] == pytest.approx(loss, rel=RTOL), where
         torch.testing.assert_close(got[case]["u"], u, rtol=RTOL, atol=1e-10, msg=where)

@@ -1,7 +1,8 @@
 """`dist-train bench moe`: hard-constraint experts against one global hard constraint and the soft
 constraint, in the same code and the same run, while the number of sampled points m grows.
 
-Every model trains `configs/moe_pde.yaml` (1D Fisher–KPP, physics loss only) through
+Every model trains `configs/moe_pde.yaml` (1D Fisher–KPP, physics loss only; the `sorption` size
+`configs/moe_sorption.yaml`, PDEBench's diffusion–sorption, the paper's own 1D problem) through
 `dist-train launch --nproc 2 --threads 1` with the same batch, steps, optimizer, lr, basis network
 and basis size; only the constraint differs:
 - soft: u = b·w with w learned (the PDE only in the loss); it samples no points, so it runs once;
@@ -52,7 +53,8 @@ import yaml
 
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "moe_pde.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG = CONFIGS / "moe_pde.yaml"  # every size's, unless it names its own (`config`)
 SIZES = {
     "full": {"points": [256, 1024, 4096], "experts": [2, 4], "steps": 200, "log_every": 10, "repeats": 3,
              "limit_s": 1800, "extra": []},
@@ -95,6 +97,11 @@ SIZES = {
                        "repeats": 3, "limit_s": 3000, "one_rank": False, "overlap": 32, "lrs": [3e-3],
                        "rows": ["overlap"],
                        "extra": ["model.name=basis_fno", "model.width=32", "model.n_layer=4", "model.modes=12"]},
+    # DIST_TRAIN_BENCH_SIZE=sorption: the paper's own 1D problem, PDEBench's diffusion-sorption
+    # (configs/moe_sorption.yaml), at the converge size's schedule (800 steps, m = 1024) and lr 3e-3 (the
+    # lr the Fisher-KPP sweeps chose for every model): soft, global, 2 and 4 experts, one seed.
+    "sorption": {"config": "moe_sorption.yaml", "points": [1024], "experts": [2, 4], "steps": 800, "log_every": 50,
+                 "eval_every": 100, "repeats": 1, "limit_s": 2400, "one_rank": False, "lrs": [3e-3], "extra": []},
     "smoke": {"points": [32, 64], "experts": [2], "steps": 4, "log_every": 2, "repeats": 1, "limit_s": 300,
               "overlap": 2,
               "extra": ["data.nx=17", "data.nt=9", "data.num_examples=24", "moe.basis=6", "model.width=16",
@@ -107,7 +114,7 @@ COMMON = ["telemetry.progress=off", "telemetry.tensorboard=false", "checkpoint.e
 def _train(work: Path, name: str, size: dict, overrides: list[str], nproc: int = 2) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_TRAIN_FAULT"))}
     env.update(OMP_NUM_THREADS="1")
-    argv = [sys.executable, "-m", "dist_train", "launch", str(CONFIG), "--nproc", str(nproc), "--threads", "1",
+    argv = [sys.executable, "-m", "dist_train", "launch", str(_config(size)), "--nproc", str(nproc), "--threads", "1",
             f"run.dir={work}", f"run.name={name}", f"train.steps={size['steps']}",
             f"train.log_every={size['log_every']}", f"train.eval_every={size.get('eval_every', size['steps'])}", *COMMON,
             *size["extra"], *overrides]
@@ -143,8 +150,12 @@ def _repeated(work: Path, name: str, size: dict, overrides: list[str], nproc: in
     return out
 
 
-def _config_lr() -> float:
-    return float(yaml.safe_load(CONFIG.read_text())["optim"]["lr"])
+def _config(size: dict) -> Path:
+    return CONFIGS / size.get("config", CONFIG.name)
+
+
+def _config_lr(size: dict) -> float:
+    return float(yaml.safe_load(_config(size).read_text())["optim"]["lr"])
 
 
 ROW_KINDS = ("soft", "global", "experts", "overlap", "one_rank")
@@ -184,7 +195,7 @@ def run(quick: bool) -> dict[str, Any]:
     overlap = size.get("overlap")
     # Sizes with `lrs` train every model at every lr and report each at its best (lowest final
     # validation error): the same sweep for every model. Without, the config's lr.
-    lrs, config_lr = size.get("lrs") or [None], _config_lr()
+    lrs, config_lr = size.get("lrs") or [None], _config_lr(size)
     rows = []
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-moe-") as tmp:
         work = Path(tmp)
@@ -261,7 +272,7 @@ def run(quick: bool) -> dict[str, Any]:
                          "description": f"median step time, global hard constraint / {best} experts with {overlap} "
                          f"columns of overlap, m = {large} (2 ranks each, no target)"})
     setup = {"size": size_name, "steps": size["steps"], "repeats": size["repeats"], "world_size": 2, "threads_per_rank": 1,
-             "config": "configs/moe_pde.yaml", "overrides": [*COMMON, *size["extra"]], "points": size["points"],
+             "config": f"configs/{_config(size).name}", "overrides": [*COMMON, *size["extra"]], "points": size["points"],
              "experts": size["experts"], "overlap": overlap or 0, "rows": list(size.get("rows", ROW_KINDS)),
              "lrs": [lr or config_lr for lr in lrs],
              "error": "relative L2 on the validation split after the last step",

@@ -67,29 +67,29 @@ class ModelSection(_Strict):
         return self
 
 
+_PDE_SETS = ("reaction_diffusion", "diffusion_sorption")
 # The data-set-specific keys of `data` and the data sets that read them (the others read all sets).
 _DATA_KEY_READERS = {"path": ("token_bin",), "val_path": ("token_bin",), "vocab_size": ("token_bin",),
-                     "max_bytes": ("stdlib_bytes",), "num_examples": ("shapes32", "reaction_diffusion"),
-                     "seed": ("shapes32", "reaction_diffusion"), "nx": ("reaction_diffusion",),
-                     "nt": ("reaction_diffusion",), "t_end": ("reaction_diffusion",),
-                     "nu": ("reaction_diffusion",), "rho": ("reaction_diffusion",)}
+                     "max_bytes": ("stdlib_bytes",), "num_examples": ("shapes32", *_PDE_SETS),
+                     "seed": ("shapes32", *_PDE_SETS), "nx": _PDE_SETS, "nt": _PDE_SETS, "t_end": _PDE_SETS,
+                     "nu": _PDE_SETS, "rho": ("reaction_diffusion",)}
 
 
 class DataSection(_Strict):
-    name: Literal["stdlib_bytes", "token_bin", "digits", "shapes32", "reaction_diffusion"] = Field(
-        "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, sklearn digits, generated 32x32 RGB shapes, or 1D Fisher-KPP reaction-diffusion solutions (generated with a finite-difference solver).")
+    name: Literal["stdlib_bytes", "token_bin", "digits", "shapes32", "reaction_diffusion", "diffusion_sorption"] = Field(
+        "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, sklearn digits, generated 32x32 RGB shapes, 1D Fisher-KPP reaction-diffusion solutions, or PDEBench's 1D diffusion-sorption problem (both generated with a finite-difference solver).")
     path: Optional[str] = Field(None, description="token_bin: path of the training .bin file (nanoGPT/llm.c uint16 format).")
     val_path: Optional[str] = Field(None, description="token_bin: validation .bin file; default: the last val_fraction of `path`.")
     vocab_size: Optional[int] = Field(None, ge=2, description="token_bin: vocabulary size; default: max token id + 1 (scanned).")
     max_bytes: int = Field(4_000_000, ge=1024, description="stdlib_bytes: cap on corpus size in bytes (files taken in sorted order).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the data held out for validation.")
     test_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Fraction held out as a test split (stdlib_bytes, digits, shapes32); default 0.1 for shapes32, else 0 (no test split).")
-    num_examples: Optional[int] = Field(None, ge=20, description="shapes32 / reaction_diffusion: examples generated in all (train + val + test); default 7000 images / 512 solutions.")
-    seed: int = Field(0, description="shapes32 / reaction_diffusion: seed the examples are generated from (fixed apart from train.seed).")
-    nx: int = Field(128, ge=3, description="reaction_diffusion: grid points in x on [0, 1] (boundaries included).")
-    nt: int = Field(64, ge=2, description="reaction_diffusion: time levels on [0, t_end] (t = 0 included).")
-    t_end: float = Field(1.0, gt=0, description="reaction_diffusion: final time.")
-    nu: float = Field(0.005, ge=0, description="reaction_diffusion: diffusion coefficient nu of u_t = nu u_xx + rho u (1 - u).")
+    num_examples: Optional[int] = Field(None, ge=20, description="shapes32 / the PDE sets: examples generated in all (train + val + test); default 7000 images / 512 solutions.")
+    seed: int = Field(0, description="shapes32 / the PDE sets: seed the examples are generated from (fixed apart from train.seed).")
+    nx: int = Field(128, ge=3, description="PDE sets: grid points in x on [0, 1] (boundaries included).")
+    nt: int = Field(64, ge=2, description="PDE sets: time levels on [0, t_end] (t = 0 included).")
+    t_end: Optional[float] = Field(None, gt=0, description="PDE sets: final time; default 1.0 (reaction_diffusion) / 500 (diffusion_sorption, PDEBench's).")
+    nu: Optional[float] = Field(None, ge=0, description="PDE sets: diffusion coefficient, nu of u_t = nu u_xx + rho u (1 - u) (default 0.005) or D of R(u) u_t = D u_xx (default 5e-4, PDEBench's).")
     rho: float = Field(1.0, ge=0, description="reaction_diffusion: reaction rate rho.")
 
     @model_validator(mode="after")

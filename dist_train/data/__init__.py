@@ -16,6 +16,9 @@ __all__ = [
     "open_token_bin", "write_token_bin",
 ]
 
+# PDE data sets: data.name -> (PDEGrid.equation, default t_end, default nu, rho)
+PDE_DEFAULTS = {"reaction_diffusion": ("fisher_kpp", 1.0, 0.005, None), "diffusion_sorption": ("diffusion_sorption", 500.0, 5e-4, 0.0)}
+
 
 def build_dataset(cfg_data: DataSection, block_size: int) -> Dataset:
     """The data set named in the config. `block_size` (model.block_size) sizes LM windows."""
@@ -38,9 +41,15 @@ def build_dataset(cfg_data: DataSection, block_size: int) -> Dataset:
 
         return Shapes32Dataset(cfg_data.num_examples or 7000, cfg_data.seed, cfg_data.val_fraction,
                                0.1 if test is None else test)
-    if cfg_data.name == "reaction_diffusion":
+    if cfg_data.name in PDE_DEFAULTS:
         from dist_train.data.pde import PDEDataset, PDEGrid
 
-        grid = PDEGrid(nx=cfg_data.nx, nt=cfg_data.nt, t_end=cfg_data.t_end, nu=cfg_data.nu, rho=cfg_data.rho)
+        equation, t_end, nu, rho = PDE_DEFAULTS[cfg_data.name]
+        try:
+            grid = PDEGrid(nx=cfg_data.nx, nt=cfg_data.nt, t_end=cfg_data.t_end if cfg_data.t_end is not None else t_end,
+                           nu=cfg_data.nu if cfg_data.nu is not None else nu,
+                           rho=cfg_data.rho if cfg_data.name == "reaction_diffusion" else rho, equation=equation)
+        except ValueError as err:  # a coefficient the scheme cannot take: one line, exit 2
+            raise UserError(f"data: {err}") from None
         return PDEDataset(grid, cfg_data.num_examples or 512, cfg_data.seed, cfg_data.val_fraction, test or 0.0)
     raise UserError(f"data.name: unknown data set {cfg_data.name!r}")

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from dist_train.data import diffusion_sorption
 from dist_train.data.base import DataInfo, InMemoryDataset
 
 _CHUNK = 256  # initial conditions solved at once: bounds the float64 work arrays to a few tens of MB
@@ -31,19 +33,30 @@ _CHUNK = 256  # initial conditions solved at once: bounds the float64 work array
 
 @dataclass(frozen=True)
 class PDEGrid:
-    """The space-time grid and coefficients. `nx` counts the boundary points, `nt` the t = 0 level."""
+    """The space-time grid, the equation and its coefficients. `nx` counts the boundary points, `nt` the
+    t = 0 level. `nu` is the diffusion coefficient of either equation (D of diffusion–sorption); `rho`
+    is Fisher–KPP's reaction rate (diffusion–sorption has none: 0)."""
 
     nx: int
     nt: int
     t_end: float
     nu: float
     rho: float
+    equation: str = "fisher_kpp"
 
     def __post_init__(self) -> None:
         if self.nx < 3 or self.nt < 2:
             raise ValueError(f"PDEGrid needs nx >= 3 and nt >= 2, got nx={self.nx}, nt={self.nt}")
         if self.t_end <= 0 or self.nu < 0:
             raise ValueError(f"PDEGrid needs t_end > 0 and nu >= 0, got t_end={self.t_end}, nu={self.nu}")
+        if self.equation not in FAMILIES:
+            raise ValueError(f"PDEGrid: unknown equation {self.equation!r} (one of {', '.join(FAMILIES)})")
+        if self.equation == "diffusion_sorption" and self.nu >= self.dx / 4:
+            # The outflow row (1 - D/h) u_N + (D/h) u_{N-1} = 0 puts u_N = -D/(h - D) u_{N-1}; the reference
+            # solver imposes it on a grid twice as fine (h = dx/2) after explicit steps, which stay stable
+            # while D/h < 1/2 (PDEBench's D = 5e-4 at 128 points: 0.13).
+            raise ValueError(f"diffusion_sorption needs D < dx/4 for its outflow row, got nu={self.nu} "
+                             f"with dx={self.dx:.4g} (raise data.nx or lower data.nu)")
 
     @property
     def dx(self) -> float:
@@ -60,6 +73,31 @@ class PDEGrid:
     @property
     def t(self) -> torch.Tensor:
         return torch.linspace(0.0, self.t_end, self.nt, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class BoundaryRow:
+    """The condition on one side at every time level j >= 1: (1 - kappa) u[j, edge] + kappa u[j, inner] = value,
+    `inner` the edge's neighbouring column. kappa = 0: Dirichlet u = value; kappa > 0: a Robin condition
+    in one-sided difference form."""
+
+    value: float
+    kappa: float
+
+
+def boundary_rows(grid: PDEGrid) -> tuple[BoundaryRow, BoundaryRow]:
+    """(x = 0, x = 1) conditions of `grid`'s equation."""
+    return FAMILIES[grid.equation].boundary(grid)
+
+
+def sample_initial_conditions(grid: PDEGrid, n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, nx] float64 initial conditions of `grid`'s equation family."""
+    return FAMILIES[grid.equation].initial_conditions(n, grid.nx, generator)
+
+
+def reference_solution(u0: torch.Tensor, grid: PDEGrid) -> torch.Tensor:
+    """[B, nt, nx] float64 reference solution of `grid`'s equation from u0 [B, nx]."""
+    return FAMILIES[grid.equation].solve_reference(u0, grid)
 
 
 def initial_conditions(n: int, nx: int, generator: torch.Generator) -> torch.Tensor:
@@ -129,6 +167,8 @@ def solve_reference(u0: torch.Tensor, grid: PDEGrid, refine_x: int = 2, substeps
     it by under 40%. substeps=8 is chosen for positivity: r = 0.64 there (r = 1.28 at 4).
     refine_x=1 would give 1.4e-3 / 6.5e-4. Building a 512-example data set takes ~0.9 s of one core.
     """
+    if grid.equation != "fisher_kpp":
+        raise ValueError(f"solve_reference solves Fisher-KPP, not {grid.equation} (use reference_solution)")
     if u0.dim() != 2 or u0.shape[1] != grid.nx:
         raise ValueError(f"u0 must be [B, {grid.nx}], got {list(u0.shape)}")
     if refine_x < 1 or substeps < 1:
@@ -160,7 +200,7 @@ def solve_reference(u0: torch.Tensor, grid: PDEGrid, refine_x: int = 2, substeps
 
 
 class PDEDataset(InMemoryDataset):
-    """(u0 float32 [nx], u float32 [nt, nx]) pairs of Fisher–KPP on `grid`; a fixed seeded split.
+    """(u0 float32 [nx], u float32 [nt, nx]) pairs of `grid`'s equation; a fixed seeded split.
 
     The examples are i.i.d. draws from one generator seeded with `seed`, so the split needs no
     permutation: validation is the first `val_fraction`, test (when `test_fraction` > 0) the
@@ -174,9 +214,9 @@ class PDEDataset(InMemoryDataset):
         if n < 3:
             raise ValueError(f"PDEDataset needs at least 3 examples (one per split), got {n}")
         self.grid = grid
-        u0 = initial_conditions(n, grid.nx, torch.Generator().manual_seed(seed))
+        u0 = sample_initial_conditions(grid, n, torch.Generator().manual_seed(seed))
         # Chunked: the solver's float64 work arrays grow with the batch.
-        solution = torch.cat([solve_reference(u0[i:i + _CHUNK], grid).to(torch.float32)
+        solution = torch.cat([reference_solution(u0[i:i + _CHUNK], grid).to(torch.float32)
                               for i in range(0, n, _CHUNK)])
         u0 = u0.to(torch.float32)
         n_val = min(max(1, round(n * val_fraction)), n - 1)
@@ -185,3 +225,25 @@ class PDEDataset(InMemoryDataset):
         self._splits = {name: (u0[lo:hi], solution[lo:hi]) for name, (lo, hi) in bounds.items()}
         self.info = DataInfo(task="pde", grid=grid, vocab_size=None, input_shape=(grid.nx,), num_classes=None,
                              train_size=n - n_val - n_test, val_size=n_val, test_size=n_test)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the data side knows of one equation: its initial conditions, reference solver and boundary rows."""
+
+    initial_conditions: Callable[[int, int, torch.Generator], torch.Tensor]
+    solve_reference: Callable[[torch.Tensor, PDEGrid], torch.Tensor]
+    boundary: Callable[[PDEGrid], tuple[BoundaryRow, BoundaryRow]]
+
+
+def _zero_dirichlet(grid: PDEGrid) -> tuple[BoundaryRow, BoundaryRow]:
+    return BoundaryRow(0.0, 0.0), BoundaryRow(0.0, 0.0)
+
+
+# `PDEGrid.equation` -> its family; another PDE is another entry (and one in `moe.physics.RESIDUALS` and
+# `moe.hard_constraint.CONSTRAINT_ROWS`).
+FAMILIES: dict[str, Family] = {
+    "fisher_kpp": Family(initial_conditions, solve_reference, _zero_dirichlet),
+    "diffusion_sorption": Family(diffusion_sorption.initial_conditions, diffusion_sorption.solve_reference,
+                                 diffusion_sorption.boundary_rows),
+}

@@ -22,7 +22,8 @@ conditions):
 - residual: m_k points drawn without replacement (fixed seed per expert) from the region's points
   with j >= 1 and 1 <= i <= nx - 2, m_k = m // K (the first m % K experts take one more);
 - initial condition: every point of the region with j = 0;
-- boundary (u = 0): every point of the region with i in {0, nx - 1} and j >= 1.
+- boundary: every point of the region with i in {0, nx - 1} and j >= 1, each with its side's row
+  (`data.pde.boundary_rows`: u = 0 for Fisher–KPP; u = 1 in, u = D u_x out for diffusion–sorption).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_train.data.pde import PDEGrid
+from dist_train.data.pde import PDEGrid, boundary_rows
 from dist_train.errors import UserError
 from dist_train.moe.hard_constraint import ConstraintPoints
 
@@ -111,9 +112,16 @@ def constraint_points(sub: SubDomain, grid: PDEGrid, m_k: int, seed: int = 0) ->
     pick = pick.sort().values  # grid order: the rows of the least-squares problem do not depend on the draw order
     ic = jj == 0
     bc = (jj >= 1) & ((ii == 0) | (ii == grid.nx - 1))
+    bc_j, bc_i = jj[bc], ii[bc]
+    left, right = boundary_rows(grid)
+    on_left = bc_i == 0
+    side = lambda a, b: torch.where(on_left, torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))  # noqa: E731
+    kappa, value = side(left.kappa, right.kappa), side(left.value, right.value)
+    inner = torch.where(on_left, 1, grid.nx - 2)  # the edge's neighbouring column (in the halo block)
     return ConstraintPoints(pde_j=ej[pick] - sub.ht0, pde_i=ei[pick] - sub.hx0,
                             ic_j=jj[ic] - sub.ht0, ic_i=ii[ic] - sub.hx0,
-                            bc_j=jj[bc] - sub.ht0, bc_i=ii[bc] - sub.hx0)
+                            bc_j=bc_j - sub.ht0, bc_i=bc_i - sub.hx0,
+                            bc_inner=inner - sub.hx0, bc_kappa=kappa, bc_value=value)
 
 
 def points_per_expert(m: int, experts: int) -> list[int]:

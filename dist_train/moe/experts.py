@@ -33,7 +33,7 @@ from torch import nn
 
 from dist_train.data.pde import PDEGrid
 from dist_train.moe.domain import constraint_points, decompose, owner_of, points_per_expert
-from dist_train.moe.hard_constraint import FisherKPP, LMOptions, solve_hard_constraint
+from dist_train.moe.hard_constraint import CONSTRAINT_ROWS, LMOptions, solve_hard_constraint
 
 
 def _exchange(pieces: list[torch.Tensor], recv_sizes: list[int], group) -> list[torch.Tensor]:
@@ -68,7 +68,7 @@ class ExpertLayer(nn.Module):
         self.subs = decompose(grid, experts, time_splits, overlap)
         self.points = [constraint_points(s, grid, m_k, seed)
                        for s, m_k in zip(self.subs, points_per_expert(points, experts))]
-        self.pde = FisherKPP(nu=grid.nu, rho=grid.rho, dt=grid.dt, dx=grid.dx)
+        self.pde = CONSTRAINT_ROWS[grid.equation](grid)
         self.local = experts == 1 or group is None  # nothing to send: every rank solves what it has
         self.mine = [k for k in range(experts) if self.local or owner_of(k, self.world) == self.rank]
         self.last: dict[int, dict] = {}  # expert -> figures of its latest solve on this rank

@@ -16,19 +16,24 @@ dLoss/db = −(∂g/∂b)ᵀ μ with H μ = v: one linear solve per sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, fields
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
 Tensor = torch.Tensor
+_BC_ROW_FIELDS = ("bc_inner", "bc_kappa", "bc_value")
 
 
 @dataclass(frozen=True, eq=False)
 class ConstraintPoints:
     """Block-local integer grid indices (1-D, possibly empty) of the PDE residual points, the
-    initial-condition points and the (homogeneous Dirichlet) boundary points."""
+    initial-condition points and the boundary points.
+
+    A boundary row is (1 − κ) u[j, i] + κ u[j, bc_inner] = value (`data.pde.BoundaryRow`): `bc_inner`
+    the edge's neighbouring column, `bc_kappa` and `bc_value` float per row. Left out (None), every
+    boundary row is u[j, i] = 0 (homogeneous Dirichlet)."""
 
     pde_j: Tensor
     pde_i: Tensor
@@ -36,6 +41,9 @@ class ConstraintPoints:
     ic_i: Tensor
     bc_j: Tensor
     bc_i: Tensor
+    bc_inner: Optional[Tensor] = None
+    bc_kappa: Optional[Tensor] = None
+    bc_value: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         for kind in ("pde", "ic", "bc"):
@@ -45,11 +53,28 @@ class ConstraintPoints:
                     raise ValueError(f"hard constraint: {kind} indices must be 1-D integer tensors, got {t.dtype} {tuple(t.shape)}")
             if j.numel() != i.numel():
                 raise ValueError(f"hard constraint: {kind}_j has {j.numel()} entries but {kind}_i has {i.numel()}")
+        given = [f for f in _BC_ROW_FIELDS if getattr(self, f) is not None]
+        if given and len(given) != len(_BC_ROW_FIELDS):
+            raise ValueError(f"hard constraint: give all of {', '.join(_BC_ROW_FIELDS)} or none (got {', '.join(given)})")
+        for f in given:
+            if getattr(self, f).shape != self.bc_j.shape:
+                raise ValueError(f"hard constraint: {f} has shape {tuple(getattr(self, f).shape)}, "
+                                 f"the boundary rows {tuple(self.bc_j.shape)}")
+
+    def to(self, device) -> "ConstraintPoints":
+        return ConstraintPoints(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                  for f in fields(self)))
 
     def validate(self, tb: int, xb: int) -> None:
         """Raise ValueError naming the first point outside the block (or, for PDE points, outside the
         interior j >= 1, 1 <= i <= Xb-2 that the Crank–Nicolson stencil needs)."""
         bounds = {"pde": (1, tb - 1, 1, xb - 2), "ic": (0, tb - 1, 0, xb - 1), "bc": (0, tb - 1, 0, xb - 1)}
+        if self.bc_inner is not None:
+            bad = (self.bc_inner < 0) | (self.bc_inner > xb - 1)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0, 0])
+                raise ValueError(f"hard constraint: boundary row #{k}'s neighbouring column {int(self.bc_inner[k])} "
+                                 f"is outside 0 <= i <= {xb - 1} of a block of Xb={xb}")
         for kind, (j_lo, j_hi, i_lo, i_hi) in bounds.items():
             j, i = getattr(self, f"{kind}_j"), getattr(self, f"{kind}_i")
             bad = (j < j_lo) | (j > j_hi) | (i < i_lo) | (i > i_hi)
@@ -112,6 +137,58 @@ class FisherKPP:
 
 
 @dataclass(frozen=True)
+class DiffusionSorption:
+    """R(u) u_t = D u_xx (`data.diffusion_sorption`), Crank–Nicolson with R at the mean of the two
+    levels, rows scaled by dt:
+
+        dt·R = R(ū)(u_P − u_Q) − c[(u_P− − 2u_P + u_P+) + (u_Q− − 2u_Q + u_Q+)],  ū = (u_P + u_Q)/2,  c = D·dt/(2 dx²).
+
+    With d = P − Q and a = P + Q (basis rows), the Jacobian is R(ū) d + R'(ū)(u_P − u_Q) a/2 − c·lap and
+    the second derivative of a row is R'(ū)/2 (d aᵀ + a dᵀ) + R''(ū)(u_P − u_Q)/4 a aᵀ."""
+
+    nu: float  # D
+    dt: float
+    dx: float
+
+    gather = FisherKPP.gather
+
+    def _levels(self, s: Stencil, omega: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.einsum("bmn,bn->bm", s.p, omega), torch.einsum("bmn,bn->bm", s.q, omega)
+
+    def residual_and_jacobian(self, s: Stencil, omega: Tensor) -> tuple[Tensor, Tensor]:
+        from dist_train.data.diffusion_sorption import retardation_derivatives
+
+        c = self.nu * self.dt / (2.0 * self.dx ** 2)
+        lap = (s.p_left - 2.0 * s.p + s.p_right) + (s.q_left - 2.0 * s.q + s.q_right)
+        u_p, u_q = self._levels(s, omega)
+        r0, r1, _ = retardation_derivatives((u_p + u_q) / 2)
+        rise = u_p - u_q
+        r = r0 * rise - c * torch.einsum("bmn,bn->bm", lap, omega)
+        jac = r0.unsqueeze(-1) * (s.p - s.q) + (0.5 * r1 * rise).unsqueeze(-1) * (s.p + s.q) - c * lap
+        return r, jac
+
+    def hessian_term(self, s: Stencil, omega: Tensor, weights: Tensor) -> Tensor:
+        from dist_train.data.diffusion_sorption import retardation_derivatives
+
+        u_p, u_q = self._levels(s, omega)
+        _, r1, r2 = retardation_derivatives((u_p + u_q) / 2)
+        d, a = s.p - s.q, s.p + s.q
+        w1 = (0.5 * weights * r1).unsqueeze(-1)
+        w2 = (0.25 * weights * r2 * (u_p - u_q)).unsqueeze(-1)
+        return (w1 * d).transpose(1, 2) @ a + (w1 * a).transpose(1, 2) @ d + (w2 * a).transpose(1, 2) @ a
+
+
+# `PDEGrid.equation` -> the rows the constraint enforces, built from the grid (another PDE: one more entry)
+CONSTRAINT_ROWS: dict[str, Callable] = {
+    "fisher_kpp": lambda grid: FisherKPP(nu=grid.nu, rho=grid.rho, dt=grid.dt, dx=grid.dx),
+    "diffusion_sorption": lambda grid: DiffusionSorption(nu=grid.nu, dt=grid.dt, dx=grid.dx),
+}
+
+
+ConstraintRows = FisherKPP | DiffusionSorption
+
+
+@dataclass(frozen=True)
 class LMOptions:
     """Levenberg–Marquardt settings. A sample has converged when ‖∇L‖∞ <= tol · max(1, ‖∇L(ω=0)‖∞):
     the gradient at ω = 0 is −Aᵀy, the problem's own scale (relative for large data, absolute for
@@ -134,13 +211,18 @@ class HardConstraintInfo:
     unconverged: int       # samples not converged after max_iter (reported, not raised)
 
 
-def _rows(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: FisherKPP, omega: Tensor):
+def _rows(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows, omega: Tensor):
     """All rows r [B, M], J [B, M, N] of (1), plus the PDE stencil and the PDE part of r."""
     st = pde.gather(b, pts.pde_j, pts.pde_i)
     r_pde, j_pde = pde.residual_and_jacobian(st, omega)
     b_ic, b_bc = b[:, pts.ic_j, pts.ic_i], b[:, pts.bc_j, pts.bc_i]
     r_ic = torch.einsum("bmn,bn->bm", b_ic, omega) - u0
-    r_bc = torch.einsum("bmn,bn->bm", b_bc, omega)
+    if pts.bc_kappa is None:  # homogeneous Dirichlet rows
+        r_bc = torch.einsum("bmn,bn->bm", b_bc, omega)
+    else:  # (1 − κ) u[edge] + κ u[inner] = value
+        kappa = pts.bc_kappa.to(b.dtype)[None, :, None]
+        b_bc = (1 - kappa) * b_bc + kappa * b[:, pts.bc_j, pts.bc_inner]
+        r_bc = torch.einsum("bmn,bn->bm", b_bc, omega) - pts.bc_value.to(b.dtype)
     return torch.cat([r_pde, r_ic, r_bc], 1), torch.cat([j_pde, b_ic, b_bc], 1), st, r_pde
 
 
@@ -171,7 +253,7 @@ def _damped_solve(m0: Tensor, grad: Tensor, lam: Tensor, todo: Tensor, damping0:
                      "even with damping raised 40 times (basis values too large?)")
 
 
-def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: FisherKPP, opt: LMOptions) -> tuple[Tensor, HardConstraintInfo]:
+def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows, opt: LMOptions) -> tuple[Tensor, HardConstraintInfo]:
     """Batched LM with per-sample damping and convergence mask: a sample's arithmetic only ever involves
     its own rows, and a converged sample is frozen, so its result does not depend on its batch mates."""
     bsz, n = b.shape[0], b.shape[-1]
@@ -217,7 +299,7 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: FisherKPP, opt:
     return omega, info
 
 
-def full_hessian(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: FisherKPP, omega: Tensor, ridge: float) -> Tensor:
+def full_hessian(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows, omega: Tensor, ridge: float) -> Tensor:
     """H of (2) at ω: JᵀJ + ridge I + Σ_pde rows r_row ∇²r_row (IC/BC rows are linear: no second-order term)."""
     r, jac, st, r_pde = _rows(b, u0, pts, pde, omega)
     eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
@@ -226,7 +308,7 @@ def full_hessian(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: FisherKPP, o
 
 class _HardConstraintFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, b_block: Tensor, u0: Tensor, pts: ConstraintPoints, pde: FisherKPP, opt: LMOptions, sink: list) -> Tensor:
+    def forward(ctx, b_block: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows, opt: LMOptions, sink: list) -> Tensor:
         b64 = b_block.detach().to(torch.float64)
         omega, info = _lm_solve(b64, u0, pts, pde, opt)
         sink.append(info)
@@ -260,7 +342,7 @@ class _HardConstraintFn(torch.autograd.Function):
         return gb.to(b_block.dtype), None, None, None, None, None
 
 
-def solve_hard_constraint(b_block: Tensor, u0_targets: Tensor, points: ConstraintPoints, pde: FisherKPP,
+def solve_hard_constraint(b_block: Tensor, u0_targets: Tensor, points: ConstraintPoints, pde: ConstraintRows,
                           options: LMOptions | None = None) -> tuple[Tensor, HardConstraintInfo]:
     """ω* [B, N] (float64) of (1) for b_block [B, Tb, Xb, N] (any float dtype; its gradient comes back
     in that dtype via the IFT (2)) and u0_targets [B, n_ic] (data, no gradient). Returns (ω*, info)."""
@@ -279,7 +361,7 @@ def solve_hard_constraint(b_block: Tensor, u0_targets: Tensor, points: Constrain
         raise ValueError("hard constraint: non-finite initial-condition targets in u0_targets")
     u0 = u0_targets.detach().to(torch.float64)
     dev = b_block.device
-    points = ConstraintPoints(*(getattr(points, f).to(dev) for f in ("pde_j", "pde_i", "ic_j", "ic_i", "bc_j", "bc_i")))
+    points = points.to(dev)
     sink: list[HardConstraintInfo] = []
     omega = _HardConstraintFn.apply(b_block, u0, points, pde, options, sink)
     return omega, sink[0]

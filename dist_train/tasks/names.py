@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # data.name -> the task its batches are for
 DATA_TASKS: dict[str, str] = {"stdlib_bytes": "lm", "token_bin": "lm", "digits": "classify", "shapes32": "classify",
-                             "reaction_diffusion": "pde"}
+                             "reaction_diffusion": "pde", "diffusion_sorption": "pde"}
 # model.name -> the task it is built for
 MODEL_TASKS: dict[str, str] = {"gpt": "lm", "mlp": "classify", "cnn": "classify", "basis_mlp": "pde", "basis_fno": "pde"}
 # how an error message names a task's data sets
