@@ -15,6 +15,10 @@ solution: both limits give the tests a closed form to check the reference solver
 Initial conditions are a seeded parametric family (`initial_conditions`); targets come from a
 finite-difference reference solver (`solve_reference`); `PDEDataset` wraps both in the
 project's data-set API, returning (u0 [b, nx], u [b, nt, nx]) float32 pairs.
+
+The grid names its equation (`PDEGrid.equation`): "fisher_kpp" (this module) or
+"diffusion_sorption" (`diffusion_sorption.py`, PI-HC-MoE's own 1D problem). `FAMILIES` maps each to
+its initial conditions, reference solver and boundary rows; `PDEDataset` reads only that table.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Solving a PDE family (reaction_diffusion data) with a basis network and hard-constraint experts."""
+"""Solving a PDE family (reaction_diffusion or diffusion_sorption data) with a basis network and hard-constraint experts."""
 
 from __future__ import annotations
 
