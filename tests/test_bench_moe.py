@@ -127,4 +127,15 @@ def test_every_size_trains_valid_configs(size):
     from dist_train.config.load import load_config
 
     for model in bench._models(SIZES[size]):
-        load_config(bench.CONFIG, [*bench.COMMON, *SIZES[size]["extra"], *model["overrides"]])
+        load_config(bench._config(SIZES[size]), [*bench.COMMON, *SIZES[size]["extra"], *model["overrides"]])
+
+
+def test_time_split_sizes_cut_each_experts_row_into_k_time_bands():
+    import dist_train.bench.moe as bench
+
+    rows = {m["experts"]: m for m in bench._models(SIZES["sorption_time"]) if m["kind"] in ("global", "experts")}
+    assert "moe.time_splits=2" in rows[2]["overrides"] and "moe.time_splits=4" in rows[4]["overrides"]
+    assert not any("time_splits" in o for o in rows[1]["overrides"])  # one global constraint: nothing to cut
+    assert not any("time_splits" in o for m in bench._models(SIZES["sorption"]) for o in m["overrides"])
+    with pytest.raises(ValueError, match="split must be space or time"):
+        bench._models({**SIZES["sorption"], "split": "diagonal"})

@@ -10,7 +10,8 @@ and basis size; only the constraint differs:
   each rank solves it for its own half of the batch (the data-parallel placement: the fastest
   equal-device baseline, not a single rank solving for everyone);
 - experts (K = 2, 4): K sub-domains with m / K points each, placed round-robin on the 2 ranks;
-  each owner solves its experts for the whole batch;
+  each owner solves its experts for the whole batch. The sub-domains are bands of columns (space), or
+  with a size's `split: time` bands of time levels (`moe.time_splits = K`);
 - global on 1 rank (reported, no target): the paper's placement, one device solving the single
   constraint for the whole batch (`--nproc 1`). It trains the same model as the 2-rank global row
   (same samples, same averaged gradient), so only its step time is new: the paper's speed-up of
@@ -102,6 +103,12 @@ SIZES = {
     # lr the Fisher-KPP sweeps chose for every model): soft, global, 2 and 4 experts, one seed.
     "sorption": {"config": "moe_sorption.yaml", "points": [1024], "experts": [2, 4], "steps": 800, "log_every": 50,
                  "eval_every": 100, "repeats": 1, "limit_s": 2400, "one_rank": False, "lrs": [3e-3], "extra": []},
+    # DIST_TRAIN_BENCH_SIZE=sorption_time: sorption's models with the experts' sub-domains cut in time
+    # (moe.time_splits = K: K bands of time levels, each over the whole x range with both boundary rows),
+    # the router's other split in the paper and the issue. No overlap.
+    "sorption_time": {"config": "moe_sorption.yaml", "split": "time", "points": [1024], "experts": [2, 4], "steps": 800,
+                      "log_every": 50, "eval_every": 100, "repeats": 1, "limit_s": 2400, "one_rank": False, "lrs": [3e-3],
+                      "extra": []},
     "smoke": {"points": [32, 64], "experts": [2], "steps": 4, "log_every": 2, "repeats": 1, "limit_s": 300,
               "overlap": 2,
               "extra": ["data.nx=17", "data.nt=9", "data.num_examples=24", "moe.basis=6", "model.width=16",
@@ -165,14 +172,18 @@ def _models(size: dict) -> list[dict[str, Any]]:
     """Every model the size measures: its row's identity and the overrides that train it. A size's
     `rows` (a subset of ROW_KINDS) keeps only those kinds; the default trains them all."""
     overlap = size.get("overlap")
+    if size.get("split", "space") not in ("space", "time"):
+        raise ValueError(f"bench moe: split must be space or time, got {size['split']!r}")
+    in_time = size.get("split") == "time"  # K experts = K bands of time levels over the whole x range
     models = [{"model": "soft constraint", "kind": "soft", "experts": None, "points": None, "ranks": 2,
                "overlap": None, "name": "soft", "overrides": ["moe.constraint=soft"]}]
     for m in size["points"]:
         hard = ["moe.constraint=hard", f"moe.points={m}"]
         for k in [1, *size["experts"]]:
-            models.append({"model": "global hard constraint" if k == 1 else f"{k} experts",
+            split = [f"moe.time_splits={k}"] if in_time and k > 1 else []
+            models.append({"model": "global hard constraint" if k == 1 else f"{k} experts" + (" (time bands)" if split else ""),
                            "kind": "global" if k == 1 else "experts", "experts": k, "points": m, "ranks": 2,
-                           "overlap": 0, "name": f"k{k}_m{m}", "overrides": [*hard, f"moe.experts={k}"]})
+                           "overlap": 0, "name": f"k{k}_m{m}", "overrides": [*hard, f"moe.experts={k}", *split]})
         for k in size["experts"] if overlap else []:
             models.append({"model": f"{k} experts, overlap {overlap}", "kind": "overlap", "experts": k, "points": m,
                            "ranks": 2, "overlap": overlap, "name": f"k{k}_m{m}_o{overlap}",

@@ -22,6 +22,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from dist_train.data.diffusion_sorption import retardation_derivatives
+
 Tensor = torch.Tensor
 _BC_ROW_FIELDS = ("bc_inner", "bc_kappa", "bc_value")
 
@@ -156,8 +158,6 @@ class DiffusionSorption:
         return torch.einsum("bmn,bn->bm", s.p, omega), torch.einsum("bmn,bn->bm", s.q, omega)
 
     def residual_and_jacobian(self, s: Stencil, omega: Tensor) -> tuple[Tensor, Tensor]:
-        from dist_train.data.diffusion_sorption import retardation_derivatives
-
         c = self.nu * self.dt / (2.0 * self.dx ** 2)
         lap = (s.p_left - 2.0 * s.p + s.p_right) + (s.q_left - 2.0 * s.q + s.q_right)
         u_p, u_q = self._levels(s, omega)
@@ -168,8 +168,6 @@ class DiffusionSorption:
         return r, jac
 
     def hessian_term(self, s: Stencil, omega: Tensor, weights: Tensor) -> Tensor:
-        from dist_train.data.diffusion_sorption import retardation_derivatives
-
         u_p, u_q = self._levels(s, omega)
         _, r1, r2 = retardation_derivatives((u_p + u_q) / 2)
         d, a = s.p - s.q, s.p + s.q
