@@ -109,6 +109,11 @@ SIZES = {
     "sorption_time": {"config": "moe_sorption.yaml", "split": "time", "points": [1024], "experts": [2, 4], "steps": 800,
                       "log_every": 50, "eval_every": 100, "repeats": 1, "limit_s": 2400, "one_rank": False, "lrs": [3e-3],
                       "extra": []},
+    # DIST_TRAIN_BENCH_SIZE=converge_time: the converge size's Fisher-KPP schedule with the experts cut in
+    # time (as sorption_time), against the global constraint only, at lr 3e-3 (converge's choice for both).
+    "converge_time": {"split": "time", "points": [1024], "experts": [2, 4], "steps": 800, "log_every": 50,
+                      "eval_every": 100, "repeats": 1, "limit_s": 2400, "one_rank": False, "lrs": [3e-3],
+                      "rows": ["global", "experts"], "extra": []},
     "smoke": {"points": [32, 64], "experts": [2], "steps": 4, "log_every": 2, "repeats": 1, "limit_s": 300,
               "overlap": 2,
               "extra": ["data.nx=17", "data.nt=9", "data.num_examples=24", "moe.basis=6", "model.width=16",
