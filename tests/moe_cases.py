@@ -78,3 +78,23 @@ def worker(rank: int, world: int, out: str, expert_parallel=None) -> None:
     if rank == 0:
         torch.save(results, os.path.join(out, "results.pt"))
     dist.barrier()  # leave together; run_on_ranks tears the group down and skips finalization
+
+
+def ift_and_finite_differences(b, u0, pts, pde, opt, h: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The implicit gradient of a fixed random weighting of u = b·ω*(b) with respect to b, and the same
+    by central finite differences of step h over every entry of b (the hard-constraint tests' check)."""
+    from dist_train.moe.hard_constraint import solve_hard_constraint
+
+    wts = torch.randn(b.shape[:3], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def loss(bb: torch.Tensor) -> torch.Tensor:
+        return (wts * torch.einsum("btxn,bn->btx", bb, solve_hard_constraint(bb, u0, pts, pde, opt)[0])).sum()
+
+    bg = b.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(bg), bg)
+    fd = torch.zeros_like(b)
+    for k in range(b.numel()):
+        e = torch.zeros(b.numel(), dtype=torch.float64)
+        e[k] = h
+        fd.view(-1)[k] = (loss(b + e.view_as(b)) - loss(b - e.view_as(b))) / (2 * h)
+    return grad, fd

@@ -16,6 +16,7 @@ from dist_train.moe.domain import constraint_points, decompose
 from dist_train.moe.hard_constraint import (ConstraintPoints, DiffusionSorption, LMOptions, full_hessian,
                                             solve_hard_constraint)
 from dist_train.moe.physics import boundary_residual, grid_residual
+from moe_cases import ift_and_finite_differences
 
 F64 = torch.float64
 # PDEBench's constants, restated: A = (1 - phi)/phi * rho_s * k * n_f
@@ -156,16 +157,7 @@ def test_solution_is_stationary_and_hessian_is_the_objectives() -> None:
 
 def test_ift_gradient_matches_central_finite_differences() -> None:
     b, u0, pts, pde, _ = _problem(1)
-    opt = LMOptions(tol=1e-14)
-    wts = torch.randn(b.shape[:3], generator=torch.Generator().manual_seed(3), dtype=F64)
-    loss = lambda bb: (wts * torch.einsum("btxn,bn->btx", bb, solve_hard_constraint(bb, u0, pts, pde, opt)[0])).sum()  # noqa: E731
-    bg = b.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss(bg), bg)
-    fd, h = torch.zeros_like(b), 1e-6
-    for k in range(b.numel()):
-        e = torch.zeros(b.numel(), dtype=F64)
-        e[k] = h
-        fd.view(-1)[k] = (loss(b + e.view_as(b)) - loss(b - e.view_as(b))) / (2 * h)
+    grad, fd = ift_and_finite_differences(b, u0, pts, pde, LMOptions(tol=1e-14), h=1e-6)
     torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-8 * float(fd.abs().max()))
 
 

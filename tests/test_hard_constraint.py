@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dist_train.moe.hard_constraint import ConstraintPoints, FisherKPP, LMOptions, solve_hard_constraint
+from moe_cases import ift_and_finite_differences
 
 F64 = torch.float64
 NU, RHO, DT, DX = 0.02, 1.0, 0.1, 0.1
@@ -76,17 +77,7 @@ def test_residual_rows_match_cn_formula_with_loops():
 
 def test_ift_gradient_matches_central_finite_differences():
     b, u0, pts = _problem(2, bsz=2, tb=4, xb=5, n=3, scale=0.5)  # halo on both sides, no BC rows
-    pde, opt = FisherKPP(NU, RHO, DT, DX), LMOptions(tol=1e-14)
-    wts = torch.randn(b.shape[:3], generator=torch.Generator().manual_seed(3), dtype=F64)
-    loss = lambda bb: (wts * torch.einsum("btxn,bn->btx", bb, solve_hard_constraint(bb, u0, pts, pde, opt)[0])).sum()  # noqa: E731
-    bg = b.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss(bg), bg)
-    fd, h = torch.zeros_like(b), 1e-5
-    for k in range(b.numel()):
-        e = torch.zeros(b.numel(), dtype=F64)
-        e[k] = h
-        e = e.view_as(b)
-        fd.view(-1)[k] = (loss(b + e) - loss(b - e)) / (2 * h)
+    grad, fd = ift_and_finite_differences(b, u0, pts, FisherKPP(NU, RHO, DT, DX), LMOptions(tol=1e-14), h=1e-5)
     assert torch.allclose(grad, fd, rtol=1e-5, atol=1e-8 * fd.abs().max())
 
 
