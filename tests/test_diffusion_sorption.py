@@ -17,19 +17,12 @@ from dist_train.moe.hard_constraint import (ConstraintPoints, DiffusionSorption,
                                             solve_hard_constraint)
 from dist_train.moe.physics import boundary_residual, grid_residual
 from moe_cases import ift_and_finite_differences
+from test_hard_constraint import _one_thread  # noqa: F401  (autouse: these problems are tiny, one thread)
 
 F64 = torch.float64
 # PDEBench's constants, restated: A = (1 - phi)/phi * rho_s * k * n_f
 A = (1 - 0.29) / 0.29 * 2880 * 3.5e-4 * 0.874
 N_F = 0.874
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _retardation(v: float) -> float:

@@ -60,6 +60,15 @@ def robin_kappa(nu: float, dx: float) -> float:
     return nu / dx
 
 
+def check_grid(grid) -> None:
+    """The outflow row (1 − D/h) u_N + (D/h) u_{N−1} = 0 puts u_N = −D/(h − D) u_{N−1}; the reference
+    solver imposes it on a grid twice as fine (h = dx/2) after explicit steps, which stay stable while
+    D/h < 1/2 (PDEBench's D = 5e-4 at 128 points: 0.13). So D < dx/4."""
+    if grid.nu >= grid.dx / 4:
+        raise ValueError(f"diffusion_sorption needs D < dx/4 for its outflow row, got nu={grid.nu} "
+                         f"with dx={grid.dx:.4g} (raise data.nx or lower data.nu)")
+
+
 def boundary_rows(grid):
     """u = 1 at the inflow x = 0, u = D u_x at the outflow x = 1 (`pde.BoundaryRow` form)."""
     from dist_train.data.pde import BoundaryRow
