@@ -139,3 +139,31 @@ def test_time_split_sizes_cut_each_experts_row_into_k_time_bands():
     assert not any("time_splits" in o for m in bench._models(SIZES["sorption"]) for o in m["overrides"])
     with pytest.raises(ValueError, match="split must be space or time"):
         bench._models({**SIZES["sorption"], "split": "diagonal"})
+
+
+def test_one_rank_steps_trains_only_the_one_rank_row_shorter(monkeypatch):
+    # sorption_scale times the paper's one-rank placement on fewer steps (it trains the 2-rank global
+    # row's model, so only its step time is new): that row alone gets the shorter schedule, evaluated
+    # once at its end; every other row keeps the size's steps and evaluation interval.
+    import dist_train.bench.moe as bench
+
+    seen = {}
+
+    def fake(work, name, size, overrides, nproc=2):
+        seen[name.rsplit("_lr", 1)[0]] = (size["steps"], size.get("eval_every"), nproc)
+        return {"rel_l2": 0.1, "residual": 0.0, "loss": 0.0, "step_time_s": 0.2 if nproc == 1 else 0.1,
+                "lm_iterations": 3, "wall_s": 0.0, "rel_l2_each": "", "rel_l2_seeds": [0.1]}
+
+    monkeypatch.setattr(bench, "_repeated", fake)
+    monkeypatch.setenv(SIZE_ENV, "sorption_scale")
+    doc = bench.run(quick=True)
+    size = SIZES["sorption_scale"]
+    for m in size["points"]:
+        assert seen[f"k1_m{m}_1rank"] == (size["one_rank_steps"], size["one_rank_steps"], 1)
+        for k in (1, *size["experts"]):
+            assert seen[f"k{k}_m{m}"] == (size["steps"], size["eval_every"], 2)
+    assert seen["soft"] == (size["steps"], size["eval_every"], 2)
+    steps = {(r["kind"], r["points"]): r["steps"] for r in doc["results"]}
+    assert steps[("one_rank", 4096)] == size["one_rank_steps"] and steps[("global", 4096)] == size["steps"]
+    reported = {r["metric"]: r["value"] for r in doc["reported"]}
+    assert reported["step_time_global_1rank_vs_experts"] == pytest.approx(2.0)
