@@ -167,3 +167,5 @@ def test_one_rank_steps_trains_only_the_one_rank_row_shorter(monkeypatch):
     assert steps[("one_rank", 4096)] == size["one_rank_steps"] and steps[("global", 4096)] == size["steps"]
     reported = {r["metric"]: r["value"] for r in doc["reported"]}
     assert reported["step_time_global_1rank_vs_experts"] == pytest.approx(2.0)
+    described = {r["metric"]: r["description"] for r in doc["reported"]}
+    assert f"over its {size['one_rank_steps']} steps only" in described["step_time_global_1rank_vs_experts"]

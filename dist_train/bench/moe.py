@@ -274,10 +274,12 @@ def run(quick: bool) -> dict[str, Any]:
                for metric, value, op, goal, text in wanted if value is not None]
     one_rank = ratio(at(1, large, ranks=1), at(best, large), "step_time_s")
     if one_rank is not None:
+        shorter = at(1, large, ranks=1)["steps"] != size["steps"]
         reported.append({"metric": "step_time_global_1rank_vs_experts", "value": one_rank,
                          "description": f"median step time, global hard constraint on ONE rank for the whole "
                          f"batch (the paper's placement) / {best} experts on 2 ranks, m = {large}: unequal "
-                         "devices, no target"})
+                         "devices, no target" + (f"; the one-rank row timed over its {at(1, large, ranks=1)['steps']} "
+                                                 "steps only (early training)" if shorter else "")})
     for k in size["experts"] if overlap and glob else []:
         mine = at(k, large, overlap)
         if mine is None:
