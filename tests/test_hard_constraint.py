@@ -191,3 +191,16 @@ def test_singular_system_falls_back_without_nan():
     assert info.fallbacks >= b.shape[0] and info.unconverged == 0
     with pytest.raises(ValueError, match="Hessian singular"):
         omega.sum().backward()
+
+
+def test_a_sample_that_cannot_meet_the_gradient_test_stops_when_it_stalls():
+    """tol = 1e-30 is below float64 rounding of ∇L: without the cost test (ftol = 0) every sample runs to
+    max_iter on rejected steps; with it each stops once a rejected step was promised ≤ ftol·L, at the
+    same ω (to rounding) and long before the cap."""
+    b, u0, pts = _problem(11, bsz=3, tb=5, xb=6, n=5, scale=0.6, halo_left=False, halo_right=False)
+    pde = FisherKPP(NU, RHO, DT, DX)
+    endless, info_endless = solve_hard_constraint(b, u0, pts, pde, LMOptions(tol=1e-30, ftol=0.0, max_iter=40))
+    assert info_endless.unconverged == 3 and info_endless.stalled == 0 and info_endless.iterations == 40
+    stopped, info = solve_hard_constraint(b, u0, pts, pde, LMOptions(tol=1e-30, max_iter=40))
+    assert info.stalled == 3 and info.unconverged == 0 and info.iterations < 20
+    assert torch.allclose(stopped, endless, rtol=1e-10, atol=1e-13)

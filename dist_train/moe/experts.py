@@ -97,14 +97,14 @@ class ExpertLayer(nn.Module):
             # Diverged basis values: no solve (it would raise in the middle of a collective). A NaN
             # solution, still on the graph, makes the loss and gradients non-finite, which the run's
             # guard (train.on_nonfinite) agrees on over the ranks and never applies.
-            self.last[k] = {"solve_s": 0.0, "iterations": 0, "grad_norm": float("nan"), "unconverged": 0,
+            self.last[k] = {"solve_s": 0.0, "iterations": 0, "grad_norm": float("nan"), "unconverged": 0, "stalled": 0,
                             "fallbacks": 0, "nonfinite": 1}
             return block[:, rows, cols, 0] * float("nan")
         start = time.perf_counter()
         omega, info = solve_hard_constraint(block, u0, pts, self.pde, self.options)
         u = torch.einsum("btxn,bn->btx", block[:, rows, cols].double(), omega).to(piece.dtype)
         self.last[k] = {"solve_s": time.perf_counter() - start, "iterations": info.iterations,
-                        "grad_norm": info.grad_norm, "unconverged": info.unconverged, "fallbacks": info.fallbacks, "nonfinite": 0}
+                        "grad_norm": info.grad_norm, "unconverged": info.unconverged, "stalled": info.stalled, "fallbacks": info.fallbacks, "nonfinite": 0}
         return u
 
     def forward(self, b: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
@@ -152,9 +152,9 @@ class ExpertLayer(nn.Module):
     def stats(self) -> dict[str, float]:
         """Figures of the latest forward, the largest over the ranks (collective over `replicas`):
         each expert's solve time (with K = 1, the slowest rank's), LM iterations, the stationarity
-        residual ‖∇L‖∞ at the solution, and the most fallbacks / unconverged samples / experts skipped
+        residual ‖∇L‖∞ at the solution, and the most unconverged / stalled samples, fallbacks, experts skipped
         for non-finite basis values on one rank."""
-        keys = ("iterations", "grad_norm", "unconverged", "fallbacks", "nonfinite")
+        keys = ("iterations", "grad_norm", "unconverged", "stalled", "fallbacks", "nonfinite")
         figures = [max((f[key] for f in self.last.values()), default=0.0) for key in keys]
         times = [self.last[k]["solve_s"] if k in self.last else 0.0 for k in range(len(self.subs))]
         vector = torch.tensor(times + figures, dtype=torch.float64)
@@ -162,7 +162,7 @@ class ExpertLayer(nn.Module):
             dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self.replicas)
         values = vector.tolist()
         out = {f"expert{k}_solve_s": values[k] for k in range(len(self.subs))}
-        out.update(zip(("lm_iterations", "constraint_grad_norm", "lm_unconverged", "lm_fallbacks",
+        out.update(zip(("lm_iterations", "constraint_grad_norm", "lm_unconverged", "lm_stalled", "lm_fallbacks",
                         "lm_nonfinite_inputs"),
                        values[len(self.subs):]))
         return out

@@ -188,15 +188,27 @@ ConstraintRows = FisherKPP | DiffusionSorption
 
 @dataclass(frozen=True)
 class LMOptions:
-    """Levenberg–Marquardt settings. A sample has converged when ‖∇L‖∞ <= tol · max(1, ‖∇L(ω=0)‖∞):
-    the gradient at ω = 0 is −Aᵀy, the problem's own scale (relative for large data, absolute for
-    small), and unlike the gradient at the (already good) linearised start it does not shrink the
-    threshold for samples whose start happens to be close."""
+    """Levenberg–Marquardt settings. A sample stops, its ω frozen, at the first of two tests:
+
+    - gradient (converged): ‖∇L‖∞ <= tol · max(1, ‖∇L(ω=0)‖∞). The gradient at ω = 0 is −Aᵀy, the
+      problem's own scale (relative for large data, absolute for small), and unlike the gradient at the
+      (already good) linearised start it does not shrink the threshold for samples whose start happens
+      to be close.
+    - cost (stalled): a trial step is rejected although the Gauss–Newton model predicted a decrease of
+      at most ftol · L. This is MINPACK's ftol test (Moré, Garbow & Hillstrom, MINPACK-1 user guide,
+      1980, §2.3: predicted and actual relative reductions both <= ftol), narrowed to rejected steps so
+      that on a smooth problem the gradient test still decides (a step with a tiny predicted decrease
+      is only rejected at rounding level or at a kink). Without it a sample whose gradient test
+      rounding or a kink keeps out of reach (diffusion–sorption's R(u) at its floor has one-sided
+      derivatives) spends the rest of max_iter on rejected steps while λ grows, and a batched solve
+      runs as long as its slowest sample. ftol = 0 turns the test off.
+    """
 
     max_iter: int = 50
     tol: float = 1e-10
     damping0: float = 1e-3
     ridge: float = 1e-4
+    ftol: float = 1e-12
 
 
 @dataclass(frozen=True)
@@ -206,7 +218,8 @@ class HardConstraintInfo:
     grad_norm: float       # max over samples of the final ‖∇L‖∞
     cost: float            # mean over samples of the final L
     fallbacks: int         # Cholesky failures answered by raising that sample's damping
-    unconverged: int       # samples not converged after max_iter (reported, not raised)
+    unconverged: int       # samples that met neither stopping test within max_iter (reported, not raised)
+    stalled: int = 0       # samples stopped by the cost test (ftol) with ‖∇L‖∞ still above the gradient test
 
 
 def _rows(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows, omega: Tensor):
@@ -266,13 +279,15 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
     omega = delta
     lam = torch.full((bsz,), opt.damping0, dtype=b.dtype, device=b.device)
     iters = torch.zeros(bsz, dtype=torch.long, device=b.device)
+    stalled = torch.zeros(bsz, dtype=torch.bool, device=b.device)
     r, jac, _, _ = _rows(b, u0, pts, pde, omega)
     cost, grad = _cost_grad(r, jac, omega, opt.ridge)
     for _ in range(opt.max_iter):
-        active = grad.abs().amax(1) > thresh  # per-sample mask: converged samples are frozen
+        active = (grad.abs().amax(1) > thresh) & ~stalled  # per-sample mask: stopped samples are frozen
         if not bool(active.any()):
             break
-        delta, lam, fb = _damped_solve(jac.transpose(1, 2) @ jac + opt.ridge * eye, grad, lam, active, opt.damping0)
+        normal = jac.transpose(1, 2) @ jac + opt.ridge * eye
+        delta, lam, fb = _damped_solve(normal, grad, lam, active, opt.damping0)
         fallbacks += fb
         trial = omega + delta
         r_t, jac_t, _, _ = _rows(b, u0, pts, pde, trial)
@@ -283,6 +298,10 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
         noise = 16.0 * torch.finfo(b.dtype).eps * cost.abs().clamp_min(torch.finfo(b.dtype).tiny)
         tie = ((cost_t - cost).abs() <= noise) & (grad_t.abs().amax(1) < grad.abs().amax(1))
         accept = active & ((cost_t < cost) | tie)
+        # Stalled: the step failed although the Gauss–Newton model promised at most a relative decrease
+        # of ftol, −∇Lᵀδ − ½ δᵀ(JᵀJ + ridge I)δ <= ftol·L: what is left is rounding or a kink.
+        predicted = -(grad * delta).sum(1) - 0.5 * torch.einsum("bn,bnk,bk->b", delta, normal, delta)
+        stalled = stalled | (active & ~accept & (predicted <= opt.ftol * cost.abs()))
         omega = torch.where(accept.unsqueeze(1), trial, omega)
         jac = torch.where(accept[:, None, None], jac_t, jac)
         cost, grad = torch.where(accept, cost_t, cost), torch.where(accept.unsqueeze(1), grad_t, grad)
@@ -293,7 +312,8 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
     gnorm = grad.abs().amax(1)
     info = HardConstraintInfo(iterations=int(iters.max()) if bsz else 0, mean_iterations=float(iters.double().mean()) if bsz else 0.0,
                               grad_norm=float(gnorm.max()) if bsz else 0.0, cost=float(cost.mean()) if bsz else 0.0,
-                              fallbacks=fallbacks, unconverged=int((gnorm > thresh).sum()))
+                              fallbacks=fallbacks, unconverged=int(((gnorm > thresh) & ~stalled).sum()),
+                              stalled=int(((gnorm > thresh) & stalled).sum()))
     return omega, info
 
 
