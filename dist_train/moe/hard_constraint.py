@@ -5,7 +5,9 @@ A network gives N basis functions b on the block; the solution is u = b·ω with
 
     ω*(b) = argmin_ω L(ω, b),   L = ½‖r_pde‖² + ½‖r_ic‖² + ½‖r_bc‖² + ½ ridge ‖ω‖²        (1)
 
-solved per sample by Levenberg–Marquardt in float64. The backward pass does not unroll the solver:
+solved per sample by Levenberg–Marquardt in float64 (damped steps δ = −(M + λ diag(JᵀJ + ridge I))⁻¹∇L, the
+model matrix M either the exact Hessian H of (2) (`hessian="exact"`, the default) or Gauss–Newton's
+JᵀJ + ridge I (`"gauss_newton"`, classic LM as PI-HC uses it; see `LMOptions`)). The backward pass does not unroll the solver:
 at the optimum g(ω*, b) = ∇_ω L = Jᵀr + ridge ω = 0, so by the implicit function theorem
 
     dω*/db = −H⁻¹ ∂g/∂b,   H = ∂g/∂ω = JᵀJ + ridge I + Σ_rows r_row ∇²_ω r_row             (2)
@@ -202,6 +204,17 @@ class LMOptions:
       rounding or a kink keeps out of reach (diffusion–sorption's R(u) at its floor has one-sided
       derivatives) spends the rest of max_iter on rejected steps while λ grows, and a batched solve
       runs as long as its slowest sample. ftol = 0 turns the test off.
+
+    The step's model matrix (`hessian`): "exact" is H of (2), JᵀJ + ridge I plus the rows' second
+    derivatives weighted by their residuals (Newton steps under Levenberg–Marquardt damping, a
+    trust-region Newton method); "gauss_newton" drops the second-order term (classic LM). An extension
+    of PI-HC, which uses Gauss–Newton: the constrained problems are not small-residual problems (L stays
+    O(1) at the optimum: m rows, N unknowns), so Gauss–Newton converges only linearly, and on
+    diffusion–sorption's first time band (the front entering, R(u) steep near u = 0) it leaves samples
+    with ‖∇L‖∞ ~ 1 after 50 iterations, where the implicit backward (which assumes ∇L = 0) is wrong.
+    The exact model converges those in about 15. Where H + λD is not positive definite the damping is
+    raised until it is (counted as fallbacks). The damping's diagonal D is Gauss–Newton's in both
+    cases (positive, ≥ ridge), so the scaling does not depend on the model.
     """
 
     max_iter: int = 50
@@ -209,6 +222,11 @@ class LMOptions:
     damping0: float = 1e-3
     ridge: float = 1e-4
     ftol: float = 1e-12
+    hessian: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.hessian not in ("exact", "gauss_newton"):
+            raise ValueError(f"hard constraint: LMOptions.hessian must be 'exact' or 'gauss_newton', got {self.hessian!r}")
 
 
 @dataclass(frozen=True)
@@ -242,11 +260,13 @@ def _cost_grad(r: Tensor, jac: Tensor, omega: Tensor, ridge: float) -> tuple[Ten
     return cost, torch.einsum("bmn,bm->bn", jac, r) + ridge * omega
 
 
-def _damped_solve(m0: Tensor, grad: Tensor, lam: Tensor, todo: Tensor, damping0: float) -> tuple[Tensor, Tensor, int]:
-    """δ = −(M0 + λ diag(M0))⁻¹ ∇L for the samples in `todo`, by Cholesky; a sample whose factorisation
-    fails gets λ ← max(10λ, damping0) and is retried (a fallback). The diagonal is floored at
-    1e-12·max(1, max diag) per sample so that even M0 = 0 (all-zero basis, ridge 0) becomes definite."""
-    d = torch.diagonal(m0, dim1=1, dim2=2)
+def _damped_solve(m0: Tensor, grad: Tensor, lam: Tensor, todo: Tensor, damping0: float,
+                  scaling: Optional[Tensor] = None) -> tuple[Tensor, Tensor, int]:
+    """δ = −(M0 + λ diag(D))⁻¹ ∇L for the samples in `todo`, by Cholesky, D = `scaling` [B, N] (default
+    diag(M0)); a sample whose factorisation fails gets λ ← max(10λ, damping0) and is retried (a
+    fallback). D is floored at 1e-12·max(1, max D) per sample so that even M0 = 0 (all-zero basis,
+    ridge 0) becomes definite."""
+    d = torch.diagonal(m0, dim1=1, dim2=2) if scaling is None else scaling
     floor = 1e-12 * d.amax(1, keepdim=True).clamp_min(1.0)
     d = torch.maximum(d, floor)
     delta, lam, fallbacks = torch.zeros_like(grad), lam.clone(), 0
@@ -262,6 +282,14 @@ def _damped_solve(m0: Tensor, grad: Tensor, lam: Tensor, todo: Tensor, damping0:
         lam = torch.where(todo, torch.clamp_min(10.0 * lam, damping0), lam)
     raise ValueError(f"hard constraint: normal equations not factorisable for samples {todo.nonzero().flatten().tolist()} "
                      "even with damping raised 40 times (basis values too large?)")
+
+
+def _model_matrices(jac: Tensor, st: Stencil, r_pde: Tensor, omega: Tensor, pde: "ConstraintRows",
+                    opt: LMOptions) -> tuple[Tensor, Tensor]:
+    """(JᵀJ + ridge I, the step's model matrix M): M is the first (Gauss–Newton) or H of (2) (exact)."""
+    eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+    gn = jac.transpose(1, 2) @ jac + opt.ridge * eye
+    return gn, gn if opt.hessian == "gauss_newton" else gn + pde.hessian_term(st, omega, r_pde)
 
 
 def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows, opt: LMOptions) -> tuple[Tensor, HardConstraintInfo]:
@@ -280,17 +308,17 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
     lam = torch.full((bsz,), opt.damping0, dtype=b.dtype, device=b.device)
     iters = torch.zeros(bsz, dtype=torch.long, device=b.device)
     stalled = torch.zeros(bsz, dtype=torch.bool, device=b.device)
-    r, jac, _, _ = _rows(b, u0, pts, pde, omega)
+    r, jac, st, r_pde = _rows(b, u0, pts, pde, omega)
     cost, grad = _cost_grad(r, jac, omega, opt.ridge)
+    gn, model = _model_matrices(jac, st, r_pde, omega, pde, opt)
     for _ in range(opt.max_iter):
         active = (grad.abs().amax(1) > thresh) & ~stalled  # per-sample mask: stopped samples are frozen
         if not bool(active.any()):
             break
-        normal = jac.transpose(1, 2) @ jac + opt.ridge * eye
-        delta, lam, fb = _damped_solve(normal, grad, lam, active, opt.damping0)
+        delta, lam, fb = _damped_solve(model, grad, lam, active, opt.damping0, torch.diagonal(gn, dim1=1, dim2=2))
         fallbacks += fb
         trial = omega + delta
-        r_t, jac_t, _, _ = _rows(b, u0, pts, pde, trial)
+        r_t, jac_t, st_t, r_pde_t = _rows(b, u0, pts, pde, trial)
         cost_t, grad_t = _cost_grad(r_t, jac_t, trial, opt.ridge)
         # Accept a cost decrease. Near the optimum the decrease (~‖∇L‖²/H) drops below the rounding of
         # L itself, so there a step whose cost is equal within roundoff is accepted if it shrinks ‖∇L‖∞;
@@ -298,12 +326,14 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
         noise = 16.0 * torch.finfo(b.dtype).eps * cost.abs().clamp_min(torch.finfo(b.dtype).tiny)
         tie = ((cost_t - cost).abs() <= noise) & (grad_t.abs().amax(1) < grad.abs().amax(1))
         accept = active & ((cost_t < cost) | tie)
-        # Stalled: the step failed although the Gauss–Newton model promised at most a relative decrease
-        # of ftol, −∇Lᵀδ − ½ δᵀ(JᵀJ + ridge I)δ <= ftol·L: what is left is rounding or a kink.
-        predicted = -(grad * delta).sum(1) - 0.5 * torch.einsum("bn,bnk,bk->b", delta, normal, delta)
+        # Stalled: the step failed although the model promised at most a relative decrease of ftol,
+        # −∇Lᵀδ − ½ δᵀMδ <= ftol·L: what is left is rounding or a kink.
+        predicted = -(grad * delta).sum(1) - 0.5 * torch.einsum("bn,bnk,bk->b", delta, model, delta)
         stalled = stalled | (active & ~accept & (predicted <= opt.ftol * cost.abs()))
         omega = torch.where(accept.unsqueeze(1), trial, omega)
-        jac = torch.where(accept[:, None, None], jac_t, jac)
+        gn_t, model_t = _model_matrices(jac_t, st_t, r_pde_t, trial, pde, opt)
+        gn = torch.where(accept[:, None, None], gn_t, gn)
+        model = gn if opt.hessian == "gauss_newton" else torch.where(accept[:, None, None], model_t, model)
         cost, grad = torch.where(accept, cost_t, cost), torch.where(accept.unsqueeze(1), grad_t, grad)
         lam = torch.where(accept, lam / 3.0, torch.where(active, lam * 2.0, lam))
         iters = iters + active.long()

@@ -24,7 +24,8 @@ class PDESolving(Task):
             raise UserError(f"model.name: {cfg_model.name} cannot solve a PDE data set "
                             f"(use {' or '.join(BASIS_MODELS)})")
         moe = moe or MoESection()
-        options = LMOptions(max_iter=moe.lm_max_iter, tol=moe.lm_tol, ridge=moe.ridge, ftol=moe.lm_ftol)
+        options = LMOptions(max_iter=moe.lm_max_iter, tol=moe.lm_tol, ridge=moe.ridge, ftol=moe.lm_ftol,
+                            hessian=moe.lm_hessian)
         return PDEModel(info.grid, build_basis(info.grid, moe.basis, cfg_model), moe.basis, moe.constraint,
                         experts=moe.experts, points=moe.points, time_splits=moe.time_splits, loss=moe.loss,
                         options=options, group=group, replicas=replicas, overlap=moe.overlap)
