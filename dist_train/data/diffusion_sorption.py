@@ -14,9 +14,15 @@ Named simplifications:
     the Crank–Nicolson residual the models train on can describe at this grid's time step (the
     reference solution's own residual is 0.057 on average against 0.0015 with the smooth family, at
     64 × 128), so every model would be judged mostly on its first time level.
-  * R is evaluated at max(u, U_FLOOR): u^(n_f − 1) is singular at u = 0 and undefined below, and the
-    constraint's iterates do go below 0 (the Robin outflow makes u(1, t) slightly negative). The same
-    floor is used by the reference solver, the training residual and the hard constraint.
+  * R is evaluated at a smooth maximum of u and U_FLOOR = 1e-3,
+        s(u) = (u + U_FLOOR + √((u − U_FLOOR)² + U_FLOOR²)) / 2,   max(u, U_FLOOR) <= s(u) <= max(u, U_FLOOR) + U_FLOOR/2:
+    u^(n_f − 1) is singular at u = 0 and undefined below, and the constraint's iterates do go below 0
+    (the Robin outflow makes u(1, t) slightly negative). Smooth, not max(u, U_FLOOR) (used until
+    2026-12-06): with the hard max R' jumps from about 650 to 0 at the floor, the constrained
+    least-squares problem has kinks, and Levenberg–Marquardt samples stopped at one with ‖∇L‖∞ ~ 1e-2,
+    where the implicit backward (which needs ∇L = 0 and a Hessian) does not hold. For u ≫ U_FLOOR,
+    s(u) − u ≈ U_FLOOR²/(4u) (R changes by < 1e-5 relative at u >= 0.01). The same R is used by the
+    reference solver, the training residual and the hard constraint.
 
 The reference solver (`solve_reference`) is explicit finite differences on a grid `refine_x` times
 finer in x, with as many forward-Euler substeps per output step as stability needs
@@ -39,19 +45,23 @@ U_LEFT = 1.0  # the inflow concentration, u(0, t)
 IC_MAX = 0.2  # PDEBench's U(0, 0.2) range
 
 
+def _smooth_floor(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """s(u), s'(u), s''(u) of the smooth maximum of u and U_FLOOR (module docstring)."""
+    q = torch.sqrt((u - U_FLOOR) ** 2 + U_FLOOR ** 2)
+    return (u + U_FLOOR + q) / 2, (1 + (u - U_FLOOR) / q) / 2, U_FLOOR ** 2 / (2 * q ** 3)
+
+
 def retardation(u: torch.Tensor, sorption: float = A_SORPTION) -> torch.Tensor:
-    """R(u) = 1 + A · max(u, U_FLOOR)^(n_f − 1)."""
-    return 1 + sorption * torch.clamp(u, min=U_FLOOR) ** (N_F - 1)
+    """R(u) = 1 + A · s(u)^(n_f − 1), s the smooth floor."""
+    return 1 + sorption * _smooth_floor(u)[0] ** (N_F - 1)
 
 
 def retardation_derivatives(u: torch.Tensor, sorption: float = A_SORPTION) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """R, R', R'' at u (0 below the floor, where R is constant)."""
-    on = u > U_FLOOR
-    uc = torch.clamp(u, min=U_FLOOR)
-    zero = torch.zeros_like(u)
-    r = 1 + sorption * uc ** (N_F - 1)
-    r1 = torch.where(on, sorption * (N_F - 1) * uc ** (N_F - 2), zero)
-    r2 = torch.where(on, sorption * (N_F - 1) * (N_F - 2) * uc ** (N_F - 3), zero)
+    """R, R', R'' at u (chain rule through s)."""
+    s, s1, s2 = _smooth_floor(u)
+    r = 1 + sorption * s ** (N_F - 1)
+    r1 = sorption * (N_F - 1) * s ** (N_F - 2) * s1
+    r2 = sorption * (N_F - 1) * ((N_F - 2) * s ** (N_F - 3) * s1 ** 2 + s ** (N_F - 2) * s2)
     return r, r1, r2
 
 
@@ -96,7 +106,7 @@ def solve_reference(u0: torch.Tensor, grid, refine_x: int = 2, sorption: float =
     u = (u0[:, :-1, None] * (1 - frac) + u0[:, 1:, None] * frac).reshape(u0.shape[0], -1)
     u = torch.cat([u, u0[:, -1:]], dim=1)
     h = 1.0 / (nx_f - 1)
-    r_min = 1 + sorption  # R at u = 1; u stays <= 1 (maximum principle)
+    r_min = 1 + sorption * 0.99  # R just below its value at u = 1 (s(1) = 1 + 2.5e-7); u stays <= 1
     substeps = max(1, math.ceil(grid.dt / (0.4 * h * h * r_min / grid.nu))) if grid.nu > 0 else 1
     tau = grid.dt / substeps
     kappa = robin_kappa(grid.nu, h)
