@@ -123,7 +123,7 @@ class MoESection(_Strict):
     lm_max_iter: int = Field(50, ge=1, description="Levenberg-Marquardt iteration cap per solve (unconverged samples are counted in lm_unconverged).")
     lm_tol: float = Field(1e-10, gt=0, description="Levenberg-Marquardt tolerance on ||grad L||_inf, relative to its value at omega = 0.")
     lm_hessian: Literal["exact", "gauss_newton"] = Field("exact", description="Model matrix of the Levenberg-Marquardt steps: the exact Hessian of the least-squares objective (Newton steps under LM damping; converges where Gauss-Newton crawls, e.g. diffusion-sorption's front) or Gauss-Newton's J^T J (classic LM, as PI-HC).")
-    lm_ftol: float = Field(1e-12, ge=0, description="Levenberg-Marquardt stops a sample (counted in lm_stalled) when a step is rejected although the Gauss-Newton model predicted a decrease of L of at most lm_ftol * L (MINPACK's ftol test, on rejected steps); 0 turns the test off.")
+    lm_ftol: float = Field(1e-12, ge=0, description="Levenberg-Marquardt stops a sample (counted in lm_stalled) when a step is rejected although the step's model (lm_hessian) predicted a decrease of L of at most lm_ftol * L (MINPACK's ftol test, on rejected steps); 0 turns the test off.")
 
 
 class ParallelSection(_Strict):

@@ -196,14 +196,14 @@ class LMOptions:
       problem's own scale (relative for large data, absolute for small), and unlike the gradient at the
       (already good) linearised start it does not shrink the threshold for samples whose start happens
       to be close.
-    - cost (stalled): a trial step is rejected although the Gauss–Newton model predicted a decrease of
-      at most ftol · L. This is MINPACK's ftol test (Moré, Garbow & Hillstrom, MINPACK-1 user guide,
-      1980, §2.3: predicted and actual relative reductions both <= ftol), narrowed to rejected steps so
+    - cost (stalled): a trial step is rejected although the step's model (below) predicted a decrease
+      of at most ftol · L. This is MINPACK's ftol test (Moré, Garbow & Hillstrom, User Guide for
+      MINPACK-1, ANL-80-74, 1980: predicted and actual relative reductions both <= ftol), narrowed to rejected steps so
       that on a smooth problem the gradient test still decides (a step with a tiny predicted decrease
       is only rejected at rounding level or at a kink). Without it a sample whose gradient test
-      rounding or a kink keeps out of reach (diffusion–sorption's R(u) at its floor has one-sided
-      derivatives) spends the rest of max_iter on rejected steps while λ grows, and a batched solve
-      runs as long as its slowest sample. ftol = 0 turns the test off.
+      rounding or a kink keeps out of reach (diffusion–sorption's R(u) had one at its floor until it
+      was made smooth) spends the rest of max_iter on rejected steps while λ grows, and a batched
+      solve runs as long as its slowest sample. ftol = 0 turns the test off.
 
     The step's model matrix (`hessian`): "exact" is H of (2), JᵀJ + ridge I plus the rows' second
     derivatives weighted by their residuals (Newton steps under Levenberg–Marquardt damping, a
@@ -212,9 +212,11 @@ class LMOptions:
     O(1) at the optimum: m rows, N unknowns), so Gauss–Newton converges only linearly, and on
     diffusion–sorption's first time band (the front entering, R(u) steep near u = 0) it leaves samples
     with ‖∇L‖∞ ~ 1 after 50 iterations, where the implicit backward (which assumes ∇L = 0) is wrong.
-    The exact model converges those in about 15. Where H + λD is not positive definite the damping is
-    raised until it is (counted as fallbacks). The damping's diagonal D is Gauss–Newton's in both
-    cases (positive, ≥ ridge), so the scaling does not depend on the model.
+    The exact model converges those in about 15. Away from the optimum H can be indefinite: where
+    H + λD is not positive definite that sample takes the Gauss–Newton step instead (definite with
+    ridge > 0), so the method is Newton near the optimum and Gauss–Newton where Newton has no descent
+    model (raising λ until H + λD is definite instead took twice the iterations on diffusion–sorption).
+    The damping's diagonal D is Gauss–Newton's in both cases (positive, ≥ ridge).
     """
 
     max_iter: int = 50
@@ -308,6 +310,7 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
     lam = torch.full((bsz,), opt.damping0, dtype=b.dtype, device=b.device)
     iters = torch.zeros(bsz, dtype=torch.long, device=b.device)
     stalled = torch.zeros(bsz, dtype=torch.bool, device=b.device)
+    nu = torch.full((bsz,), 2.0, dtype=b.dtype, device=b.device)
     r, jac, st, r_pde = _rows(b, u0, pts, pde, omega)
     cost, grad = _cost_grad(r, jac, omega, opt.ridge)
     gn, model = _model_matrices(jac, st, r_pde, omega, pde, opt)
@@ -315,7 +318,11 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
         active = (grad.abs().amax(1) > thresh) & ~stalled  # per-sample mask: stopped samples are frozen
         if not bool(active.any()):
             break
-        delta, lam, fb = _damped_solve(model, grad, lam, active, opt.damping0, torch.diagonal(gn, dim1=1, dim2=2))
+        scaling, step = torch.diagonal(gn, dim1=1, dim2=2), gn
+        if opt.hessian == "exact":  # Newton where H + λD is definite, Gauss–Newton where it is not
+            definite = torch.linalg.cholesky_ex(model + torch.diag_embed(lam.unsqueeze(1) * scaling))[1] == 0
+            step = torch.where(definite[:, None, None], model, gn)
+        delta, lam, fb = _damped_solve(step, grad, lam, active, opt.damping0, scaling)
         fallbacks += fb
         trial = omega + delta
         r_t, jac_t, st_t, r_pde_t = _rows(b, u0, pts, pde, trial)
@@ -328,14 +335,21 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
         accept = active & ((cost_t < cost) | tie)
         # Stalled: the step failed although the model promised at most a relative decrease of ftol,
         # −∇Lᵀδ − ½ δᵀMδ <= ftol·L: what is left is rounding or a kink.
-        predicted = -(grad * delta).sum(1) - 0.5 * torch.einsum("bn,bnk,bk->b", delta, model, delta)
+        predicted = -(grad * delta).sum(1) - 0.5 * torch.einsum("bn,bnk,bk->b", delta, step, delta)
         stalled = stalled | (active & ~accept & (predicted <= opt.ftol * cost.abs()))
+        rho = (cost - cost_t) / predicted.clamp_min(torch.finfo(b.dtype).tiny)  # gain ratio, before L moves on
+        shrink = torch.clamp_min(1.0 - (2.0 * rho - 1.0) ** 3, 1.0 / 3.0)
         omega = torch.where(accept.unsqueeze(1), trial, omega)
         gn_t, model_t = _model_matrices(jac_t, st_t, r_pde_t, trial, pde, opt)
         gn = torch.where(accept[:, None, None], gn_t, gn)
         model = gn if opt.hessian == "gauss_newton" else torch.where(accept[:, None, None], model_t, model)
         cost, grad = torch.where(accept, cost_t, cost), torch.where(accept.unsqueeze(1), grad_t, grad)
-        lam = torch.where(accept, lam / 3.0, torch.where(active, lam * 2.0, lam))
+        # Nielsen's damping update (Madsen, Nielsen & Tingleff, Methods for Non-Linear Least Squares
+        # Problems, 2004, §3.2): after a success λ ← λ·max(1/3, 1 − (2ρ − 1)³), ρ = actual / predicted
+        # decrease; after a failure λ ← λ·ν with ν doubling per failure in a row, so a sample whose
+        # model is poor (an indefinite region) reaches a trusted step in a few tries, not dozens.
+        lam = torch.where(accept, lam * shrink, torch.where(active, lam * nu, lam))
+        nu = torch.where(accept, torch.full_like(nu, 2.0), torch.where(active, nu * 2.0, nu))
         iters = iters + active.long()
     if not bool(torch.isfinite(omega).all()):  # cannot happen for finite inputs short of overflow; never return NaN
         raise ValueError("hard constraint: solver produced non-finite ω (overflow; basis values too large?)")
