@@ -340,9 +340,10 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
         rho = (cost - cost_t) / predicted.clamp_min(torch.finfo(b.dtype).tiny)  # gain ratio, before L moves on
         shrink = torch.clamp_min(1.0 - (2.0 * rho - 1.0) ** 3, 1.0 / 3.0)
         omega = torch.where(accept.unsqueeze(1), trial, omega)
-        gn_t, model_t = _model_matrices(jac_t, st_t, r_pde_t, trial, pde, opt)
-        gn = torch.where(accept[:, None, None], gn_t, gn)
-        model = gn if opt.hessian == "gauss_newton" else torch.where(accept[:, None, None], model_t, model)
+        if bool(accept.any()):  # a rejected trial's matrices are never used
+            gn_t, model_t = _model_matrices(jac_t, st_t, r_pde_t, trial, pde, opt)
+            gn = torch.where(accept[:, None, None], gn_t, gn)
+            model = gn if opt.hessian == "gauss_newton" else torch.where(accept[:, None, None], model_t, model)
         cost, grad = torch.where(accept, cost_t, cost), torch.where(accept.unsqueeze(1), grad_t, grad)
         # Nielsen's damping update (Madsen, Nielsen & Tingleff, Methods for Non-Linear Least Squares
         # Problems, 2004, §3.2): after a success λ ← λ·max(1/3, 1 − (2ρ − 1)³), ρ = actual / predicted
@@ -363,9 +364,8 @@ def _lm_solve(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows,
 
 def full_hessian(b: Tensor, u0: Tensor, pts: ConstraintPoints, pde: ConstraintRows, omega: Tensor, ridge: float) -> Tensor:
     """H of (2) at ω: JᵀJ + ridge I + Σ_pde rows r_row ∇²r_row (IC/BC rows are linear: no second-order term)."""
-    r, jac, st, r_pde = _rows(b, u0, pts, pde, omega)
-    eye = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
-    return jac.transpose(1, 2) @ jac + ridge * eye + pde.hessian_term(st, omega, r_pde)
+    _, jac, st, r_pde = _rows(b, u0, pts, pde, omega)
+    return _model_matrices(jac, st, r_pde, omega, pde, LMOptions(ridge=ridge, hessian="exact"))[1]
 
 
 class _HardConstraintFn(torch.autograd.Function):
