@@ -3,6 +3,8 @@ and each target is the ratio of the rows it names (so a target cannot be met by 
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from dist_train.bench.moe import SIZES, run
@@ -114,7 +116,8 @@ def test_a_size_with_some_rows_sets_only_the_targets_it_can_and_pairs_seeds(monk
     assert reported["rel_l2_2_experts_overlap_vs_global"] == pytest.approx(0.20 / 0.20)
     assert reported["rel_l2_2_experts_overlap_vs_global_paired_median"] == pytest.approx(0.8)  # 0.8, 1.5, 0.5
     assert reported["rel_l2_2_experts_overlap_vs_global_paired_worst"] == pytest.approx(1.5)
-    assert reported["seeds_2_experts_overlap_below_global"] == 2
+    assert reported["rel_l2_2_experts_overlap_vs_global_paired_below_1"] == 2
+    assert "rel_l2_2_experts_vs_global_paired_median" not in reported  # its experts row was not trained
     assert reported["step_time_global_vs_experts_overlap"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown row kinds"):
         bench._models({**bench.SIZES["pairs"], "rows": ["globl"]})
@@ -169,3 +172,32 @@ def test_one_rank_steps_trains_only_the_one_rank_row_shorter(monkeypatch):
     assert reported["step_time_global_1rank_vs_experts"] == pytest.approx(2.0)
     described = {r["metric"]: r["description"] for r in doc["reported"]}
     assert f"over its {size['one_rank_steps']} steps only" in described["step_time_global_1rank_vs_experts"]
+
+
+def test_experts_are_paired_seed_by_seed_with_the_global_constraint(monkeypatch):
+    # With several seeds, each experts row at the largest m is divided by the global row of the same
+    # seed, for the error and for the step time, besides the medians' ratio the targets use.
+    import dist_train.bench.moe as bench
+
+    per_seed = {"k1_m64": ([0.10, 0.20], [1.0, 2.0]), "k2_m64": ([0.05, 0.30], [0.5, 4.0])}
+
+    def fake(work, name, size, overrides, nproc=2):
+        errors, times = per_seed[name.rsplit("_lr", 1)[0]]
+        return {"rel_l2": statistics.median(errors), "residual": 0.0, "loss": 0.0,
+                "step_time_s": statistics.median(times), "lm_iterations": 3, "wall_s": 0.0, "rel_l2_each": "",
+                "rel_l2_seeds": errors, "step_time_s_seeds": times}
+
+    monkeypatch.setattr(bench, "_repeated", fake)
+    monkeypatch.setitem(bench.SIZES, "pairs2", {"points": [64], "experts": [2], "steps": 1, "log_every": 1,
+                                                "repeats": 2, "limit_s": 1, "extra": [], "lrs": [1e-3],
+                                                "rows": ["global", "experts"]})
+    monkeypatch.setenv(SIZE_ENV, "pairs2")
+    reported = {r["metric"]: r["value"] for r in bench.run(quick=True)["reported"]}
+    # errors: 0.05 / 0.10 = 0.5 and 0.30 / 0.20 = 1.5
+    assert reported["rel_l2_2_experts_vs_global_paired_median"] == pytest.approx(1.0)
+    assert reported["rel_l2_2_experts_vs_global_paired_worst"] == pytest.approx(1.5)
+    assert reported["rel_l2_2_experts_vs_global_paired_below_1"] == 1
+    # step time, global / experts: 1.0 / 0.5 = 2 and 2.0 / 4.0 = 0.5; the worst is the smallest
+    assert reported["step_time_global_vs_2_experts_paired_median"] == pytest.approx(1.25)
+    assert reported["step_time_global_vs_2_experts_paired_worst"] == pytest.approx(0.5)
+    assert reported["step_time_global_vs_2_experts_paired_above_1"] == 1

@@ -22,8 +22,9 @@ and basis size; only the constraint differs:
   `moe/domain.py`). The targets keep the paper's non-overlapping experts.
 
 A size's `rows` may keep some of these kinds only (ROW_KINDS); a target is then set only where both
-rows it divides were trained. With several seeds, overlapping experts are also compared seed by seed
-with the global constraint's run of the same seed (paired: same initial weights and data order).
+rows it divides were trained. With several seeds, the experts' rows at the largest m (with and without
+overlap) are also compared seed by seed with the global constraint's run of the same seed (paired: same
+initial weights and data order), for the error and the step time (`_paired`).
 
 Sizes with `lrs` train every model at each of those learning rates and report each model at the one
 with its lowest final validation error (`best_lr` marks the row; the others stay in the table). The
@@ -166,9 +167,27 @@ def _repeated(work: Path, name: str, size: dict, overrides: list[str], nproc: in
     out["rel_l2_by_expert"] = " | ".join(r["rel_l2_by_expert"] for r in runs)
     out["rel_l2_each"] = " ".join(f"{r['rel_l2']:.3f}" for r in runs)
     out["rel_l2_seeds"] = [r["rel_l2"] for r in runs]  # in seed order, for paired comparisons
+    out["step_time_s_seeds"] = [r["step_time_s"] for r in runs]
     if size.get("eval_every"):  # the error curve of every seed, "step:error ..."
         out["rel_l2_by_step"] = " | ".join(r["rel_l2_by_step"] for r in runs)
     return out
+
+
+def _paired(metric: str, top: Optional[dict], bottom: Optional[dict], key: str, what: str,
+            below: bool = True) -> list[dict[str, Any]]:
+    """Seed-by-seed ratios top / bottom of `key` (each seed against the same seed: same initial
+    weights and data order), their median, the worst one, and on how many seeds the ratio is
+    below 1 (`below`) or above 1; nothing with fewer than two seeds or a row not trained."""
+    if top is None or bottom is None or len(top.get(f"{key}_seeds", [])) < 2:
+        return []
+    pairs = [t / b for t, b in zip(top[f"{key}_seeds"], bottom[f"{key}_seeds"])]
+    side = "below" if below else "above"
+    return [{"metric": f"{metric}_paired_median", "value": statistics.median(pairs),
+             "description": f"median over seeds of {what}, each seed against the same seed"},
+            {"metric": f"{metric}_paired_worst", "value": max(pairs) if below else min(pairs),
+             "description": "the least favourable of those per-seed ratios"},
+            {"metric": f"{metric}_paired_{side}_1", "value": float(sum((p < 1) if below else (p > 1) for p in pairs)),
+             "description": f"seeds (of {len(pairs)}) on which that ratio is {side} 1"}]
 
 
 def _config(size: dict) -> Path:
@@ -281,6 +300,11 @@ def run(quick: bool) -> dict[str, Any]:
                          f"batch (the paper's placement) / {best} experts on 2 ranks, m = {large}: unequal "
                          "devices, no target" + (f"; the one-rank row timed over its {at(1, large, ranks=1)['steps']} "
                                                  "steps only (early training)" if shorter else "")})
+    for k in size["experts"] if glob else []:
+        reported += _paired(f"rel_l2_{k}_experts_vs_global", at(k, large), glob, "rel_l2",
+                            f"(error, {k} experts) / (error, global constraint), m = {large}")
+        reported += _paired(f"step_time_global_vs_{k}_experts", glob, at(k, large), "step_time_s",
+                            f"(median step time, global constraint) / ({k} experts), m = {large}", below=False)
     for k in size["experts"] if overlap and glob else []:
         mine = at(k, large, overlap)
         if mine is None:
@@ -288,18 +312,8 @@ def run(quick: bool) -> dict[str, Any]:
         reported.append({"metric": f"rel_l2_{k}_experts_overlap_vs_global", "value": mine["rel_l2"] / glob["rel_l2"],
                          "description": f"held-out relative L2 error, {k} experts with {overlap} columns of overlap "
                          f"/ one global hard constraint, m = {large} (an extension beyond the paper, no target)"})
-        if len(mine["rel_l2_seeds"]) > 1:  # each seed against the global constraint's run with the same seed
-            paired = [e / g for e, g in zip(mine["rel_l2_seeds"], glob["rel_l2_seeds"])]
-            reported += [{"metric": f"rel_l2_{k}_experts_overlap_vs_global_paired_median",
-                          "value": statistics.median(paired),
-                          "description": f"median over seeds of (error, {k} experts with overlap {overlap}) / "
-                          "(error, global constraint), each seed against the same seed"},
-                         {"metric": f"rel_l2_{k}_experts_overlap_vs_global_paired_worst", "value": max(paired),
-                          "description": "the largest of those per-seed ratios"},
-                         {"metric": f"seeds_{k}_experts_overlap_below_global",
-                          "value": float(sum(p < 1 for p in paired)),
-                          "description": f"seeds (of {len(paired)}) on which {k} experts with overlap end below the "
-                          "global constraint's error"}]
+        reported += _paired(f"rel_l2_{k}_experts_overlap_vs_global", mine, glob, "rel_l2",
+                            f"(error, {k} experts with overlap {overlap}) / (error, global constraint)")
     step_overlap = ratio(glob, at(best, large, overlap), "step_time_s") if overlap else None
     if step_overlap is not None:
         reported.append({"metric": "step_time_global_vs_experts_overlap", "value": step_overlap,
