@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dist_train.config.schema import Config
 from dist_train.errors import UserError
+from dist_train.tasks import get_task
 from dist_train.tasks.names import MODEL_TASKS
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Raise UserError naming the key when the config cannot run on `world_size` ranks."""
-    if MODEL_TASKS[cfg.model.name] == "pde":
-        _check_pde(cfg, world_size)
+    get_task(MODEL_TASKS[cfg.model.name]).check(cfg, world_size)  # the task's own rules (PDE: ddp/none only)
     stages = cfg.parallel.stages
     if stages > 1:
         if stages > cfg.model.n_layer:
@@ -77,19 +77,3 @@ def check_layout(cfg: Config, world_size: int) -> None:
     if cfg.train.batch_size % per_step != 0 and cfg.optim.name not in ("dp_sgd", "diff2"):
         raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by data-parallel size x "
                         f"grad_accum ({dp} x {cfg.train.grad_accum} = {per_step})")
-
-
-def _check_pde(cfg: Config, world_size: int) -> None:
-    """The PDE task trains end to end over ddp (or one process); its experts exchange inside forward."""
-    ep = cfg.moe.expert_parallel
-    if ep is not None and world_size % ep != 0:
-        raise UserError(f"moe.expert_parallel: expert groups of {ep} ranks do not divide the {world_size} "
-                        "data-parallel ranks")
-    if cfg.parallel.stages != 1:
-        raise UserError("parallel.stages: the PDE task trains end to end (its experts split the domain, not the model)")
-    if cfg.parallel.backend not in ("ddp", "none"):
-        raise UserError(f"parallel.backend: the PDE task runs under ddp or none, not {cfg.parallel.backend}")
-    if cfg.optim.name in ("dp_sgd", "diff2"):
-        raise UserError(f"optim.name: {cfg.optim.name} is not offered for the PDE task")
-    if cfg.parallel.mixed_precision != "fp32":
-        raise UserError("parallel.mixed_precision: the PDE task's basis values feed a float64 solver; use fp32")

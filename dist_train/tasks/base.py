@@ -47,6 +47,9 @@ class Task(ABC):
         tasks whose model spreads over ranks itself (the PDE experts)."""
         return self.build_model(cfg.model, info)
 
+    def check(self, cfg: "Config", world_size: int) -> None:
+        """Raise UserError naming the key when this task cannot run `cfg` on `world_size` ranks."""
+
     def plan_rows(self, cfg: "Config", model: nn.Module, dp: int) -> list[tuple[str, str]]:
         """Extra (label, text) rows for `dist-train plan`."""
         return []

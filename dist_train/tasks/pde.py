@@ -36,6 +36,21 @@ class PDESolving(Task):
         return self.build_model(cfg.model, info, cfg.moe, expert_group(mesh, cfg.moe.expert_parallel),
                                 replica_group(mesh))
 
+    def check(self, cfg, world_size: int) -> None:
+        """The PDE task trains end to end over ddp (or one process); its experts exchange inside forward."""
+        ep = cfg.moe.expert_parallel
+        if ep is not None and world_size % ep != 0:
+            raise UserError(f"moe.expert_parallel: expert groups of {ep} ranks do not divide the {world_size} "
+                            "data-parallel ranks")
+        if cfg.parallel.stages != 1:
+            raise UserError("parallel.stages: the PDE task trains end to end (its experts split the domain, not the model)")
+        if cfg.parallel.backend not in ("ddp", "none"):
+            raise UserError(f"parallel.backend: the PDE task runs under ddp or none, not {cfg.parallel.backend}")
+        if cfg.optim.name in ("dp_sgd", "diff2"):
+            raise UserError(f"optim.name: {cfg.optim.name} is not offered for the PDE task")
+        if cfg.parallel.mixed_precision != "fp32":
+            raise UserError("parallel.mixed_precision: the PDE task's basis values feed a float64 solver; use fp32")
+
     def num_outputs(self, info) -> int:
         return 0  # no vocabulary or class head (Muon users route basis.head with optim.matrix.adamw_params)
 
