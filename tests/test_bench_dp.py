@@ -10,6 +10,8 @@ with an absolute floor of 1e-5 of each parameter's largest update for coordinate
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -35,6 +37,17 @@ def test_smoke_document_has_all_sides_and_targets(monkeypatch):
         assert r["mem_increase_mib"] >= 0 and r["repeats"] == SIZES["smoke"]["repeats"]
     search = {r["side"]: r for r in doc["results"] if r["part"] == "b: max batch"}
     assert set(search) == set(MAX_BATCH_SIDES) and all(r["max_batch"] >= 8 for r in search.values())
+    # The memory target is read as peak allocated tensor bytes (the allocator's events on CPU,
+    # max_memory_allocated on a GPU), never the resident set; the RSS ratio is reported with no target.
+    extra = doc["provenance"]["extra"]
+    alloc, rss = extra["increase_bytes"], extra["rss_increase_bytes"]
+    mem = next(t for t in doc["targets"] if t["metric"] == "dp_mem_ratio")
+    assert mem["value"] == pytest.approx(statistics.median(a / b for a, b in zip(alloc["dist-train"], alloc["nonprivate"])))
+    assert "allocated" in mem["description"] and "allocated" in extra["memory"]
+    reported = {r["metric"]: r for r in doc["reported"]}
+    assert reported["rss_ratio_dist_train"]["value"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(rss["dist-train"], rss["nonprivate"])))
+    assert not any("rss" in t["metric"] for t in doc["targets"])
     # Same model, same first batch on every side: the same first loss (the sides differ only in clipping).
     first = doc["provenance"]["extra"]["first_losses"]  # the benchmark's setup, as document() stores it
     for side in SIDES:

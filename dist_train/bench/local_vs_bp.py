@@ -15,15 +15,27 @@ every ratio is taken inside one repeat, and the median over repeats is reported.
               samples over the summed window times of the measured windows, slower stage.
               BP loops: the same from the trainer's `metrics.jsonl`. gpipe / 1f1b: the same
               from per-step `perf_counter` stamps here, slower rank.
-  peak memory per rank: the process's peak resident set (VmHWM, the Linux figure behind the
-              `ru_maxrss` that the framework logs as peak_mem_bytes) minus its resident set just
-              before the method starts. Every worker first builds the data set, trains a
-              throw-away copy of the run's model for 2 steps at the method's own micro-batch (the
-              second through activation checkpointing), so library code paged in on first use and
-              the math library's per-shape GEMM buffers (MKL's pool) are billed to no method, runs
-              `malloc_trim`, then resets the peak through /proc/self/clear_refs ("5"). The delta is thus what the
-              method adds: weights, gradients, optimizer state, activations, communication buffers.
-              The absolute peak (what peak_mem_bytes shows) is reported beside it.
+  peak memory per rank, the targets' figure: the peak of ALLOCATED tensor bytes while the
+              method runs, over those allocated when it starts, max over ranks: what
+              `torch.cuda.max_memory_allocated` counts on a GPU, read on CPU from the allocator's
+              own events (`AllocatedPeak`: torch.profiler's memory events, every allocation and
+              free, temporaries included). The profiler slows ops, so it runs in its own untimed
+              short pass per method (the "allocated" rows). The count follows from the steps run,
+              not from timing or from what malloc keeps after frees, so one pass gives it. It is
+              what the method adds: weights, gradients, optimizer state, activations,
+              communication buffers. (This bench runs on CPU; every figure is from the events.)
+  resident set, reported beside it with no target: in every timed run, the process's peak
+              resident set (VmHWM, the Linux figure behind the `ru_maxrss` that the framework logs
+              as peak_mem_bytes) minus its resident set just before the method starts (the
+              `mem_r0`/`mem_r1` columns and the `rss_memory_*` ratios). Every worker first builds
+              the data set, trains a throw-away copy of the run's model for 2 steps at the
+              method's own micro-batch (the second through activation checkpointing), so library
+              code paged in on first use and the math library's per-shape GEMM buffers (MKL's
+              pool) are billed to no method, runs `malloc_trim`, then resets the peak through
+              /proc/self/clear_refs ("5"). The resident set also holds what glibc keeps above the
+              live heap after frees, about equal on both sides of a ratio, which pulls every
+              ratio towards 1; that is why it is not what the targets read. The absolute peak
+              (what peak_mem_bytes shows) is in the `rss` column.
   bytes/sample over all ranks: local: the link's own `bytes_sent` counter (float32 activations
               only: every stage reads its targets from the sampler). gpipe / 1f1b: counted from
               the tensors that cross: stage 0's outputs (forward) and, of the same size, the
@@ -38,7 +50,7 @@ every ratio is taken inside one repeat, and the median over repeats is reported.
               tenants of a shared machine took.
   live heap   a cross-check of the memory figure free of allocator retention: a separate, untimed
               short pass per method in which a dispatch mode samples glibc's live heap (mallinfo2)
-              after every aten op; reported as the "heap" rows (not used by the targets).
+              after every aten op; reported as the "heap" rows (no target).
 
 Quality part: see `local_vs_bp_quality` (same micro-batches for BP and local).
 """
@@ -88,12 +100,12 @@ TARGETS = {
         ">=", 1.0),
     "bytes_vs_bp_pipeline": ("bytes sent per sample: local pipeline / BP pipeline (median)", "<=", 0.5),
     "memory_vs_bp_1dev_accum": (
-        "peak memory per rank (max over ranks): local pipeline / one-device BP, grad_accum 4 (median)", "<=", 0.6),
+        "peak allocated bytes per rank (max over ranks): local pipeline / one-device BP, grad_accum 4", "<=", 0.6),
     "memory_vs_ddp_accum": (
-        "peak memory per rank: local pipeline / DDP on 2 ranks, grad_accum 2 (16 per rank in 2 x 8) (median)",
+        "peak allocated bytes per rank: local pipeline / DDP on 2 ranks, grad_accum 2 (16 per rank in 2 x 8)",
         "<=", 0.8),
     "memory_vs_bp_checkpointed": (
-        "peak memory per rank: local pipeline / one-device BP, grad_accum 4, every block checkpointed (median)",
+        "peak allocated bytes per rank: local pipeline / one-device BP, grad_accum 4, every block checkpointed",
         "<=", 1.0),
     "gpt_val_loss_vs_bp": (
         "GPT val loss: local / BP, both grad_accum 4, each at its best lr on validation (mean over seeds)",
@@ -103,15 +115,22 @@ TARGETS = {
 REPORTED = {
     "samples_s_vs_ddp_accum": "samples/s: local pipeline / DDP, grad_accum 2 (median)",
     "samples_s_vs_bp_checkpointed": "samples/s: local pipeline / checkpointed one-device BP (median)",
-    "memory_vs_best_bp_pipeline": "peak memory per rank: local pipeline / the faster BP pipeline (median)",
-    "memory_vs_gpipe": "peak memory per rank: local pipeline / GPipe (median)",
-    "memory_vs_1f1b": "peak memory per rank: local pipeline / 1F1B (median)",
+    "memory_vs_gpipe": "peak allocated bytes per rank: local pipeline / GPipe",
+    "memory_vs_1f1b": "peak allocated bytes per rank: local pipeline / 1F1B",
     "digits_val_acc_vs_bp_points": "digits val accuracy: local - BP, points, each at its best lr (mean over seeds)",
     "extra_samples_s_vs_bp_1dev_whole": "extra: samples/s, local / one-device BP on the whole batch of 32 (median)",
-    "extra_memory_vs_bp_1dev_whole": "extra: peak memory, local / one-device BP on the whole batch of 32 (median)",
+    "extra_memory_vs_bp_1dev_whole": "extra: peak allocated bytes, local / one-device BP on the whole batch of 32",
     "extra_samples_s_vs_ddp_whole": "extra: samples/s, local / DDP on 16 samples per rank at once (median)",
-    "extra_memory_vs_ddp_whole": "extra: peak memory, local / DDP on 16 samples per rank at once (median)",
+    "extra_memory_vs_ddp_whole": "extra: peak allocated bytes, local / DDP on 16 samples per rank at once",
+    # The resident set beside the allocated figure of each memory target (what glibc keeps included).
+    **{f"rss_{m}": f"resident set, no target: {what.split(':', 1)[1].strip()} (median of per-repeat ratios)"
+       for m, (what, _, _) in TARGETS.items() if m.startswith("memory_")},
+    "rss_memory_vs_best_bp_pipeline": "resident set, no target: local pipeline / the faster BP pipeline (median)",
 }
+# Every ratio of peak memory: metric name -> the method it divides the local pipeline's figure by.
+MEMORY_RATIOS = {"memory_vs_bp_1dev_accum": "bp-1dev-accum", "memory_vs_ddp_accum": "ddp-accum",
+                 "memory_vs_bp_checkpointed": "bp-ckpt", "memory_vs_gpipe": "gpipe", "memory_vs_1f1b": "1f1b",
+                 "extra_memory_vs_bp_1dev_whole": "bp-1dev-whole", "extra_memory_vs_ddp_whole": "ddp-whole"}
 
 
 def _median(values: list[Optional[float]]) -> Optional[float]:
@@ -119,17 +138,17 @@ def _median(values: list[Optional[float]]) -> Optional[float]:
     return statistics.median(finite) if finite else None
 
 
-def _measure(method: str, size: dict[str, Any], run_dir: str, name: str, live_heap: bool = False) -> dict[str, Any]:
+def _measure(method: str, size: dict[str, Any], run_dir: str, name: str, probe: str = "timed") -> dict[str, Any]:
     from dist_train.bench._spawn import run_on_ranks
 
     warmup, measured, every = size["warmup"], size["measured"], size["log_every"]
-    if live_heap:  # a short untimed pass: the live-heap peak is reached within the first steps
+    if probe != "timed":  # a short untimed pass: the memory peak is reached within the first steps
         warmup, measured, every = size["heap_steps"] // 2, size["heap_steps"] - size["heap_steps"] // 2, 1
     overrides = [*size["model"], f"train.steps={warmup + measured}", f"train.log_every={every}",
                  "train.eval_batches=1"]
     spec = METHOD_SPECS[method]
     ranks = run_on_ranks(method_worker, nprocs=spec.ranks, threads=1, preload=PRELOAD,
-                         args=(method, overrides, warmup, run_dir, name, live_heap))
+                         args=(method, overrides, warmup, run_dir, name, probe))
     main = ranks[0]
     # Throughput of a pipeline is its slower stage's; BP loops log the global rate on rank 0.
     rates = [r["samples_s"] for r in ranks if r.get("samples_s")]
@@ -143,12 +162,13 @@ def _measure(method: str, size: dict[str, Any], run_dir: str, name: str, live_he
         "idle": [r["idle"] for r in ranks], "cpu_s_step": max(cpu) if cpu else None,
         "loss": task_loss[0] if task_loss else None,
         "peak_reset": all(r["peak_reset"] for r in ranks), "threads": max(r["threads"] for r in ranks),
-        "heap_delta": [r["heap_delta"] for r in ranks],
+        "heap_delta": [r["heap_delta"] for r in ranks], "alloc_delta": [r["alloc_delta"] for r in ranks],
     }
 
 
 def _ratios(rep: dict[str, dict]) -> dict[str, float]:
-    """Local pipeline / each baseline, inside one repeat (memory: max over ranks)."""
+    """Local pipeline / each baseline, inside one repeat (resident set: max over ranks). The memory
+    ratios here are the resident set's, under `rss_` names: the targets read `_allocated_ratios`."""
     local = rep["local"]
     pipe = max(PIPELINES, key=lambda m: rep[m]["samples_s"])  # the faster BP pipeline in this repeat
 
@@ -160,22 +180,26 @@ def _ratios(rep: dict[str, dict]) -> dict[str, float]:
 
     return {"samples_s_vs_bp_1dev_accum": speed("bp-1dev-accum"), "samples_s_vs_best_bp_pipeline": speed(pipe),
             "bytes_vs_bp_pipeline": local["bytes_per_sample"] / rep[pipe]["bytes_per_sample"],
-            "memory_vs_bp_1dev_accum": mem("bp-1dev-accum"), "memory_vs_ddp_accum": mem("ddp-accum"),
-            "memory_vs_bp_checkpointed": mem("bp-ckpt"),
             "samples_s_vs_ddp_accum": speed("ddp-accum"), "samples_s_vs_bp_checkpointed": speed("bp-ckpt"),
-            "memory_vs_best_bp_pipeline": mem(pipe), "memory_vs_gpipe": mem("gpipe"), "memory_vs_1f1b": mem("1f1b"),
             "extra_samples_s_vs_bp_1dev_whole": speed("bp-1dev-whole"),
-            "extra_memory_vs_bp_1dev_whole": mem("bp-1dev-whole"),
-            "extra_samples_s_vs_ddp_whole": speed("ddp-whole"), "extra_memory_vs_ddp_whole": mem("ddp-whole"),
-            "faster_pipeline": pipe}
+            "extra_samples_s_vs_ddp_whole": speed("ddp-whole"),
+            **{f"rss_{name}": mem(m) for name, m in MEMORY_RATIOS.items()},
+            "rss_memory_vs_best_bp_pipeline": mem(pipe), "faster_pipeline": pipe}
+
+
+def _allocated_ratios(alloc: dict[str, dict]) -> dict[str, float]:
+    """The memory ratios the targets read: the local pipeline's peak allocated bytes over each
+    method's (max over ranks), from the untimed allocated pass."""
+    local = max(alloc["local"]["alloc_delta"])
+    return {name: local / max(alloc[m]["alloc_delta"]) for name, m in MEMORY_RATIOS.items()}
 
 
 def _speed_rows(repeats: list[dict[str, dict]]) -> list[dict]:
     """One row per (repeat, method), then the medians per method.
 
     mb: samples in one forward (micro-batch). L_speed / L_mem / L_bytes on a method's row: the
-    local pipeline's samples/s, peak memory per rank (max over ranks) and bytes per sample divided
-    by that method's, in the same repeat.
+    local pipeline's samples/s, peak resident-set increase per rank (max over ranks; the targets read
+    the allocated rows instead) and bytes per sample divided by that method's, in the same repeat.
     """
     rows: list[dict[str, Any]] = []
     mib = 2.0 ** 20
@@ -206,16 +230,17 @@ def _speed_rows(repeats: list[dict[str, dict]]) -> list[dict]:
     return rows
 
 
-def _heap_rows(heap: dict[str, dict]) -> tuple[list[dict], dict[str, float]]:
-    """The live-heap cross-check: one row per method, in the mem columns (MiB, per rank)."""
+def _probe_rows(part: str, runs: dict[str, dict], key: str) -> tuple[list[dict], dict[str, float]]:
+    """One untimed pass's figure (`heap_delta` or `alloc_delta`): one row per method, in the mem
+    columns (MiB, per rank), and the local pipeline's figure over each method's (max over ranks)."""
     mib = 2.0 ** 20
-    local = max(heap["local"]["heap_delta"])
+    local = max(runs["local"][key])
     rows = []
     for m in ALL_METHODS:
-        d = heap[m]["heap_delta"] + [None] * (2 - len(heap[m]["heap_delta"]))
-        rows.append({"part": "heap", "repeat": "1", "method": m, "mb": heap[m]["micro_batch"], "mem_r0": d[0] / mib,
-                     "mem_r1": None if d[1] is None else d[1] / mib, "L_mem": local / max(heap[m]["heap_delta"])})
-    ratios = {f"heap_{m}": local / max(heap[m]["heap_delta"]) for m in ALL_METHODS if m != "local"}
+        d = runs[m][key] + [None] * (2 - len(runs[m][key]))
+        rows.append({"part": part, "repeat": "1", "method": m, "mb": runs[m]["micro_batch"], "mem_r0": d[0] / mib,
+                     "mem_r1": None if d[1] is None else d[1] / mib, "L_mem": local / max(runs[m][key])})
+    ratios = {f"{part}_{m}": local / max(runs[m][key]) for m in ALL_METHODS if m != "local"}
     return rows, ratios
 
 
@@ -230,20 +255,23 @@ def run(quick: bool) -> dict[str, Any]:
             rep: dict[str, Any] = {m: _measure(m, size, run_dir, f"speed-{r}-{m}") for m in order}
             rep["order"] = order
             repeats.append(rep)
-        heap = {m: _measure(m, size, run_dir, f"heap-{m}", live_heap=True) for m in ALL_METHODS}
+        heap = {m: _measure(m, size, run_dir, f"heap-{m}", probe="heap") for m in ALL_METHODS}
+        alloc = {m: _measure(m, size, run_dir, f"allocated-{m}", probe="allocated") for m in ALL_METHODS}
         t_speed = time.perf_counter() - t_start
         runs = run_quality(size, run_dir)
     t_total = time.perf_counter() - t_start
 
     speed_rows = _speed_rows(repeats)
-    heap_rows, heap_ratios = _heap_rows(heap)
+    heap_rows, heap_ratios = _probe_rows("heap", heap, "heap_delta")
+    alloc_rows, _ = _probe_rows("allocated", alloc, "alloc_delta")
+    allocated = _allocated_ratios(alloc)
     q_rows, best = quality_rows(runs)
     per_repeat = [_ratios(rep) for rep in repeats]
     med = {k: _median([p[k] for p in per_repeat]) for k in per_repeat[0] if k != "faster_pipeline"}
     acc_gap = None
     if best["digits/local"]["val_acc"] is not None and best["digits/bp"]["val_acc"] is not None:
         acc_gap = 100.0 * (best["digits/local"]["val_acc"] - best["digits/bp"]["val_acc"])
-    values = {**med, "digits_val_acc_vs_bp_points": acc_gap,
+    values = {**med, **allocated, "digits_val_acc_vs_bp_points": acc_gap,
               "gpt_val_loss_vs_bp": best["gpt/local"]["val_loss"] / best["gpt/bp"]["val_loss"]}
     targets = [make_target(name, values[name], op, target, description=what)
                for name, (what, op, target) in TARGETS.items()]
@@ -256,11 +284,14 @@ def run(quick: bool) -> dict[str, Any]:
              "model_overrides": size["model"], "process_group": "gloo", "local_method": "dgl (synchronous)",
              "quality": {t: {k: v for k, v in size[t].items()} for t in ("gpt", "digits")},
              "orders": [">".join(rep["order"]) for rep in repeats],
-             "ratios_per_repeat": per_repeat, "ratio_medians": med, "live_heap_ratios": heap_ratios,
+             "ratios_per_repeat": per_repeat, "ratio_medians": med, "allocated_ratios": allocated,
+             "live_heap_ratios": heap_ratios,
              "quality_runs": runs, "seconds": {"throughput": t_speed, "quality": t_total - t_speed, "total": t_total},
              "peak_rss_reset": all(rep[m]["peak_reset"] for rep in repeats for m in ALL_METHODS),
              "figures": {"speed": "median over repeats of per-repeat ratios",
-                         "memory": "VmHWM minus VmRSS at method start, max over ranks",
+                         "memory": "peak allocated tensor bytes (torch.profiler memory events, untimed pass) "
+                                   "over those at method start, max over ranks",
+                         "rss": "VmHWM minus VmRSS at method start, max over ranks, no target",
                          "quality": "mean over seeds at each method's best lr on validation"}}
-    return document("local-vs-bp", command, started, setup, [*speed_rows, *heap_rows, *q_rows], targets,
+    return document("local-vs-bp", command, started, setup, [*speed_rows, *alloc_rows, *heap_rows, *q_rows], targets,
                     reported=reported)

@@ -29,7 +29,7 @@ from unittest import mock
 
 import torch
 
-from dist_train.bench.memory import live_heap_mode, peak_rss, reset_peak_rss
+from dist_train.bench.memory import AllocatedPeak, live_heap_mode, peak_rss, reset_peak_rss
 from dist_train.bench.windows import after_warmup, read_jsonl
 
 WORLD = 2
@@ -323,9 +323,31 @@ def _run_pipe(cfg, ctx, data, warmup: int, schedule_name: str) -> dict[str, Any]
     return out
 
 
+PROBES = ("timed", "heap", "allocated")  # what a run measures beside its own figures; see method_worker
+
+
+def _probe(kind: str):
+    """The memory probe a run is wrapped in. "timed": none (the timed runs; their memory figure is the
+    resident set). "heap": glibc's live heap after every aten op. "allocated": the peak of tensor
+    bytes from torch's CPU allocator events (what the memory targets read). The two probes slow ops,
+    so they run in their own untimed passes, and never together: the profiler's own mallocs would
+    show in the live heap."""
+    if kind == "heap":
+        return live_heap_mode()
+    if kind == "allocated":
+        return AllocatedPeak()
+    if kind == "timed":
+        return contextlib.nullcontext()
+    raise ValueError(f"probe must be one of {PROBES}, got {kind!r}")
+
+
 def method_worker(rank: int, world: int, method: str, overrides: list[str], warmup: int,
-                  run_dir: str, run_name: str, live_heap: bool = False) -> list[dict[str, Any]]:
-    """One run of one method on this rank; returns every rank's measurements (on rank 0)."""
+                  run_dir: str, run_name: str, probe: str = "timed") -> list[dict[str, Any]]:
+    """One run of one method on this rank; returns every rank's measurements (on rank 0).
+
+    `probe` (one of PROBES) adds `heap_delta` or `alloc_delta` (bytes, over what was live when the
+    method started). The allocator's events are those of this rank's main thread, where every method
+    here allocates its tensors (other threads only wait on the link or on gloo)."""
     import importlib
 
     import torch.distributed as dist
@@ -348,7 +370,7 @@ def method_worker(rank: int, world: int, method: str, overrides: list[str], warm
         _prewarm(cfg, data, micro_batch)
         ctx.barrier()
         rss0, reset_ok = reset_peak_rss()
-        mode = live_heap_mode() if live_heap else contextlib.nullcontext()
+        mode = _probe(probe)
         with mode:
             if spec.runner == "local":
                 out = _run_local(cfg, ctx, data, warmup, command)
@@ -359,7 +381,8 @@ def method_worker(rank: int, world: int, method: str, overrides: list[str], warm
         peak = peak_rss()
         out.update(rank=rank, mem_delta=peak - rss0, rss_peak=peak, rss_before=rss0, peak_reset=reset_ok,
                    threads=torch.get_num_threads(), micro_batch=micro_batch,
-                   heap_delta=(mode.peak - mode.base) if live_heap else None)
+                   heap_delta=(mode.peak - mode.base) if probe == "heap" else None,
+                   alloc_delta=mode.peak if probe == "allocated" else None)
         if ctx.distributed:
             gathered: list = [None] * ctx.world_size
             dist.all_gather_object(gathered, out)
