@@ -1,4 +1,4 @@
-"""`dist-train bench local-vs-bp` at its smoke size: it runs, it reports every target of the issue
+"""`dist-train bench local-vs-bp` at its smoke size: it runs, it reports every target
 under its exact name and honestly (`met` computed from the value), every method computes on the
 same micro-batches, its byte accounting is exact, its BP baselines do the same update, and the
 sequential reference it takes quality figures from is the real pipeline.
@@ -38,7 +38,7 @@ def _finite_positive(x) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
-# The issue's contract, spelled out here rather than imported, so a rename is a test failure.
+# The targets' contract, spelled out here rather than imported, so a rename is a test failure.
 TARGETS = {"samples_s_vs_bp_1dev_accum": (">=", 1.6), "samples_s_vs_best_bp_pipeline": (">=", 1.0),
            "bytes_vs_bp_pipeline": ("<=", 0.5), "memory_vs_bp_1dev_accum": ("<=", 0.6),
            "memory_vs_ddp_accum": ("<=", 0.8), "memory_vs_bp_checkpointed": ("<=", 1.0),
@@ -66,7 +66,7 @@ def test_report_contract_and_every_target(smoke) -> None:
     assert extra["size"] == "smoke" and extra["threads_per_rank"] == 1 and extra["micro_batches"] == 4
     assert "parallel.activation_checkpointing=true" in extra["method_overrides"]["bp-ckpt"]
 
-    # Every target the issue names is present under its exact name, and `met` follows from the value.
+    # Every target is present under its exact name, and `met` follows from the value.
     targets = {t["metric"]: t for t in doc["targets"]}
     assert list(targets) == list(TARGETS)
     for metric, (op, target) in TARGETS.items():

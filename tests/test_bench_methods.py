@@ -1,5 +1,5 @@
 """`dist-train bench local-methods` at its smoke size: it runs, reports a row per (method, K, task)
-and every target of the issue (`met` computed from the value), chooses each lr on validation and
+and every target (`met` computed from the value), chooses each lr on validation and
 never on test, and its BP baseline (`local_reference` with one stage) is the framework's BP loop.
 
 Nothing here asserts that a target is met: that is a measurement, recorded in BENCHMARKS.md.
@@ -54,7 +54,7 @@ def test_report_contract_rows_and_targets(smoke) -> None:
         else:
             assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["val_acc"] <= 1.0
 
-    # Every target the issue names, with its op and threshold; `met` follows from the value.
+    # Every target, with its op and threshold; `met` follows from the value.
     targets = {t["metric"]: t for t in doc["targets"]}
     names = {f"acc_gap_points_{m}_k{k}" for m in TARGETED for k in KS}
     assert set(targets) == names

@@ -168,7 +168,7 @@ def test_two_workers_match_one_process(tmp_path):
 
 
 # ------------------------------------------------------------------------------ noise and accounting
-SPEC = {"n": 1651, "workers": 10, "rounds": 2000, "delta": 1e-5}  # the spec's (and the paper's) setting
+PAPER = {"n": 1651, "workers": 10, "rounds": 2000, "delta": 1e-5}  # the setting of Murata & Suzuki's experiments
 
 
 @pytest.mark.parametrize("epsilon", [3.0, 5.0])
@@ -177,7 +177,7 @@ def test_closed_form_meets_the_papers_rdp_bound_by_hand(epsilon, period):
     """The authors' argument, recomputed here: at alpha = int(1 + ceil(2 ln(1/delta)/eps)) the
     composed RDP of the R Gaussian releases (sensitivity 2C/(nP), std C sigma) plus
     ln(1/delta)/(alpha - 1) is at most epsilon."""
-    n, P, R, delta = SPEC["n"], SPEC["workers"], SPEC["rounds"], SPEC["delta"]
+    n, P, R, delta = PAPER["n"], PAPER["workers"], PAPER["rounds"], PAPER["delta"]
     s1, s2 = closed_form_sigmas(epsilon, delta, n, P, R, period)
     alpha = int(1 + math.ceil(2 * math.log(1 / delta) / epsilon))
     restarts = math.ceil(R / period)
@@ -186,21 +186,21 @@ def test_closed_form_meets_the_papers_rdp_bound_by_hand(epsilon, period):
     assert rdp + math.log(1 / delta) / (alpha - 1) <= epsilon * (1 + 1e-12)
 
 
-def test_tight_accountant_leaves_the_spec_figure_unused():
-    """Spec: with P = 10, n = 1651, R = 2000, delta = 1e-5, eps = 3, a tight RDP accountant gives
+def test_tight_accountant_leaves_part_of_epsilon_unused():
+    """With P = 10, n = 1651, R = 2000, delta = 1e-5, eps = 3, a tight RDP accountant gives
     eps ~ 2.54 for the closed-form noise (DP-GD, T = 1)."""
-    s1, s2 = closed_form_sigmas(3.0, SPEC["delta"], SPEC["n"], SPEC["workers"], SPEC["rounds"], 1)
-    eps = diff2_epsilon(s1, s2, SPEC["n"], SPEC["workers"], SPEC["rounds"], 1, SPEC["delta"])
+    s1, s2 = closed_form_sigmas(3.0, PAPER["delta"], PAPER["n"], PAPER["workers"], PAPER["rounds"], 1)
+    eps = diff2_epsilon(s1, s2, PAPER["n"], PAPER["workers"], PAPER["rounds"], 1, PAPER["delta"])
     assert eps == pytest.approx(2.54, abs=0.01)
 
 
 @pytest.mark.parametrize("period", [1, 10])
 def test_calibrated_noise_is_smaller_at_the_same_guarantee(period):
-    args = (SPEC["n"], SPEC["workers"], SPEC["rounds"], period)
-    s1, s2 = closed_form_sigmas(3.0, SPEC["delta"], *args)
-    c1, c2 = calibrated_sigmas(3.0, SPEC["delta"], *args)
+    args = (PAPER["n"], PAPER["workers"], PAPER["rounds"], period)
+    s1, s2 = closed_form_sigmas(3.0, PAPER["delta"], *args)
+    c1, c2 = calibrated_sigmas(3.0, PAPER["delta"], *args)
     assert c1 / s1 == pytest.approx(c2 / s2, rel=1e-12) and c1 < 0.9 * s1  # one common factor, >10% less
-    eps = diff2_epsilon(c1, c2, *args, SPEC["delta"])
+    eps = diff2_epsilon(c1, c2, *args, PAPER["delta"])
     assert 3.0 - 1e-3 < eps <= 3.0
 
 

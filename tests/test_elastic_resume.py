@@ -1,4 +1,4 @@
-"""A checkpoint written at one world size resumes at another (issue 11, item 4).
+"""A checkpoint written at one world size resumes at another.
 
 DDP and FSDP2, 2 -> 1 and 1 -> 2 ranks: torch.distributed.checkpoint reshards the model and
 optimizer, and the data position is global (a step's global batch does not depend on the world

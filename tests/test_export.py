@@ -1,4 +1,4 @@
-"""`dist-train export` (issue 11, item 5): a run's model as one safetensors file that loads with
+"""`dist-train export`: a run's model as one safetensors file that loads with
 strict=True into the model built from the exported config, for DDP, FSDP2, DeepSpeed ZeRO-3 and a
 2-stage local pipeline.
 

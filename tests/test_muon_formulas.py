@@ -1,6 +1,6 @@
 """The single-process optimizers of dist_train/optim/ against their formulas, re-derived here.
 
-Source of the formulas: shared/specs/optimizers.md (Newton–Schulz, Muon, NorMuon), the Polar Express
+Source of the formulas: Keller Jordan's Muon write-up (2024: Newton–Schulz, Muon), the Polar Express
 paper (Amsel et al., arXiv 2505.16932, Algorithm 1) and the NorMuon paper (Li et al., arXiv 2510.05491).
 Every reference below is written with plain torch ops in float64 and never calls the library's own
 helpers (not `newton_schulz`, not its coefficient tables, not `muon_scale`): a shared bug cannot
@@ -58,7 +58,7 @@ def randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
 # The reference Newton–Schulz (written out again; never the library's)
 # =====================================================================================================
 
-# Keller Jordan's quintic coefficients (spec, "Newton–Schulz orthogonalisation").
+# Keller Jordan's quintic coefficients (his Muon write-up, 2024).
 QUINTIC_ABC = (3.4445, -4.7750, 2.0315)
 
 # Polar Express, arXiv 2505.16932, Algorithm 1: the per-step (a, b, c) before the safety factor.
@@ -113,7 +113,7 @@ def ref_ns(G: torch.Tensor, steps: int = 5, coefficients: str = "quintic") -> to
                                                 ("polar_express", 8), ("polar_express", 11)])
 @pytest.mark.parametrize("shape", [(6, 11), (13, 5)], ids=["wide", "tall"])
 def test_ns_matches_explicit_loop(shape, coefficients, steps):
-    """newton_schulz(G, steps, coefficients) == the explicit loop (spec NS; Polar Express
+    """newton_schulz(G, steps, coefficients) == the explicit loop (Jordan's NS; Polar Express
     Algorithm 1 with the 1.01 safety factor, 11 steps reusing the last triple), rtol 1e-12."""
     G = randn(*shape, seed=1, scale=3.0)
     got = newton_schulz(G, steps, coefficients)
@@ -286,7 +286,7 @@ def assert_steps_match(opt, ref, mats: dict, others: dict, row_state: bool = Fal
 
 @pytest.mark.parametrize("case", MUON_CASES, ids=lambda c: f"nesterov={c['nesterov']}-{c['lr_scale']}-{c['ns_coefficients']}")
 def test_muon_three_steps_match_rule(case):
-    """Muon (spec "Muon") on a wide, a tall (m > n) and a conv weight (4,3,3,3) -> (4, 27), with an
+    """Muon (Jordan, 2024) on a wide, a tall (m > n) and a conv weight (4,3,3,3) -> (4, 27), with an
     AdamW group alongside, over 3 steps: weights, each step's update and the momentum buffer == the
     reference at rtol 1e-10."""
     hyper = dict(lr=0.05, momentum=0.9, weight_decay=0.1, **case)
@@ -372,7 +372,7 @@ NORMUON_CASES = [  # (variant, nesterov passed to NorMuon, nesterov the rule use
 @pytest.mark.parametrize("variant,nesterov_arg,nesterov", NORMUON_CASES,
                          ids=[f"{v}-nesterov={a}" for v, a, _ in NORMUON_CASES])
 def test_normuon_three_steps_match_rule(variant, nesterov_arg, nesterov):
-    """NorMuon (spec "NorMuon"; arXiv 2510.05491) over 3 steps on a wide, a tall and a conv weight
+    """NorMuon (Li et al., arXiv 2510.05491) over 3 steps on a wide, a tall and a conv weight
     with an AdamW group alongside: weights, updates, the momentum M and the per-row v == the
     reference at rtol 1e-10. Non-default betas so that each is read from the right place."""
     hyper = dict(lr=0.05, betas=(0.9, 0.8), eps=1e-8, weight_decay=0.1)

@@ -1,4 +1,5 @@
-"""Privacy accounting against the spec's reference figures and against Opacus fed directly."""
+"""Privacy accounting against fixed reference figures of the RDP accountant (Balle et al. 2020
+conversion, Opacus's default orders) and the PRV accountant, and against Opacus fed directly."""
 
 import math
 
@@ -12,7 +13,7 @@ from dist_train.privacy.accounting import PRV_EPS_ERROR
 DELTA = 1e-5
 
 
-# ---------------------------------------------------------------- reference figures (spec)
+# ---------------------------------------------------------------- reference figures
 
 def test_rdp_reference_figures():
     assert compute_epsilon(1.5, 0.04, 2250, DELTA) == pytest.approx(7.32911117143, rel=1e-6)

@@ -6,7 +6,7 @@ and output gradient g are captured here with our own forward hook and tensor hoo
 layers.py); the reference per-example gradients come from `torch.autograd.grad` of each example's loss
 alone (a batch of one).
 
-Tolerances (spec, "How correctness is shown"): per-example grads and clipped sums atol 1e-5 / rtol 1e-4
+Tolerances: per-example grads and clipped sums atol 1e-5 / rtol 1e-4
 in fp32; squared norms (ghost AND instantiated paths) relative error ≤ 1e-5 in fp32; bf16 a/g give fp32
 norms within 2e-2 relative of the fp32 reference.
 """

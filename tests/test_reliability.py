@@ -1,4 +1,4 @@
-"""Faults injected into real multi-process runs, and what the run must do about each (issue 13).
+"""Faults injected into real multi-process runs, and what the run must do about each.
 
 Every fault is real: a SIGKILL or SIGSTOP the kernel delivers, a SIGTERM to the launcher, a NaN in
 the loss, a truncated file, a pickle that would run code. `DIST_TRAIN_FAULT` (dist_train/runtime/

@@ -1,4 +1,4 @@
-"""`dist-train slurm` and the shipped sbatch templates, on a real Slurm controller and node (issue 11).
+"""`dist-train slurm` and the shipped sbatch templates, on a real Slurm controller and node.
 
 The end-to-end tests start munged, slurmctld and slurmd for this host (`slurm_cluster.py`), submit
 the quickstart config (a 2-stage pipeline, made small) through `dist-train slurm` with 2 tasks, and

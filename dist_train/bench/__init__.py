@@ -6,7 +6,7 @@ import importlib
 
 from dist_train.errors import UserError
 
-# name -> module exposing `run(quick: bool) -> dict` (the JSON document of DESIGN.md)
+# name -> module exposing `run(quick: bool) -> dict` (the JSON document of bench/report.py)
 BENCHMARKS = {"overhead": "dist_train.bench.overhead", "local-vs-bp": "dist_train.bench.local_vs_bp",
               "local-methods": "dist_train.bench.local_methods", "muon": "dist_train.bench.muon",
               "dp": "dist_train.bench.dp", "energy": "dist_train.bench.energy",

@@ -1,6 +1,6 @@
 """`dist-train bench diff2`: DIFF2 vs DP-GD at equal (epsilon, delta), on P = 4 data-parallel workers.
 
-Acceptance (issue 9): at epsilon in {3, 5} and delta = 1e-5, DIFF2's final train loss and gradient norm
+Acceptance (as in Murata & Suzuki, ICML 2023): at epsilon in {3, 5} and delta = 1e-5, DIFF2's final train loss and gradient norm
 are lower than DP-GD's (targets: ratio DIFF2 / DP-GD <= 1 for each).
 
 Task (the paper's kind: a two-layer MLP on regression data): a synthetic nonlinear regression with

@@ -55,7 +55,7 @@ Sizes: full = 4 layers x width 128 x 4 heads x block 64, batch 64, 2 warm-up + 1
 7 repeats, 2 GiB budget; quick = 2 layers (same width, heads, block), batch 32, 1 + 5 steps,
 3 repeats, 512 MiB; smoke = a tiny model for the tests (measures nothing).
 
-Targets (the issue): dist-train's memory increase <= 1.1x non-private's; its samples/s >= 0.75x
+Targets: dist-train's memory increase <= 1.1x non-private's; its samples/s >= 0.75x
 non-private's and >= 1.3x Opacus ghost clipping's; its maximum batch strictly larger than Opacus
 hooks' (ratio of maximum batches >= 1.01). Shown beside them with no target: Opacus's memory and
 throughput ratios, and the maximum batches of non-private and dist-train. A missed target is

@@ -12,7 +12,7 @@ on each task, at an equal number of optimizer steps, batch, data and architectur
   gpt-bytes     byte-level GPT 4 layers x 64, 4 heads, context 32, on the stdlib_bytes corpus
                 (2 MB; 80/10/10 interleaved chunks)
 
-Fair comparison (specs/local_learning.md): for every (method, K, task) and for BP, the same lr grid
+Fair comparison (same budget and tuning for every method): for every (method, K, task) and for BP, the same lr grid
 is swept, each lr over the same >= 3 seeds; the lr is chosen on the *validation* split by the mean
 over seeds (classifiers: highest accuracy, ties to lower loss; GPT: lowest loss), and the row
 reports the *test* split at that lr: mean and sd over seeds. The test split never enters the choice.
@@ -71,7 +71,7 @@ from dist_train.bench.sweep import choose_lr, mean_sd, ordered
 from dist_train.bench.windows import after_warmup, read_jsonl
 
 METHODS = ("dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop")
-TARGETED = ("dgl", "infopro", "auglocal", "man")  # the methods the issue sets targets for
+TARGETED = ("dgl", "infopro", "auglocal", "man")  # the methods with an accuracy-gap target
 KS = (2, 4)
 TARGET_TASK = "digits-cnn"
 TARGETS = {2: ("<=", 1.0), 4: ("<=", 3.0)}  # gap in points: BP test acc - the method's, by K

@@ -1,7 +1,7 @@
 """`dist-train bench local-vs-bp`: the 2-stage local-learning pipeline against backprop, in one run.
 
 One rank stands for one device: every process runs one intra-op thread, and every method is
-compared at an equal number of devices (the issue's ratios set the 2-rank pipeline against
+compared at an equal number of devices (the target ratios set the 2-rank pipeline against
 one-device BP by name). Fair footing: every method takes the same global batch (32) as the same
 micro-batches (8 samples each, MICRO_BATCHES = 4), from the same seed, on the same batches, for the
 same steps, with the same optimizer and schedule. The methods are listed in `local_vs_bp_runs`.
@@ -90,7 +90,7 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 # Hidden knob for the test suite: DIST_TRAIN_BENCH_SIZE=smoke overrides --quick / full.
 
-# The issue's targets: metric name (the JSON `metric`) -> (description, op, target). Every ratio
+# The targets: metric name (the JSON `metric`) -> (description, op, target). Every ratio
 # is local pipeline / baseline, every baseline at micro-batches of the same size.
 TARGETS = {
     "samples_s_vs_bp_1dev_accum": (

@@ -35,7 +35,7 @@ Figures, read from each run's own metrics.jsonl: the held-out (validation split)
 after the last step, and the median training step time over the logged windows after the first
 (the first holds start-up); each the median over `repeats` seeds (the per-seed errors are listed).
 `rel_l2_by_expert`: each expert's share of the final error, ‖u − u_ref‖ on its block / ‖u_ref‖ (per seed).
-Targets (issue 10): experts' error below the global constraint's and far
+Targets (from PI-HC-MoE, arXiv 2402.13412): experts' error below the global constraint's and far
 below the soft constraint's (<= half); at the largest m, expert step time >= 1.5x faster than the
 global constraint's, and growing more slowly with m.
 """
@@ -107,12 +107,12 @@ SIZES = {
                  "eval_every": 100, "repeats": 1, "limit_s": 2400, "one_rank": False, "lrs": [3e-3], "extra": []},
     # DIST_TRAIN_BENCH_SIZE=sorption_time: sorption's models with the experts' sub-domains cut in time
     # (moe.time_splits = K: K bands of time levels, each over the whole x range with both boundary rows),
-    # the router's other split in the paper and the issue. No overlap.
+    # the router's other split in the paper. No overlap.
     "sorption_time": {"config": "moe_sorption.yaml", "split": "time", "points": [1024], "experts": [2, 4], "steps": 800,
                       "log_every": 50, "eval_every": 100, "repeats": 1, "limit_s": 2400, "one_rank": False, "lrs": [3e-3],
                       "extra": []},
     # DIST_TRAIN_BENCH_SIZE=sorption_scale: sorption_time's models while m grows (256, 1024, 4096), in one
-    # run, seeds 0 and 1: the issue's accuracy and step-time targets on the paper's problem (one seed
+    # run, seeds 0 and 1: the accuracy and step-time targets on the paper's problem (one seed
     # until 2026-12-06 11:00; seed 1 did not repeat seed 0 at m = 4096). The global constraint on one
     # rank (the paper's placement) trains only `one_rank_steps` steps: it trains the same model as the
     # 2-rank global row (same samples, same averaged gradient), so only its step time is wanted.

@@ -1,7 +1,7 @@
 """`dist-train bench muon`: (a) the distributed optimizer step, owner-computes vs naive, and NS work
 per rank for W = 1, 2, 4; (b) convergence of AdamW, Muon and NorMuon on the byte-level GPT.
 
-Targets (issue 8): owner-computes ≥ 1.6× faster than the naive scheme at W = 2; NorMuon reaches
+Targets: owner-computes ≥ 1.6× faster than the naive scheme at W = 2; NorMuon reaches
 AdamW's final validation loss in ≤ 0.8× AdamW's steps; NorMuon's final loss ≤ Muon's. Shown beside
 them: each rank's share of the NS FLOPs (1/W when the owners are balanced).
 """

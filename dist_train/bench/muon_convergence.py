@@ -30,7 +30,7 @@ validation loss averaged over seeds (`local_methods.choose_lr`); at that lr, its
 seeds is read for the first step at which it reaches AdamW-best's final mean loss, interpolating
 linearly between evaluation points (`steps_to_loss`).
 
-Targets (the issue's): NorMuon reaches AdamW's final loss in <= 0.8x AdamW's steps
+Targets: NorMuon reaches AdamW's final loss in <= 0.8x AdamW's steps
 (`normuon_steps_to_adamw_loss_ratio`, unmet when never reached) and ends at or below Muon's final
 loss (`normuon_minus_muon_final_val_loss`, each at its best lr, mean over seeds).
 

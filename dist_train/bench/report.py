@@ -1,6 +1,6 @@
 """Print a benchmark's result as tables, write its JSON document, and the helpers to build one.
 
-The JSON document every benchmark's `run()` returns (DESIGN.md):
+The JSON document every benchmark's `run()` returns (what `dist-train bench NAME --json FILE` writes):
 
     {"name": str, "machine": str, "command": str, "date": ISO-8601 UTC, "provenance": {...},
      "results": [{...one row per measurement...}, ...],
@@ -38,7 +38,7 @@ def make_target(metric: str, value: Optional[float], op: str, target: float,
                 description: Optional[str] = None) -> dict[str, Any]:
     """One `targets` entry; `met` is computed here, so no benchmark can claim a target by hand.
 
-    `metric` is the target's name as the issue spells it; `description` says in words what is
+    `metric` is the target's stable name (tests and BENCHMARKS.md use it); `description` says in words what is
     divided by what. A missing or non-finite value never meets its target.
     """
     if op not in OPS:

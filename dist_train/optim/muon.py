@@ -1,6 +1,6 @@
 """Muon and NorMuon: the per-matrix update rules (the distributed step is matrix.MatrixOptimizer).
 
-Muon (Jordan et al., 2024; spec: ../shared/specs/optimizers.md):
+Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers in neural networks"):
     M ← μ·M + G;   U = G + μ·M (Nesterov) or U = M;   O = NS(U)
     W ← W·(1 − lr·wd) − lr·s·O,   s = √max(1, m/n) ("keller") or 0.2·√max(m, n) ("match_rms_adamw")
 

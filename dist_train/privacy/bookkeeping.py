@@ -35,7 +35,7 @@ from torch import nn
 from dist_train.errors import UserError
 from dist_train.privacy.layers import DP_TRAINABLE, FuncRule, LayerRule, rule_for, trainable_names
 
-CLIP_EPS = 1e-6  # f_i = min(1, C / (||g_i|| + 1e-6)), as the spec (and Opacus) define it
+CLIP_EPS = 1e-6  # f_i = min(1, C / (||g_i|| + 1e-6)), as Opacus defines it
 
 
 @dataclass
