@@ -136,7 +136,7 @@ def test_ns_batched_equals_per_matrix(shape, coefficients):
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
 def test_quintic_is_U_Sprime_Vt_with_Sprime_in_half_to_three_halves(shape):
-    """Spec: quintic NS(G) ≈ U·S'·Vᵀ with S' roughly in [0.5, 1.5] (G = U·S·Vᵀ): Uᵀ·NS(G)·V is
+    """Jordan's quintic NS: NS(G) ≈ U·S'·Vᵀ with S' roughly in [0.5, 1.5] (G = U·S·Vᵀ): Uᵀ·NS(G)·V is
     diagonal (same singular vectors) and its diagonal lies in [0.5, 1.5]."""
     G = randn(*shape, seed=2)
     O = newton_schulz(G, 5, "quintic")
@@ -178,7 +178,7 @@ def test_ns_dtype_option_computes_in_float64_returns_input_dtype():
 
 @pytest.mark.parametrize("m,n,steps", [(3, 7, 5), (7, 3, 5), (16, 16, 1), (64, 256, 8), (256, 64, 8)])
 def test_ns_flops(m, n, steps):
-    """Spec: cost per iteration 4·m²·n + 2·m³ with m = min(m, n) ≤ n = max(m, n)."""
+    """NS cost per iteration 4·m²·n + 2·m³ with m = min(m, n) ≤ n = max(m, n)."""
     lo, hi = min(m, n), max(m, n)
     assert ns_flops(m, n, steps) == steps * (4 * lo * lo * hi + 2 * lo ** 3)
 
