@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dist_train.errors import DistTimeoutError, UserError
-
-ERROR_DIR_ENV = "DIST_TRAIN_ERROR_DIR"  # set by `launch`: workers leave their one-line errors here
+from dist_train.errors import ERROR_DIR_ENV, DistTimeoutError, UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

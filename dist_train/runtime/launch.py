@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dist_train.config import load_config
 from dist_train.config.layout import check_layout
-from dist_train.errors import SILENT_PEERS, UserError
+from dist_train.errors import ERROR_DIR_ENV, SILENT_PEERS, UserError
 from dist_train.runtime.env import LOOPBACK, free_port, port_is_free
 
 
@@ -106,8 +106,6 @@ def launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from dist_train.cli import ERROR_DIR_ENV
 
     if args.nproc < 1 or args.nnodes < 1:
         raise UserError("--nproc and --nnodes must be at least 1")
