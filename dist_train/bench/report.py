@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from dist_train.telemetry._fs import atomic_write_text
-from dist_train.telemetry.provenance import _cpu_model, _total_ram_bytes, _usable_cpus
+from dist_train.telemetry import atomic_write_text
+from dist_train.telemetry.provenance import cpu_model, total_ram_bytes, usable_cpus
 
 OPS = (">=", "<=")
 
@@ -53,10 +53,10 @@ def make_target(metric: str, value: Optional[float], op: str, target: float,
 
 def machine_summary() -> str:
     """One line naming the hardware a figure was measured on: CPU, cores, RAM, GPUs."""
-    parts = [_cpu_model() or platform.machine() or "unknown CPU"]
-    total, usable = os.cpu_count(), _usable_cpus()
+    parts = [cpu_model() or platform.machine() or "unknown CPU"]
+    total, usable = os.cpu_count(), usable_cpus()
     parts.append(f"{total} cores" if usable in (None, total) else f"{usable} of {total} cores usable")
-    ram = _total_ram_bytes()
+    ram = total_ram_bytes()
     if ram:
         parts.append(f"{ram / 2**30:.1f} GiB RAM")
     gpus: list[str] = []

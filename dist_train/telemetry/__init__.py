@@ -4,6 +4,7 @@ Depends only on torch, the standard library and optional third-party packages (t
 tqdm, pynvml, psutil), never on the rest of dist_train, so every other package can use it.
 """
 
+from ._fs import atomic_write_text
 from .energy import (
     EnergyMeter,
     NvmlCounterMeter,
@@ -45,6 +46,7 @@ __all__ = [
     "make_energy_meter",
     "mfu",
     "achieved_flops",
+    "atomic_write_text",
     "peak_flops",
     "peak_memory_bytes",
     "reset_peak_memory",

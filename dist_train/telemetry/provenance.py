@@ -70,7 +70,8 @@ def git_info(package_dir: Path = _PACKAGE_DIR) -> Optional[dict[str, Any]]:
     return {"sha": sha, "dirty": None if status is None else bool(status), "root": root}
 
 
-def _cpu_model() -> Optional[str]:
+def cpu_model() -> Optional[str]:
+    """The CPU's marketing name (None where the system does not say)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -81,7 +82,8 @@ def _cpu_model() -> Optional[str]:
     return platform.processor() or None
 
 
-def _total_ram_bytes() -> Optional[int]:
+def total_ram_bytes() -> Optional[int]:
+    """Physical memory of the machine in bytes (None where it cannot be read)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX (Windows)
@@ -94,8 +96,9 @@ def _total_ram_bytes() -> Optional[int]:
         return None
 
 
-def _usable_cpus() -> Optional[int]:
-    # Affinity (taskset, SLURM cgroups) is what this process can actually use.
+def usable_cpus() -> Optional[int]:
+    """Cores this process may run on."""
+    # Affinity (taskset, SLURM cgroups) is what this process can actually use, not os.cpu_count().
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -156,10 +159,10 @@ def collect_provenance(command: list[str], extra: Optional[Mapping[str, Any]] = 
             "hostname": socket.gethostname(),
             "platform": platform.platform(),
             "machine": platform.machine(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(),
-            "cpu_usable": _usable_cpus(),
-            "ram_bytes": _total_ram_bytes(),
+            "cpu_usable": usable_cpus(),
+            "ram_bytes": total_ram_bytes(),
         },
         "cuda": _cuda_info(),
         "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
