@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dist_train.data.pde import PDEDataset, PDEGrid, initial_conditions, solve_reference
+from dist_train.errors import UserError
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -112,8 +113,15 @@ def test_dataset_splits_and_batches():
     u0, u = data.get_batch("val", torch.tensor([2, 0]))
     expected = solve_reference(u0.double(), SMALL)
     assert (u.double() - expected).abs().max().item() < 1e-5
+    # Training batches walk a seeded permutation of the 28 training examples: 3 steps of 8 draw 24
+    # distinct ones; the seed sets the order; a batch larger than the split is refused.
     sampler = data.sampler("train", seed=0, global_batch=8)
-    assert sampler is not None
+    drawn = torch.cat([sampler.next_indices() for _ in range(3)]).tolist()
+    assert len(set(drawn)) == 24 and all(0 <= i < 28 for i in drawn)
+    assert data.sampler("train", seed=0, global_batch=8).next_indices().tolist() == drawn[:8]
+    assert data.sampler("train", seed=1, global_batch=8).next_indices().tolist() != drawn[:8]
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        data.sampler("train", seed=0, global_batch=29)
 
 
 def test_dataset_is_deterministic():

@@ -326,10 +326,16 @@ def test_step_timer_and_throughput() -> None:
     timer = StepTimer("cpu")
     with timer:
         time.sleep(0.01)
+    first = timer.last_s
+    assert first >= 0.01  # the step's own sleep, measured (only a lower bound: the machine is shared)
     timer.start()
-    assert timer.stop() >= 0
+    time.sleep(0.005)
+    second = timer.stop()
+    assert second == timer.last_s and second >= 0.005
+    with pytest.raises(RuntimeError, match="without start"):  # the step above is closed
+        timer.stop()
     steps, seconds = timer.pop_window()
-    assert steps == 2 and seconds >= 0.01
+    assert steps == 2 and seconds == pytest.approx(first + second)
     assert timer.pop_window() == (0, 0.0)
     assert tokens_per_s(1000, 2.0) == 500.0 and tokens_per_s(1, 0.0) is None
 
