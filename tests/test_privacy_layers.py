@@ -9,6 +9,10 @@ alone (a batch of one).
 Tolerances: per-example grads and clipped sums atol 1e-5 / rtol 1e-4
 in fp32; squared norms (ghost AND instantiated paths) relative error ≤ 1e-5 in fp32; bf16 a/g give fp32
 norms within 2e-2 relative of the fp32 reference.
+
+The last part registers a rule for a layer type defined here (`register_rule`) and checks
+`per_sample_grad_norms` of a model containing it against single-example backward passes (rtol 1e-5,
+atol 1e-6 in fp32).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import pytest
 import torch
 from torch import nn
 
+from dist_train.errors import UserError
+from dist_train.privacy import LayerRule, per_sample_grad_norms, register_rule
 from dist_train.privacy.layers import (ConvRule, EmbeddingRule, FuncRule, LinearRule, RULES,
-                                       per_sample_grads, rule_for)
+                                       per_sample_grads, rule_for, trainable_names)
 
 B = 4
 
@@ -288,3 +294,123 @@ def test_unknown_layer_has_no_rule():
     assert rule_for(Custom(3, 2)) is None
     assert rule_for(nn.ReLU()) is None
     assert isinstance(rule_for(nn.Conv2d(2, 4, 3, groups=2)), FuncRule)
+
+
+# --- a rule for a layer type of one's own (dist_train.privacy.register_rule) -------------------
+
+class _ScaleShiftFn(torch.autograd.Function):
+    """y = x ∘ w + b over the last dim, written the old way (no setup_context), as a fused kernel
+    often is: torch.func cannot transform it, so the generic fallback cannot serve this layer."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return x * w + b
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        return gy * w, (gy * x).reshape(-1, w.numel()).sum(0), gy.reshape(-1, w.numel()).sum(0)
+
+
+class FusedScaleShift(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+        self.bias = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return _ScaleShiftFn.apply(x, self.weight, self.bias)
+
+
+class ScaleShiftRule(LayerRule):
+    """Per example: ∇w_i = Σ_t g_{i,t} ∘ a_{i,t}, ∇b_i = Σ_t g_{i,t} (t: every dim between batch and features)."""
+
+    def instantiate(self, layer, a, g):
+        names = trainable_names(layer)
+        b, d = a.size(0), layer.weight.numel()
+        A, G = a.float().reshape(b, -1, d), g.float().reshape(b, -1, d)
+        grads = {}
+        if "weight" in names:
+            grads["weight"] = (G * A).sum(1)
+        if "bias" in names:
+            grads["bias"] = G.sum(1)
+        return grads
+
+
+@pytest.fixture
+def rules():
+    """The registry, restored after the test (registrations are process-wide)."""
+    saved = dict(RULES)
+    yield RULES
+    RULES.clear()
+    RULES.update(saved)
+
+
+def _scale_shift_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), FusedScaleShift(4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def _sum_loss(out, t):
+    return (out - t).pow(2).sum()  # a sum over examples, as per_sample_grad_norms requires
+
+
+def test_registered_rule_gives_per_example_norms(rules):
+    """Norms over the whole model (registered rule + built-in rules) against single-example backward
+    passes: relative error ≤ 1e-5 in fp32."""
+    rule = register_rule(FusedScaleShift, ScaleShiftRule())
+    model = _scale_shift_model()
+    assert rule_for(model[1]) is rule
+    x, t = torch.randn(B, 3, 5), torch.randn(B, 3, 3)  # 3 positions per example: the rule sums over them
+
+    got = per_sample_grad_norms(model, _sum_loss, x, t)
+
+    ref = []
+    for i in range(B):
+        model.zero_grad()
+        _sum_loss(model(x[i:i + 1]), t[i:i + 1]).backward()
+        ref.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())))
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-5, atol=1e-6)
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
+
+
+def test_registered_rule_covers_subclasses_that_keep_forward(rules):
+    class Sub(FusedScaleShift):
+        pass
+
+    rule = register_rule(FusedScaleShift, ScaleShiftRule())
+    assert rule_for(Sub(3)) is rule
+
+
+def test_unregistered_layer_torch_func_cannot_transform_is_refused():
+    # Without a rule the layer would go through the torch.func fallback, which cannot run an old-style
+    # autograd.Function: one UserError naming the layer type and the way out, not a torch.func traceback.
+    model = _scale_shift_model()
+    assert rule_for(model[1]) is None
+    with pytest.raises(UserError, match=r"FusedScaleShift has no DP layer rule .*register_rule"):
+        per_sample_grad_norms(model, _sum_loss, torch.randn(B, 5), torch.randn(B, 3))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_register_rule_replaces_only_when_asked(rules):
+    first, second = ScaleShiftRule(), ScaleShiftRule()
+    register_rule(FusedScaleShift, first)
+    register_rule(FusedScaleShift, first)  # the same rule again: nothing to replace
+    with pytest.raises(ValueError, match="FusedScaleShift already has a rule .*replace=True"):
+        register_rule(FusedScaleShift, second)
+    assert RULES[FusedScaleShift] is first
+    assert register_rule(FusedScaleShift, second, replace=True) is second
+    assert rule_for(FusedScaleShift(2)) is second
+    # a built-in rule is protected the same way
+    with pytest.raises(ValueError, match="Linear already has a rule"):
+        register_rule(nn.Linear, ScaleShiftRule())
+    assert isinstance(rule_for(nn.Linear(2, 2)), LinearRule)
+
+
+def test_register_rule_checks_its_arguments(rules):
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_rule(FusedScaleShift(2), ScaleShiftRule())
+    with pytest.raises(TypeError, match="LayerRule instance"):
+        register_rule(FusedScaleShift, ScaleShiftRule)
+    assert FusedScaleShift not in RULES

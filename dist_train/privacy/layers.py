@@ -1,6 +1,5 @@
 """Per-layer rules for DP-SGD's per-example clipping: per-example squared gradient norms and clipped
-sums from one backward pass (spec: /work/shared/specs/privacy.md, "Per-sample norms without
-per-sample gradients (ghost clipping)").
+sums from one backward pass (ghost clipping and book-keeping).
 
 What a rule receives, for one layer with trainable parameters, after ONE backward pass of a loss that
 is a SUM over examples:
@@ -28,6 +27,13 @@ is a per-example function of (a_i, g_i). Hence, without per-example gradients of
 Parameters with `requires_grad=False` are not trainable: they contribute nothing to the norms and get
 no entry in the clipped sums. Norms and sums are computed in fp32 (a and g are cast up first); sums
 are returned in each parameter's dtype.
+
+A layer type of your own: `register_rule(MyLayer, MyRule())`, where `MyRule` subclasses `LayerRule`
+and implements at least `instantiate` (see `LayerRule` for the full contract). Without a rule a layer
+goes through the torch.func fallback, which is exact for any forward that treats examples
+independently and that torch.func can transform; a forward it cannot transform (an old-style
+autograd.Function, a data-dependent branch, randomness) is refused with a UserError naming the layer
+type, and a registered rule is the way out.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dist_train.errors import UserError
+
 __all__ = ["LayerRule", "FuncRule", "LinearRule", "ConvRule", "EmbeddingRule", "LayerNormRule",
-           "RMSNormRule", "GroupNormRule", "RULES", "rule_for", "per_sample_grads"]
+           "RMSNormRule", "GroupNormRule", "RULES", "register_rule", "rule_for", "per_sample_grads"]
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -85,7 +93,10 @@ def _weighted_sum(factors: Tensor, per_example: Tensor) -> Tensor:
 
 class LayerRule:
     """One rule per supported layer type. Subclasses implement `instantiate` (per-example grads);
-    the default `norms` / `clipped_sum` instantiate and reuse them through the cache.
+    the default `norms` / `clipped_sum` instantiate and reuse them through the cache. A rule that can
+    do better (a ghost norm, a clipped sum without per-example gradients) overrides `norms` and
+    `clipped_sum` too; every method works on the layer's own trainable parameters only
+    (`named_parameters(recurse=False)`, filtered as `trainable_names` says), keyed by those names.
 
     The cache returned by `norms` is a dict {param_name: fp32 per-example grad [B, *shape]} for the
     parameters that were instantiated (absent for those on a ghost path); `clipped_sum` accepts
@@ -163,7 +174,13 @@ class FuncRule(LayerRule):
                 lambda q: torch.func.functional_call(bare, q, (a_i.unsqueeze(0),)), p)
             return vjp_fn(g_i.unsqueeze(0).to(out.dtype).reshape(out.shape))[0]
 
-        grads = torch.func.vmap(one, in_dims=(None, 0, 0))(p0, a, g)
+        try:
+            grads = torch.func.vmap(one, in_dims=(None, 0, 0))(p0, a, g)
+        except RuntimeError as e:  # torch.func cannot transform this forward: say what to do about it
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"privacy: {type(layer).__name__} has no DP layer rule and the torch.func fallback "
+                            f"cannot run its forward ({reason}); register one with "
+                            "dist_train.privacy.register_rule") from e
         return {n: _f32(grads["inner." + n]) for n in params}
 
 
@@ -448,6 +465,29 @@ RULES: dict[type, LayerRule] = {
     nn.RMSNorm: RMSNormRule(),
     nn.GroupNorm: GroupNormRule(),
 }
+
+
+def register_rule(layer_type: type[nn.Module], rule: LayerRule, *, replace: bool = False) -> LayerRule:
+    """Use `rule` for every layer of type `layer_type` (and its subclasses that keep its `forward`);
+    returns `rule`.
+
+    `rule` is a `LayerRule` instance; it must implement `instantiate(layer, a, g)`, the per-example
+    gradients {param_name: [B, *param.shape]} of the layer's trainable parameters from its input `a`
+    and output gradient `g` (batch first; the loss is a sum over examples), and may override `norms`
+    and `clipped_sum` (cheaper paths), `select` (defer some configurations of the layer to another
+    rule) and `eager` (False when `norms` reads parameter values). Registering a type that already
+    has a rule raises ValueError unless `replace=True`: replacing a built-in rule silently would
+    change every model's clipping, so it is asked for by name."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"register_rule: layer_type must be an nn.Module subclass, got {layer_type!r}")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(f"register_rule: rule must be a LayerRule instance, got {type(rule).__name__}")
+    current = RULES.get(layer_type)
+    if current is not None and current is not rule and not replace:
+        raise ValueError(f"register_rule: {layer_type.__name__} already has a rule ({type(current).__name__}); "
+                         "pass replace=True to replace it")
+    RULES[layer_type] = rule
+    return rule
 
 
 def rule_for(layer: nn.Module) -> Optional[LayerRule]:
