@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 
 from dist_train.data.pde import PDEGrid
-from dist_train.models.basis import BasisMLP
-from dist_train.moe.hard_constraint import LMOptions
-from dist_train.moe.model import PDEModel
+from dist_train.pde.basis import BasisMLP
+from dist_train.pde.constraint import LMOptions
+from dist_train.pde.model import PDEModel
 
 GRID = PDEGrid(nx=17, nt=9, t_end=0.5, nu=0.01, rho=1.0)
 # diffusion–sorption at PDEBench's D on a short horizon: the front moves a few cells of this grid
@@ -83,7 +83,7 @@ def worker(rank: int, world: int, out: str, expert_parallel=None) -> None:
 def ift_and_finite_differences(b, u0, pts, pde, opt, h: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The implicit gradient of a fixed random weighting of u = b·ω*(b) with respect to b, and the same
     by central finite differences of step h over every entry of b (the hard-constraint tests' check)."""
-    from dist_train.moe.hard_constraint import solve_hard_constraint
+    from dist_train.pde.constraint import solve_hard_constraint
 
     wts = torch.randn(b.shape[:3], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 

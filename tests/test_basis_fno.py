@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_train.data.pde import PDEGrid
-from dist_train.models.basis_fno import BasisFNO, SpectralConv2d
+from dist_train.pde.basis_fno import BasisFNO, SpectralConv2d
 
 
 def _fourier_layer_by_hand(v: torch.Tensor, w: torch.Tensor, mt: int, mx: int) -> torch.Tensor:
@@ -84,7 +84,7 @@ def test_basis_fno_sees_the_initial_condition() -> None:
 def test_pde_task_builds_the_named_basis(name: str) -> None:
     from dist_train.config.schema import Config
     from dist_train.data import build_dataset
-    from dist_train.models.basis import BasisMLP
+    from dist_train.pde.basis import BasisMLP
     from dist_train.tasks import get_task
 
     cfg = Config.model_validate({"model": {"name": name, "n_layer": 2, "width": 8, "modes": 3},

@@ -1,5 +1,5 @@
 """PDEBench's diffusion–sorption problem (`dist_train.data.diffusion_sorption`) and its hard-constraint
-rows (`hard_constraint.DiffusionSorption`): the reference solver against exact solutions, the rows and
+rows (`constraint.DiffusionSorption`): the reference solver against exact solutions, the rows and
 their derivatives against formulas written here, the implicit gradient against finite differences with
 the inflow (u = 1) and outflow (Robin) rows in the problem."""
 
@@ -12,10 +12,10 @@ import torch
 
 from dist_train.data import diffusion_sorption as ds
 from dist_train.data.pde import PDEDataset, PDEGrid, boundary_rows
-from dist_train.moe.domain import constraint_points, decompose
-from dist_train.moe.hard_constraint import (ConstraintPoints, DiffusionSorption, LMOptions, full_hessian,
-                                            solve_hard_constraint)
-from dist_train.moe.physics import boundary_residual, grid_residual
+from dist_train.pde.constraint import (ConstraintPoints, DiffusionSorption, LMOptions, full_hessian,
+                                       solve_hard_constraint)
+from dist_train.pde.domain import constraint_points, decompose
+from dist_train.pde.physics import boundary_residual, grid_residual
 from moe_cases import ift_and_finite_differences
 from test_hard_constraint import _one_thread  # noqa: F401  (autouse: these problems are tiny, one thread)
 
@@ -204,7 +204,7 @@ def test_front_band_converges_with_exact_hessian_steps_where_gauss_newton_does_n
 
     from dist_train.config.load import load_config
     from dist_train.data import build_dataset
-    from dist_train.tasks.pde import PDESolving
+    from dist_train.pde.task import PDESolving
 
     config = Path(__file__).resolve().parents[1] / "configs" / "moe_sorption.yaml"
     cfg = load_config(config, ["moe.points=1024", "moe.experts=4", "moe.time_splits=4", "data.num_examples=64"])

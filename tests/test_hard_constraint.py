@@ -1,4 +1,4 @@
-"""The PI-HC hard-constraint layer (dist_train.moe.hard_constraint): Levenberg–Marquardt forward, implicit-
+"""The PI-HC hard-constraint layer (dist_train.pde.constraint): Levenberg–Marquardt forward, implicit-
 function-theorem backward. Small float64 problems; the references (CN residual, finite differences, an
 unrolled Newton loop) are written here independently of the module."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_train.moe.hard_constraint import ConstraintPoints, FisherKPP, LMOptions, solve_hard_constraint
+from dist_train.pde.constraint import ConstraintPoints, FisherKPP, LMOptions, solve_hard_constraint
 from moe_cases import ift_and_finite_differences
 
 F64 = torch.float64
@@ -210,7 +210,7 @@ def test_exact_hessian_steps_reach_the_same_optimum_in_fewer_iterations():
     """A large-residual problem (u0 × 10, rho = 5: L ~ 1e2 at the optimum), where Gauss–Newton converges
     only linearly. The exact model (default) is the objective's Hessian, checked against autograd
     here, and reaches the same ω* quadratically."""
-    from dist_train.moe.hard_constraint import _model_matrices, _rows
+    from dist_train.pde.constraint import _model_matrices, _rows
 
     b, u0, pts = _problem(12, bsz=3, tb=6, xb=7, n=5, scale=0.6, halo_left=False, halo_right=False)
     u0, rho = 10.0 * u0, 5.0

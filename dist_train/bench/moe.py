@@ -19,7 +19,7 @@ and basis size; only the constraint differs:
   trains it that many steps only, its error then read at that step);
 - overlapping experts (sizes with `overlap`; reported, no target): the same K experts with
   `moe.overlap` columns of overlap (restricted additive Schwarz, an extension beyond the paper,
-  `moe/domain.py`). The targets keep the paper's non-overlapping experts.
+  `pde/domain.py`). The targets keep the paper's non-overlapping experts.
 
 A size's `rows` may keep some of these kinds only (ROW_KINDS); a target is then set only where both
 rows it divides were trained. With several seeds, the experts' rows at the largest m (with and without

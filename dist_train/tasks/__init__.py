@@ -7,7 +7,7 @@ from dist_train.errors import UserError
 from dist_train.tasks.base import Task
 from dist_train.tasks.classify import Classification
 from dist_train.tasks.lm import LanguageModelling
-from dist_train.tasks.pde import PDESolving
+from dist_train.pde.task import PDESolving
 
 TASKS: dict[str, Task] = {task.name: task for task in (LanguageModelling(), Classification(), PDESolving())}
 

@@ -7,7 +7,7 @@ sub-domain (`domain.py`) and lives on rank k mod W. One forward is:
    region (its block, widened by `moe.overlap` columns) plus halo, and the initial values at the
    expert's initial-condition points (one `all_to_all_single`);
 2. the owner solves its experts' constrained problems for the samples of all ranks at once
-   (Levenberg–Marquardt, float64, batched; IFT backward: `hard_constraint.py`) and forms
+   (Levenberg–Marquardt, float64, batched; IFT backward: `constraint.py`) and forms
    u_k = b_k ω_k on the expert's own block;
 3. the owner sends every rank its samples' pieces of u back (a second `all_to_all_single`); each
    rank assembles its samples' piecewise solution.
@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_train.data.pde import PDEGrid
-from dist_train.moe.domain import constraint_points, decompose, owner_of, points_per_expert
-from dist_train.moe.hard_constraint import CONSTRAINT_ROWS, LMOptions, solve_hard_constraint
+from dist_train.pde.constraint import CONSTRAINT_ROWS, LMOptions, solve_hard_constraint
+from dist_train.pde.domain import constraint_points, decompose, owner_of, points_per_expert
 
 
 def _exchange(pieces: list[torch.Tensor], recv_sizes: list[int], group) -> list[torch.Tensor]:

@@ -16,9 +16,9 @@ class PDESolving(Task):
         are spread over, this rank's expert group (None: every expert in this process); `replicas`:
         every data-parallel rank, over which the solver figures are maximised (default: `group`)."""
         from dist_train.config.schema import MoESection
-        from dist_train.models.basis import BASIS_MODELS, build_basis
-        from dist_train.moe.hard_constraint import LMOptions
-        from dist_train.moe.model import PDEModel
+        from dist_train.pde.basis import BASIS_MODELS, build_basis
+        from dist_train.pde.constraint import LMOptions
+        from dist_train.pde.model import PDEModel
 
         if cfg_model.name not in BASIS_MODELS or info.grid is None:
             raise UserError(f"model.name: {cfg_model.name} cannot solve a PDE data set "
@@ -58,7 +58,7 @@ class PDESolving(Task):
         return None  # the constraint solve cannot run on the meta device: plan gives no activation estimate
 
     def eval_sums(self, outputs, targets, model):
-        from dist_train.moe.physics import grid_residual, relative_l2
+        from dist_train.pde.physics import grid_residual, relative_l2
 
         u, ref = outputs.float(), targets.float()
         sums = {"rel_l2": float(relative_l2(u, ref)),
@@ -75,7 +75,7 @@ class PDESolving(Task):
         return sums
 
     def plan_rows(self, cfg, model, dp):
-        from dist_train.moe.domain import owner_of
+        from dist_train.pde.domain import owner_of
         from dist_train.runtime.mesh import expert_degree
 
         moe, grid = cfg.moe, model.grid

@@ -44,7 +44,7 @@ def _build_mlp(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
 
 
 def _build_fno(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
-    from dist_train.models.basis_fno import BasisFNO
+    from dist_train.pde.basis_fno import BasisFNO
 
     return BasisFNO(grid, n_basis, cfg_model.width, cfg_model.n_layer, modes=cfg_model.modes)
 

@@ -1,10 +1,10 @@
 """The PDE models: a basis network f_θ and the constraint that turns its N basis functions into u.
 
-f_θ is the basis network `model.name` names (`models/basis.py`: `BASIS_MODELS`), giving b [B, nt, nx, N]
+f_θ is the basis network `model.name` names (`basis.py`: `BASIS_MODELS`), giving b [B, nt, nx, N]
 from the initial values u0 [B, nx].
 
 - `constraint="hard"`: u = b·ω_k on each expert's block, ω_k solved per sample from the discretised
-  PDE (`experts.py`, `hard_constraint.py`). K = moe.experts experts; K = 1 is one global constraint.
+  PDE (`experts.py`, `constraint.py`). K = moe.experts experts; K = 1 is one global constraint.
 - `constraint="soft"`: u = b·w with a learned w ∈ R^N, trained on the same physics loss: the PDE
   holds only as far as the penalty pushes it (the soft-constraint baseline of PI-HC).
 
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from dist_train.data.pde import PDEGrid
-from dist_train.moe.experts import ExpertLayer
-from dist_train.moe.hard_constraint import LMOptions
-from dist_train.moe.physics import physics_loss
+from dist_train.pde.constraint import LMOptions
+from dist_train.pde.experts import ExpertLayer
+from dist_train.pde.physics import physics_loss
 
 
 class PDEModel(nn.Module):

@@ -2,8 +2,8 @@
 constraint alike) and the held-out metrics.
 
 Both equations are discretised with Crank–Nicolson in time and the central second difference in
-space, the same scheme the hard constraint enforces at its sampled points (`hard_constraint.FisherKPP`,
-`hard_constraint.DiffusionSorption`; tests check that the two agree point by point). At a grid point
+space, the same scheme the hard constraint enforces at its sampled points (`constraint.FisherKPP`,
+`constraint.DiffusionSorption`; tests check that the two agree point by point). At a grid point
 (j, i), j ≥ 1, 1 ≤ i ≤ nx − 2, with δ²u[j,i] = u[j,i−1] − 2u[j,i] + u[j,i+1]:
 
   Fisher–KPP, u_t = ν u_xx + ρ u(1 − u):

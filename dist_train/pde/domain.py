@@ -34,7 +34,7 @@ import torch
 
 from dist_train.data.pde import PDEGrid, boundary_rows
 from dist_train.errors import UserError
-from dist_train.moe.hard_constraint import ConstraintPoints
+from dist_train.pde.constraint import ConstraintPoints
 
 
 @dataclass(frozen=True)
