@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -70,3 +73,59 @@ def config_file(tmp_path_factory, text: str, name: str = "config.yaml") -> Path:
     path = tmp_path_factory.mktemp("cfg") / name
     path.write_text(text)
     return path
+
+
+# What the fork server behind `forked_run` imports once, so that each rank it forks starts with torch
+# and the training loops loaded (a module missing here is imported by the rank itself, as usual).
+FORK_PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "torch.distributed.fsdp", "dist_train.cli",
+                "dist_train.runtime", "dist_train.train.loop", "dist_train.train.local_loop", "cli_helpers")
+
+
+def _cli_rank(rank: int, world: int, argv: list[str], cwd: str, log: str) -> None:
+    # A forked rank writes to the fork server's descriptors (whatever they were when the server
+    # started, another test's capture perhaps): give each rank a file of its own instead.
+    fd = os.open(f"{log}{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.chdir(cwd)
+    if world == 1:  # one process with no launcher around it, as a plain `dist-train run`
+        for k in _WORLD_VARS:
+            os.environ.pop(k, None)
+    from dist_train.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"rank {rank}: dist-train {' '.join(argv)} returned {code}")
+
+
+def forked_run(args: list[str], cwd: Path, nproc: int = 1, env: Optional[dict[str, str]] = None,
+               timeout: float = 300) -> str:
+    """`dist-train run ARGS` on `nproc` local gloo ranks, one thread each, forked from a fork server
+    that imported torch once; returns rank 0's output. The same ranks `dist-train launch --nproc
+    NPROC --threads 1` starts, minus the elastic agent and an interpreter start with torch's import
+    per rank (seconds each on a loaded machine): for tests of what the ranks compute, not of the
+    launcher. A rank that fails or exits non-zero fails the test with every rank's output."""
+    from dist_train.bench._spawn import run_on_ranks
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="dist-train-forked-"))
+    launcher = ["launch", args[0], "--nproc", str(nproc), "--threads", "1", *args[1:]] if nproc > 1 else ["run", *args]
+    env = clean_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                    DIST_TRAIN_COMMAND=shlex.join(["dist-train", *launcher]), **(env or {}))
+    try:
+        try:
+            run_on_ranks(_cli_rank, nprocs=nproc, args=(["run", *args], str(cwd), str(logs / "rank")), threads=1,
+                         preload=FORK_PRELOAD, env=env, timeout_s=timeout)
+        except Exception as e:
+            import pytest
+
+            outputs = "\n".join(f"--- rank {r}:\n{_tail(logs / f'rank{r}')}" for r in range(nproc))
+            pytest.fail(f"dist-train run {' '.join(args)} on {nproc} forked ranks failed: {e}\n{outputs}", pytrace=False)
+        return (logs / "rank0").read_text()
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no output)"

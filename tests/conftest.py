@@ -14,7 +14,7 @@ from typing import Optional
 
 import pytest
 
-from cli_helpers import TINY_YAML, clean_env  # tests/ is on sys.path
+from cli_helpers import TINY_YAML, clean_env, forked_run  # tests/ is on sys.path
 
 # A model and data set small enough that a 2-rank run takes seconds on 2 CPU cores.
 TINY_GPT = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16",
@@ -23,7 +23,12 @@ TINY_GPT = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_
             "parallel.stages=1"]  # end-to-end backprop (the quickstart itself is a 2-stage pipeline)
 
 class DistTrain:
-    """Runs the CLI in a subprocess; returns the parsed metrics.jsonl of the run."""
+    """Runs the CLI; returns the parsed metrics.jsonl of the run.
+
+    `run` and `forked` start their ranks from a fork server that imported torch once (see
+    `cli_helpers.forked_run`); `launch` goes through `dist-train launch` and torch's elastic agent,
+    for tests of what the agent adds (restarts, its store, the launcher's own checks and messages).
+    """
 
     timeout_s = 300
     TINY_GPT = TINY_GPT
@@ -45,7 +50,15 @@ class DistTrain:
         """One process, backend none."""
         args = ["quickstart.yaml", f"run.dir={run_dir}", f"run.name={name}", f"train.steps={steps}",
                 "parallel.backend=none", "parallel.stages=1", "runtime.threads=1", *overrides]
-        self._call(["run", *args], run_dir, steps)
+        forked_run(args, run_dir, nproc=1, timeout=self.timeout_s)
+        return self.metrics(run_dir / name)
+
+    def forked(self, run_dir: Path, name: str, *overrides: str, steps: int, nproc: int = 2,
+               env: Optional[dict[str, str]] = None) -> list[dict]:
+        """The ranks `launch` starts (`nproc` gloo workers, one thread each), without the agent."""
+        args = ["quickstart.yaml", f"run.dir={run_dir}", f"run.name={name}", f"train.steps={steps}",
+                "parallel.stages=1", *overrides]
+        forked_run(args, run_dir, nproc=nproc, env=env, timeout=self.timeout_s)
         return self.metrics(run_dir / name)
 
     def launch(self, run_dir: Path, name: str, *overrides: str, steps: int, nproc: int = 2,

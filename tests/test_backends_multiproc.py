@@ -74,7 +74,7 @@ def test_two_ranks_match_single_process(dt, tmp_path, gpt_reference, backend):
     # An extensions folder of its own: on CPU, DeepSpeed would JIT-compile its inference-only
     # shared-memory all-reduce there (~25 s); the backend declines it, so the folder stays empty.
     extensions = tmp_path / "torch_extensions"
-    got = dt.launch(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *BACKENDS[backend], steps=STEPS,
+    got = dt.forked(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *BACKENDS[backend], steps=STEPS,
                     env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert_same_run(got, gpt_reference)
     assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.rglob("*"))
@@ -85,13 +85,13 @@ def test_two_ranks_match_single_process(dt, tmp_path, gpt_reference, backend):
 # scaled by 1/grad_accum, so the optimizer step must equal the single-process one (same tolerances).
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed-zero2"])
 def test_grad_accum_matches_single_process_without_accum(dt, tmp_path, gpt_reference, backend):
-    got = dt.launch(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *BACKENDS[backend], "train.grad_accum=2", steps=STEPS)
+    got = dt.forked(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *BACKENDS[backend], "train.grad_accum=2", steps=STEPS)
     assert_same_run(got, gpt_reference)
 
 
 def test_mlp_digits_ddp_matches_single_process(dt, tmp_path, digits_reference):
     """The classification path (epoch-permutation sampler, MLP, accuracy metric) on DDP."""
-    got = dt.launch(tmp_path, "ddp", *DIGITS, "parallel.backend=ddp", steps=STEPS)
+    got = dt.forked(tmp_path, "ddp", *DIGITS, "parallel.backend=ddp", steps=STEPS)
     assert_same_run(got, digits_reference)
     assert got[-1]["val_acc"] == pytest.approx(digits_reference[-1]["val_acc"], abs=1e-6)
 
@@ -99,7 +99,7 @@ def test_mlp_digits_ddp_matches_single_process(dt, tmp_path, digits_reference):
 def test_negative_control_other_seed_does_not_match(dt, tmp_path, gpt_reference):
     """The comparison is not vacuous: a 2-rank run with another seed (other init, other batches)
     must fail it, and its losses must differ by far more than the tolerance."""
-    got = dt.launch(tmp_path, "ddp-seed1", *dt.TINY_GPT, *NO_CKPT, "parallel.backend=ddp", "train.seed=1", steps=STEPS)
+    got = dt.forked(tmp_path, "ddp-seed1", *dt.TINY_GPT, *NO_CKPT, "parallel.backend=ddp", "train.seed=1", steps=STEPS)
     with pytest.raises(AssertionError):
         assert_same_run(got, gpt_reference)
     diffs = [abs(g["loss"] - r["loss"]) / abs(r["loss"]) for g, r in zip(got, gpt_reference)]

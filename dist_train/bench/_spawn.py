@@ -10,6 +10,8 @@ With `preload`, workers are forked from a fork server that has imported those mo
 among them) instead of each starting a fresh interpreter: a benchmark that starts dozens of short
 runs then pays torch's import (several seconds on a loaded 2-core machine) once, not per run. The
 server is single-threaded and has created no process group, so every worker still starts clean.
+Its workers inherit the server's environment (as it was when the server started), not the caller's
+current one: pass `env` where the workers must see a particular environment.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import contextlib
 import os
 import pickle
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from dist_train.runtime.env import free_port
 
@@ -29,9 +32,13 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _entry(rank: int, fn: Callable[..., Any], nprocs: int, port: int, threads: int, out: str,
-           args: tuple) -> None:
+           args: tuple, env: Optional[Mapping[str, str]] = None) -> None:
     import torch
 
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+        os.environ.update({k: str(threads) for k in _THREAD_VARS})
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
@@ -44,13 +51,16 @@ def _entry(rank: int, fn: Callable[..., Any], nprocs: int, port: int, threads: i
 
 
 def run_on_ranks(fn: Callable[..., Any], nprocs: int = 2, args: tuple = (), threads: int = 1,
-                 preload: Sequence[str] = ()) -> Any:
+                 preload: Sequence[str] = (), env: Optional[Mapping[str, str]] = None,
+                 timeout_s: Optional[float] = None) -> Any:
     """Call `fn(rank, world_size, *args)` in `nprocs` fresh processes; return rank 0's return value.
 
     `fn` must be a module-level function (it is pickled into spawned interpreters). A worker that
     raises makes this raise `torch.multiprocessing.ProcessRaisedException` with its traceback.
     `preload`: start the workers from a fork server that imported these modules (see above); the
     list only counts on the first such call of a process, which starts the server.
+    `env`: the workers' whole environment (the rank and thread variables are added); default: inherited.
+    `timeout_s`: kill the workers and raise TimeoutError if they have not all finished by then.
     """
     import multiprocessing
 
@@ -63,8 +73,15 @@ def run_on_ranks(fn: Callable[..., Any], nprocs: int = 2, args: tuple = (), thre
     try:
         if preload:
             multiprocessing.set_forkserver_preload(list(preload))
-        mp.start_processes(_entry, args=(fn, nprocs, free_port(), threads, out, args), nprocs=nprocs, join=True,
-                           start_method="forkserver" if preload else "spawn")
+        ctx = mp.start_processes(_entry, args=(fn, nprocs, free_port(), threads, out, args, env), nprocs=nprocs,
+                                 join=False, start_method="forkserver" if preload else "spawn")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not ctx.join(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            if deadline is not None and time.monotonic() >= deadline:
+                for p in ctx.processes:
+                    p.kill()
+                    p.join()
+                raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {nprocs} ranks ran past {timeout_s:g} s")
         return pickle.loads(Path(out).read_bytes())
     finally:
         Path(out).unlink(missing_ok=True)
