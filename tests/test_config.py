@@ -298,17 +298,33 @@ def _models(model: type[BaseModel], seen: set) -> list[type[BaseModel]]:
     return out
 
 
+def _component_options() -> list:
+    """Every registered component's own options model (local.<method>.*, a data set's data.* keys)."""
+    from dist_train.registry import DATASETS, LOCAL_METHODS
+
+    return [own for reg in (LOCAL_METHODS, DATASETS) for name in reg if (own := reg.get(name).options)]
+
+
 def test_every_schema_field_has_a_description() -> None:
     models = _models(Config, set())
     assert len(models) >= 11  # Config + its ten sections
+    models += [m for own in _component_options() for m in _models(own, set())]
     missing = [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items()
                if not (isinstance(f.description, str) and f.description.strip())]
     assert not missing, f"fields without a description: {missing}"
 
 
 def test_every_section_forbids_extra_keys() -> None:
-    for m in _models(Config, set()):
-        assert m.model_config.get("extra") == "forbid", m.__name__
+    # `data` and `local` take their components' keys as extra keys, which the component's own
+    # (strict) options model then validates: an unknown key is still refused, by name.
+    from dist_train.config.schema import DataSection, LocalSection
+
+    for m in _models(Config, set()) + [m for own in _component_options() for m in _models(own, set())]:
+        assert m.model_config.get("extra") == ("allow" if m in (DataSection, LocalSection) else "forbid"), m.__name__
+    assert _error("data.max_byte=5") == "data.max_byte: not read by data.name=stdlib_bytes (its keys: max_bytes)"
+    assert _error("local.man.evry=2") == "local.man.evry: unknown key"
+    assert _error("local.foo=2") == "local.foo: unknown key"
+    assert _error("local.dgl.x=2") == "local.dgl: method dgl has no options"
 
 
 # --------------------------------------------------------------------------------- round trip

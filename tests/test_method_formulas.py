@@ -82,7 +82,7 @@ def test_infopro_options_override_the_schedule():
     # K=4, stage 1 (r = 1/2): λ1 = 2·½ + 0·½ (λ1_last from the table), λ2 = 0·½ + 3·½.
     assert InfoPro(lambda1_first=2.0, lambda2_last=3.0).weights(1, 4) == pytest.approx((1.0, 1.5))
     # The config section hands every option over, unset ones as None.
-    from dist_train.config.schema import InfoProOptions
+    from dist_train.local.methods.infopro import InfoProOptions
     assert get_method("infopro", InfoProOptions().model_dump()).weights(0, 2) == pytest.approx((5.0, 0.5))
     assert InfoPro.needs_input
 

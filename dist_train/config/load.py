@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import ValidationError
 
+from dist_train.config.options import format_validation_error
 from dist_train.config.schema import Config
 from dist_train.errors import UserError
 
@@ -91,36 +92,6 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
     return data
-
-
-_TYPE_WORDS = {
-    "float_parsing": "a number", "float_type": "a number", "int_parsing": "an integer", "int_type": "an integer",
-    "int_from_float": "an integer", "bool_parsing": "true or false", "bool_type": "true or false",
-    "string_type": "a string", "model_type": "a mapping", "dict_type": "a mapping",
-}
-
-
-def format_validation_error(err: ValidationError) -> str:
-    """First error only, as `key.path: expected ..., got ...` — one line a user can act on."""
-    e = err.errors()[0]
-    path = ".".join(str(p) for p in e["loc"])
-    got = e.get("input")
-    kind = e["type"]
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key"
-    if kind in _TYPE_WORDS:
-        return f"{path}: expected {_TYPE_WORDS[kind]}, got {got!r}"
-    if kind == "bool_for_number":
-        return f"{path}: {e['msg']}"
-    if kind == "literal_error":
-        return f"{path}: expected one of {e['ctx']['expected']}, got {got!r}"
-    if kind == "value_error":
-        msg = str(e["ctx"]["error"]) if "ctx" in e else e["msg"]
-        # Cross-field validators already name their keys; don't prefix the section twice.
-        return msg if not path or msg.startswith(path) else f"{path}: {msg}"
-    if kind == "missing":
-        return f"{path}: required"
-    return f"{path}: {e['msg'].lower()}, got {got!r}" if path else e["msg"]
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:

@@ -9,34 +9,18 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
+from dist_train.config.options import Options, validate_options
+from dist_train.registry import BACKENDS, DATASETS, LOCAL_METHODS, OPTIMIZERS, import_plugins
 from dist_train.tasks.names import check_pairing
 
 
-class _Strict(BaseModel):
-    # extra="forbid": a misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, value, info):
-        # pydantic's lax mode reads `steps: true` as 1; a bool where a number belongs is a mistake.
-        if isinstance(value, bool):
-            annotation = str(cls.model_fields[info.field_name].annotation)
-            if "bool" not in annotation and ("int" in annotation or "float" in annotation):
-                word = "an integer" if "int" in annotation else "a number"
-                raise PydanticCustomError("bool_for_number", "expected {word}, got {value}",
-                                          {"word": word, "value": str(value).lower()})
-        return value
-
-
-class RunSection(_Strict):
+class RunSection(Options):
     name: str = Field("quickstart", description="Run name; outputs go to <run.dir>/<run.name>/.")
     dir: str = Field("runs", description="Parent directory of all run directories.")
 
 
-class TrainSection(_Strict):
+class TrainSection(Options):
     steps: int = Field(200, ge=1, description="Number of optimizer steps to train for.")
     seed: int = Field(0, description="Seed for model init, data order and dropout.")
     batch_size: int = Field(32, ge=1, description="Global batch size per optimizer step (all ranks, all micro-batches).")
@@ -51,7 +35,7 @@ class TrainSection(_Strict):
     on_nonfinite: Literal["skip", "stop"] = Field("stop", description="A step whose loss or gradients are not finite is never applied to the weights: skip it (counted in nonfinite_skipped) and go on, or stop: every rank stops, the last good weights are checkpointed and the job exits 1 with a message naming the step.")
 
 
-class ModelSection(_Strict):
+class ModelSection(Options):
     name: Literal["gpt", "mlp", "cnn", "basis_mlp", "basis_fno"] = Field("gpt", description="Reference model: byte-level GPT, MLP, small CNN, or a PDE basis network with the moe section's constraint (basis_mlp: pointwise MLP; basis_fno: 2-D Fourier neural operator over (t, x), the paper's kind).")
     n_layer: int = Field(4, ge=1, description="Number of blocks (transformer blocks, hidden layers or conv blocks).")
     width: int = Field(128, ge=1, description="Embedding size (gpt), hidden units (mlp) or channels (cnn).")
@@ -67,41 +51,57 @@ class ModelSection(_Strict):
         return self
 
 
-_PDE_SETS = ("reaction_diffusion", "diffusion_sorption")
-# The data-set-specific keys of `data` and the data sets that read them (the others read all sets).
-_DATA_KEY_READERS = {"path": ("token_bin",), "val_path": ("token_bin",), "vocab_size": ("token_bin",),
-                     "max_bytes": ("stdlib_bytes",), "num_examples": ("shapes32", *_PDE_SETS),
-                     "seed": ("shapes32", *_PDE_SETS), "nx": _PDE_SETS, "nt": _PDE_SETS, "t_end": _PDE_SETS,
-                     "nu": _PDE_SETS, "rho": ("reaction_diffusion",)}
+def _in(registry, value: str) -> str:
+    """A name a registry holds (a plugin may have added it); the error lists the choices."""
+    if value not in registry:
+        raise ValueError(registry.unknown(value).partition(": ")[2])
+    return value
 
 
-class DataSection(_Strict):
-    name: Literal["stdlib_bytes", "token_bin", "digits", "shapes32", "reaction_diffusion", "diffusion_sorption"] = Field(
-        "stdlib_bytes", description="Dataset: bytes of the Python stdlib source, uint16 .bin token files, sklearn digits, generated 32x32 RGB shapes, 1D Fisher-KPP reaction-diffusion solutions, or PDEBench's 1D diffusion-sorption problem (both generated with a finite-difference solver).")
-    path: Optional[str] = Field(None, description="token_bin: path of the training .bin file (nanoGPT/llm.c uint16 format).")
-    val_path: Optional[str] = Field(None, description="token_bin: validation .bin file; default: the last val_fraction of `path`.")
-    vocab_size: Optional[int] = Field(None, ge=2, description="token_bin: vocabulary size; default: max token id + 1 (scanned).")
-    max_bytes: int = Field(4_000_000, ge=1024, description="stdlib_bytes: cap on corpus size in bytes (files taken in sorted order).")
+class _ComponentSection(Options):
+    """A section some of whose keys belong to the component it names (a data set's `data.path`, a
+    method's `local.man.*`): they arrive as extra keys, and the component's own options model
+    validates them (`_own_keys`), so a new component brings its keys with it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+
+def _another_sets_default(name: str, key: str, value) -> bool:
+    """Is `data.<key>: value` another registered data set's key at that set's default?"""
+    for other in DATASETS:
+        own = DATASETS.get(other).options if other != name else None
+        if own is not None and key in own.model_fields and own.model_fields[key].default == value:
+            return True
+    return False
+
+
+class DataSection(_ComponentSection):
+    name: str = Field("stdlib_bytes", description="Data set, by registered name (dist_train.registry.DATASETS): stdlib_bytes (bytes of the Python stdlib source), token_bin (uint16 .bin token files), digits (sklearn digits), shapes32 (generated 32x32 RGB shapes), reaction_diffusion (1D Fisher-KPP solutions), diffusion_sorption (PDEBench's 1D diffusion-sorption problem), or a plugin's. Each data set owns further data.* keys (its options model).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the data held out for validation.")
-    test_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Fraction held out as a test split (stdlib_bytes, digits, shapes32); default 0.1 for shapes32, else 0 (no test split).")
-    num_examples: Optional[int] = Field(None, ge=20, description="shapes32 / the PDE sets: examples generated in all (train + val + test); default 7000 images / 512 solutions.")
-    seed: int = Field(0, description="shapes32 / the PDE sets: seed the examples are generated from (fixed apart from train.seed).")
-    nx: int = Field(128, ge=3, description="PDE sets: grid points in x on [0, 1] (boundaries included).")
-    nt: int = Field(64, ge=2, description="PDE sets: time levels on [0, t_end] (t = 0 included).")
-    t_end: Optional[float] = Field(None, gt=0, description="PDE sets: final time; default 1.0 (reaction_diffusion) / 500 (diffusion_sorption, PDEBench's).")
-    nu: Optional[float] = Field(None, ge=0, description="PDE sets: diffusion coefficient, nu of u_t = nu u_xx + rho u (1 - u) (default 0.005) or D of R(u) u_t = D u_xx (default 5e-4, PDEBench's).")
-    rho: float = Field(1.0, ge=0, description="reaction_diffusion: reaction rate rho.")
+    test_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Fraction held out as a test split (stdlib_bytes, digits, shapes32, the PDE sets); default 0.1 for shapes32, else 0 (no test split).")
+
+    _name_is_registered = field_validator("name")(classmethod(lambda cls, v: _in(DATASETS, v)))
 
     @model_validator(mode="after")
-    def _keys_are_read(self):
-        # A key the chosen data set never reads (data.path with stdlib_bytes) is a config mistake:
-        # the run would silently train on other data than the user meant. A key at its default is
-        # no mistake (a resolved config.yaml spells out every key).
-        for key, readers in _DATA_KEY_READERS.items():
-            if (key in self.model_fields_set and self.name not in readers
-                    and getattr(self, key) != type(self).model_fields[key].default):
-                raise ValueError(f"data.{key}: not read by data.name={self.name} (only by {', '.join(readers)})")
+    def _own_keys(self):
+        # The chosen data set's own keys (data.path for token_bin): a key it does not read is a
+        # mistake (the run would silently train on other data than the user meant).
+        extra = self.__pydantic_extra__
+        own = DATASETS.get(self.name).options
+        known = set(own.model_fields) if own else set()
+        for key in [k for k in extra if k not in known]:
+            if not _another_sets_default(self.name, key, extra[key]):
+                raise ValueError(f"data.{key}: not read by data.name={self.name}"
+                                 + (f" (its keys: {', '.join(sorted(known))})" if known else ""))
+            del extra[key]  # another data set's key at its default: no mistake (a resolved config of that set)
+        validated = validate_options(own, dict(extra), "data", f"data.name is {self.name}")
+        extra.clear()
+        extra.update(dict(validated))  # every key of the data set spelt out, as the resolved config shows
         return self
+
+    def options(self) -> Options:
+        """The chosen data set's own options (its options model over this section's extra keys)."""
+        return validate_options(DATASETS.get(self.name).options, dict(self.__pydantic_extra__), "data")
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self):
@@ -110,7 +110,7 @@ class DataSection(_Strict):
         return self
 
 
-class MoESection(_Strict):
+class MoESection(Options):
     constraint: Literal["hard", "soft"] = Field("hard", description="PDE models: hard constraint (u = b.omega, omega solved per sample by Levenberg-Marquardt on each expert's sub-domain) or soft constraint (omega learned; the PDE only in the loss).")
     experts: int = Field(4, ge=1, description="Hard-constraint experts K, one per sub-domain, placed round-robin on the ranks of each expert group (several per rank allowed); 1 = one global constraint.")
     expert_parallel: Optional[int] = Field(None, ge=1, description="Ranks per expert group (the device mesh's 'ep' dimension): the data-parallel ranks form dp / ep groups of ep neighbouring ranks, each holding all K experts and exchanging basis values and solutions only inside the group; must divide the data-parallel size. null: one group of every data-parallel rank.")
@@ -126,12 +126,13 @@ class MoESection(_Strict):
     lm_ftol: float = Field(1e-12, ge=0, description="Levenberg-Marquardt stops a sample (counted in lm_stalled) when a step is rejected although the step's model (lm_hessian) predicted a decrease of L of at most lm_ftol * L (MINPACK's ftol test, on rejected steps); 0 turns the test off.")
 
 
-class ParallelSection(_Strict):
-    backend: Literal["ddp", "fsdp", "deepspeed", "fairscale", "none"] = Field(
-        "ddp", description="Data-parallel backend: DDP, FSDP2, DeepSpeed ZeRO, FairScale OSS, or none (single process).")
+class ParallelSection(Options):
+    backend: str = Field("ddp", description="Data-parallel backend, by registered name (dist_train.registry.BACKENDS): ddp (DDP), fsdp (FSDP2), deepspeed (DeepSpeed ZeRO), fairscale (FairScale OSS), or none (single process).")
     stages: int = Field(1, ge=1, description="Local-learning stages the model is split into; 1 = end-to-end backprop.")
     cut_points: Optional[list[int]] = Field(None, description="Block index where each stage after the first begins; default: balanced as parallel.balance says.")
     balance: Literal["params", "measured"] = Field("params", description="Without cut_points: balance stages by parameter count, or by each block's forward+backward time measured on the run's device (rank 0 measures; a resumed run keeps its cuts).")
+    _backend_is_registered = field_validator("backend")(classmethod(lambda cls, v: _in(BACKENDS, v)))
+
     mixed_precision: Literal["fp32", "bf16"] = Field("fp32", description="Parameter/compute dtype policy (bf16 needs CUDA or a recent CPU).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     deepspeed_config: Optional[str] = Field(None, description="Optional DeepSpeed JSON merged over the generated config.")
@@ -148,63 +149,43 @@ class ParallelSection(_Strict):
         return self
 
 
-class InfoProOptions(_Strict):
-    lambda1_first: Optional[float] = Field(None, ge=0, description="InfoPro: reconstruction weight lambda1 of the first stage, moving linearly to lambda1_last at the last local stage; default: the official code's value for this number of stages (K=2: 5; K=4: 1; K=8, 16: 5).")
-    lambda2_first: Optional[float] = Field(None, ge=0, description="InfoPro: task weight lambda2 of the first stage, moving linearly to lambda2_last; default: the official code's value for this number of stages (K=2: 0.5; K=4, 8, 16: 0).")
-    lambda1_last: Optional[float] = Field(None, ge=0, description="InfoPro: reconstruction weight lambda1 of the last local stage; default: the official code's value for this number of stages (K=4, 8: 0; K=16: 0.5).")
-    lambda2_last: Optional[float] = Field(None, ge=0, description="InfoPro: task weight lambda2 of the last local stage; default: the official code's value for this number of stages (K=4, 8, 16: 1).")
-
-
-class AugLocalOptions(_Strict):
-    depth: int = Field(3, ge=1, description="AugLocal: d, the auxiliary depth (layers copied from the later ones) of the first stage (official README, ResNet-110: 3).")
-    decay: float = Field(0.5, ge=0, le=1, description="AugLocal: tau, the pyramidal decay coefficient: the depth falls linearly from d towards min_depth over the local stages (official README: 0.5).")
-    min_depth: int = Field(1, ge=1, description="AugLocal: d_min, the smallest auxiliary depth (official code: 1).")
-
-
-class MANOptions(_Strict):
-    momentum: float = Field(0.995, ge=0, lt=1, description="MAN: EMA momentum m of the next stage's first block (paper: 0.995).")
-    every: int = Field(1, ge=1, description="MAN: steps between weight messages from the next stage (1 = every step, as in the paper).")
-    delay: int = Field(2, ge=1, description="MAN: a weight message sent after step s is applied at the start of step s + delay (fixed, so runs are deterministic).")
-
-
-class ForwardForwardOptions(_Strict):
-    threshold: Optional[float] = Field(None, gt=0, description="Forward-Forward: goodness threshold theta; default: the layer's number of units.")
-    label_scale: float = Field(1.0, gt=0, description="Forward-Forward: value written into the input's first C entries for the label (one-hot).")
-
-
-class TpSGDOptions(_Strict):
-    dim: Optional[int] = Field(None, ge=1, description="tpSGD: size of the target P·onehot(y); it is the stage output's width (no readout), so only that value (or null) is accepted.")
-
-
-class NoPropOptions(_Strict):
-    steps: Optional[int] = Field(None, ge=1, description="NoProp: diffusion steps T (a multiple of parallel.stages; each stage owns T/K denoising blocks); default: T = K.")
-    eta: float = Field(0.1, gt=0, description="NoProp: eta, the weight of the SNR-weighted denoising loss (paper's Eq. 8).")
-    max_alpha_bar: float = Field(0.99, gt=0, lt=1, description="NoProp: alpha_bar at the last step T (cosine schedule from 0).")
-    learn_embedding: bool = Field(False, description="NoProp: learn the label embedding U jointly (its gradient is summed over the stages each step: a small all-reduce) instead of keeping it fixed.")
-
-
-class LocalSection(_Strict):
-    method: Literal["dgl", "mono_forward", "infopro", "auglocal", "man", "forward_forward", "tpsgd", "noprop"] = Field(
-        "dgl", description="Local-learning method used when parallel.stages > 1.")
+class LocalSection(_ComponentSection):
+    method: str = Field("dgl", description="Local-learning method used when parallel.stages > 1, by registered name (dist_train.registry.LOCAL_METHODS): dgl, mono_forward, infopro, auglocal, man, forward_forward, tpsgd, noprop, or a plugin's. A method with options reads them from local.<method>.* (its options model).")
     max_in_flight: int = Field(2, ge=1, description="Activation messages a stage may have in flight before it waits (back-pressure).")
     asynchronous: bool = Field(False, description="While waiting for the previous stage, train on a replayed batch instead of idling.")
     replay_size: int = Field(4, ge=1, description="Asynchronous mode: batches kept per stage for replay.")
     max_reuse: int = Field(3, ge=1, description="Asynchronous mode: times a batch may be trained on in all.")
     send_targets: bool = Field(True, description="Send each batch's targets with its activation. False: every stage reads its targets from the deterministic sampler, so only activations cross (half a backprop pipeline's bytes).")
-    infopro: InfoProOptions = Field(default_factory=InfoProOptions, description="InfoPro hyperparameters.")
-    auglocal: AugLocalOptions = Field(default_factory=AugLocalOptions, description="AugLocal hyperparameters.")
-    man: MANOptions = Field(default_factory=MANOptions, description="MAN hyperparameters.")
-    forward_forward: ForwardForwardOptions = Field(default_factory=ForwardForwardOptions, description="Forward-Forward hyperparameters.")
-    tpsgd: TpSGDOptions = Field(default_factory=TpSGDOptions, description="tpSGD hyperparameters.")
-    noprop: NoPropOptions = Field(default_factory=NoPropOptions, description="NoProp hyperparameters.")
+
+    _method_is_registered = field_validator("method")(classmethod(lambda cls, v: _in(LOCAL_METHODS, v)))
+
+    @model_validator(mode="after")
+    def _own_keys(self):
+        # local.<name>.*: the options of method <name> (any registered method's may be given, as a
+        # resolved config keeps them); the chosen method's are always spelt out.
+        extra = self.__pydantic_extra__
+        for key in extra:
+            if key not in LOCAL_METHODS:
+                raise ValueError(f"local.{key}: unknown key")
+            if LOCAL_METHODS.get(key).options is None:
+                raise ValueError(f"local.{key}: method {key} has no options")
+        if self.method not in extra and LOCAL_METHODS.get(self.method).options is not None:
+            extra[self.method] = {}
+        for key, values in extra.items():
+            values = values.model_dump() if isinstance(values, BaseModel) else values
+            extra[key] = validate_options(LOCAL_METHODS.get(key).options, values or {}, f"local.{key}")
+        return self
 
     def options(self, method: str) -> dict:
-        """The `local.<method>.*` options as constructor keyword arguments (none for dgl, mono_forward)."""
-        section = getattr(self, method, None)
-        return section.model_dump() if isinstance(section, BaseModel) else {}
+        """The `local.<method>.*` options as constructor keyword arguments ({} for a method without options)."""
+        own = LOCAL_METHODS.get(method).options
+        if own is None:
+            return {}
+        given = (self.__pydantic_extra__ or {}).get(method)
+        return (given if given is not None else own()).model_dump()
 
 
-class MatrixOptimOptions(_Strict):
+class MatrixOptimOptions(Options):
     adamw_lr: Optional[float] = Field(None, gt=0, description="Peak lr of the AdamW groups (embeddings, output head, biases, norms); default: optim.lr. Both follow the same schedule, keeping their ratio.")
     momentum: float = Field(0.95, ge=0, lt=1, description="muon: momentum mu (M <- mu*M + G); normuon: beta1 of its EMA momentum.")
     beta2: float = Field(0.95, ge=0, lt=1, description="normuon: beta2 of the per-row second moment v.")
@@ -219,8 +200,10 @@ class MatrixOptimOptions(_Strict):
     adamw_params: list[str] = Field(default_factory=list, description="Glob patterns of parameter names to give to AdamW (checked first).")
 
 
-class OptimSection(_Strict):
-    name: Literal["adamw", "sgd", "muon", "normuon", "dp_sgd", "diff2"] = Field("adamw", description="Optimizer: adamw, sgd, muon / normuon for the hidden matrices with AdamW for the rest, dp_sgd (per-example clipping and noise, see privacy.*, before privacy.base_optimizer), or diff2 (DIFF2 over the data-parallel ranks as workers, full local data every round, see privacy.diff2).")
+class OptimSection(Options):
+    name: str = Field("adamw", description="Optimizer, by registered name (dist_train.registry.OPTIMIZERS): adamw, sgd, muon / normuon for the hidden matrices with AdamW for the rest, dp_sgd (per-example clipping and noise, see privacy.*, before privacy.base_optimizer), or diff2 (DIFF2 over the data-parallel ranks as workers, full local data every round, see privacy.diff2).")
+    _name_is_registered = field_validator("name")(classmethod(lambda cls, v: _in(OPTIMIZERS, v)))
+
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (muon / normuon: of the hidden matrices).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (matrices only; biases, norms and embeddings are exempt).")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1 (sgd: momentum).")
@@ -232,7 +215,7 @@ class OptimSection(_Strict):
     matrix: MatrixOptimOptions = Field(default_factory=MatrixOptimOptions, description="muon / normuon settings: momentum, Newton-Schulz, routing of parameters.")
 
 
-class Diff2Options(_Strict):
+class Diff2Options(Options):
     period: int = Field(10, ge=1, description="Restart period T: a fresh clipped gradient every T rounds, clipped gradient differences in between; 1 = DP-GD.")
     c2: float = Field(3.0, gt=0, description="C2: a difference round clips per-example gradient differences to C2 x ||x_r - x_(r-1)|| (C1 is privacy.max_grad_norm).")
     noise: Literal["calibrated", "closed_form"] = Field("calibrated", description="sigma1, sigma2 from the authors' closed form, or the closed form scaled down to exactly privacy.target_epsilon by privacy.accountant (less noise, same guarantee).")
@@ -240,7 +223,7 @@ class Diff2Options(_Strict):
     sigma2: Optional[float] = Field(None, ge=0, description="Explicit difference-round noise multiplier (with sigma1). Noise std = sigma2 x C2 x ||x_r - x_(r-1)||.")
 
 
-class PrivacySection(_Strict):
+class PrivacySection(Options):
     noise_multiplier: Optional[float] = Field(None, ge=0, description="DP-SGD noise multiplier sigma (noise std = sigma x max_grad_norm per coordinate); default: calibrated from target_epsilon over train.steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-example clipping radius C over all trainable parameters (flat clipping).")
     target_epsilon: Optional[float] = Field(None, gt=0, description="Privacy budget: training stops before epsilon would exceed it (also across resume). Required unless noise_multiplier is set.")
@@ -253,7 +236,7 @@ class PrivacySection(_Strict):
     diff2: Diff2Options = Field(default_factory=Diff2Options, description="optim.name diff2: restart period, C2 and the noise.")
 
 
-class TelemetrySection(_Strict):
+class TelemetrySection(Options):
     energy: Literal["auto", "nvml", "rapl", "none"] = Field("auto", description="Energy source; auto tries NVML (GPU energy counter, else sampled power), then RAPL (CPU packages), else reports unavailable with nulls. nvml or rapl on a machine that cannot read it is an error.")
     grid_intensity_g_per_kwh: Optional[float] = Field(None, gt=0, description="Grid carbon intensity (g CO2 per kWh) for the run summary's CO2 figure; without it no CO2 is reported (nothing is looked up).")
     tensorboard: bool = Field(True, description="Write TensorBoard events to <run>/tb on rank 0.")
@@ -261,14 +244,14 @@ class TelemetrySection(_Strict):
     sample_ids: bool = Field(False, description="Every rank logs the example ids it trained on at each step to <run>/samples/rank<r>/metrics.jsonl (ids of steps lost to a crash are dropped on resume): an audit of the data order across restarts.")
 
 
-class CheckpointSection(_Strict):
+class CheckpointSection(Options):
     every: int = Field(0, ge=0, description="Save a checkpoint every this many steps; 0 = only at the end.")
     keep: int = Field(2, ge=1, description="Keep the newest this many committed checkpoints.")
     resume: str = Field("auto", description="auto (latest committed checkpoint if any), never, or a path to a step-N folder.")
     at_end: bool = Field(True, description="Save a checkpoint after the last step.")
 
 
-class RuntimeSection(_Strict):
+class RuntimeSection(Options):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (NCCL) when available, else CPU (gloo).")
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per process; default: leave torch's choice.")
     cpu_malloc: Literal["cache", "system"] = Field(
@@ -284,7 +267,7 @@ class RuntimeSection(_Strict):
         "them. torchrun's default is 30; a hung peer holds the failed job that long.")
 
 
-class Config(_Strict):
+class Config(Options):
     run: RunSection = Field(default_factory=RunSection, description="Naming and output location.")
     train: TrainSection = Field(default_factory=TrainSection, description="Training loop.")
     model: ModelSection = Field(default_factory=ModelSection, description="Model.")
@@ -297,38 +280,22 @@ class Config(_Strict):
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection, description="Logging, energy, progress.")
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Checkpointing and resume.")
     runtime: RuntimeSection = Field(default_factory=RuntimeSection, description="Devices, threads and timeouts.")
+    plugins: list[str] = Field(default_factory=list, description="Python modules (dotted names, or paths of .py files) imported before the rest of the config is read: they register their own components (local methods, data sets, backends, optimizers) with dist_train.registry, so this config can name them.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data):
+        # Before any section is read: the sections check names against the registries the plugins fill.
+        if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+            import_plugins([str(p) for p in data["plugins"]])
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.data.name == "token_bin" and not self.data.path:
-            raise ValueError("data.path: required when data.name is token_bin")
-        check_pairing(self.data.name, self.model.name)  # the model's task is the data set's
+        check_pairing(DATASETS.get(self.data.name).task, self.data.name, self.model.name)  # the model's task is the data set's
         if self.train.batch_size % self.train.grad_accum != 0:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})")
-        if self.optim.name == "dp_sgd":
-            p = self.privacy
-            if p.noise_multiplier is None and p.target_epsilon is None:
-                raise ValueError("privacy: dp_sgd needs privacy.noise_multiplier or privacy.target_epsilon")
-            if p.noise_multiplier == 0 and p.target_epsilon is not None:
-                raise ValueError(f"privacy.noise_multiplier: 0 (no noise) gives no finite epsilon, but "
-                                 f"privacy.target_epsilon is {p.target_epsilon}")
-            if self.parallel.activation_checkpointing:
-                raise ValueError("parallel.activation_checkpointing: dp_sgd keeps each layer's input for its "
-                                 "per-example norms already; recomputation would capture every layer twice")
-            if self.train.grad_accum != 1:
-                raise ValueError("train.grad_accum: dp_sgd splits its Poisson batches by privacy.max_physical_batch; "
-                                 "leave grad_accum at 1")
-        if self.optim.name == "diff2":
-            p, d = self.privacy, self.privacy.diff2
-            if (d.sigma1 is None) != (d.sigma2 is None):
-                raise ValueError("privacy.diff2: give both sigma1 and sigma2, or neither (calibrated from target_epsilon)")
-            if d.sigma1 is None and p.target_epsilon is None:
-                raise ValueError("privacy: diff2 needs privacy.target_epsilon or privacy.diff2.sigma1 and sigma2")
-            if self.parallel.stages != 1:
-                raise ValueError("parallel.stages: diff2 trains end to end (its workers are the data-parallel ranks)")
-            if self.train.grad_accum != 1:
-                raise ValueError("train.grad_accum: diff2 takes each worker's whole data in one pass; leave it at 1")
-            if self.parallel.activation_checkpointing:
-                raise ValueError("parallel.activation_checkpointing: diff2 computes per-example gradients with "
-                                 "torch.func; there is no backward pass to checkpoint")
+        # Each component's own rules that need no world size (dp_sgd: a budget or a noise multiplier).
+        for component in (DATASETS.get(self.data.name), OPTIMIZERS.get(self.optim.name)):
+            component.check_config(self)
         return self

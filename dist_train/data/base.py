@@ -8,6 +8,7 @@ from typing import ClassVar, Literal, Optional
 
 import torch
 
+from dist_train.config.options import Options
 from dist_train.errors import UserError
 
 from dist_train.data.sampler import Mode, StepSampler
@@ -87,3 +88,31 @@ class InMemoryDataset(Dataset):
         inputs, targets = self._splits[split]
         idx = indices.cpu().long()
         return inputs[idx], targets[idx]
+
+
+class DatasetSpec:
+    """What a `data.name` stands for: the task its batches feed, the `data.*` keys it owns (its
+    options model, besides the common `val_fraction` / `test_fraction`), its rules and its builder.
+    A new data set is one file with a subclass plus one line in `dist_train.registry.DATASETS`
+    (or `DATASETS.register(name, cls)` from a plugin module)."""
+
+    task: ClassVar[str] = "lm"  # a key of dist_train.tasks.TASKS
+    options: ClassVar[Optional[type[Options]]] = None  # its own data.* keys (None: none)
+
+    @classmethod
+    def build(cls, cfg_data, block_size: int) -> Dataset:
+        """The data set for the `data` section `cfg_data` (its own keys: `cfg_data.options()`);
+        `block_size` (model.block_size) sizes language-model windows."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Rules that need only the config, run when it is loaded: raise ValueError naming the key."""
+
+    @classmethod
+    def check(cls, cfg, world_size: int) -> None:
+        """Rules that need the world size: raise UserError naming the key."""
+
+    @classmethod
+    def plan_rows(cls, cfg, plan) -> None:
+        """Add or replace rows of `dist-train plan`'s table (`plan.set(label, text)`)."""

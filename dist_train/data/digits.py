@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dist_train.data.base import DataInfo, InMemoryDataset
+from dist_train.data.base import DataInfo, DatasetSpec, InMemoryDataset
 
 # The split never depends on train.seed: runs with different seeds are evaluated on the same
 # held-out images. RandomState's stream is frozen by NumPy, so the split is stable across versions.
@@ -39,3 +39,13 @@ class DigitsDataset(InMemoryDataset):
         self.info = DataInfo(task="classify", vocab_size=None, input_shape=(1, 8, 8), num_classes=10,
                              train_size=n - n_val - n_test, val_size=n_val, test_size=n_test,
                              image_norm=((0.0,), (1.0,)))  # the input is the image itself
+
+
+class Digits(DatasetSpec):
+    """`data.name: digits`: scikit-learn's bundled 8x8 digits; no options beyond the split fractions."""
+
+    task = "classify"
+
+    @classmethod
+    def build(cls, cfg_data, block_size: int) -> DigitsDataset:
+        return DigitsDataset(cfg_data.val_fraction, cfg_data.test_fraction or 0.0)

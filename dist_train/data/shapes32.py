@@ -46,11 +46,15 @@ once per process and cached in memory.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import numpy as np
 import torch
 
-from dist_train.data.base import DataInfo, InMemoryDataset, Split
+from pydantic import Field
+
+from dist_train.config.options import Options
+from dist_train.data.base import DatasetSpec, DataInfo, InMemoryDataset, Split
 
 NUM_CLASSES = 10
 SIZE = 32
@@ -211,3 +215,21 @@ class Shapes32Dataset(InMemoryDataset):
     def get_batch(self, split: Split, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = super().get_batch(split, indices)  # uint8: normalised per batch, 4x less memory
         return (images.float().div_(255.0) - self.mean) / self.std, labels
+
+
+class Shapes32Options(Options):
+    num_examples: Optional[int] = Field(None, ge=20, description="Images generated in all (train + val + test); default 7000.")
+    seed: int = Field(0, description="Seed the images are generated from (fixed apart from train.seed).")
+
+
+class Shapes32(DatasetSpec):
+    """`data.name: shapes32`: generated 32x32 RGB shapes in 10 classes (no download)."""
+
+    task = "classify"
+    options = Shapes32Options
+
+    @classmethod
+    def build(cls, cfg_data, block_size: int) -> Shapes32Dataset:
+        own = cfg_data.options()
+        test = cfg_data.test_fraction
+        return Shapes32Dataset(own.num_examples or 7000, own.seed, cfg_data.val_fraction, 0.1 if test is None else test)

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pydantic import Field
+
+from dist_train.config.options import Options
+from dist_train.data.base import DatasetSpec
 from dist_train.data.tokens import TokenDataset
 from dist_train.errors import UserError
 
@@ -92,3 +96,19 @@ def build_stdlib_bytes(max_bytes: int, val_fraction: float, block_size: int,
     train, val, test = split_interleaved3(data, val_fraction, test_fraction)
     return TokenDataset(train, val, vocab_size=256, block_size=block_size, source="data.max_bytes",
                         test=test if test_fraction > 0 else None)
+
+
+class StdlibBytesOptions(Options):
+    max_bytes: int = Field(4_000_000, ge=1024, description="Cap on corpus size in bytes (files taken in sorted order).")
+
+
+class StdlibBytes(DatasetSpec):
+    """`data.name: stdlib_bytes`: the bytes of this Python's standard-library source (no download)."""
+
+    task = "lm"
+    options = StdlibBytesOptions
+
+    @classmethod
+    def build(cls, cfg_data, block_size: int) -> TokenDataset:
+        return build_stdlib_bytes(cfg_data.options().max_bytes, cfg_data.val_fraction, block_size,
+                                  test_fraction=cfg_data.test_fraction or 0.0)

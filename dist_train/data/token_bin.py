@@ -8,6 +8,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from pydantic import Field
+
+from dist_train.config.options import Options
+from dist_train.data.base import DatasetSpec
 from dist_train.data.tokens import TokenDataset
 from dist_train.errors import UserError
 
@@ -100,3 +104,26 @@ def write_token_bin(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray,
             header[:3] = (LLMC_MAGIC, LLMC_VERSION, arr.size)
             fh.write(header.tobytes())
         fh.write(arr.tobytes())
+
+
+class TokenBinOptions(Options):
+    path: str = Field(description="Path of the training .bin file (nanoGPT/llm.c uint16 format).")
+    val_path: Optional[str] = Field(None, description="Validation .bin file; default: the last val_fraction of `path`.")
+    vocab_size: Optional[int] = Field(None, ge=2, description="Vocabulary size; default: max token id + 1 (scanned).")
+
+
+class TokenBin(DatasetSpec):
+    """`data.name: token_bin`: pre-tokenized uint16 token files (nanoGPT's bare array or llm.c's)."""
+
+    task = "lm"
+    options = TokenBinOptions
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.data.test_fraction:
+            raise ValueError("data.test_fraction: token_bin has no test split (hold one out in its own .bin file)")
+
+    @classmethod
+    def build(cls, cfg_data, block_size: int) -> TokenDataset:
+        own = cfg_data.options()
+        return build_token_bin(own.path, own.val_path, own.vocab_size, cfg_data.val_fraction, block_size)

@@ -15,38 +15,50 @@ Shapes: for the GPT, h is [B, T, width] and targets [B, T] (next-byte ids); for 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
+from dist_train.config.options import Options
+from dist_train.local.stage import HeadStage
+from dist_train.local.stage_info import StageInfo
 
-@dataclass(frozen=True)
-class StageInfo:
-    index: int  # 0-based stage number
-    num_stages: int
-    task: str  # a key of dist_train.tasks.TASKS
-    width: int  # feature size of h (channels for the CNN)
-    num_classes: int  # vocab size for "lm", classes for "classify"
-    later_blocks: tuple  # the model's blocks after this stage (architecture reference, e.g. AugLocal)
-    model_name: str  # "gpt", "mlp" or "cnn"
-    input_shape: tuple = ()  # one example of the model input x, e.g. (1, 8, 8); () for token ids
-    cut_points: tuple = ()  # the block index where each stage after the first begins (all stages)
-    image_norm: Optional[tuple] = None  # DataInfo.image_norm: (mean, std) per channel back to [0, 1] pixels
+__all__ = ["LocalMethod", "StageInfo"]
 
 
 class LocalMethod(ABC):
+    """A local-learning method. Besides building its stages it owns its configuration: its options
+    model (`local.<name>.*`, passed to the constructor as keyword arguments), the rules a run must
+    satisfy to use it (`check`) and the words `dist-train plan` shows for its stages (`plan_stages`).
+    Registered by name in `dist_train.registry.LOCAL_METHODS`."""
+
     name: str = "base"
+    options: ClassVar[Optional[type[Options]]] = None  # local.<name>.*; None: the method has none
     # True when the local loss needs the model input x on every stage (InfoPro reconstructs it):
     # non-first stages then read x from the deterministic sampler, as they read targets.
     needs_input: bool = False
+    # True when each example's local loss depends on that example alone (DGL's auxiliary classifier):
+    # DP-SGD can then clip per example inside each stage.
+    per_example_losses: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, cfg, world_size: int) -> None:
+        """Raise UserError naming the key when a run of `cfg` on `world_size` ranks cannot use this
+        method (called for pipelines, parallel.stages > 1)."""
+
+    @classmethod
+    def plan_stages(cls, cfg, ranges: list[range]) -> tuple[list[str], str]:
+        """What `dist-train plan` shows: each stage's parts (one string per stage, over the model's
+        block `ranges`) and the pipeline's traffic in words."""
+        last = len(ranges) - 1
+        parts = [("embed + " if i == 0 else "") + f"blocks {r.start}-{r.stop - 1}" +
+                 (" + head" if i == last else " + aux head") for i, r in enumerate(ranges)]
+        return parts, "activations forward" + ("" if cfg.local.send_targets else " (targets read locally)")
 
     def build_stage(self, model: nn.Module, blocks: range, info: StageInfo) -> nn.Module:
         """The StageModule for the model's `blocks` as stage `info.index`: by default the common
         form, the blocks plus this method's auxiliary head (`HeadStage`)."""
-        from dist_train.local.stage import HeadStage  # stage.py builds on this interface
-
         return HeadStage(model, blocks, self, info)
 
     @abstractmethod

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from dist_train.local.method import StageInfo
+from dist_train.local.stage_info import StageInfo
 from dist_train.local.split import Stage
 from dist_train.models.loss import cross_entropy
 

@@ -16,16 +16,63 @@ from typing import ContextManager, Optional
 import torch
 
 from dist_train.config.schema import Config
+from dist_train.errors import UserError
 
 
 class GradientTransform:
     """The default step: uniform batches, `train.grad_accum` equal micro-batches, mean loss,
-    global-norm clipping at `train.grad_clip` (0: no clipping), then the optimizer step."""
+    global-norm clipping at `train.grad_clip` (0: no clipping), then the optimizer step.
+
+    Each `optim.name` is a subclass registered in `dist_train.registry.OPTIMIZERS` (the plain ones in
+    `dist_train.optim.choices`), and owns its configuration: its rules (`check_config` at load,
+    `check` once the world size is known), what `dist-train plan` says of it (`plan_rows`,
+    `state_bytes`, `plan_micro_batch`) and how a run builds it (`build`)."""
 
     name = "clip"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    # --- configuration (class-level: no run needed) -----------------------------------------
+    @classmethod
+    def build(cls, cfg: Config, data, ctx, model: torch.nn.Module) -> "GradientTransform":
+        """The transform a run uses (`data`: the data set, `ctx`: the DistContext, `model`: unwrapped)."""
+        return cls(cfg)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Rules that need only the config, run when it is loaded: raise ValueError naming the key."""
+
+    @classmethod
+    def check(cls, cfg: Config, world_size: int) -> None:
+        """Rules that need the world size: raise UserError naming the key. The default: every
+        data-parallel rank takes the same whole number of examples per micro-batch."""
+        stages = cfg.parallel.stages
+        dp = world_size // stages if world_size % stages == 0 else world_size
+        per_step = dp * cfg.train.grad_accum
+        if cfg.train.batch_size % per_step != 0:
+            raise UserError(f"train.batch_size: {cfg.train.batch_size} is not divisible by data-parallel size x "
+                            f"grad_accum ({dp} x {cfg.train.grad_accum} = {per_step})")
+
+    @classmethod
+    def plan_micro_batch(cls, cfg: Config, micro: int) -> int:
+        """The micro-batch per rank `dist-train plan` estimates activations for (`micro`: the even split)."""
+        return micro
+
+    @classmethod
+    def state_bytes(cls, cfg: Config, model: torch.nn.Module, num_outputs: int, backend, dp: int,
+                    adamw_bytes: float) -> tuple[float, str]:
+        """Optimizer-state bytes per rank for the whole model, and the optimizer in words, for
+        `dist-train plan`. `backend`: the backend class; `adamw_bytes`: its per-parameter figure for
+        AdamW's two fp32 moments (8, or 8/dp where it shards them)."""
+        from dist_train.models import count_parameters
+
+        return count_parameters(model) * adamw_bytes, cfg.optim.name
+
+    @classmethod
+    def plan_rows(cls, cfg: Config, plan) -> None:
+        """Add or replace rows of `dist-train plan`'s table (`plan.set(label, text)`; `plan.data`,
+        `plan.dp` and `plan.world` describe the run)."""
 
     # --- set-up ---------------------------------------------------------------------------
     def optimizer_spec(self, model: torch.nn.Module, mesh, num_outputs: Optional[int]):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
 
 from dist_train.config.schema import Config
+from dist_train.errors import UserError
 from dist_train.runtime.dist import DistContext
 
 from dist_train.optim.build import OptimizerSpec, set_lr
@@ -30,12 +31,37 @@ OptimizerFactory = Callable[[nn.Module, object], OptimizerSpec]
 
 
 class Backend(ABC):
+    """A data-parallel backend, registered by name in `dist_train.registry.BACKENDS`. Besides wrapping
+    the model it owns its rules (`check`) and tells others what it does to parameters, so that an
+    optimizer or a method states its needs by capability, never by a backend's name."""
+
     name: str = "base"
+    # Each rank holds only a shard of a parameter (FSDP2, ZeRO-3 style): a whole tensor must be gathered.
+    shards_parameters: ClassVar[bool] = False
+    # The backend flattens parameters into partitions that it steps itself (DeepSpeed ZeRO, FairScale
+    # OSS): an optimizer that needs whole matrices (Muon) cannot run under it.
+    flattens_parameters: ClassVar[bool] = False
+    # Muon's owner-computes step can place each matrix's state on one owner rank under it.
+    owner_computes: ClassVar[bool] = False
+    # Runs inside each stage of a local-learning pipeline (over the stage's replicas).
+    in_stages: ClassVar[bool] = True
+
+    @classmethod
+    def check(cls, cfg: Config, world_size: int) -> None:
+        """Raise UserError naming the key when this backend cannot run `cfg` on `world_size` ranks."""
+        stages = cfg.parallel.stages
+        if stages > 1 and world_size // stages > 1 and not cls.in_stages:
+            raise UserError(f"parallel.backend: {cls.name} is not offered inside local-learning stages; "
+                            "use ddp, fsdp or deepspeed")
     # Bytes per parameter held by each rank as (weights, gradients, optimizer state) for fp32 AdamW,
     # as a function of the data-parallel size: used by `dist-train plan` for the memory estimate.
     @classmethod
     def bytes_per_param(cls, world: int, cfg: Config) -> tuple[float, float, float]:
         return 4.0, 4.0, 8.0
+
+    @classmethod
+    def plan_rows(cls, cfg: Config, plan) -> None:
+        """Add or replace rows of `dist-train plan`'s table (`plan.set(label, text)`)."""
 
     def __init__(self, cfg: Config, ctx: DistContext, mesh=None, checkpoint_key: Optional[str] = None):
         """`mesh`: the 1-D data-parallel DeviceMesh to replicate or shard over (default: every rank;

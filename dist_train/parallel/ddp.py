@@ -13,6 +13,7 @@ from dist_train.parallel.base import Backend, OptimizerFactory
 
 class DDPBackend(Backend):
     name = "ddp"
+    owner_computes = True
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None

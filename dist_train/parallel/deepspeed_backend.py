@@ -129,6 +129,8 @@ def _decline_inference_shm_op() -> None:
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
+    shards_parameters = True  # ZeRO partitions what the whole-weight consumers (MAN) would need
+    flattens_parameters = True
 
     @classmethod
     def bytes_per_param(cls, world: int, cfg: Config) -> tuple[float, float, float]:

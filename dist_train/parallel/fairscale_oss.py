@@ -20,6 +20,8 @@ from dist_train.parallel.base import Backend, OptimizerFactory
 
 class FairScaleBackend(Backend):
     name = "fairscale"
+    flattens_parameters = True
+    in_stages = False  # its OSS wrapper over a stage sub-mesh is not offered
 
     @classmethod
     def bytes_per_param(cls, world: int, cfg: Config) -> tuple[float, float, float]:

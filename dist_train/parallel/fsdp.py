@@ -17,6 +17,8 @@ from dist_train.parallel.base import Backend, OptimizerFactory
 
 class FSDPBackend(Backend):
     name = "fsdp"
+    shards_parameters = True
+    owner_computes = True
 
     @classmethod
     def bytes_per_param(cls, world: int, cfg) -> tuple[float, float, float]:

@@ -88,6 +88,45 @@ class Diff2Transform(GradientTransform):
     name = "diff2"
     builds_graph = False  # the round differentiates through torch.func; the loop's loss is only logged
 
+    @classmethod
+    def build(cls, cfg: Config, data, ctx, model: torch.nn.Module) -> "Diff2Transform":
+        return cls(cfg, data, ctx, model)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        p, d = cfg.privacy, cfg.privacy.diff2
+        if (d.sigma1 is None) != (d.sigma2 is None):
+            raise ValueError("privacy.diff2: give both sigma1 and sigma2, or neither (calibrated from target_epsilon)")
+        if d.sigma1 is None and p.target_epsilon is None:
+            raise ValueError("privacy: diff2 needs privacy.target_epsilon or privacy.diff2.sigma1 and sigma2")
+        if cfg.parallel.stages != 1:
+            raise ValueError("parallel.stages: diff2 trains end to end (its workers are the data-parallel ranks)")
+        if cfg.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: diff2 takes each worker's whole data in one pass; leave it at 1")
+        if cfg.parallel.activation_checkpointing:
+            raise ValueError("parallel.activation_checkpointing: diff2 computes per-example gradients with "
+                             "torch.func; there is no backward pass to checkpoint")
+
+    @classmethod
+    def check(cls, cfg: Config, world_size: int) -> None:
+        # No batch-divisibility rule: a round takes the whole training set, split as evenly as it goes.
+        if cfg.parallel.backend not in ("ddp", "none"):
+            raise UserError(f"optim.name: diff2 averages its workers' clipped directions itself; parallel.backend "
+                            f"{cfg.parallel.backend} is not supported (use ddp or none)")
+
+    @classmethod
+    def state_bytes(cls, cfg, model, num_outputs, backend, dp, adamw_bytes):
+        from dist_train.models import count_parameters
+
+        # x_(r-1) and v_(r-1), whole on every worker; its step is plain SGD.
+        return count_parameters(model) * 8.0, "diff2 (x_(r-1) and v_(r-1): two fp32 parameter copies per rank)"
+
+    @classmethod
+    def plan_rows(cls, cfg: Config, plan) -> None:
+        n = plan.data.num_samples("train")
+        plan.set("batch", f"the whole training set every round ({n}), ~{n // plan.dp} per worker")
+        plan.set("privacy", describe(cfg, n, plan.dp), before="steps")
+
     def __init__(self, cfg: Config, data, ctx, model: torch.nn.Module):
         super().__init__(cfg)
         self.population = data.num_samples("train")

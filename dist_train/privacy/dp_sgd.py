@@ -104,6 +104,64 @@ def _sharded(p) -> bool:
 
 class DPSGD(GradientTransform):
     name = "dp_sgd"
+    backends = ("ddp", "fsdp", "none")  # it clips per example and reduces the noised sum itself
+
+    @classmethod
+    def build(cls, cfg: Config, data, ctx, model: torch.nn.Module) -> "DPSGD":
+        return cls(cfg, data, ctx, model)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        p = cfg.privacy
+        if p.noise_multiplier is None and p.target_epsilon is None:
+            raise ValueError("privacy: dp_sgd needs privacy.noise_multiplier or privacy.target_epsilon")
+        if p.noise_multiplier == 0 and p.target_epsilon is not None:
+            raise ValueError(f"privacy.noise_multiplier: 0 (no noise) gives no finite epsilon, but "
+                             f"privacy.target_epsilon is {p.target_epsilon}")
+        if cfg.parallel.activation_checkpointing:
+            raise ValueError("parallel.activation_checkpointing: dp_sgd keeps each layer's input for its "
+                             "per-example norms already; recomputation would capture every layer twice")
+        if cfg.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: dp_sgd splits its Poisson batches by privacy.max_physical_batch; "
+                             "leave grad_accum at 1")
+
+    @classmethod
+    def check(cls, cfg: Config, world_size: int) -> None:
+        # No batch-divisibility rule: the batch is an expected (Poisson) size.
+        from dist_train.registry import LOCAL_METHODS
+
+        stages = cfg.parallel.stages
+        if stages > 1 and not LOCAL_METHODS.get(cfg.local.method).per_example_losses:
+            raise UserError(f"local.method: dp_sgd inside local-learning stages is offered for methods whose "
+                            f"local loss is per example (dgl); {cfg.local.method} is not supported")
+        if stages > 1 and cfg.local.asynchronous:
+            raise UserError("local.asynchronous: replayed batches would be extra releases the accountant does not "
+                            "see; set it to false with dp_sgd")
+        if stages > 1 and cfg.parallel.backend == "fsdp":
+            raise UserError("parallel.backend: dp_sgd inside local-learning stages runs under ddp (or one replica)")
+        if cfg.parallel.backend not in cls.backends:
+            raise UserError(f"optim.name: dp_sgd clips per example and reduces the noised sum itself; "
+                            f"parallel.backend {cfg.parallel.backend} is not supported (use ddp, fsdp or none)")
+
+    @classmethod
+    def plan_micro_batch(cls, cfg: Config, micro: int) -> int:
+        return min(cfg.privacy.max_physical_batch, max(1, micro))  # Poisson batches split into physical ones
+
+    @classmethod
+    def state_bytes(cls, cfg, model, num_outputs, backend, dp, adamw_bytes):
+        # The clipping and noise keep no state; the base optimizer does.
+        from dist_train.registry import OPTIMIZERS
+
+        base = OPTIMIZERS.get(cfg.privacy.base_optimizer)
+        cfg_base = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"name": cfg.privacy.base_optimizer})})
+        total, text = base.state_bytes(cfg_base, model, num_outputs, backend, dp, adamw_bytes)
+        return total, text if base.name in ("muon", "normuon") else f"{cfg.optim.name}" + text[len(base.name):]
+
+    @classmethod
+    def plan_rows(cls, cfg: Config, plan) -> None:
+        plan.set("batch", f"{cfg.train.batch_size} expected (Poisson), physical micro-batches of at most "
+                          f"{cfg.privacy.max_physical_batch} per rank")
+        plan.set("privacy", describe(cfg, plan.data.num_samples("train"), plan.dp), before="steps")
 
     def __init__(self, cfg: Config, data, ctx, model: torch.nn.Module):
         super().__init__(cfg)

@@ -46,6 +46,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pydantic import Field
+
+from dist_train.config.options import Options
 from dist_train.errors import UserError
 from dist_train.local.method import LocalMethod, StageInfo
 from dist_train.local.methods._common import check_info, fresh_copy, output_head
@@ -79,8 +82,15 @@ class AugLocalHead(nn.Module):
         return self.out(h)
 
 
+class AugLocalOptions(Options):
+    depth: int = Field(3, ge=1, description="AugLocal: d, the auxiliary depth (layers copied from the later ones) of the first stage (official README, ResNet-110: 3).")
+    decay: float = Field(0.5, ge=0, le=1, description="AugLocal: tau, the pyramidal decay coefficient: the depth falls linearly from d towards min_depth over the local stages (official README: 0.5).")
+    min_depth: int = Field(1, ge=1, description="AugLocal: d_min, the smallest auxiliary depth (official code: 1).")
+
+
 class AugLocal(LocalMethod):
     name = "auglocal"
+    options = AugLocalOptions
 
     def __init__(self, depth: int = 3, decay: float = 0.5, min_depth: int = 1):
         if min_depth < 1 or depth < min_depth:

@@ -25,6 +25,7 @@ from dist_train.models.loss import cross_entropy
 
 class DGL(LocalMethod):
     name = "dgl"
+    per_example_losses = True  # a stage's loss is a sum over examples: DP-SGD can clip each
 
     def build_head(self, info: StageInfo) -> nn.Module:
         # GPT: LayerNorm + Linear(W, vocab); MLP: Linear+ReLU+Linear; CNN: conv3x3+ReLU+pool+Linear.

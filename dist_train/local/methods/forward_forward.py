@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydantic import Field
+
+from dist_train.config.options import Options
 from dist_train.errors import UserError
 from dist_train.local.method import LocalMethod, StageInfo
 from dist_train.local.stage import StageModule
@@ -66,8 +69,28 @@ def ff_layer_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, threshold: float) ->
     return (F.softplus(threshold - g_pos) + F.softplus(g_neg - threshold)).mean()
 
 
+class ForwardForwardOptions(Options):
+    threshold: Optional[float] = Field(None, gt=0, description="Forward-Forward: goodness threshold theta; default: the layer's number of units.")
+    label_scale: float = Field(1.0, gt=0, description="Forward-Forward: value written into the input's first C entries for the label (one-hot).")
+
+
 class ForwardForward(LocalMethod):
     name = "forward_forward"
+    options = ForwardForwardOptions
+
+    @classmethod
+    def check(cls, cfg, world_size: int) -> None:
+        from dist_train.tasks.names import MODEL_TASKS
+
+        if MODEL_TASKS[cfg.model.name] != "classify":
+            raise UserError(f"local.method: forward_forward needs a classifier (model.name mlp or cnn): its "
+                            "prediction embeds each candidate label in the input")
+
+    @classmethod
+    def plan_stages(cls, cfg, ranges: list[range]) -> tuple[list[str], str]:
+        parts, _ = super().plan_stages(cfg, ranges)
+        return parts, "positive and negative activations forward (2x)" + (
+            "" if cfg.local.send_targets else " (targets read locally)")
 
     def __init__(self, threshold: Optional[float] = None, label_scale: float = 1.0):
         if threshold is not None and threshold <= 0:

@@ -59,6 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydantic import Field
+
+from dist_train.config.options import Options
 from dist_train.errors import UserError
 from dist_train.local.method import LocalMethod, StageInfo
 from dist_train.local.methods._common import check_info, small_classifier
@@ -147,18 +150,26 @@ class InfoProHead(nn.Module):
         return F.binary_cross_entropy_with_logits(out.float(), pixels.reshape(out.shape))
 
 
+class InfoProOptions(Options):
+    lambda1_first: Optional[float] = Field(None, ge=0, description="InfoPro: reconstruction weight lambda1 of the first stage, moving linearly to lambda1_last at the last local stage; default: the official code's value for this number of stages (K=2: 5; K=4: 1; K=8, 16: 5).")
+    lambda2_first: Optional[float] = Field(None, ge=0, description="InfoPro: task weight lambda2 of the first stage, moving linearly to lambda2_last; default: the official code's value for this number of stages (K=2: 0.5; K=4, 8, 16: 0).")
+    lambda1_last: Optional[float] = Field(None, ge=0, description="InfoPro: reconstruction weight lambda1 of the last local stage; default: the official code's value for this number of stages (K=4, 8: 0; K=16: 0.5).")
+    lambda2_last: Optional[float] = Field(None, ge=0, description="InfoPro: task weight lambda2 of the last local stage; default: the official code's value for this number of stages (K=4, 8, 16: 1).")
+
+
 class InfoPro(LocalMethod):
     name = "infopro"
+    options = InfoProOptions
     needs_input = True  # Eq. (1) reconstructs the model input x on every local stage
 
     def __init__(self, lambda1_first: Optional[float] = None, lambda2_first: Optional[float] = None,
                  lambda1_last: Optional[float] = None, lambda2_last: Optional[float] = None):
-        self.options = (lambda1_first, lambda2_first, lambda1_last, lambda2_last)
+        self.given_weights = (lambda1_first, lambda2_first, lambda1_last, lambda2_last)
 
     def weights(self, index: int, num_stages: int) -> tuple[float, float]:
         """(λ1_k, λ2_k) of Eq. (2) for stage `index` of `num_stages`."""
         l1a, l2a, l1b, l2b = (paper if mine is None else mine
-                              for mine, paper in zip(self.options, paper_weights(num_stages)))
+                              for mine, paper in zip(self.given_weights, paper_weights(num_stages)))
         r = depth_ratio(index, num_stages)
         return l1a * (1 - r) + l1b * r, l2a * (1 - r) + l2b * r
 

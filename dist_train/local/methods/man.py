@@ -34,6 +34,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pydantic import Field
+
+from dist_train.config.options import Options
 from dist_train.errors import UserError
 from dist_train.local.channels import Channel, ChannelContext
 from dist_train.local.method import LocalMethod, StageInfo
@@ -56,8 +59,15 @@ class MANHead(nn.Module):
         return self.out(self.ema(h) + self.lb(h))
 
 
+class MANOptions(Options):
+    momentum: float = Field(0.995, ge=0, lt=1, description="MAN: EMA momentum m of the next stage's first block (paper: 0.995).")
+    every: int = Field(1, ge=1, description="MAN: steps between weight messages from the next stage (1 = every step, as in the paper).")
+    delay: int = Field(2, ge=1, description="MAN: a weight message sent after step s is applied at the start of step s + delay (fixed, so runs are deterministic).")
+
+
 class MAN(LocalMethod):
     name = "man"
+    options = MANOptions
 
     def __init__(self, momentum: float = 0.995, every: int = 1, delay: int = 2):
         if not 0.0 <= momentum < 1.0:
@@ -65,6 +75,21 @@ class MAN(LocalMethod):
         if every < 1 or delay < 1:
             raise UserError(f"local.man.every and local.man.delay: must be >= 1, got {every} and {delay}")
         self.momentum, self.every, self.delay = momentum, every, delay
+
+    @classmethod
+    def check(cls, cfg, world_size: int) -> None:
+        from dist_train.registry import BACKENDS
+
+        dp = world_size // cfg.parallel.stages
+        if dp > 1 and BACKENDS.get(cfg.parallel.backend).shards_parameters:
+            raise UserError(f"local.method: man sends its first block's whole weights backward, which a sharded "
+                            f"stage ({cfg.parallel.backend}) does not hold; use parallel.backend ddp")
+
+    @classmethod
+    def plan_stages(cls, cfg, ranges: list[range]) -> tuple[list[str], str]:
+        parts, traffic = super().plan_stages(cfg, ranges)
+        every = cfg.local.options("man")["every"]
+        return parts, traffic + f", weights back every {every} step(s)"
 
     def build_head(self, info: StageInfo) -> nn.Module:
         if not info.later_blocks:

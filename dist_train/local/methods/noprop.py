@@ -47,6 +47,9 @@ from torch import nn
 
 from dist_train.local.method import LocalMethod, StageInfo
 from dist_train.local.methods._common import GlobalAvgPool, check_info, fresh_copy
+from pydantic import Field
+
+from dist_train.config.options import Options
 from dist_train.errors import UserError
 from dist_train.local.channels import Channel
 from dist_train.local.stage import StageModule
@@ -189,8 +192,35 @@ class NoPropStageModule(StageModule):
         return [EmbeddingSync(self, ctx)] if self.method.learn_embedding else []
 
 
+class NoPropOptions(Options):
+    steps: Optional[int] = Field(None, ge=1, description="NoProp: diffusion steps T (a multiple of parallel.stages; each stage owns T/K denoising blocks); default: T = K.")
+    eta: float = Field(0.1, gt=0, description="NoProp: eta, the weight of the SNR-weighted denoising loss (paper's Eq. 8).")
+    max_alpha_bar: float = Field(0.99, gt=0, lt=1, description="NoProp: alpha_bar at the last step T (cosine schedule from 0).")
+    learn_embedding: bool = Field(False, description="NoProp: learn the label embedding U jointly (its gradient is summed over the stages each step: a small all-reduce) instead of keeping it fixed.")
+
+
 class NoProp(LocalMethod):
     name = "noprop"
+    options = NoPropOptions
+
+    @classmethod
+    def check(cls, cfg, world_size: int) -> None:
+        stages, t = cfg.parallel.stages, cfg.local.options("noprop")["steps"]
+        if t is not None and t % stages:
+            raise UserError(f"local.noprop.steps: {t} diffusion steps cannot be shared evenly by {stages} "
+                            "stages (use a multiple of parallel.stages)")
+        if cfg.local.asynchronous:
+            raise UserError("local.asynchronous: noprop stages never wait for each other, so there is nothing "
+                            "to replay; set it to false")
+
+    @classmethod
+    def plan_stages(cls, cfg, ranges: list[range]) -> tuple[list[str], str]:
+        own, last = cfg.local.options("noprop"), len(ranges) - 1
+        per = (own["steps"] or cfg.parallel.stages) // cfg.parallel.stages  # each stage denoises T/K steps
+        parts = [f"{per} x (own embed + blocks {r.start}-{r.stop - 1} + denoiser)" + (" + head" if i == last else "")
+                 for i, r in enumerate(ranges)]
+        return parts, "no activations in training" + (", label-embedding all-reduce per step"
+                                                       if own["learn_embedding"] else "")
 
     def __init__(self, steps: Optional[int] = None, eta: float = 0.1, max_alpha_bar: float = MAX_ALPHA_BAR,
                  learn_embedding: bool = False):
@@ -280,35 +310,25 @@ class EmbeddingSync(Channel):
         self.bytes = 0
 
     def before_update(self) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            return
         g = self.stage.label_embedding.grad
         if g is None:
             g = torch.zeros_like(self.stage.label_embedding)
         # Replicas of a stage already hold the same (averaged) gradient: sum over all ranks, then
         # divide by the replicas per stage.
-        dist.all_reduce(g)
+        self.ctx.link.all_reduce(g)
         g.div_(self.ctx.layout.dp_size)
         self.stage.label_embedding.grad = g
         self._count(g)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            return
         u = self.stage.label_embedding
-        dist.all_reduce(u.data)
-        u.data.div_(dist.get_world_size())
+        self.ctx.link.all_reduce(u.data)
+        u.data.div_(self.ctx.link.ranks)
         self._count(u)
 
     def _count(self, t: torch.Tensor) -> None:
-        import torch.distributed as dist
-
-        world = dist.get_world_size()
+        world = self.ctx.link.ranks
         self.bytes += int(2 * (world - 1) / world * t.numel() * t.element_size())
 
     def metrics(self) -> dict:

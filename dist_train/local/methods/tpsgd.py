@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydantic import Field
+
+from dist_train.config.options import Options
 from dist_train.errors import UserError
 from dist_train.local.method import LocalMethod, StageInfo
 from dist_train.local.methods._common import check_info, features
@@ -68,8 +71,13 @@ class TpSGDHead(nn.Module):
         return F.embedding(targets, self.projection)
 
 
+class TpSGDOptions(Options):
+    dim: Optional[int] = Field(None, ge=1, description="tpSGD: size of the target P·onehot(y); it is the stage output's width (no readout), so only that value (or null) is accepted.")
+
+
 class TpSGD(LocalMethod):
     name = "tpsgd"
+    options = TpSGDOptions
 
     def __init__(self, dim: Optional[int] = None):
         # The target's size is the stage output's width (Eq. 1 compares them directly); `dim` is
