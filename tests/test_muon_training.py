@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from cli_helpers import clean_env
+from cli_helpers import clean_env, forked_run
 from dist_train.config import load_config
 from dist_train.train.local_reference import local_reference
 from test_backends_multiproc import NO_CKPT, assert_same_run
@@ -39,7 +39,7 @@ def references(dt, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_two_ranks_with_accumulation_match_single_process(dt, tmp_path, references, backend, optimizer):
-    got = dt.launch(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *OPTIMIZERS[optimizer],
+    got = dt.forked(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *OPTIMIZERS[optimizer],
                     f"parallel.backend={backend}", "train.grad_accum=2", steps=STEPS)
     assert_same_run(got, references[optimizer], steps=STEPS)
     ref = references[optimizer]
@@ -58,9 +58,9 @@ def test_resume_restores_sharded_optimizer_state(dt, tmp_path, backend):
     """6 steps straight == 3 steps, checkpoint, then resumed to 6 (the momenta live on their owner
     ranks or as row shards; a lost or misplaced momentum changes step 4 by far more than 1e-5)."""
     cfg = [*dt.TINY_GPT, *OPTIMIZERS["normuon"], f"parallel.backend={backend}", "optim.schedule=constant"]
-    straight = dt.launch(tmp_path / "a", "run", *cfg, *NO_CKPT, steps=6)
-    dt.launch(tmp_path / "b", "run", *cfg, "checkpoint.every=3", steps=3)
-    resumed = dt.launch(tmp_path / "b", "run", *cfg, *NO_CKPT, steps=6)
+    straight = dt.forked(tmp_path / "a", "run", *cfg, *NO_CKPT, steps=6)
+    dt.forked(tmp_path / "b", "run", *cfg, "checkpoint.every=3", steps=3)
+    resumed = dt.forked(tmp_path / "b", "run", *cfg, *NO_CKPT, steps=6)
     for got, want in zip(resumed[3:], straight[3:]):
         assert got["step"] == want["step"]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"step {want['step']}"
@@ -70,8 +70,8 @@ def test_resume_on_another_world_size(dt, tmp_path):
     """The checkpoint names every state by parameter: saved by 2 DDP ranks (each momentum on its
     owner), it loads into one process that owns everything, and training continues as it would have."""
     cfg = [*dt.TINY_GPT, *OPTIMIZERS["muon"], "optim.schedule=constant"]
-    straight = dt.launch(tmp_path / "a", "run", *cfg, "parallel.backend=ddp", *NO_CKPT, steps=6)
-    dt.launch(tmp_path / "b", "run", *cfg, "parallel.backend=ddp", "checkpoint.every=3", steps=3)
+    straight = dt.forked(tmp_path / "a", "run", *cfg, "parallel.backend=ddp", *NO_CKPT, steps=6)
+    dt.forked(tmp_path / "b", "run", *cfg, "parallel.backend=ddp", "checkpoint.every=3", steps=3)
     resumed = dt.run(tmp_path / "b", "run", *cfg, *NO_CKPT, steps=6)
     for got, want in zip(resumed[3:], straight[3:]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), f"step {want['step']}"
@@ -86,10 +86,7 @@ LOCAL = ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_siz
 def test_local_stages_with_replicas_match_the_reference(tmp_path, backend, optimizer):
     """4 ranks = 2 stages x 2 replicas: each stage orthogonalises over its own 2-rank sub-mesh."""
     overrides = [*LOCAL, *OPTIMIZERS[optimizer], f"parallel.backend={backend}"]
-    proc = subprocess.run([sys.executable, "-m", "dist_train", "launch", "quickstart.yaml", "--nproc", "4",
-                           "--threads", "1", f"run.dir={tmp_path}", "run.name=dp", *overrides],
-                          capture_output=True, text=True, timeout=400, env=clean_env(OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    forked_run(["quickstart.yaml", f"run.dir={tmp_path}", "run.name=dp", *overrides], tmp_path, nproc=4, timeout=400)
     ref = local_reference(load_config(None, [f"run.dir={tmp_path}", *overrides]))
     for k in range(2):
         rows = (tmp_path / "dp" / "stages" / f"stage{k}" / "metrics.jsonl").read_text().splitlines()

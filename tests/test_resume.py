@@ -55,10 +55,10 @@ def runs(request, dt, tmp_path_factory) -> ResumeRuns:
     cfg = [*dt.TINY_GPT, *RESUME_CFG, *backend]
     root = tmp_path_factory.mktemp(f"resume-{request.param}")
 
-    straight = dt.launch(root / "a", "run", *cfg, "checkpoint.every=0", "checkpoint.at_end=false", steps=STEPS)
+    straight = dt.forked(root / "a", "run", *cfg, "checkpoint.every=0", "checkpoint.at_end=false", steps=STEPS)
 
     b_dir = root / "b"
-    first_leg = dt.launch(b_dir, "run", *cfg, "checkpoint.every=2", "checkpoint.keep=2", steps=HALF)
+    first_leg = dt.forked(b_dir, "run", *cfg, "checkpoint.every=2", "checkpoint.keep=2", steps=HALF)
     ckpt_root = b_dir / "run" / "checkpoints"
     listing = {p.name: sorted(f.name for f in p.iterdir()) for p in ckpt_root.iterdir()}
 
@@ -67,7 +67,7 @@ def runs(request, dt, tmp_path_factory) -> ResumeRuns:
     (fake / "trainer_rank0.pt").write_bytes(b"not a checkpoint")
 
     # Leg 2 saves nothing, so the checkpoint folder still shows what resume had to choose from.
-    resumed = dt.launch(b_dir, "run", *cfg, "checkpoint.every=0", "checkpoint.at_end=false", steps=STEPS)
+    resumed = dt.forked(b_dir, "run", *cfg, "checkpoint.every=0", "checkpoint.at_end=false", steps=STEPS)
     return ResumeRuns(straight, first_leg, resumed, listing, b_dir / "run")
 
 
