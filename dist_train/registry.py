@@ -81,7 +81,8 @@ def _describe(entry: Any) -> str:
 
 def import_plugins(modules: list[str]) -> None:
     """Import each module a config's `plugins:` list names (they register their components): a
-    dotted module name on the Python path, or the path of a .py file (imported once, under its stem)."""
+    dotted module name on the Python path, or the path of a .py file (imported once, under its
+    stem, with its folder on the path as `python FILE` would have it, so it can import its siblings)."""
     import sys
     from pathlib import Path
 
@@ -93,6 +94,8 @@ def import_plugins(modules: list[str]) -> None:
                     raise UserError(f"plugins: file not found: {name}")
                 if path.stem in sys.modules and getattr(sys.modules[path.stem], "__file__", None) == str(path.resolve()):
                     continue
+                if str(path.resolve().parent) not in sys.path:
+                    sys.path.insert(0, str(path.resolve().parent))
                 spec = importlib.util.spec_from_file_location(path.stem, path.resolve())
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[path.stem] = module
