@@ -99,6 +99,15 @@ def _cli_rank(rank: int, world: int, argv: list[str], cwd: str, log: str) -> Non
         raise RuntimeError(f"rank {rank}: dist-train {' '.join(argv)} returned {code}")
 
 
+def forked_ranks(fn, nprocs: int = 2, args: tuple = (), timeout: float = 300):
+    """`run_on_ranks(fn, nprocs, args)` with its ranks forked from the fork server of `forked_run`,
+    in this environment minus any launcher variables; returns rank 0's answer."""
+    from dist_train.bench._spawn import run_on_ranks
+
+    return run_on_ranks(fn, nprocs=nprocs, args=args, threads=1, preload=FORK_PRELOAD, env=clean_env(),
+                        timeout_s=timeout)
+
+
 def forked_run(args: list[str], cwd: Path, nproc: int = 1, env: Optional[dict[str, str]] = None,
                timeout: float = 300) -> str:
     """`dist-train run ARGS` on `nproc` local gloo ranks, one thread each, forked from a fork server

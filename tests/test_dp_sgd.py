@@ -19,8 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from cli_helpers import clean_env
-from dist_train.bench._spawn import run_on_ranks
+from cli_helpers import clean_env, forked_ranks, forked_run
 from dist_train.config import load_config
 from dist_train.errors import UserError
 from dist_train.models.gpt import GPT
@@ -151,7 +150,7 @@ def _noise_worker(rank: int, world: int, out: str) -> None:
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_noise_is_added_once_per_coordinate_across_ranks(world, tmp_path):
-    run_on_ranks(_noise_worker, world, (str(tmp_path),))
+    forked_ranks(_noise_worker, world, (str(tmp_path),))
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for r in res[1:]:  # every rank applies the same reduced gradient
         for a, b in zip(r["grads"], res[0]["grads"]):
@@ -183,7 +182,7 @@ def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path, base, backend):
     common = [*dt.TINY_GPT, *DP, "train.batch_size=16", "privacy.noise_multiplier=0", "privacy.max_grad_norm=0.5",
               f"privacy.base_optimizer={base}", *(["optim.lr=0.02", "optim.matrix.adamw_lr=0.003"] if "muon" in base else [])]
     one = dt.run(tmp_path / "one", "one", *common, steps=4)
-    two = dt.launch(tmp_path / "two", "two", *common, f"parallel.backend={backend}", steps=4)
+    two = dt.forked(tmp_path / "two", "two", *common, f"parallel.backend={backend}", steps=4)
     assert [r["dp_examples"] for r in one] == [r["dp_examples"] for r in two]
     assert len({r["dp_examples"] for r in one}) > 1, "Poisson batches should vary in size"
     for a, b in zip(one, two):
@@ -198,9 +197,9 @@ def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path, base, backend):
 
 def test_resume_continues_noise_and_accountant(dt, tmp_path):
     common = [*dt.TINY_GPT, *DP, "privacy.noise_multiplier=1.0", "checkpoint.at_end=true"]
-    straight = dt.launch(tmp_path / "a", "r", *common, "parallel.backend=ddp", steps=6)
-    dt.launch(tmp_path / "b", "r", *common, "parallel.backend=ddp", steps=3)
-    resumed = dt.launch(tmp_path / "b", "r", *common, "parallel.backend=ddp", steps=6)
+    straight = dt.forked(tmp_path / "a", "r", *common, "parallel.backend=ddp", steps=6)
+    dt.forked(tmp_path / "b", "r", *common, "parallel.backend=ddp", steps=3)
+    resumed = dt.forked(tmp_path / "b", "r", *common, "parallel.backend=ddp", steps=6)
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(straight[3:], resumed[3:]):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
@@ -281,10 +280,8 @@ STAGED = ["parallel.stages=2", "local.method=dgl", "parallel.backend=ddp", "loca
 
 
 def _staged(tmp_path, nproc: int, *extra: str) -> list[list[dict]]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    proc = _cli(["launch", "quickstart.yaml", "--nproc", str(nproc), "--threads", "1", f"run.dir={tmp_path}",
-                 "run.name=s", "train.steps=4", *STAGED, *extra], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    forked_run(["quickstart.yaml", f"run.dir={tmp_path}", "run.name=s", "train.steps=4", *STAGED, *extra], tmp_path,
+               nproc=nproc)
     return [[json.loads(x) for x in (tmp_path / "s" / "stages" / f"stage{k}" / "metrics.jsonl").read_text().splitlines()]
             for k in range(2)]
 
