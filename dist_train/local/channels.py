@@ -2,8 +2,10 @@
 
 The stage loop streams micro-batches forward and nothing else. Anything more is a `Channel`:
 MAN's weights sent backward (owned by the MAN stage module), the replay buffer of asynchronous
-mode (owned by the runtime). The loop calls every channel's hooks at fixed points and knows none by
-name; a channel's state goes into the stage's checkpoint under the channel's `name`.
+mode (owned by the runtime). The loop holds a stage's channels as one `Channels` and calls its hooks
+at fixed points, knowing none by name; a channel's state goes into the stage's checkpoint under the
+channel's `name`. A channel talks to other stages only through `ctx.link`: a `StageLink` between
+ranks, or an in-process link when the single-process reference runs the same channels.
 """
 
 from __future__ import annotations
@@ -94,10 +96,44 @@ class ReplayChannel(Channel):
         self.buffer.load_state_dict(state, self.ctx.device)
 
 
-def build_channels(stage, ctx: ChannelContext) -> list[Channel]:
+class Channels(list):
+    """A stage's channels as one: each hook runs every channel's, in order; `metrics` merges theirs."""
+
+    def before_receive(self) -> None:
+        for ch in self:
+            ch.before_receive()
+
+    def on_received(self, x: Optional[torch.Tensor], received: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        for ch in self:
+            ch.on_received(x, received, y, step)
+
+    def before_step(self, step: int) -> None:
+        for ch in self:
+            ch.before_step(step)
+
+    def before_update(self) -> None:
+        for ch in self:
+            ch.before_update()
+
+    def after_step(self, step: int) -> None:
+        for ch in self:
+            ch.after_step(step)
+
+    def finish(self) -> None:
+        for ch in self:
+            ch.finish()
+
+    def metrics(self) -> dict:
+        out: dict = {}
+        for ch in self:
+            out.update(ch.metrics())
+        return out
+
+
+def build_channels(stage, ctx: ChannelContext) -> Channels:
     """The stage's own channels, then the runtime's (replay in asynchronous mode, on stages that
     wait for a previous one)."""
-    channels = list(stage.channels(ctx))
+    channels = Channels(stage.channels(ctx))
     if ctx.cfg.local.asynchronous and not ctx.layout.first and stage.receives_activations:
         channels.append(ReplayChannel(ctx))
     return channels

@@ -4,6 +4,7 @@ Sends are non-blocking with a bounded number in flight (back-pressure: a fast st
 is `max_in_flight` messages ahead instead of queueing without limit). The receive for the next
 message is posted as soon as the current one is taken, so communication overlaps compute.
 The one backward message is opt-in: MAN's weights (never gradients), sent every few steps.
+`InProcessLink` (`inprocess_link.py`) is the same interface between stages in one process.
 Every tensor that crosses is a detached leaf — `sent_requires_grad` counts any that is not, so
 a test can prove that no gradient or autograd graph ever spans two ranks.
 """
@@ -163,6 +164,17 @@ class StageLink:
         (buf,) = self._weights_in.wait()
         self._weights_in = None
         return buf
+
+    # -- one collective over every rank of the pipeline (all stages, all replicas), for a channel
+    # that keeps one tensor shared by every stage (NoProp's learned label embedding) --------------
+    @property
+    def ranks(self) -> int:
+        """How many ranks `all_reduce` sums over."""
+        return dist.get_world_size()
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        """Sum `t` in place over every rank of the pipeline (blocking: every rank calls it)."""
+        dist.all_reduce(t)
 
     def drain(self) -> None:
         for work, _ in self._weights_out:

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from dist_train.data import build_dataset
+from dist_train.local.channels import Channels, ChannelContext
+from dist_train.local.inprocess_link import InProcessLinks
 from dist_train.local.layout import stage_layout
 from dist_train.models.loss import cross_entropy
 from dist_train.optim import lr_at, optimizer_spec, set_lr
 from dist_train.local.build import build_stage
-from dist_train.local.methods.man import MANStage, ema_schedule, flat_block_weights
 from dist_train.models.sampling import decode, next_token, prompt_ids
 from dist_train.tasks import get_task
 
@@ -28,76 +29,84 @@ def local_reference(cfg, data=None) -> dict[str, Any]:
 
     if data is None:
         data = build_dataset(cfg.data, cfg.model.block_size)
-    k_stages = cfg.parallel.stages
-    parts = []
-    for k in range(k_stages):
-        trainer, info = build_stage(cfg, data.info, stage_layout(k, k_stages, k_stages))
-        parts.append((trainer, optimizer_spec(cfg.optim, trainer, num_outputs=info.num_classes).build()))
-    independent = not parts[0][0].receives_activations
-    # Each pipeline stage draws its randomness (negatives, noise, dropout) from its own stream.
-    streams = [torch.Generator().manual_seed(cfg.train.seed + 1000 * k) for k in range(k_stages)]
-    # MAN: stage k+1's first block after each step, applied to stage k's EMA on the channel's schedule.
-    man = isinstance(parts[0][0], MANStage)
-    sent: list[dict[int, torch.Tensor]] = [{} for _ in parts]
-    # NoProp with a learned label embedding: one U, its copies' gradients summed before the update
-    # and the copies averaged after it (the pipeline's EmbeddingSync channel).
-    shared_u = [t.label_embedding for t, _ in parts if isinstance(getattr(t, "label_embedding", None),
-                                                                  torch.nn.Parameter)]
+    links = InProcessLinks(cfg.parallel.stages)
+    stages = [_Stage(cfg, data, k, links[k]) for k in range(cfg.parallel.stages)]
     sampler = data.sampler("train", cfg.train.seed, cfg.train.batch_size)
-    losses: list[list[float]] = [[] for _ in parts]
-    micro = cfg.train.grad_accum  # the pipeline streams the batch as micro-batches, accumulating
     for step in range(cfg.train.steps):
         lr = lr_at(step, cfg.optim, cfg.train.steps)
-        for _, opt in parts:
-            set_lr(opt, lr)
-        if man:
-            for k, (trainer, _) in enumerate(parts[:-1]):
-                method = trainer.method
-                if ema_schedule(step, 0, method.every, method.delay):
-                    method.update_ema(trainer.head, sent[k + 1].pop(step - method.delay))
-        step_loss = [0.0] * k_stages
-        for part in sampler.next_indices(0, 1).chunk(micro):
+        links.on_every_stage(lambda k: stages[k].channels.before_step(step))
+        # The pipeline streams the batch as micro-batches, accumulating gradients.
+        for m, part in enumerate(sampler.next_indices(0, 1).chunk(cfg.train.grad_accum)):
             x, y = data.get_batch("train", part)
-            received = None
-            for k, (trainer, _) in enumerate(parts):
-                box: list = []
-                torch.set_rng_state(streams[k].get_state())
-                loss = trainer(x=x if trainer.reads_data else None, received=received, y=y,
-                               on_activation=box.append)
-                streams[k].set_state(torch.get_rng_state())
-                received = None if independent else box[0].detach()
-                (loss / micro).backward()
-                step_loss[k] += float(loss.detach()) / micro
-        if shared_u:
-            total = torch.stack([u.grad for u in shared_u]).sum(0)
-            for u in shared_u:
-                u.grad = total.clone()
-        for k, (trainer, opt) in enumerate(parts):
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainer.parameters(), cfg.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[k].append(step_loss[k])
-            if man and k > 0 and step % trainer.method.every == 0:
-                sent[k][step] = flat_block_weights(trainer.blocks[0])
-        if shared_u:
-            with torch.no_grad():
-                mean = torch.stack([u for u in shared_u]).mean(0)
-                for u in shared_u:
-                    u.copy_(mean)
-    task = get_task(parts[-1][0].info.task)
-    trainers = [t for t, _ in parts]
+            for s in stages:
+                s.forward_backward(x, y, step, (step << 20) + m)
+        links.on_every_stage(lambda k: stages[k].channels.before_update())
+        for s in stages:
+            s.update(lr)
+        links.on_every_stage(lambda k: stages[k].channels.after_step(step))
+    links.on_every_stage(lambda k: stages[k].channels.finish())
+    trainers = [s.trainer for s in stages]
+    task = get_task(trainers[-1].info.task)
     with torch.no_grad():
         for trainer in trainers:
             trainer.eval()
         val_sampler = data.sampler("val", 0, cfg.train.batch_size)
         val = [val_sampler.next_indices(0, 1) for _ in range(cfg.train.eval_batches)]
-        out = {"losses": losses, **_evaluate(trainers, task, data, "val", val)}
+        out = {"losses": [s.losses for s in stages], **_evaluate(trainers, task, data, "val", val)}
         if data.info.test_size:
             out.update(_evaluate(trainers, task, data, "test", _test_batches(cfg, data)))
         if cfg.train.sample_tokens and task.generates_text:
-            out["sample"] = _sample(trainers, independent, cfg, data)
+            out["sample"] = _sample(trainers, not trainers[0].receives_activations, cfg, data)
     return out
+
+
+class _Stage:
+    """Stage k of the pipeline in this process: its module, optimizer, RNG stream and real channels,
+    joined to the other stages by an in-process link."""
+
+    def __init__(self, cfg, data, k: int, link):
+        layout = stage_layout(k, cfg.parallel.stages, cfg.parallel.stages)
+        self.cfg, self.link = cfg, link
+        self.trainer, info = build_stage(cfg, data.info, layout)
+        self.opt = optimizer_spec(cfg.optim, self.trainer, num_outputs=info.num_classes).build()
+        # Each pipeline stage draws its randomness (negatives, noise, dropout) from its own stream.
+        self.stream = torch.Generator().manual_seed(cfg.train.seed + 1000 * k)
+        self.receives = not layout.first and self.trainer.receives_activations
+        self.sends = not layout.last and self.trainer.receives_activations
+        self.channels = Channels(self.trainer.channels(ChannelContext(cfg, layout, link, torch.device("cpu"), 0,
+                                                                      _no_replay)))
+        self.losses: list[float] = []
+        self._step_loss = 0.0
+
+    def forward_backward(self, x, y, step: int, msg: int) -> None:
+        """One micro-batch: receive, forward (the message goes on), local loss, backward."""
+        received, reads = None, self.trainer.reads_data
+        if self.receives:
+            self.channels.before_receive()
+            received, sent_y = self.link.recv(msg)
+            y = sent_y if sent_y is not None else y
+            self.channels.on_received(x if reads else None, received, y, step)
+        send = (lambda h: self.link.send(h, y, msg)) if self.sends else None  # noqa: E731
+        torch.set_rng_state(self.stream.get_state())
+        loss = self.trainer(x=x if reads else None, received=received, y=y, on_activation=send)
+        self.stream.set_state(torch.get_rng_state())
+        micro = self.cfg.train.grad_accum
+        (loss / micro).backward()
+        self._step_loss += float(loss.detach()) / micro
+
+    def update(self, lr: float) -> None:
+        """The stage's optimizer step (gradients clipped as the trainers clip them)."""
+        set_lr(self.opt, lr)
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainer.parameters(), self.cfg.train.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.losses.append(self._step_loss)
+        self._step_loss = 0.0
+
+
+def _no_replay(x, received, y) -> None:
+    raise RuntimeError("the reference runs the synchronous schedule: no stage replays a batch")
 
 
 def _test_batches(cfg, data) -> list[torch.Tensor]:
