@@ -159,9 +159,3 @@ class MANWeights(Channel):
 
     def metrics(self) -> dict:
         return {"weight_bytes_sent": self.ctx.link.weight_bytes_sent, "weight_msgs_received": self.received}
-
-
-def ema_schedule(step: int, start: int, every: int, delay: int) -> bool:
-    """Does stage k apply an EMA update at the start of `step`? (The channel's rule, for references.)"""
-    sent_at = step - delay
-    return sent_at >= start and (sent_at - start) % every == 0
