@@ -69,7 +69,8 @@ def merge_dicts(base: dict, over: dict) -> dict:
     return out
 
 
-def _resolve_path(path: str | Path) -> Path:
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` if it exists, else the built-in config of that name (`quickstart.yaml`); UserError otherwise."""
     p = Path(path)
     if p.exists():
         return p
@@ -80,7 +81,7 @@ def _resolve_path(path: str | Path) -> Path:
 
 
 def read_yaml(path: str | Path) -> dict:
-    p = _resolve_path(path)
+    p = resolve_config_path(path)
     try:
         data = _yaml(p.read_text())
     except yaml.YAMLError as e:

@@ -1,6 +1,7 @@
 """DP-SGD as a gradient transform (Abadi et al. 2016, Algorithm 1), distributed.
 
-One logical step, as `../shared/specs/privacy.md` defines it:
+One logical step (Abadi et al. 2016 with Poisson sampling; per-example norms by book-keeping, Bu et al.,
+arXiv 2210.00038):
 1. Poisson sampling: every training example joins the logical batch with probability q = B / N
    (B = train.batch_size, the *expected* global batch), drawn identically on every rank from
    (train.seed, step); each rank takes the selected examples of its own shard, split into physical
@@ -10,7 +11,7 @@ One logical step, as `../shared/specs/privacy.md` defines it:
 3. Noise once per coordinate across the world: the data-parallel rank 0 adds N(0, sigma^2 C^2) to its
    sum before the all-reduce (SUM), so the reduced gradient carries exactly one draw; under FSDP2
    each sum is reduce-scattered and the owner of each row shard adds the noise to its rows (the
-   spec's third option, sigma/sqrt(W) on every rank, is not used).
+   third option, sigma/sqrt(W) from independent streams on every rank, is not used).
 4. Divide by the expected batch size B (never the realised one: the realised size is private).
 5. The base optimizer (privacy.base_optimizer) steps on that gradient. Muon / NorMuon reduce their
    matrices themselves (a mean over ranks, to each matrix's owner): those gradients leave here

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from dist_train.config import load_config
-from dist_train.config.load import _resolve_path
+from dist_train.config.load import resolve_config_path
 from dist_train.config.layout import check_layout
 from dist_train.errors import UserError
 
@@ -41,7 +41,7 @@ def render(args: argparse.Namespace) -> tuple[Path, str]:
         raise UserError("--tasks-per-node: a CPU-only job (--gpus-per-node 0) needs --tasks-per-node N")
     if args.time is not None and not _TIME.match(args.time):
         raise UserError(f"--time {args.time!r}: not a Slurm time (minutes, H:M:S or D-H:M:S)")
-    config = _resolve_path(args.config)  # a file, or a built-in name such as quickstart.yaml
+    config = resolve_config_path(args.config)  # a file, or a built-in name such as quickstart.yaml
     cfg = load_config(str(config), args.overrides)
     check_layout(cfg, args.nodes * tasks)
 
