@@ -37,8 +37,11 @@ def test_smoke_moe_benchmark_measures_every_model(monkeypatch):
     targets = {t["metric"]: t for t in doc["targets"]}
     large, small, k = size["points"][-1], size["points"][0], size["experts"][-1]
     assert targets[f"rel_l2_{k}_experts_vs_global"]["value"] == pytest.approx(at(k, large)["rel_l2"] / at(1, large)["rel_l2"])
-    assert targets["step_time_global_vs_experts"]["value"] == pytest.approx(
-        at(1, large)["step_time_s"] / at(k, large)["step_time_s"])
+    # The step-time target is against the paper's placement (one rank); equal devices are reported.
+    assert targets["step_time_global_1rank_vs_experts"]["value"] == pytest.approx(
+        at(1, large, ranks=1)["step_time_s"] / at(k, large)["step_time_s"])
+    assert targets["step_time_global_1rank_vs_experts"]["op"] == ">=" and targets["step_time_global_1rank_vs_experts"]["target"] == 1.5
+    assert "step_time_global_vs_experts" not in targets
     growth = (at(k, large)["step_time_s"] / at(k, small)["step_time_s"]) / (
         at(1, large)["step_time_s"] / at(1, small)["step_time_s"])
     assert targets["step_time_growth_experts_vs_global"]["value"] == pytest.approx(growth)
@@ -49,8 +52,8 @@ def test_smoke_moe_benchmark_measures_every_model(monkeypatch):
         at(k, large, overlap=o)["rel_l2"] / at(1, large)["rel_l2"])
     assert reported["step_time_global_vs_experts_overlap"] == pytest.approx(
         at(1, large)["step_time_s"] / at(k, large, overlap=o)["step_time_s"])
-    assert reported["step_time_global_1rank_vs_experts"] == pytest.approx(
-        at(1, large, ranks=1)["step_time_s"] / at(k, large)["step_time_s"])
+    assert reported["step_time_global_vs_experts"] == pytest.approx(
+        at(1, large)["step_time_s"] / at(k, large)["step_time_s"])
     for t in targets.values():
         assert t["met"] == (t["value"] <= t["target"] if t["op"] == "<=" else t["value"] >= t["target"])
 
@@ -168,10 +171,9 @@ def test_one_rank_steps_trains_only_the_one_rank_row_shorter(monkeypatch):
     assert seen["soft"] == (size["steps"], size["eval_every"], 2)
     steps = {(r["kind"], r["points"]): r["steps"] for r in doc["results"]}
     assert steps[("one_rank", 4096)] == size["one_rank_steps"] and steps[("global", 4096)] == size["steps"]
-    reported = {r["metric"]: r["value"] for r in doc["reported"]}
-    assert reported["step_time_global_1rank_vs_experts"] == pytest.approx(2.0)
-    described = {r["metric"]: r["description"] for r in doc["reported"]}
-    assert f"over its {size['one_rank_steps']} steps only" in described["step_time_global_1rank_vs_experts"]
+    targets = {t["metric"]: t for t in doc["targets"]}
+    assert targets["step_time_global_1rank_vs_experts"]["value"] == pytest.approx(2.0)
+    assert f"over its {size['one_rank_steps']} steps only" in targets["step_time_global_1rank_vs_experts"]["description"]
 
 
 def test_experts_are_paired_seed_by_seed_with_the_global_constraint(monkeypatch):

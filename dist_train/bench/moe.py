@@ -275,11 +275,23 @@ def run(quick: bool) -> dict[str, Any]:
     wanted = [(f"rel_l2_{k}_experts_vs_global", ratio(at(k, large), glob, "rel_l2"), "<=", 1.0,
                f"held-out relative L2 error, {k} experts / one global hard constraint, m = {large} "
                "(below 1: experts more accurate)") for k in size["experts"]]
+    # The step-time target compares against the paper's placement (the global constraint on one
+    # device for the whole batch): at equal devices the data-parallel global constraint and the
+    # experts solve the same LM rows per rank by construction, so that ratio is reported beside it
+    # with no target (the project's ruling, recorded in BENCHMARKS.md).
+    one_rank_row = at(1, large, ranks=1)
+    shorter = one_rank_row is not None and one_rank_row["steps"] != size["steps"]
     wanted += [("rel_l2_experts_vs_soft", ratio(at(best, large), soft, "rel_l2"), "<=", 0.5,
                 f"held-out relative L2 error, {best} experts (m = {large}) / soft constraint"),
-               ("step_time_global_vs_experts", ratio(glob, at(best, large), "step_time_s"), ">=", 1.5,
-                f"median step time, global hard constraint / {best} experts, m = {large} (2 ranks each)")]
-    reported = []
+               ("step_time_global_1rank_vs_experts", ratio(one_rank_row, at(best, large), "step_time_s"), ">=", 1.5,
+                f"median step time, global hard constraint on ONE rank for the whole batch (the paper's placement) "
+                f"/ {best} experts on 2 ranks, m = {large}" + (f"; the one-rank row timed over its "
+                f"{one_rank_row['steps']} steps only (early training)" if shorter else ""))]
+    equal = ratio(glob, at(best, large), "step_time_s")
+    reported = [] if equal is None else [{
+        "metric": "step_time_global_vs_experts", "value": equal,
+        "description": f"median step time, global hard constraint / {best} experts, m = {large}, 2 ranks each "
+                       "(equal devices do equal work by construction: reported beside the target, no target)"}]
     if small != large:  # a growth with m needs two m's
         growth_global = ratio(glob, at(1, small), "step_time_s")
         growth_experts = ratio(at(best, large), at(best, small), "step_time_s")
@@ -292,14 +304,6 @@ def run(quick: bool) -> dict[str, Any]:
                          for name, value in (("global", growth_global), (f"{best}_experts", growth_experts))]
     targets = [make_target(metric, value, op, goal, description=text)
                for metric, value, op, goal, text in wanted if value is not None]
-    one_rank = ratio(at(1, large, ranks=1), at(best, large), "step_time_s")
-    if one_rank is not None:
-        shorter = at(1, large, ranks=1)["steps"] != size["steps"]
-        reported.append({"metric": "step_time_global_1rank_vs_experts", "value": one_rank,
-                         "description": f"median step time, global hard constraint on ONE rank for the whole "
-                         f"batch (the paper's placement) / {best} experts on 2 ranks, m = {large}: unequal "
-                         "devices, no target" + (f"; the one-rank row timed over its {at(1, large, ranks=1)['steps']} "
-                                                 "steps only (early training)" if shorter else "")})
     for k in size["experts"] if glob else []:
         reported += _paired(f"rel_l2_{k}_experts_vs_global", at(k, large), glob, "rel_l2",
                             f"(error, {k} experts) / (error, global constraint), m = {large}")
