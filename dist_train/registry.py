@@ -124,8 +124,8 @@ DATASETS = Registry("data.name", "data set", {
     "token_bin": "dist_train.data.token_bin:TokenBin",
     "digits": "dist_train.data.digits:Digits",
     "shapes32": "dist_train.data.shapes32:Shapes32",
-    "reaction_diffusion": "dist_train.data.pde:ReactionDiffusion",
-    "diffusion_sorption": "dist_train.data.pde:DiffusionSorption",
+    "reaction_diffusion": "dist_train.pde.data:ReactionDiffusion",
+    "diffusion_sorption": "dist_train.pde.data:DiffusionSorption",
 })
 
 BACKENDS = Registry("parallel.backend", "backend", {

@@ -7,9 +7,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from dist_train.data.pde import PDEGrid
 from dist_train.pde.basis import BasisMLP
 from dist_train.pde.constraint import LMOptions
+from dist_train.pde.grid import PDEGrid
 from dist_train.pde.model import PDEModel
 
 GRID = PDEGrid(nx=17, nt=9, t_end=0.5, nu=0.01, rho=1.0)
@@ -32,7 +32,7 @@ def model(experts: int, time_splits: int, overlap: int = 0, equation: str = "fis
 
 
 def batch(equation: str = "fisher_kpp") -> tuple[torch.Tensor, torch.Tensor]:
-    from dist_train.data.pde import reference_solution, sample_initial_conditions
+    from dist_train.pde.grid import reference_solution, sample_initial_conditions
 
     grid = GRIDS[equation]
     u0 = sample_initial_conditions(grid, SAMPLES, torch.Generator().manual_seed(1))

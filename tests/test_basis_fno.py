@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from dist_train.data.pde import PDEGrid
 from dist_train.pde.basis_fno import BasisFNO, SpectralConv2d
+from dist_train.pde.grid import PDEGrid
 
 
 def _fourier_layer_by_hand(v: torch.Tensor, w: torch.Tensor, mt: int, mx: int) -> torch.Tensor:

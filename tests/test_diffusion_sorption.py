@@ -1,4 +1,4 @@
-"""PDEBench's diffusion–sorption problem (`dist_train.data.diffusion_sorption`) and its hard-constraint
+"""PDEBench's diffusion–sorption problem (`dist_train.pde.sorption`) and its hard-constraint
 rows (`constraint.DiffusionSorption`): the reference solver against exact solutions, the rows and
 their derivatives against formulas written here, the implicit gradient against finite differences with
 the inflow (u = 1) and outflow (Robin) rows in the problem."""
@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
-from dist_train.data import diffusion_sorption as ds
-from dist_train.data.pde import PDEDataset, PDEGrid, boundary_rows
+from dist_train.pde import sorption as ds
 from dist_train.pde.constraint import (ConstraintPoints, DiffusionSorption, LMOptions, full_hessian,
                                        solve_hard_constraint)
+from dist_train.pde.data import PDEDataset
 from dist_train.pde.domain import constraint_points, decompose
+from dist_train.pde.grid import PDEGrid, boundary_rows
 from dist_train.pde.physics import boundary_residual, grid_residual
 from moe_cases import ift_and_finite_differences
 from test_hard_constraint import _one_thread  # noqa: F401  (autouse: these problems are tiny, one thread)

@@ -8,10 +8,10 @@ import torch
 
 import moe_cases as mc
 from dist_train.bench._spawn import run_on_ranks
-from dist_train.data.pde import PDEGrid
 from dist_train.errors import UserError
 from dist_train.pde.constraint import FisherKPP, solve_hard_constraint
 from dist_train.pde.domain import constraint_points, decompose, owner_of, points_per_expert
+from dist_train.pde.grid import PDEGrid
 from dist_train.pde.physics import grid_residual
 
 # Both sides do the same float64 arithmetic except that the basis network sees batch slices, whose

@@ -1,6 +1,6 @@
-"""The Fisher–KPP workload (dist_train/data/pde.py): the reference solver against closed forms
-(heat equation, logistic ODE), its order of convergence, the initial-condition family, and the
-data set's splits."""
+"""The Fisher–KPP workload (dist_train/pde/fisher_kpp.py, dist_train/pde/data.py): the reference solver
+against closed forms (heat equation, logistic ODE), its order of convergence, the initial-condition
+family, and the data set's splits."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
-from dist_train.data.pde import PDEDataset, PDEGrid, initial_conditions, solve_reference
 from dist_train.errors import UserError
+from dist_train.pde.data import PDEDataset
+from dist_train.pde.fisher_kpp import initial_conditions, solve_reference
+from dist_train.pde.grid import PDEGrid
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

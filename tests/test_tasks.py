@@ -40,7 +40,7 @@ def test_task_builds_its_models_and_their_example_runs(model_name: str) -> None:
 
 
 def test_pde_task_builds_its_model_from_the_moe_section() -> None:
-    from dist_train.data.pde import PDEGrid
+    from dist_train.pde.grid import PDEGrid
 
     grid = PDEGrid(nx=17, nt=9, t_end=0.5, nu=0.01, rho=1.0)
     info = DataInfo(task="pde", vocab_size=None, input_shape=(17,), num_classes=None, train_size=10, val_size=2,
@@ -71,8 +71,8 @@ def test_unknown_task_and_wrong_model_are_user_errors() -> None:
 def test_pde_eval_reports_each_experts_share_of_the_error() -> None:
     from types import SimpleNamespace
 
-    from dist_train.data.pde import PDEGrid
     from dist_train.pde.domain import decompose
+    from dist_train.pde.grid import PDEGrid
 
     grid = PDEGrid(nx=16, nt=6, t_end=0.5, nu=0.01, rho=1.0)
     model = SimpleNamespace(grid=grid, constraint="hard", experts=SimpleNamespace(subs=decompose(grid, 4, 1, 0)))

@@ -32,7 +32,7 @@ class DataInfo:
     train_size: int
     val_size: int
     test_size: int = 0  # 0: the data set has no test split (data.test_fraction = 0)
-    grid: Optional[object] = None  # PDE data sets: their data.pde.PDEGrid (the model's grid and coefficients)
+    grid: Optional[object] = None  # PDE data sets: their dist_train.pde.grid.PDEGrid (the model's grid and coefficients)
     # Image data sets: per-channel (mean, std) such that x * std + mean is the image in [0, 1] that
     # the model input x was normalised from (InfoPro's decoder reconstructs that image, as the
     # paper's `_image_restore` does). None: the input is not an image in [0, 1].

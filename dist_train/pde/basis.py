@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from dist_train.data.pde import PDEGrid
+    from dist_train.pde.grid import PDEGrid
 
 
 class BasisMLP(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from dist_train.data.pde import PDEGrid
+    from dist_train.pde.grid import PDEGrid
 
 
 class SpectralConv2d(nn.Module):

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from dist_train.data.diffusion_sorption import retardation_derivatives
+from dist_train.pde.sorption import retardation_derivatives
 
 Tensor = torch.Tensor
 _BC_ROW_FIELDS = ("bc_inner", "bc_kappa", "bc_value")
@@ -35,7 +35,7 @@ class ConstraintPoints:
     """Block-local integer grid indices (1-D, possibly empty) of the PDE residual points, the
     initial-condition points and the boundary points.
 
-    A boundary row is (1 − κ) u[j, i] + κ u[j, bc_inner] = value (`data.pde.BoundaryRow`): `bc_inner`
+    A boundary row is (1 − κ) u[j, i] + κ u[j, bc_inner] = value (`family.BoundaryRow`): `bc_inner`
     the edge's neighbouring column, `bc_kappa` and `bc_value` float per row. Left out (None), every
     boundary row is u[j, i] = 0 (homogeneous Dirichlet)."""
 
@@ -142,7 +142,7 @@ class FisherKPP:
 
 @dataclass(frozen=True)
 class DiffusionSorption:
-    """R(u) u_t = D u_xx (`data.diffusion_sorption`), Crank–Nicolson with R at the mean of the two
+    """R(u) u_t = D u_xx (`sorption.py`), Crank–Nicolson with R at the mean of the two
     levels, rows scaled by dt:
 
         dt·R = R(ū)(u_P − u_Q) − c[(u_P− − 2u_P + u_P+) + (u_Q− − 2u_Q + u_Q+)],  ū = (u_P + u_Q)/2,  c = D·dt/(2 dx²).

@@ -23,7 +23,7 @@ conditions):
   with j >= 1 and 1 <= i <= nx - 2, m_k = m // K (the first m % K experts take one more);
 - initial condition: every point of the region with j = 0;
 - boundary: every point of the region with i in {0, nx - 1} and j >= 1, each with its side's row
-  (`data.pde.boundary_rows`: u = 0 for Fisher–KPP; u = 1 in, u = D u_x out for diffusion–sorption).
+  (`grid.boundary_rows`: u = 0 for Fisher–KPP; u = 1 in, u = D u_x out for diffusion–sorption).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_train.data.pde import PDEGrid, boundary_rows
 from dist_train.errors import UserError
 from dist_train.pde.constraint import ConstraintPoints
+from dist_train.pde.grid import PDEGrid, boundary_rows
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_train.data.pde import PDEGrid
 from dist_train.pde.constraint import CONSTRAINT_ROWS, LMOptions, solve_hard_constraint
 from dist_train.pde.domain import constraint_points, decompose, owner_of, points_per_expert
+from dist_train.pde.grid import PDEGrid
 
 
 def _exchange(pieces: list[torch.Tensor], recv_sizes: list[int], group) -> list[torch.Tensor]:

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dist_train.data.pde import PDEGrid
 from dist_train.pde.constraint import LMOptions
 from dist_train.pde.experts import ExpertLayer
+from dist_train.pde.grid import PDEGrid
 from dist_train.pde.physics import physics_loss
 
 

@@ -8,11 +8,11 @@ space, the same scheme the hard constraint enforces at its sampled points (`cons
 
   Fisher–KPP, u_t = ν u_xx + ρ u(1 − u):
     R = (u[j,i] − u[j−1,i])/Δt − ν/(2Δx²) [δ²u[j,i] + δ²u[j−1,i]] − ρ/2 [f(u[j,i]) + f(u[j−1,i])],  f(u) = u(1 − u)
-  diffusion–sorption, R(u) u_t = D u_xx (`data.diffusion_sorption`):
+  diffusion–sorption, R(u) u_t = D u_xx (`sorption.py`):
     R = R(ū)(u[j,i] − u[j−1,i])/Δt − D/(2Δx²) [δ²u[j,i] + δ²u[j−1,i]],  ū = (u[j,i] + u[j−1,i])/2
 
 Rows are scaled by Δt, as in the constraint, so residual, initial and boundary terms weigh alike. The
-boundary term is each side's `pde.BoundaryRow` at every time level j ≥ 1.
+boundary term is each side's `family.BoundaryRow` at every time level j ≥ 1.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from dist_train.data.diffusion_sorption import retardation
-from dist_train.data.pde import PDEGrid, boundary_rows
+from dist_train.pde.grid import PDEGrid, boundary_rows
+from dist_train.pde.sorption import retardation
 
 
 def _laplacian_sum(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:

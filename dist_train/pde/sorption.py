@@ -1,4 +1,4 @@
-"""diffusion_sorption: PDEBench's 1D diffusion–sorption problem, the PDE PI-HC-MoE reports its 1D figures on.
+"""sorption: PDEBench's 1D diffusion–sorption problem, the PDE PI-HC-MoE reports its 1D figures on.
 
     R(u) u_t = D u_xx  on x in [0, 1], t in [0, t_end],
     R(u) = 1 + (1 − φ)/φ · ρ_s · k · n_f · u^(n_f − 1)          (Freundlich sorption, retardation R)
@@ -37,6 +37,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from dist_train.pde.family import BoundaryRow
+from dist_train.pde.fisher_kpp import initial_conditions as bumps
 
 PHI, RHO_S, K_F, N_F = 0.29, 2880.0, 3.5e-4, 0.874
 A_SORPTION = (1 - PHI) / PHI * RHO_S * K_F * N_F  # ≈ 2.157
@@ -80,22 +83,18 @@ def check_grid(grid) -> None:
 
 
 def boundary_rows(grid):
-    """u = 1 at the inflow x = 0, u = D u_x at the outflow x = 1 (`pde.BoundaryRow` form)."""
-    from dist_train.data.pde import BoundaryRow
-
+    """u = 1 at the inflow x = 0, u = D u_x at the outflow x = 1 (`family.BoundaryRow` form)."""
     return BoundaryRow(U_LEFT, 0.0), BoundaryRow(0.0, robin_kappa(grid.nu, grid.dx))
 
 
 def initial_conditions(n: int, nx: int, generator: torch.Generator) -> torch.Tensor:
-    """[n, nx] float64 in [0, 0.2]: the Fisher–KPP bump family (`pde.initial_conditions`) scaled to
+    """[n, nx] float64 in [0, 0.2]: the Fisher–KPP bump family (`fisher_kpp.initial_conditions`) scaled to
     PDEBench's range (see the module docstring for why not its white noise)."""
-    from dist_train.data.pde import initial_conditions as bumps
-
     return bumps(n, nx, generator) * (IC_MAX / 0.95)
 
 
 def solve_reference(u0: torch.Tensor, grid, refine_x: int = 2, sorption: float = A_SORPTION) -> torch.Tensor:
-    """[B, nt, nx] float64 solution from u0 [B, nx] on `grid` (a `pde.PDEGrid`; `grid.nu` is D)."""
+    """[B, nt, nx] float64 solution from u0 [B, nx] on `grid` (a `grid.PDEGrid`; `grid.nu` is D)."""
     if u0.dim() != 2 or u0.shape[1] != grid.nx:
         raise ValueError(f"u0 must be [B, {grid.nx}], got {list(u0.shape)}")
     if refine_x < 1:
