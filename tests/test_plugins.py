@@ -1,8 +1,11 @@
 """A component of one's own, with no edit to the package: a local-learning method and a data set
-defined in this file and registered here; a config lists this file under `plugins:`, and
-`dist-train launch` / `run` / `plan` train and describe them like the built-in ones.
+defined in this file and registered here (`register_toys`); a config lists a plugin that calls it
+under `plugins:`, and `dist-train launch` / `run` / `plan` train and describe them like the built-in
+ones.
 
-This module is itself the plugin: importing it registers `toy_local` and `toy_blobs`."""
+Registration is a call rather than a side effect of importing this file, so that the toys do not
+appear in the choices other tests in the same pytest worker see (pytest imports every test file
+before it runs any)."""
 
 from __future__ import annotations
 
@@ -56,7 +59,6 @@ class ToyLocal(LocalMethod):
         return self.scale * cross_entropy(head(h), targets)
 
 
-LOCAL_METHODS.register("toy_local", ToyLocal)
 
 
 # --- a toy data set ---------------------------------------------------------------------------------
@@ -95,14 +97,21 @@ class ToyBlobs(DatasetSpec):
         return ToyBlobsDataset(own.num_examples, own.noise, cfg_data.val_fraction)
 
 
-DATASETS.register("toy_blobs", ToyBlobs)
+def register_toys() -> None:
+    """What a plugin module does on import: register its components by name."""
+    LOCAL_METHODS.register("toy_local", ToyLocal)
+    DATASETS.register("toy_blobs", ToyBlobs)
 
 
 # --- the tests --------------------------------------------------------------------------------------
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
+    # The plugin a user would write: a module that registers the components when imported.
+    plugin = tmp_path / "toy_plugin.py"
+    plugin.write_text(f"import sys\nsys.path.insert(0, {str(HERE.parent)!r})\n"
+                      "import test_plugins\ntest_plugins.register_toys()\n")
     path = tmp_path / "toy.yaml"
-    path.write_text(f"""plugins: [{HERE}]
+    path.write_text(f"""plugins: [{plugin}]
 run: {{name: toy, dir: {tmp_path / 'runs'}}}
 train: {{steps: 40, batch_size: 32, log_every: 10, eval_batches: 2, sample_tokens: 0}}
 model: {{name: mlp, n_layer: 4, width: 32}}
@@ -130,7 +139,7 @@ def test_a_plugin_method_and_data_set_train_through_dist_train_run(tmp_path: Pat
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["step"] == 40 and final["val_acc"] > 0.5, final  # 10 classes: chance is 0.1
     resolved = (run / "config.yaml").read_text()
-    assert str(HERE) in resolved and "scale: 2.0" in resolved and "noise: 0.5" in resolved
+    assert "toy_plugin.py" in resolved and "scale: 2.0" in resolved and "noise: 0.5" in resolved
 
 
 def test_plan_shows_the_plugins_own_words_and_keys_are_checked(tmp_path: Path) -> None:
@@ -148,7 +157,7 @@ def test_plan_shows_the_plugins_own_words_and_keys_are_checked(tmp_path: Path) -
 
 
 def test_without_the_plugin_the_names_are_unknown_and_a_missing_plugin_is_one_line(tmp_path: Path) -> None:
-    text = _config(tmp_path).read_text().replace(f"plugins: [{HERE}]\n", "")
+    text = "\n".join(line for line in _config(tmp_path).read_text().splitlines() if not line.startswith("plugins:"))
     bare = tmp_path / "bare.yaml"
     bare.write_text(text)
     assert_user_error(cli(["plan", str(bare), "--nproc", "2"], tmp_path), "data.name: expected one of", "'toy_blobs'")
@@ -162,4 +171,10 @@ def test_a_registry_refuses_a_taken_name_unless_replacing() -> None:
 
     with pytest.raises(ValueError, match="already registered"):
         DATASETS.register("digits", ToyBlobs)
-    assert DATASETS.register("toy_blobs", ToyBlobs) is ToyBlobs  # the same entry again: a re-import
+    try:
+        register_toys()
+        register_toys()  # the same entries again (a plugin imported twice): no error
+        assert "toy_blobs" in DATASETS and "toy_local" in LOCAL_METHODS
+    finally:
+        DATASETS.unregister("toy_blobs")
+        LOCAL_METHODS.unregister("toy_local")

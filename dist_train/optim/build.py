@@ -18,9 +18,6 @@ from torch import nn
 from dist_train.config.schema import OptimSection
 from dist_train.optim.routing import route_parameters
 
-MATRIX_OPTIMIZERS = ("muon", "normuon")
-
-
 @dataclass
 class OptimizerSpec:
     cls: type[torch.optim.Optimizer]
@@ -63,11 +60,10 @@ def _ns_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[name]
 
 
-def matrix_optimizer_spec(cfg: OptimSection, model: nn.Module, mesh=None,
-                          num_outputs: Optional[int] = None) -> OptimizerSpec:
-    """Muon / NorMuon on the routed hidden matrices, AdamW (same schedule, own lr) on the rest."""
-    from dist_train.optim.muon import Muon, NorMuon
-
+def matrix_optimizer_spec(cfg: OptimSection, model: nn.Module, mesh, num_outputs: Optional[int],
+                          cls: type[torch.optim.Optimizer], own_kwargs: dict[str, Any]) -> OptimizerSpec:
+    """`cls` (Muon / NorMuon, with `own_kwargs`) on the routed hidden matrices, AdamW (same schedule,
+    own lr) on the rest."""
     m = cfg.matrix
     routes = route_parameters(model, num_outputs, m.matrix_params, m.adamw_params)
     ratio = (m.adamw_lr / cfg.lr) if m.adamw_lr is not None else 1.0
@@ -84,14 +80,7 @@ def matrix_optimizer_spec(cfg: OptimSection, model: nn.Module, mesh=None,
               "ns_coefficients": m.ns_coefficients, "ns_dtype": _ns_dtype(m.ns_dtype, device),
               "process_group": mesh.get_group() if mesh is not None else None,
               "owner_compute": m.owner_compute}
-    if cfg.name == "muon":
-        cls = Muon
-        kwargs = {**common, "momentum": m.momentum, "nesterov": True if m.nesterov is None else m.nesterov,
-                  "lr_scale": m.lr_scale, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    else:
-        cls = NorMuon
-        kwargs = {**common, "betas": (m.momentum, m.beta2), "eps": cfg.eps, "variant": m.variant,
-                  "nesterov": m.nesterov, "adamw_betas": (cfg.beta1, cfg.beta2), "adamw_eps": cfg.eps}
+    kwargs = {**common, **own_kwargs}
     names = {p: n for n, p in routes.matrix + routes.adamw_decay + routes.adamw_no_decay}
     return OptimizerSpec(cls, groups, kwargs, self_reduced=[n for n, _ in routes.matrix] if m.owner_compute else [],
                          param_names=names)
@@ -99,16 +88,10 @@ def matrix_optimizer_spec(cfg: OptimSection, model: nn.Module, mesh=None,
 
 def optimizer_spec(cfg: OptimSection, model: nn.Module, mesh=None,
                    num_outputs: Optional[int] = None) -> OptimizerSpec:
-    """`mesh`: the data-parallel (sub-)mesh the model is replicated or sharded over (None: one
-    process). `num_outputs`: the model's output size (vocabulary or classes), which tells the
-    routing which matrices are output heads."""
-    if cfg.name in MATRIX_OPTIMIZERS:
-        return matrix_optimizer_spec(cfg, model, mesh, num_outputs)
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.name == "adamw":
-        # foreach: one fused kernel per group on GPU, fewer Python loops on CPU.
-        return OptimizerSpec(torch.optim.AdamW, groups,
-                             {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "foreach": True})
-    if cfg.name == "sgd":
-        return OptimizerSpec(torch.optim.SGD, groups, {"lr": cfg.lr, "momentum": cfg.beta1})
-    raise ValueError(f"optim.name: {cfg.name} is not available")
+    """The torch optimizer `optim.name` builds (its registered class's `torch_optimizer`). `mesh`: the
+    data-parallel (sub-)mesh the model is replicated or sharded over (None: one process).
+    `num_outputs`: the model's output size (vocabulary or classes), which tells the routing which
+    matrices are output heads."""
+    from dist_train.registry import OPTIMIZERS
+
+    return OPTIMIZERS.get(cfg.name).torch_optimizer(cfg, model, mesh, num_outputs)

@@ -5,7 +5,10 @@ and owns what differs: its rules and its state in `dist-train plan`. The private
 
 from __future__ import annotations
 
+import torch
+
 from dist_train.errors import UserError
+from dist_train.optim.build import OptimizerSpec, matrix_optimizer_spec, param_groups
 from dist_train.optim.transform import GradientTransform
 from dist_train.registry import BACKENDS
 
@@ -13,9 +16,20 @@ from dist_train.registry import BACKENDS
 class AdamW(GradientTransform):
     name = "adamw"
 
+    @classmethod
+    def torch_optimizer(cls, cfg, model, mesh, num_outputs) -> OptimizerSpec:
+        # foreach: one fused kernel per group on GPU, fewer Python loops on CPU.
+        return OptimizerSpec(torch.optim.AdamW, param_groups(model, cfg.weight_decay),
+                             {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "foreach": True})
+
 
 class SGD(GradientTransform):
     name = "sgd"
+
+    @classmethod
+    def torch_optimizer(cls, cfg, model, mesh, num_outputs) -> OptimizerSpec:
+        return OptimizerSpec(torch.optim.SGD, param_groups(model, cfg.weight_decay),
+                             {"lr": cfg.lr, "momentum": cfg.beta1})
 
     @classmethod
     def state_bytes(cls, cfg, model, num_outputs, backend, dp, adamw_bytes):
@@ -43,6 +57,15 @@ class Muon(GradientTransform):
                             "use parallel.backend ddp or fsdp")
 
     @classmethod
+    def torch_optimizer(cls, cfg, model, mesh, num_outputs) -> OptimizerSpec:
+        from dist_train.optim.muon import Muon as MuonOptimizer
+
+        m = cfg.matrix
+        return matrix_optimizer_spec(cfg, model, mesh, num_outputs, MuonOptimizer, {
+            "momentum": m.momentum, "nesterov": True if m.nesterov is None else m.nesterov,
+            "lr_scale": m.lr_scale, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps})
+
+    @classmethod
     def state_bytes(cls, cfg, model, num_outputs, backend, dp, adamw_bytes):
         """One fp32 momentum per matrix element (NorMuon: plus one value per row); owner-computes
         keeps a matrix's state on its owner only, so under DDP as well as FSDP2 it is divided over
@@ -54,6 +77,15 @@ class NorMuon(Muon):
     """NorMuon: Muon's orthogonalised update normalised per row by a second-moment estimate."""
 
     name = "normuon"
+
+    @classmethod
+    def torch_optimizer(cls, cfg, model, mesh, num_outputs) -> OptimizerSpec:
+        from dist_train.optim.muon import NorMuon as NorMuonOptimizer
+
+        m = cfg.matrix
+        return matrix_optimizer_spec(cfg, model, mesh, num_outputs, NorMuonOptimizer, {
+            "betas": (m.momentum, m.beta2), "eps": cfg.eps, "variant": m.variant, "nesterov": m.nesterov,
+            "adamw_betas": (cfg.beta1, cfg.beta2), "adamw_eps": cfg.eps})
 
 
 def matrix_state_bytes(cfg, name: str, model, num_outputs: int, backend, dp: int,

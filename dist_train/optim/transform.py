@@ -70,6 +70,12 @@ class GradientTransform:
         return count_parameters(model) * adamw_bytes, cfg.optim.name
 
     @classmethod
+    def torch_optimizer(cls, cfg_optim, model: torch.nn.Module, mesh, num_outputs: Optional[int]):
+        """The `OptimizerSpec` of the torch optimizer this choice steps with (a private transform has
+        none of its own: it builds its base optimizer's)."""
+        raise ValueError(f"optim.name: {cfg_optim.name} is not a torch optimizer (it wraps one)")
+
+    @classmethod
     def plan_rows(cls, cfg: Config, plan) -> None:
         """Add or replace rows of `dist-train plan`'s table (`plan.set(label, text)`; `plan.data`,
         `plan.dp` and `plan.world` describe the run)."""
