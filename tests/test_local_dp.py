@@ -9,12 +9,11 @@ agree with it up to float32 reduction order (rel 1e-4), and so must the validati
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import forked_run
 from dist_train.config import load_config
 from dist_train.train.local_reference import local_reference
 
@@ -27,17 +26,14 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _launch(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_train", "launch", "quickstart.yaml", "--nproc", "4",
-                           "--threads", "1", f"run.dir={run_dir}", "run.name=dp", *overrides],
-                          capture_output=True, text=True, timeout=400)
+def _launch(run_dir: Path, *overrides: str) -> None:
+    forked_run(["quickstart.yaml", f"run.dir={run_dir}", "run.name=dp", *overrides], run_dir, nproc=4, timeout=400)
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
 def test_replicated_stages_match_the_single_process_reference(tmp_path, backend):
     overrides = [*TINY, f"parallel.backend={backend}"]
-    proc = _launch(tmp_path, *overrides)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch(tmp_path, *overrides)
     ref = local_reference(load_config(None, [f"run.dir={tmp_path}", *overrides]))
     run = tmp_path / "dp"
     for k in range(2):
@@ -49,8 +45,7 @@ def test_replicated_stages_match_the_single_process_reference(tmp_path, backend)
     if backend in ("fsdp", "deepspeed"):
         # Each stage's shards went to the one checkpoint folder under its own key (DCP prefix or
         # DeepSpeed tag); resuming from it with two more steps continues the same run.
-        more = _launch(tmp_path, *overrides, "train.steps=7")
-        assert more.returncode == 0, more.stderr[-3000:]
+        _launch(tmp_path, *overrides, "train.steps=7")
         straight = local_reference(load_config(None, [f"run.dir={tmp_path}", *overrides, "train.steps=7"]))
         got = [r["loss"] for r in _records(run / "stages" / "stage1" / "metrics.jsonl")]
         assert got == pytest.approx(straight["losses"][1], rel=1e-4)

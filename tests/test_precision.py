@@ -4,11 +4,11 @@ train, stay finite, and track the fp32 run within bf16's precision."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from cli_helpers import forked_run
 
 TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_batches=1",
@@ -16,10 +16,7 @@ TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size
 
 
 def _launch(tmp: Path, name: str, *extra: str) -> list[float]:
-    cmd = [sys.executable, "-m", "dist_train", "launch", "quickstart.yaml", "--nproc", "2", "--threads", "1",
-           f"run.dir={tmp}", f"run.name={name}", *TINY, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    forked_run(["quickstart.yaml", f"run.dir={tmp}", f"run.name={name}", *TINY, *extra], tmp, nproc=2, timeout=240)
     return [json.loads(line)["loss"] for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
 
 
