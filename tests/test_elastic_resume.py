@@ -12,12 +12,11 @@ line naming both layouts and the way out, instead of failing deep inside DCP as 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file
+from cli_helpers import assert_user_error, clean_env, cli, config_file, forked_run
 
 YAML = """\
 run: {name: e}
@@ -38,11 +37,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _launch(config: Path, run_dir: Path, nproc: int, *overrides: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([*CLI, "launch", str(config), "--nproc", str(nproc), f"run.dir={run_dir}", *overrides],
-                          cwd=run_dir, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    forked_run([str(config), f"run.dir={run_dir}", *overrides], run_dir, nproc=nproc, timeout=240)
 
 
 def _rows(path: Path) -> dict[int, dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file
+from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file, forked_run
 
 YAML = """\
 run: {name: x}
@@ -63,9 +63,7 @@ def test_export_loads_strict_and_gives_the_runs_val_loss(layout: str, config: Pa
     from dist_train.export import load_exported
 
     env = clean_env(OMP_NUM_THREADS="1")
-    proc = subprocess.run([*CLI, "launch", str(config), "--nproc", "2", f"run.dir={tmp_path}", *LAYOUTS[layout]],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    forked_run([str(config), f"run.dir={tmp_path}", *LAYOUTS[layout]], tmp_path, nproc=2)
     run = tmp_path / "x"
     out = tmp_path / "model.safetensors"
     exported = subprocess.run([*CLI, "export", str(run), "--out", str(out)], cwd=tmp_path, env=env,
