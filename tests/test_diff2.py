@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_train.bench._spawn import run_on_ranks
+from cli_helpers import forked_ranks
 from dist_train.data.sampler import derive_seed
 from dist_train.privacy.diff2 import Diff2, calibrated_sigmas, closed_form_sigmas, diff2_epsilon
 
@@ -160,7 +160,7 @@ def _worker(rank: int, world: int, out: str, period: int) -> None:
 def test_two_workers_match_one_process(tmp_path):
     """P = 2 gloo ranks holding 6 examples each == one process on all 12 (equal n_p: the mean of the
     workers' means is the mean over all examples); fp64, rtol 1e-10 (only the sum order differs)."""
-    run_on_ranks(_worker, 2, (str(tmp_path), 3))
+    forked_ranks(_worker, 2, (str(tmp_path), 3))
     model, x, y = _setup()
     want = _run(model, x, y, 3)[-1]
     for r in range(2):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moe_cases as mc
-from dist_train.bench._spawn import run_on_ranks
+from cli_helpers import forked_ranks
 from dist_train.errors import UserError
 from dist_train.pde.constraint import FisherKPP, solve_hard_constraint
 from dist_train.pde.domain import constraint_points, decompose, owner_of, points_per_expert
@@ -103,7 +103,7 @@ def test_experts_beat_one_global_constraint_on_the_constrained_residual() -> Non
 def test_ranks_match_all_experts_in_one_process(world, ep, tmp_path) -> None:
     # ep = 2 on 4 ranks: two expert groups {0, 1} and {2, 3} of the mesh's "ep" dimension, each with
     # all K experts; the result must still be the one-process one.
-    run_on_ranks(mc.worker, world, (str(tmp_path), ep))
+    forked_ranks(mc.worker, world, (str(tmp_path), ep))
     got = torch.load(tmp_path / "results.pt", weights_only=False)
     group = ep or world  # rank 0's expert group
     for case in mc.CASES:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import muon_cases as mc
-from dist_train.bench._spawn import run_on_ranks
+from cli_helpers import forked_ranks
 
 RTOL = 1e-10
 
@@ -42,7 +42,7 @@ def assert_close(got: dict, ref: dict, where: str) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_distributed_step_matches_single_process(world, tmp_path):
-    run_on_ranks(mc.worker, world, (str(tmp_path),))
+    forked_ranks(mc.worker, world, (str(tmp_path),))
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     refs = references(world, tmp_path)
     for case, steps in results.items():
