@@ -128,12 +128,19 @@ def test_a_size_with_some_rows_sets_only_the_targets_it_can_and_pairs_seeds(monk
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_every_size_trains_valid_configs(size):
-    # A size's overrides are only read by the launched runs; a typo there would fail half an hour in.
+    # A size's overrides are only read by the launched runs; a typo there, or a row the launcher
+    # refuses, would fail half an hour in. Each row's config trains the model the row names.
     import dist_train.bench.moe as bench
+    from dist_train.config.layout import check_layout
     from dist_train.config.load import load_config
 
     for model in bench._models(SIZES[size]):
-        load_config(bench._config(SIZES[size]), [*bench.COMMON, *SIZES[size]["extra"], *model["overrides"]])
+        cfg = load_config(bench._config(SIZES[size]), [*bench.COMMON, *SIZES[size]["extra"], *model["overrides"]])
+        check_layout(cfg, model["ranks"])  # what `dist-train launch` checks before it starts the ranks
+        assert cfg.moe.constraint == ("soft" if model["kind"] == "soft" else "hard"), model["name"]
+        if model["kind"] != "soft":
+            assert (cfg.moe.experts, cfg.moe.points, cfg.moe.overlap) == (
+                model["experts"], model["points"], model["overlap"]), model["name"]
 
 
 def test_time_split_sizes_cut_each_experts_row_into_k_time_bands():
