@@ -25,7 +25,6 @@ import gc
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import types
 from typing import Any
@@ -91,8 +90,6 @@ def _worker(rank: int, world: int, size: dict[str, int], run_dir: str) -> dict[s
     ctx = init_distributed(cfg0, discover())
     inner = build_dataset(cfg0.data, cfg0.model.block_size)
 
-    # Each lockstep thread trains on its own timed view of the one dataset.
-    current = threading.local()
     windows: list[tuple[str, float]] = []  # (meter source, seconds inside EnergyLog.window)
     original_window = EnergyLog.window
 
@@ -104,14 +101,12 @@ def _worker(rank: int, world: int, size: dict[str, int], run_dir: str) -> dict[s
             windows.append((self.source, time.perf_counter() - t0))
 
     def arm(name: str, overrides: tuple[str, ...], data: SharedData) -> dict[str, Any]:
-        current.data = data
         cfg = bench_config(run_dir, name, warmup, measured, overrides)
-        last = loop.train(cfg, ctx, ["dist-train", "bench", "energy"])
+        last = loop.train(cfg, ctx, ["dist-train", "bench", "energy"], data=data)  # each arm its timed view
         return {**step_timing(data.train_sampler, warmup, measured), "source": last.get("energy_source")}
 
     runs = []
-    with mock.patch.object(loop, "build_dataset", lambda *_: current.data), \
-            mock.patch.object(EnergyLog, "window", timed_window):
+    with mock.patch.object(EnergyLog, "window", timed_window):
         try:
             for r in range(size["repeats"]):
                 order = "AB" if r % 2 == 0 else "BA"

@@ -150,19 +150,11 @@ class _Stamps:
 def _run_local(cfg, ctx, data, warmup: int, command: list[str]) -> dict[str, Any]:
     """The framework's pipeline, unmodified; only its data set is handed in and its log stamped."""
     from dist_train.local.layout import stage_layout
-    from dist_train.telemetry import MetricsWriter
-    from dist_train.train import local_loop
+    from dist_train.train.hooks import Hooks
+    from dist_train.train.local_loop import train_local
 
     stamps = _Stamps()
-    original_log = MetricsWriter.log
-
-    def log(self, step, metrics):
-        stamps.mark(step)
-        return original_log(self, step, metrics)
-
-    with mock.patch.object(local_loop, "build_dataset", lambda *_: data), \
-            mock.patch.object(MetricsWriter, "log", log):
-        local_loop.train_local(cfg, ctx, command)
+    train_local(cfg, ctx, command, data=data, hooks=Hooks(on_step=stamps.mark))
     layout = stage_layout(ctx.rank, ctx.world_size, cfg.parallel.stages)
     recs = read_jsonl(Path(cfg.run.dir) / cfg.run.name / "stages" / f"stage{layout.stage}" / "metrics.jsonl")
     out = _windows(recs, warmup, cfg.train.batch_size)
@@ -201,30 +193,25 @@ class _DDPProbe:
 def _run_bp(cfg, ctx, data, warmup: int, command: list[str]) -> dict[str, Any]:
     """The framework's end-to-end loop (backend none or ddp), unmodified but for instrumentation."""
     from dist_train.parallel.ddp import DDPBackend
-    from dist_train.train import loop
+    from dist_train.train.hooks import Hooks
+    from dist_train.train.loop import train
 
     stamps = _Stamps()
     probe = _DDPProbe()
-    original_window = loop._window_metrics
-    original_setup, original_backward = DDPBackend.setup, DDPBackend.backward
+    original_backward = DDPBackend.backward
 
-    def window_metrics(cfg_, ctx_, energy, totals, done, *args, **kwargs):
-        stamps.mark(done)
-        return original_window(cfg_, ctx_, energy, totals, done, *args, **kwargs)
-
-    def setup(self, model, make_optimizer):
-        original_setup(self, model, make_optimizer)
-        self.model.register_comm_hook(None, probe.hook)
+    def setup(backend) -> None:
+        if isinstance(backend, DDPBackend):
+            backend.model.register_comm_hook(None, probe.hook)
 
     def backward(self, loss, is_last):
         original_backward(self, loss, is_last)
         if is_last:  # with grad_accum, only the last micro-batch's backward reduces
             probe.backward_done()
 
-    with mock.patch.object(loop, "build_dataset", lambda *_: data), \
-            mock.patch.object(loop, "_window_metrics", window_metrics), \
-            mock.patch.object(DDPBackend, "setup", setup), mock.patch.object(DDPBackend, "backward", backward):
-        loop.train(cfg, ctx, command)
+    # The end of DDP's backward (its last bucket reduced) is the backend's, not the loop's: timed there.
+    with mock.patch.object(DDPBackend, "backward", backward):
+        train(cfg, ctx, command, data=data, hooks=Hooks(on_setup=setup, on_step=stamps.mark))
     total = cfg.train.steps
     out: dict[str, Any] = {"cpu_s_step": stamps.cpu_per_step(warmup, total), "loss_is_task": True,
                            "idle": 0.0, "bytes_per_sample": 0.0}

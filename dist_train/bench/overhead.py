@@ -46,7 +46,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
-from unittest import mock
 
 import torch
 
@@ -189,8 +188,7 @@ def run_framework(cfg, ctx, data: SharedData, warmup: int, measured: int) -> dic
     """A: the framework's own training loop, unmodified; only its dataset is handed in."""
     from dist_train.train import loop
 
-    with mock.patch.object(loop, "build_dataset", lambda *_: data):
-        last = loop.train(cfg, ctx, ["dist-train", "bench", "overhead"])
+    last = loop.train(cfg, ctx, ["dist-train", "bench", "overhead"], data=data)
     out = {**step_timing(data.train_sampler, warmup, measured), "loss": float(last["loss"]),
            "logged_step_s": float("nan")}
     if ctx.is_main:

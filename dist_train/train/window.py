@@ -1,0 +1,68 @@
+"""A logging window: the steps since the last logged record, and what the record reports of them."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+
+@dataclass
+class Window:
+    """The training loss summed over the window's applied steps (a device tensor, read once at log
+    time: a float() per step would sync the GPU), how many steps ran and how many were applied (a
+    dropped non-finite step stays out of the mean), and time: the wall time since the window opened
+    and the part of it spent working (`busy`)."""
+
+    device: torch.device
+    loss: torch.Tensor = field(init=False)
+    applied: int = field(init=False)
+    steps: int = field(init=False)
+    busy: float = field(init=False)
+    opened: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Open the next window."""
+        self.loss = torch.zeros((), device=self.device)
+        self.applied, self.steps, self.busy = 0, 0, 0.0
+        self.opened = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """Leave the time since the window opened out of it (a checkpoint save), keeping its steps."""
+        self.opened = time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor, applied: bool) -> None:
+        """One step done; its loss counts only if its update was applied."""
+        self.steps += 1
+        if applied:
+            self.loss = self.loss + step_loss
+            self.applied += 1
+
+    @contextlib.contextmanager
+    def working(self, sync: bool = False) -> Iterator[None]:
+        """Time spent inside counts as busy. `sync`: on CUDA, wait for the device at both ends, so
+        that the time is the GPU's work rather than how fast Python queued it."""
+        cuda = sync and self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)  # work queued before must not be billed here
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self.busy += time.perf_counter() - t0
+
+    def mean_loss(self) -> Optional[float]:
+        """The mean loss over the applied steps; None when every step was dropped."""
+        return float(self.loss) / self.applied if self.applied else None
+
+    def elapsed(self) -> float:
+        """Wall time since the window opened (or its clock restarted)."""
+        return time.perf_counter() - self.opened
