@@ -132,7 +132,7 @@ def test_get_method_errors():
                             "noprop"}
     for name in METHODS:
         assert get_method(name).name == name
-    with pytest.raises(UserError, match="local.method: bogus"):
+    with pytest.raises(UserError, match="local.method: expected one of .*, got 'bogus'"):
         get_method("bogus")
 
 

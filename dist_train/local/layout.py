@@ -66,6 +66,7 @@ def check_replay(cfg, world_size: int) -> None:
     """Asynchronous mode's rules (checked after the method's own, which may refuse replay outright)."""
     from dist_train.errors import UserError
 
+    stages = cfg.parallel.stages
     if cfg.local.asynchronous and world_size != stages:
         raise UserError("local.asynchronous: replay needs one rank per stage (replicas would replay "
                         "different batches and their gradient averaging would deadlock)")

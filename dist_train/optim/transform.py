@@ -29,6 +29,10 @@ class GradientTransform:
     `state_bytes`, `plan_micro_batch`) and how a run builds it (`build`)."""
 
     name = "clip"
+    # The plain step: clip the reduced gradients, then the optimizer. False for a transform that
+    # reduces or differentiates itself (DP-SGD, DIFF2): a backend that steps on its own (DeepSpeed)
+    # cannot run it.
+    plain: bool = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -172,8 +172,8 @@ class DeepSpeedBackend(Backend):
 
     def step(self, transform=None, accept=None) -> float:
         # The engine clips (gradient_clipping) and steps its own flattened partitions; a transform
-        # that rewrites gradients cannot run between the two, and config/layout.py refuses one.
-        if transform is not None and transform.name != "clip":
+        # that rewrites gradients cannot run between the two, and such a transform's own check refuses DeepSpeed.
+        if transform is not None and not transform.plain:
             raise ValueError(f"deepspeed backend: gradient transform {transform.name!r} is not supported")
         # The gradient norm exists only inside the engine's step, so the guard judges the loss here
         # (a non-finite loss makes non-finite gradients); a vetoed step drops the gradients instead.

@@ -86,6 +86,7 @@ def describe(cfg: Config, population: int, workers: int) -> str:
 
 class Diff2Transform(GradientTransform):
     name = "diff2"
+    plain = False
     builds_graph = False  # the round differentiates through torch.func; the loop's loss is only logged
 
     @classmethod

@@ -105,6 +105,7 @@ def _sharded(p) -> bool:
 
 class DPSGD(GradientTransform):
     name = "dp_sgd"
+    plain = False
     backends = ("ddp", "fsdp", "none")  # it clips per example and reduces the noised sum itself
 
     @classmethod
