@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=15
 	$(PY) -m pytest -q -m serial --durations=5
+
+# The fast tier, for the edit-test loop: every package is exercised, but not by the tests marked
+# `slow` (multi-process runs and benchmarks of 30 s or more). Its few short `serial` tests run
+# alone afterwards, as in `make test`. Under 5 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not serial" --durations=10
+	$(PY) -m pytest -q -m "serial and not slow" --durations=5
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
