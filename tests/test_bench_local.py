@@ -51,6 +51,7 @@ ONE_DEVICE = {"bp-1dev-accum", "bp-ckpt", "bp-1dev-whole"}
 MICRO = {**{m: 2 for m in HEADLINE}, "bp-1dev-whole": 8, "ddp-whole": 4}
 
 
+@pytest.mark.slow  # the benchmark at its smoke size (the module fixture)
 @pytest.mark.timeout(240)
 def test_report_contract_and_every_target(smoke) -> None:
     from dist_train.bench.local_vs_bp import EXTRAS as extras, METHODS, REPORTED
@@ -112,6 +113,7 @@ MEMORY_BASELINES = {"memory_vs_bp_1dev_accum": "bp-1dev-accum", "memory_vs_ddp_a
                     "memory_vs_bp_checkpointed": "bp-ckpt"}
 
 
+@pytest.mark.slow  # the benchmark at its smoke size (the module fixture)
 @pytest.mark.timeout(240)
 def test_memory_targets_read_allocated_bytes_and_rss_has_no_target(smoke) -> None:
     """The memory targets are read as peak allocated tensor bytes (the allocator's events on CPU,
@@ -134,6 +136,7 @@ def test_memory_targets_read_allocated_bytes_and_rss_has_no_target(smoke) -> Non
     assert not any(m.startswith("rss") for m in targets)
 
 
+@pytest.mark.slow  # the benchmark at its smoke size (the module fixture)
 @pytest.mark.timeout(240)
 def test_byte_accounting_is_exact(smoke) -> None:
     """Smoke model: micro-batch 2, context T=16, width W=32 (float32 activations), batch B=8."""
@@ -153,6 +156,7 @@ def test_byte_accounting_is_exact(smoke) -> None:
     assert by_method["ddp-accum"]["kib_smp"] > by_method["gpipe"]["kib_smp"]  # all gradients vs one activation
 
 
+@pytest.mark.slow  # the benchmark at its smoke size (the module fixture)
 @pytest.mark.timeout(240)
 def test_bp_baselines_do_the_same_update(smoke) -> None:
     """Every BP baseline trains the same model on the same batches with the same global-batch

@@ -28,6 +28,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow  # the benchmark at its smoke size (the module fixture)
 @pytest.mark.timeout(300)
 def test_report_contract_rows_and_targets(smoke) -> None:
     from dist_train.bench.local_methods import KS, METHODS, SIZES, TARGETED, TARGETS, configurations
@@ -87,6 +88,7 @@ def test_report_contract_rows_and_targets(smoke) -> None:
             assert f"local.asynchronous={'true' if r['mode'] == 'async' else 'false'}" in r["overrides"]
 
 
+@pytest.mark.slow  # the benchmark at its smoke size (the module fixture)
 @pytest.mark.timeout(300)
 def test_lr_is_chosen_on_validation_never_on_test(smoke) -> None:
     """Each row's lr is the argmax of the mean validation accuracy over seeds (GPT: argmin of the

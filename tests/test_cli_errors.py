@@ -106,6 +106,7 @@ def bad_input_results(tiny_config: Path, tmp_path_factory: pytest.TempPathFactor
         return {job: (f.result(), specs[job][3], specs[job][4]) for job, f in futures.items()}
 
 
+@pytest.mark.slow  # its fixture starts ~25 CLI processes
 @pytest.mark.parametrize("job", JOBS)
 def test_bad_input_exits_2_with_one_line(job: str, bad_input_results: dict) -> None:
     proc, run_dir, needles = bad_input_results[job]

@@ -57,7 +57,6 @@ def _val_loss(model: torch.nn.Module, batches: int, batch_size: int) -> float:
     return sum(losses) / len(losses)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_export_loads_strict_and_gives_the_runs_val_loss(layout: str, config: Path, tmp_path: Path) -> None:
     from dist_train.export import load_exported

@@ -198,7 +198,6 @@ def test_evaluation_is_independent_of_logging(tmp_path):
     assert ["val_loss" in r for r in main] == [True, False, True]
 
 
-@pytest.mark.slow
 def test_four_stages_middle_stages_receive_and_send(tmp_path):
     """K = 4 on 4 ranks: the two middle stages both receive and send; every stage's losses equal the
     sequential reference's."""
