@@ -136,5 +136,51 @@ def forked_run(args: list[str], cwd: Path, nproc: int = 1, env: Optional[dict[st
         shutil.rmtree(logs, ignore_errors=True)
 
 
+def _cli_process(rank: int, world: int, argv: list[str], cwd: str, log: str, merge: bool) -> int:
+    out = os.open(f"{log}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    err = os.open(f"{log}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if not merge else out
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.close(out)
+    if err != out:
+        os.close(err)
+    os.chdir(cwd)
+    for k in _WORLD_VARS:  # no launcher around it, as a `dist-train` typed in a shell
+        os.environ.pop(k, None)
+    from dist_train.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own exits
+        return e.code if isinstance(e.code, int) else 1
+    except BaseException:  # what the interpreter would print before exiting 1
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def forked_cli(args: list[str], cwd: Path, env: Optional[dict[str, str]] = None, timeout: float = 120,
+               merge_stderr: bool = False) -> subprocess.CompletedProcess:
+    """`dist-train ARGS` (plan, run, export: not launch) as one process forked from the fork server
+    of `forked_run`, so without an interpreter start and torch's import: its exit status, stdout and
+    stderr (in stdout with `merge_stderr`), as `cli` returns them. For what the command prints and
+    returns; the process-level contract (nothing more on stderr at start-up and exit) is
+    test_cli_errors.py's, with `cli`."""
+    from dist_train.bench._spawn import run_on_ranks
+
+    logs = Path(tempfile.mkdtemp(prefix="dist-train-forked-"))
+    try:
+        code = run_on_ranks(_cli_process, nprocs=1, args=(list(args), str(cwd), str(logs / "cli"), merge_stderr),
+                            threads=1, preload=FORK_PRELOAD, env=env or clean_env(), timeout_s=timeout)
+        err = "" if merge_stderr else (logs / "cli.err").read_text()
+        return subprocess.CompletedProcess(["dist-train", *args], code, (logs / "cli.out").read_text(), err)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
 def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "(no output)"

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from cli_helpers import clean_env, forked_ranks, forked_run
+from cli_helpers import clean_env, forked_cli, forked_ranks, forked_run
 from dist_train.config import load_config
 from dist_train.errors import UserError
 from dist_train.models.gpt import GPT
@@ -167,8 +166,7 @@ def test_noise_is_added_once_per_coordinate_across_ranks(world, tmp_path):
 
 # --- through the CLI ---------------------------------------------------------------------------
 def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=cwd, text=True, timeout=300,
-                          env=clean_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return forked_cli(args, cwd, env=clean_env(OMP_NUM_THREADS="1"), timeout=300, merge_stderr=True)
 
 
 @pytest.mark.parametrize("base, backend", [("sgd", "ddp"), ("muon", "ddp"), ("sgd", "fsdp"), ("normuon", "fsdp")])

@@ -5,13 +5,11 @@ detached activations and targets cross ranks) and plan-time errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import forked_run
+from cli_helpers import forked_cli, forked_run
 from dist_train.config import load_config
 from dist_train.train.local_reference import local_reference
 
@@ -224,9 +222,8 @@ def test_four_stages_middle_stages_receive_and_send(tmp_path):
     (["parallel.stages=2", "parallel.cut_points=[1,2]"], 2, ["parallel.cut_points"]),
 ])
 def test_plan_rejects_impossible_pipelines(tmp_path, overrides, nproc, words):
-    proc = subprocess.run([sys.executable, "-m", "dist_train", "plan", "quickstart.yaml", "--nproc", str(nproc),
-                           f"run.dir={tmp_path}", "train.batch_size=12", *overrides],
-                          capture_output=True, text=True, timeout=60)
+    proc = forked_cli(["plan", "quickstart.yaml", "--nproc", str(nproc), f"run.dir={tmp_path}", "train.batch_size=12",
+                       *overrides], tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert all(w in lines[0] for w in words), lines[0]
@@ -238,8 +235,7 @@ def test_plan_rejects_impossible_pipelines(tmp_path, overrides, nproc, words):
     (["local.method=noprop", "local.noprop.steps=4"], ["2 x (own embed + blocks 0-1 + denoiser)"]),
 ])
 def test_plan_shows_the_stage_layout(tmp_path, overrides, words):
-    proc = subprocess.run([sys.executable, "-m", "dist_train", "plan", "quickstart.yaml", "--nproc", "4",
-                           f"run.dir={tmp_path}", *overrides], capture_output=True, text=True, timeout=60)
+    proc = forked_cli(["plan", "quickstart.yaml", "--nproc", "4", f"run.dir={tmp_path}", *overrides], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert all(w in proc.stdout for w in words), proc.stdout
 
@@ -290,9 +286,8 @@ def test_asynchronous_mode_replays_instead_of_idling(tmp_path):
 
 
 def test_asynchronous_mode_needs_one_rank_per_stage(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dist_train", "plan", "quickstart.yaml", "--nproc", "4",
-                           f"run.dir={tmp_path}", "parallel.stages=2", "local.asynchronous=true"],
-                          capture_output=True, text=True, timeout=60)
+    proc = forked_cli(["plan", "quickstart.yaml", "--nproc", "4", f"run.dir={tmp_path}", "parallel.stages=2",
+                       "local.asynchronous=true"], tmp_path)
     assert proc.returncode == 2 and "local.asynchronous" in proc.stderr
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_user_error, cli, forked_run
+from cli_helpers import assert_user_error, forked_cli, forked_run
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "moe_pde.yaml"
 SMALL = ["train.steps=6", "train.log_every=2", "train.eval_every=3", "train.eval_batches=1", "train.batch_size=4",
@@ -116,11 +116,11 @@ def test_baselines_train_in_the_same_code(runs, constraint) -> None:
     ("model.name=mlp", ["model.name: mlp needs an image data set"]),
 ])
 def test_bad_input_is_one_line(tmp_path, override, needles) -> None:
-    proc = cli(["run", str(CONFIG), *SMALL, f"run.dir={tmp_path}", "parallel.backend=none", override], cwd=tmp_path)
+    proc = forked_cli(["run", str(CONFIG), *SMALL, f"run.dir={tmp_path}", "parallel.backend=none", override], tmp_path)
     assert_user_error(proc, *needles)
     assert not (tmp_path / "moe_pde").exists()
 
 
 def test_export_refuses_a_pde_run_in_one_line(runs) -> None:
-    proc = cli(["export", str(runs["two"])], cwd=runs["tmp"])
+    proc = forked_cli(["export", str(runs["two"])], runs["tmp"])
     assert_user_error(proc, "export: PDE runs (model.name basis_mlp, basis_fno) are not exported")

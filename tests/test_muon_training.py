@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
-from cli_helpers import clean_env, forked_run
+from cli_helpers import forked_cli, forked_run
 from dist_train.config import load_config
 from dist_train.train.local_reference import local_reference
 from test_backends_multiproc import NO_CKPT, assert_same_run
@@ -96,8 +96,7 @@ def test_local_stages_with_replicas_match_the_reference(tmp_path, backend, optim
 
 
 def _plan(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_train", "plan", "quickstart.yaml", "--nproc", "2",
-                           *overrides], capture_output=True, text=True, timeout=120, env=clean_env())
+    return forked_cli(["plan", "quickstart.yaml", "--nproc", "2", *overrides], Path.cwd())
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "fairscale"])
