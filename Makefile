@@ -35,7 +35,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m serial --durations=5
 
 # The fast tier, for the edit-test loop: every package is exercised, but not by the tests marked
-# `slow` (multi-process runs and benchmarks of 30 s or more). Its few short `serial` tests run
+# `slow` (smoke-size benchmarks, multi-process runs of about 5 s or more, and the second and later
+# backends of a test repeated over backends: tests/tiers.py). Its few short `serial` tests run
 # alone afterwards, as in `make test`. Under 5 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not serial" --durations=10

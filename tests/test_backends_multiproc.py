@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiers import fast_first, slow
 
 STEPS = 6
 # No checkpoint: these tests are about the arithmetic of a step, and saving costs seconds.
@@ -67,9 +68,10 @@ BACKENDS = {
     "deepspeed-zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
     "fairscale": ["parallel.backend=fairscale"],
 }
+FAST = {"ddp", "fsdp", "deepspeed-zero2", "fairscale"}  # the fast tier's backends: one per ZeRO family
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", [b if b in FAST else slow(b) for b in BACKENDS])
 def test_two_ranks_match_single_process(dt, tmp_path, gpt_reference, backend):
     # An extensions folder of its own: on CPU, DeepSpeed would JIT-compile its inference-only
     # shared-memory all-reduce there (~25 s); the backend declines it, so the folder stays empty.
@@ -83,7 +85,7 @@ def test_two_ranks_match_single_process(dt, tmp_path, gpt_reference, backend):
 # Accumulation: 2 ranks x 2 micro-batches of 2 = the same global batch of 8. Gradients of the first
 # micro-batch stay local (no_sync / no reduce-scatter / DeepSpeed's non-boundary step) and the loss is
 # scaled by 1/grad_accum, so the optimizer step must equal the single-process one (same tolerances).
-@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed-zero2"])
+@pytest.mark.parametrize("backend", fast_first("ddp", "fsdp", "deepspeed-zero2"))
 def test_grad_accum_matches_single_process_without_accum(dt, tmp_path, gpt_reference, backend):
     got = dt.forked(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *BACKENDS[backend], "train.grad_accum=2", steps=STEPS)
     assert_same_run(got, gpt_reference)

@@ -24,6 +24,7 @@ from dist_train.privacy.bookkeeping import per_sample_grad_norms
 TARGETS = {"dp_mem_ratio", "dp_throughput_ratio", "dp_vs_opacus_ghost", "dp_max_batch_vs_opacus_hooks"}
 
 
+@pytest.mark.slow
 def test_smoke_document_has_all_sides_and_targets(monkeypatch):
     monkeypatch.setenv(SIZE_ENV, "smoke")  # tiny model, two steps, a budget the grid fits: runs, measures nothing
     doc = run(quick=True)

@@ -10,6 +10,8 @@ import pytest
 from dist_train.bench.muon import SIZES
 from dist_train.bench.muon_step import SHAPES_PER_LAYER, step_time
 
+pytestmark = pytest.mark.slow  # the benchmark at its smoke size (the module fixture)
+
 
 @pytest.fixture(scope="module")
 def smoke():

@@ -86,6 +86,7 @@ def test_never_reaching_adamw_loss_leaves_the_target_unmet() -> None:
     assert targets[1]["value"] == pytest.approx(2.2 - 2.4) and targets[1]["met"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_smoke_run_reports_both_targets(monkeypatch) -> None:
     """Real training runs (tiny GPT, a few steps): one row per (optimizer, lr, seed), a summary per

@@ -169,6 +169,8 @@ def _corrupt_params():
     for command, what in [("run", "shards"), ("run", "trainer"), ("launch", "shards"), ("launch", "trainer"),
                           ("launch", "trainer_rank1")]:
         marks = [_KNOWN[(command, what)]] if (command, what) in _KNOWN else []
+        if (command, what) != ("run", "shards"):  # the fast tier corrupts one; make test all five
+            marks.append(pytest.mark.slow)
         yield pytest.param(command, what, marks=marks, id=f"{command}-{what}")
 
 
@@ -207,6 +209,7 @@ def test_resume_from_nonexistent_path_leaves_run_untouched(trained: dict[str, Pa
     assert snapshot(runs) == before
 
 
+@pytest.mark.slow
 def test_running_a_finished_run_again_says_so_in_one_line(tmp_path) -> None:
     # `make demo` twice: the second launch resumes a run already at train.steps and trains nothing.
     args = ["run", "quickstart.yaml", f"run.dir={tmp_path}", "run.name=done", "parallel.backend=none",

@@ -126,12 +126,12 @@ def test_two_ranks_follow_the_papers_rounds_and_resume_continues_them(tmp_path: 
     (["parallel.backend=fsdp"], "parallel.backend fsdp is not supported"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, overrides, message) -> None:
-    proc = subprocess.run([*CLI, "run", str(ROOT / "configs" / "diff2.yaml"), f"run.dir={tmp_path}", *SMALL,
-                           "parallel.backend=none", *overrides],
-                          capture_output=True, text=True, timeout=120, env=clean_env())
+    config = str(ROOT / "configs" / "diff2.yaml")
     if "fsdp" in message:  # a layout error needs the launcher's world; plan checks it without training
-        proc = subprocess.run([*CLI, "plan", str(ROOT / "configs" / "diff2.yaml"), "--nproc", "2", *SMALL, *overrides],
-                              capture_output=True, text=True, timeout=120, env=clean_env())
+        args = ["plan", config, "--nproc", "2", *SMALL, *overrides]
+    else:
+        args = ["run", config, f"run.dir={tmp_path}", *SMALL, "parallel.backend=none", *overrides]
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, env=clean_env())
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -83,6 +83,7 @@ def _eigenmode_error(nx: int) -> float:
     return float((got - exact).norm() / exact.norm())
 
 
+@pytest.mark.slow
 def test_without_sorption_the_solver_follows_the_exact_decaying_mode() -> None:
     coarse, fine = _eigenmode_error(65), _eigenmode_error(129)
     assert coarse < 1e-4 and fine < 0.5 * coarse, (coarse, fine)  # measured 2.6e-5 and 6.5e-6
@@ -196,6 +197,7 @@ def test_experts_get_the_inflow_and_outflow_rows_of_their_sides() -> None:
     assert torch.all(last.bc_inner == last.bc_i - 1)
 
 
+@pytest.mark.slow
 def test_front_band_converges_with_exact_hessian_steps_where_gauss_newton_does_not() -> None:
     """The hard case of configs/moe_sorption.yaml: the first of 4 time bands (the front entering,
     R(u) steep near u = 0) with the untrained basis network of seed 0. Levenberg–Marquardt on the exact

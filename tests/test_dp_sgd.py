@@ -23,6 +23,7 @@ from dist_train.config import load_config
 from dist_train.errors import UserError
 from dist_train.models.gpt import GPT
 from dist_train.privacy.bookkeeping import BookKeeper, fix_batchnorm, per_sample_grad_norms, validate
+from tiers import fast_first
 
 DP = ["optim.name=dp_sgd", "optim.lr=0.05", "privacy.max_physical_batch=3", "optim.schedule=constant",
       "checkpoint.every=0"]
@@ -169,7 +170,7 @@ def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
     return forked_cli(args, cwd, env=clean_env(OMP_NUM_THREADS="1"), timeout=300, merge_stderr=True)
 
 
-@pytest.mark.parametrize("base, backend", [("sgd", "ddp"), ("muon", "ddp"), ("sgd", "fsdp"), ("normuon", "fsdp")])
+@pytest.mark.parametrize("base, backend", fast_first(("sgd", "ddp"), ("muon", "ddp"), ("sgd", "fsdp"), ("normuon", "fsdp")))
 def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path, base, backend):
     """Same Poisson logical batches (the union over ranks does not depend on the world size), same
     clipping, no noise: the gradient, and so every step, matches (physical micro-batches of 3 with
@@ -193,6 +194,7 @@ def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path, base, backend):
     assert 0 < one[0]["dp_clip_fraction"] <= 1
 
 
+@pytest.mark.slow
 def test_resume_continues_noise_and_accountant(dt, tmp_path):
     common = [*dt.TINY_GPT, *DP, "privacy.noise_multiplier=1.0", "checkpoint.at_end=true"]
     straight = dt.forked(tmp_path / "a", "r", *common, "parallel.backend=ddp", steps=6)
@@ -284,6 +286,7 @@ def _staged(tmp_path, nproc: int, *extra: str) -> list[list[dict]]:
             for k in range(2)]
 
 
+@pytest.mark.slow
 def test_stages_with_replicas_match_one_replica_per_stage(tmp_path):
     """2 DGL stages x 2 replicas == 2 stages x 1 replica at sigma = 0: each stage clips its own
     examples' local gradients; Poisson batches of varying size cross the link padded to the physical
@@ -297,6 +300,7 @@ def test_stages_with_replicas_match_one_replica_per_stage(tmp_path):
     assert two[1][-1]["val_loss"] == pytest.approx(one[1][-1]["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_stages_are_accounted_as_one_mechanism(tmp_path):
     """K stages noise their own updates on one Poisson sample: accounted as sigma / sqrt(K) per step."""
     from dist_train.data import build_dataset

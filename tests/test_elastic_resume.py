@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_user_error, clean_env, cli, config_file, forked_run
+from tiers import fast_first
 
 YAML = """\
 run: {name: e}
@@ -50,7 +51,7 @@ def _batch_ids(run: Path, nproc: int) -> dict[int, list[int]]:
     return {s: [i for rows in per_rank for i in rows[s]["ids"]] for s in per_rank[0]}
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize("backend", fast_first("ddp", "fsdp"))
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_resume_at_another_world_size(config: Path, tmp_path: Path, backend: str, before: int, after: int) -> None:
     first, resumed = tmp_path / "first", tmp_path / "resumed"
@@ -70,6 +71,7 @@ def test_resume_at_another_world_size(config: Path, tmp_path: Path, backend: str
     assert prov["extra"]["world_size"] == after and prov["extra"]["resumed_from"] == str(step3)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_layout_is_refused_by_name(config: Path, tmp_path: Path) -> None:
     pipe = tmp_path / "pipe"
     _launch(config, pipe, 2, "parallel.stages=2", "model.n_layer=4", "train.steps=3")

@@ -108,6 +108,7 @@ def test_power_sampling_fallback_and_a_shared_gpu_counted_once(tmp_path: Path) -
         assert r["power_w"] == pytest.approx(50.0, rel=0.05) and r["energy_j"] == r["energy_rank_j"][0]
 
 
+@pytest.mark.slow
 def test_no_gpu_source_writes_nulls_or_rapl_measurements(tmp_path: Path) -> None:
     """NVML absent: `auto` falls to RAPL where its counters are readable (then the CPU packages are
     measured), else to `unavailable` with nulls everywhere — never a made-up number."""

@@ -66,6 +66,7 @@ def test_launch_provenance(launched, tiny_config: Path) -> None:
     assert prov["env"]["WORLD_SIZE"] == "2"
 
 
+@pytest.mark.slow
 def test_real_torchrun_trains_the_same_losses_as_launch(launched, tiny_config: Path, tmp_path: Path) -> None:
     """The README's `torchrun ... -m dist_train run` line, with the real torchrun (its own c10d
     rendezvous and shared store): same config, same seed, so the same losses as `dist-train launch`
@@ -187,6 +188,7 @@ def _assert_restarted_and_finished(res: dict) -> None:
     assert f"done: step {RESTART_STEPS}" in res["stdout"], report
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_max_restarts_restarts_a_killed_worker(tiny_config: Path, tmp_path: Path) -> None:
     _assert_restarted_and_finished(_launch_and_kill_one_worker(tiny_config, tmp_path, max_restarts=1, wait_s=60))
@@ -197,6 +199,7 @@ def killed_without_restarts(tiny_config: Path, tmp_path_factory: pytest.TempPath
     return _launch_and_kill_one_worker(tiny_config, tmp_path_factory.mktemp("norestart"), max_restarts=0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_no_restarts_a_killed_worker_fails_the_job(killed_without_restarts: dict) -> None:
     res = killed_without_restarts
@@ -206,6 +209,7 @@ def test_no_restarts_a_killed_worker_fails_the_job(killed_without_restarts: dict
     assert "done:" not in res["stdout"]
 
 
+@pytest.mark.slow
 def test_no_restarts_launcher_names_the_dead_worker(killed_without_restarts: dict) -> None:
     res = killed_without_restarts
     assert res["rc"] == 1, res

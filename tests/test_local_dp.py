@@ -16,6 +16,7 @@ import pytest
 from cli_helpers import forked_run
 from dist_train.config import load_config
 from dist_train.train.local_reference import local_reference
+from tiers import fast_first
 
 TINY = ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=5", "train.log_every=1", "train.eval_batches=2",
@@ -30,7 +31,7 @@ def _launch(run_dir: Path, *overrides: str) -> None:
     forked_run(["quickstart.yaml", f"run.dir={run_dir}", "run.name=dp", *overrides], run_dir, nproc=4, timeout=400)
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("backend", fast_first("ddp", "fsdp", "deepspeed"))
 def test_replicated_stages_match_the_single_process_reference(tmp_path, backend):
     overrides = [*TINY, f"parallel.backend={backend}"]
     _launch(tmp_path, *overrides)

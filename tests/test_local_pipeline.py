@@ -196,6 +196,7 @@ def test_evaluation_is_independent_of_logging(tmp_path):
     assert ["val_loss" in r for r in main] == [True, False, True]
 
 
+@pytest.mark.slow
 def test_four_stages_middle_stages_receive_and_send(tmp_path):
     """K = 4 on 4 ranks: the two middle stages both receive and send; every stage's losses equal the
     sequential reference's."""
@@ -240,6 +241,7 @@ def test_plan_shows_the_stage_layout(tmp_path, overrides, words):
     assert all(w in proc.stdout for w in words), proc.stdout
 
 
+@pytest.mark.slow
 def test_pipeline_resume_is_exact(tmp_path):
     """6 steps straight vs 3 steps, stop, resume to 6: every stage logs the same losses for 4-6.
     (Constant lr after warm-up, so the schedule does not depend on train.steps.)"""
@@ -256,6 +258,7 @@ def test_pipeline_resume_is_exact(tmp_path):
     assert marker["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_asynchronous_mode_replays_instead_of_idling(tmp_path):
     """A heavy first stage (8 of 9 blocks) and a light second one: in asynchronous mode the second
     stage trains on replayed batches while it waits, within the reuse cap, and still consumes every

@@ -18,7 +18,7 @@ TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size
         "train.batch_size=8", "train.steps=4", "train.log_every=1", "train.eval_batches=1", "runtime.threads=1",
         "optim.warmup_steps=2", "checkpoint.at_end=false", "parallel.stages=1"]
 
-pytestmark = pytest.mark.mpi  # deselect with -m 'not mpi'; make test and CI run them
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]  # deselect with -m 'not mpi'; make test and CI run them
 
 
 def _losses(run_dir: Path) -> list[float]:

@@ -84,6 +84,7 @@ def test_loopback_master_with_two_nodes_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_NETNS, reason="needs root and iproute2 to create network namespaces")
+@pytest.mark.slow
 def test_two_node_run_restarts_after_a_killed_worker_and_matches_single_process(tmp_path, two_hosts):
     """Rank 1 (node 1) is SIGKILLed after step 6; both agents restart (--max-restarts 1) and the job
     resumes from the step-4 checkpoint on the shared run directory. Node 0's agent keeps one store

@@ -19,6 +19,7 @@ import torch
 
 import muon_cases as mc
 from cli_helpers import forked_ranks
+from tiers import slow
 
 RTOL = 1e-10
 
@@ -40,7 +41,7 @@ def assert_close(got: dict, ref: dict, where: str) -> None:
                                        msg=f"{where}: state {name}.{k}")
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, slow(4)])
 def test_distributed_step_matches_single_process(world, tmp_path):
     forked_ranks(mc.worker, world, (str(tmp_path),))
     results = torch.load(tmp_path / "results.pt", weights_only=False)

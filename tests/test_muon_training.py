@@ -18,6 +18,7 @@ from cli_helpers import forked_cli, forked_run
 from dist_train.config import load_config
 from dist_train.train.local_reference import local_reference
 from test_backends_multiproc import NO_CKPT, assert_same_run
+from tiers import fast_first
 
 STEPS = 5
 OPTIMIZERS = {
@@ -36,7 +37,7 @@ def references(dt, tmp_path_factory) -> dict:
 
 # 2 ranks x 2 micro-batches of 2 = the single process's batch of 8: Newton–Schulz runs once per
 # optimizer step on the accumulated gradient (on the micro-batch it would not match).
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize("backend", fast_first("ddp", "fsdp"))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_two_ranks_with_accumulation_match_single_process(dt, tmp_path, references, backend, optimizer):
     got = dt.forked(tmp_path, backend, *dt.TINY_GPT, *NO_CKPT, *OPTIMIZERS[optimizer],
@@ -53,7 +54,7 @@ def test_muon_differs_from_adamw(dt, tmp_path, references):
         assert_same_run(adamw, references["muon"], steps=STEPS)
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize("backend", fast_first("ddp", "fsdp"))
 def test_resume_restores_sharded_optimizer_state(dt, tmp_path, backend):
     """6 steps straight == 3 steps, checkpoint, then resumed to 6 (the momenta live on their owner
     ranks or as row shards; a lost or misplaced momentum changes step 4 by far more than 1e-5)."""
@@ -66,6 +67,7 @@ def test_resume_restores_sharded_optimizer_state(dt, tmp_path, backend):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"step {want['step']}"
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size(dt, tmp_path):
     """The checkpoint names every state by parameter: saved by 2 DDP ranks (each momentum on its
     owner), it loads into one process that owns everything, and training continues as it would have."""
@@ -82,7 +84,7 @@ LOCAL = ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_siz
          "optim.warmup_steps=2", "optim.schedule=constant", "checkpoint.at_end=false", "parallel.stages=2"]
 
 
-@pytest.mark.parametrize("backend,optimizer", [("ddp", "muon"), ("fsdp", "normuon")])
+@pytest.mark.parametrize("backend,optimizer", fast_first(("ddp", "muon"), ("fsdp", "normuon")))
 def test_local_stages_with_replicas_match_the_reference(tmp_path, backend, optimizer):
     """4 ranks = 2 stages x 2 replicas: each stage orthogonalises over its own 2-rank sub-mesh."""
     overrides = [*LOCAL, *OPTIMIZERS[optimizer], f"parallel.backend={backend}"]

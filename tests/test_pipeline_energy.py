@@ -44,6 +44,7 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pipeline_meters_energy_per_stage_and_counts_a_shared_gpu_once(tmp_path):
     fake = tmp_path / "fake"
     fake.mkdir()
@@ -78,6 +79,7 @@ def test_pipeline_meters_energy_per_stage_and_counts_a_shared_gpu_once(tmp_path)
     assert main[-1]["energy_total_j"] == pytest.approx(summary["energy_total_j"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_pipeline_row_has_gpu_stats_and_the_whole_models_flops(tmp_path):
     """Two stages on two (stand-in) GPUs: the run's row takes GPU utilisation as the mean over the
     stages (40 and 41 %), memory and temperature as the largest (2 GiB, 61 C); its achieved FLOP/s

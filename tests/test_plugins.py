@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from cli_helpers import assert_user_error, cli, forked_run
+from cli_helpers import assert_user_error, forked_cli, forked_run
 from dist_train.config.options import Options
 from dist_train.data.base import DataInfo, DatasetSpec, InMemoryDataset
 from dist_train.errors import UserError
@@ -143,16 +143,16 @@ def test_a_plugin_method_and_data_set_train_through_dist_train_run(tmp_path: Pat
 
 
 def test_plan_shows_the_plugins_own_words_and_keys_are_checked(tmp_path: Path) -> None:
-    proc = cli(["plan", str(_config(tmp_path)), "--nproc", "2"], tmp_path)
+    proc = forked_cli(["plan", str(_config(tmp_path)), "--nproc", "2"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "toy_local: embed + blocks 0-1 + aux head | blocks 2-3 + head" in proc.stdout
     assert "toy loss x 2" in proc.stdout and "toy_blobs: 540 train / 60 val" in proc.stdout
     # The plugin's own options model and rules speak for it, in one line and exit 2.
-    assert_user_error(cli(["plan", str(_config(tmp_path)), "--nproc", "2", "local.toy_local.scale=-1"], tmp_path),
+    assert_user_error(forked_cli(["plan", str(_config(tmp_path)), "--nproc", "2", "local.toy_local.scale=-1"], tmp_path),
                       "local.toy_local.scale:")
-    assert_user_error(cli(["plan", str(_config(tmp_path)), "--nproc", "2", "data.nois=1"], tmp_path),
+    assert_user_error(forked_cli(["plan", str(_config(tmp_path)), "--nproc", "2", "data.nois=1"], tmp_path),
                       "data.nois: not read by data.name=toy_blobs")
-    assert_user_error(cli(["plan", str(_config(tmp_path)), "--nproc", "2", "model.name=cnn"], tmp_path),
+    assert_user_error(forked_cli(["plan", str(_config(tmp_path)), "--nproc", "2", "model.name=cnn"], tmp_path),
                       "local.method: toy_local reads [B, width] features")
 
 
@@ -160,10 +160,10 @@ def test_without_the_plugin_the_names_are_unknown_and_a_missing_plugin_is_one_li
     text = "\n".join(line for line in _config(tmp_path).read_text().splitlines() if not line.startswith("plugins:"))
     bare = tmp_path / "bare.yaml"
     bare.write_text(text)
-    assert_user_error(cli(["plan", str(bare), "--nproc", "2"], tmp_path), "data.name: expected one of", "'toy_blobs'")
+    assert_user_error(forked_cli(["plan", str(bare), "--nproc", "2"], tmp_path), "data.name: expected one of", "'toy_blobs'")
     missing = tmp_path / "missing.yaml"
     missing.write_text("plugins: [no_such_plugin_module]\n")
-    assert_user_error(cli(["plan", str(missing)], tmp_path), "plugins: cannot import 'no_such_plugin_module'")
+    assert_user_error(forked_cli(["plan", str(missing)], tmp_path), "plugins: cannot import 'no_such_plugin_module'")
 
 
 def test_a_registry_refuses_a_taken_name_unless_replacing() -> None:

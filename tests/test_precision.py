@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import forked_run
+from tiers import fast_first
 
 TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_batches=1",
@@ -20,7 +21,7 @@ def _launch(tmp: Path, name: str, *extra: str) -> list[float]:
     return [json.loads(line)["loss"] for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize("backend", fast_first("ddp", "fsdp"))
 def test_bf16_tracks_fp32(tmp_path, backend):
     fp32 = _launch(tmp_path, "fp32", f"parallel.backend={backend}")
     bf16 = _launch(tmp_path, "bf16", f"parallel.backend={backend}", "parallel.mixed_precision=bf16")

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from cli_helpers import CLI, TORCHRUN, assert_user_error, clean_env, cli, config_file
+from tiers import fast_first
 
 STEPS = 30
 # 359 training images (val_fraction 0.8) in batches of 32: an epoch is 11.2 steps, so 30 steps
@@ -415,6 +416,7 @@ def bad_data(config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         return {"work": work, "procs": dict(zip(BAD_DATA, pool.map(one, BAD_DATA)))}
 
 
+@pytest.mark.slow  # its module fixture starts a process per case
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_is_one_line_and_exit_2_before_training(case: str, bad_data: dict) -> None:
     proc = bad_data["procs"][case]
@@ -444,7 +446,7 @@ def good_checkpoint(config: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return work / "r" / "checkpoints" / "step-2"
 
 
-@pytest.mark.parametrize("target", ["trainer_rank0.pt", ".metadata"])
+@pytest.mark.parametrize("target", fast_first("trainer_rank0.pt", ".metadata"))
 def test_checkpoint_with_a_code_running_pickle_is_refused(target: str, good_checkpoint: Path, config: Path,
                                                           tmp_path: Path) -> None:
     import shutil

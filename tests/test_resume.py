@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tiers import fast_first
 
 RTOL = 1e-5
 STEPS, HALF = 20, 10
@@ -49,7 +50,7 @@ class ResumeRuns:
     run_dir: Path  # B's run directory
 
 
-@pytest.fixture(scope="module", params=list(BACKENDS))
+@pytest.fixture(scope="module", params=fast_first(*BACKENDS))
 def runs(request, dt, tmp_path_factory) -> ResumeRuns:
     backend = BACKENDS[request.param]
     cfg = [*dt.TINY_GPT, *RESUME_CFG, *backend]

@@ -11,6 +11,7 @@ import pytest
 
 from cli_helpers import FORK_PRELOAD
 from dist_train.bench._spawn import run_on_ranks
+from tiers import slow
 
 
 def _environment(rank: int, world: int, *names: str) -> dict:
@@ -21,7 +22,7 @@ def _sleep(rank: int, world: int, seconds: float) -> None:
     time.sleep(seconds)
 
 
-@pytest.mark.parametrize("preload", [(), FORK_PRELOAD], ids=["spawn", "forkserver"])
+@pytest.mark.parametrize("preload", [slow((), id="spawn"), pytest.param(FORK_PRELOAD, id="forkserver")])
 def test_workers_get_the_given_environment_and_their_ranks(preload, monkeypatch):
     monkeypatch.setenv("DIST_TRAIN_SPAWN_PROBE", "caller")
     env = {"PATH": os.environ.get("PATH", ""), "DIST_TRAIN_SPAWN_GIVEN": "given"}
