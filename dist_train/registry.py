@@ -128,6 +128,14 @@ DATASETS = Registry("data.name", "data set", {
     "diffusion_sorption": "dist_train.pde.data:DiffusionSorption",
 })
 
+MODELS = Registry("model.name", "model", {
+    "gpt": "dist_train.models.gpt:GPTSpec",
+    "mlp": "dist_train.models.mlp:MLPSpec",
+    "cnn": "dist_train.models.cnn:CNNSpec",
+    "basis_mlp": "dist_train.pde.basis:BasisMLPSpec",
+    "basis_fno": "dist_train.pde.basis_fno:BasisFNOSpec",
+})
+
 BACKENDS = Registry("parallel.backend", "backend", {
     "ddp": "dist_train.parallel.ddp:DDPBackend",
     "fsdp": "dist_train.parallel.fsdp:FSDPBackend",
@@ -145,4 +153,4 @@ OPTIMIZERS = Registry("optim.name", "optimizer", {
     "diff2": "dist_train.privacy.diff2_transform:Diff2Transform",
 })
 
-__all__ = ["BACKENDS", "DATASETS", "LOCAL_METHODS", "OPTIMIZERS", "Registry", "import_plugins"]
+__all__ = ["BACKENDS", "DATASETS", "LOCAL_METHODS", "MODELS", "OPTIMIZERS", "Registry", "import_plugins"]

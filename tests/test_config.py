@@ -299,10 +299,11 @@ def _models(model: type[BaseModel], seen: set) -> list[type[BaseModel]]:
 
 
 def _component_options() -> list:
-    """Every registered component's own options model (local.<method>.*, a data set's data.* keys)."""
-    from dist_train.registry import DATASETS, LOCAL_METHODS
+    """Every registered component's own options model (local.<method>.*, a data set's data.* keys,
+    a model's model.* keys)."""
+    from dist_train.registry import DATASETS, LOCAL_METHODS, MODELS
 
-    return [own for reg in (LOCAL_METHODS, DATASETS) for name in reg if (own := reg.get(name).options)]
+    return [own for reg in (LOCAL_METHODS, DATASETS, MODELS) for name in reg if (own := reg.get(name).options)]
 
 
 def test_every_schema_field_has_a_description() -> None:
@@ -315,13 +316,15 @@ def test_every_schema_field_has_a_description() -> None:
 
 
 def test_every_section_forbids_extra_keys() -> None:
-    # `data` and `local` take their components' keys as extra keys, which the component's own
-    # (strict) options model then validates: an unknown key is still refused, by name.
-    from dist_train.config.schema import DataSection, LocalSection
+    # `data`, `model` and `local` take their components' keys as extra keys, which the component's
+    # own (strict) options model then validates: an unknown key is still refused, by name.
+    from dist_train.config.schema import DataSection, LocalSection, ModelSection
 
     for m in _models(Config, set()) + [m for own in _component_options() for m in _models(own, set())]:
-        assert m.model_config.get("extra") == ("allow" if m in (DataSection, LocalSection) else "forbid"), m.__name__
+        allowed = m in (DataSection, LocalSection, ModelSection)
+        assert m.model_config.get("extra") == ("allow" if allowed else "forbid"), m.__name__
     assert _error("data.max_byte=5") == "data.max_byte: not read by data.name=stdlib_bytes (its keys: max_bytes)"
+    assert _error("model.n_heads=5") == "model.n_heads: not read by model.name=gpt (its keys: dropout, n_head, n_layer, width)"
     assert _error("local.man.evry=2") == "local.man.evry: unknown key"
     assert _error("local.foo=2") == "local.foo: unknown key"
     assert _error("local.dgl.x=2") == "local.dgl: method dgl has no options"

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from dist_train.config.schema import Config
 from dist_train.local.layout import check_pipeline, check_replay
-from dist_train.registry import BACKENDS, DATASETS, LOCAL_METHODS, OPTIMIZERS
+from dist_train.registry import BACKENDS, DATASETS, LOCAL_METHODS, MODELS, OPTIMIZERS
 from dist_train.tasks import get_task
-from dist_train.tasks.names import MODEL_TASKS
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
     """Raise UserError naming the key when the config cannot run on `world_size` ranks."""
-    get_task(MODEL_TASKS[cfg.model.name]).check(cfg, world_size)  # e.g. the PDE task: ddp or none only
+    get_task(MODELS.get(cfg.model.name).task).check(cfg, world_size)  # e.g. the PDE task: ddp or none only
     DATASETS.get(cfg.data.name).check(cfg, world_size)
     if cfg.parallel.stages > 1:
         check_pipeline(cfg, world_size)

@@ -6,12 +6,12 @@ quickstart, so an empty YAML file is a valid (small) run.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dist_train.config.options import Options, validate_options
-from dist_train.registry import BACKENDS, DATASETS, LOCAL_METHODS, OPTIMIZERS, import_plugins
+from dist_train.registry import BACKENDS, DATASETS, LOCAL_METHODS, MODELS, OPTIMIZERS, Registry, import_plugins
 from dist_train.tasks.names import check_pairing
 
 
@@ -35,22 +35,6 @@ class TrainSection(Options):
     on_nonfinite: Literal["skip", "stop"] = Field("stop", description="A step whose loss or gradients are not finite is never applied to the weights: skip it (counted in nonfinite_skipped) and go on, or stop: every rank stops, the last good weights are checkpointed and the job exits 1 with a message naming the step.")
 
 
-class ModelSection(Options):
-    name: Literal["gpt", "mlp", "cnn", "basis_mlp", "basis_fno"] = Field("gpt", description="Reference model: byte-level GPT, MLP, small CNN, or a PDE basis network with the moe section's constraint (basis_mlp: pointwise MLP; basis_fno: 2-D Fourier neural operator over (t, x), the paper's kind).")
-    n_layer: int = Field(4, ge=1, description="Number of blocks (transformer blocks, hidden layers or conv blocks).")
-    width: int = Field(128, ge=1, description="Embedding size (gpt), hidden units (mlp) or channels (cnn).")
-    n_head: int = Field(4, ge=1, description="Attention heads (gpt only); must divide width.")
-    block_size: int = Field(64, ge=2, description="Context length in tokens (gpt only).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
-    modes: int = Field(12, ge=1, description="basis_fno only: Fourier modes kept per axis in each layer (the lowest in x, the lowest of either sign in t; capped at what the padded grid has).")
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self):
-        if self.name == "gpt" and self.width % self.n_head != 0:
-            raise ValueError(f"model.n_head ({self.n_head}) must divide model.width ({self.width})")
-        return self
-
-
 def _in(registry, value: str) -> str:
     """A name a registry holds (a plugin may have added it); the error lists the choices."""
     if value not in registry:
@@ -66,42 +50,62 @@ class _ComponentSection(Options):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
 
-def _another_sets_default(name: str, key: str, value) -> bool:
-    """Is `data.<key>: value` another registered data set's key at that set's default?"""
-    for other in DATASETS:
-        own = DATASETS.get(other).options if other != name else None
+class _NamedComponentSection(_ComponentSection):
+    """A section that names one component of a registry (`data.name`, `model.name`) and holds that
+    component's own keys beside its common ones: the component's options model validates them, and
+    the resolved config spells every one of them out."""
+
+    _registry: ClassVar[Registry]
+
+    @model_validator(mode="after")
+    def _own_keys(self):
+        # A key the chosen component does not read is a mistake (the run would silently train
+        # something other than the user meant), unless it is another component's key at that
+        # component's default: a resolved config of that component.
+        registry, section = self._registry, self._registry.key.partition(".")[0]
+        extra = self.__pydantic_extra__
+        own = registry.get(self.name).options
+        known = set(own.model_fields) if own else set()
+        for key in [k for k in extra if k not in known]:
+            if not _another_sets_default(registry, self.name, key, extra[key]):
+                raise ValueError(f"{section}.{key}: not read by {registry.key}={self.name}"
+                                 + (f" (its keys: {', '.join(sorted(known))})" if known else ""))
+            del extra[key]
+        validated = validate_options(own, dict(extra), section, f"{registry.key} is {self.name}")
+        extra.clear()
+        extra.update(dict(validated))  # every key of the component spelt out, as the resolved config shows
+        return self
+
+    def options(self) -> Options:
+        """The chosen component's own options (its options model over this section's extra keys)."""
+        return validate_options(self._registry.get(self.name).options, dict(self.__pydantic_extra__),
+                                self._registry.key.partition(".")[0])
+
+
+def _another_sets_default(registry: Registry, name: str, key: str, value) -> bool:
+    """Is `<section>.<key>: value` another registered component's key at that component's default?"""
+    for other in registry:
+        own = registry.get(other).options if other != name else None
         if own is not None and key in own.model_fields and own.model_fields[key].default == value:
             return True
     return False
 
 
-class DataSection(_ComponentSection):
+class ModelSection(_NamedComponentSection):
+    name: str = Field("gpt", description="Model, by registered name (dist_train.registry.MODELS): gpt (byte-level GPT-2-style decoder), mlp, cnn, basis_mlp / basis_fno (PDE basis networks under the moe section's constraint: a pointwise MLP, or a 2-D Fourier neural operator over (t, x), the paper's kind), or a plugin's. Each model owns further model.* keys (its options model: n_layer, width, ...).")
+    block_size: int = Field(64, ge=2, description="Context length in tokens: the windows a token data set cuts and a language model reads (ignored by other tasks).")
+
+    _registry = MODELS
+    _name_is_registered = field_validator("name")(classmethod(lambda cls, v: _in(MODELS, v)))
+
+
+class DataSection(_NamedComponentSection):
     name: str = Field("stdlib_bytes", description="Data set, by registered name (dist_train.registry.DATASETS): stdlib_bytes (bytes of the Python stdlib source), token_bin (uint16 .bin token files), digits (sklearn digits), shapes32 (generated 32x32 RGB shapes), reaction_diffusion (1D Fisher-KPP solutions), diffusion_sorption (PDEBench's 1D diffusion-sorption problem), or a plugin's. Each data set owns further data.* keys (its options model).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the data held out for validation.")
     test_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Fraction held out as a test split (stdlib_bytes, digits, shapes32, the PDE sets); default 0.1 for shapes32, else 0 (no test split).")
 
+    _registry = DATASETS
     _name_is_registered = field_validator("name")(classmethod(lambda cls, v: _in(DATASETS, v)))
-
-    @model_validator(mode="after")
-    def _own_keys(self):
-        # The chosen data set's own keys (data.path for token_bin): a key it does not read is a
-        # mistake (the run would silently train on other data than the user meant).
-        extra = self.__pydantic_extra__
-        own = DATASETS.get(self.name).options
-        known = set(own.model_fields) if own else set()
-        for key in [k for k in extra if k not in known]:
-            if not _another_sets_default(self.name, key, extra[key]):
-                raise ValueError(f"data.{key}: not read by data.name={self.name}"
-                                 + (f" (its keys: {', '.join(sorted(known))})" if known else ""))
-            del extra[key]  # another data set's key at its default: no mistake (a resolved config of that set)
-        validated = validate_options(own, dict(extra), "data", f"data.name is {self.name}")
-        extra.clear()
-        extra.update(dict(validated))  # every key of the data set spelt out, as the resolved config shows
-        return self
-
-    def options(self) -> Options:
-        """The chosen data set's own options (its options model over this section's extra keys)."""
-        return validate_options(DATASETS.get(self.name).options, dict(self.__pydantic_extra__), "data")
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self):

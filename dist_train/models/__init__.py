@@ -1,5 +1,7 @@
-"""Reference models. Each is `embed -> blocks (ModuleList) -> head`, has `task` (a key of
-`dist_train.tasks.TASKS`) and `loss(outputs, targets)`, so stage splitting and sharding can treat them alike."""
+"""The models. Each is `embed -> blocks (ModuleList) -> head` with `loss(outputs, targets)`, so stage
+splitting and sharding can treat them alike; each is registered by name (`dist_train.registry.MODELS`)
+with a `ModelSpec` (`models/spec.py`) that says which task's data it reads, its own `model.*` keys
+and how to build it."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ __all__ = ["GPT", "Block", "MLP", "CNN", "build_model", "count_parameters", "cro
 
 
 def build_model(cfg_model: ModelSection, info: "DataInfo") -> nn.Module:
-    """Instantiate the model named in the config, sized by the data set's `info`: its task builds it."""
+    """Instantiate the model named in the config, sized by the data set's `info`: the data set's task
+    builds it from the model's spec (the PDE task wraps the basis network in its constraint)."""
     from dist_train.tasks import get_task
 
     return get_task(info.task).build_model(cfg_model, info)

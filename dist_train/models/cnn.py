@@ -18,7 +18,9 @@ import math
 import torch
 import torch.nn as nn
 
+from dist_train.errors import UserError
 from dist_train.models.base import EmbedBlocksHead
+from dist_train.models.spec import ModelSpec, StackOptions
 
 
 class ConvBlock(nn.Module):
@@ -56,3 +58,16 @@ class CNN(EmbedBlocksHead):
         self.blocks = nn.ModuleList(ConvBlock(width, dropout) for _ in range(n_layer))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
+
+class CNNSpec(ModelSpec):
+    """`model.name: cnn`: the small CNN classifier above, on [C,H,W] images."""
+
+    task = "classify"
+    options = StackOptions
+
+    @classmethod
+    def build(cls, opts, info, block_size):
+        if len(info.input_shape) != 3:
+            raise UserError(f"model.name: cnn needs [C,H,W] inputs, got shape {tuple(info.input_shape)}")
+        channels, height, _ = info.input_shape
+        return CNN(channels, height, info.num_classes, opts.n_layer, opts.width, opts.dropout)

@@ -13,7 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pydantic import Field, model_validator
+
+from dist_train.config.options import Options
 from dist_train.models.base import EmbedBlocksHead
+from dist_train.models.spec import ModelSpec
 
 
 class Embedding(nn.Module):
@@ -148,3 +152,27 @@ class GPT(EmbedBlocksHead):
         n = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.embed.parameters())
         q = self.width // self.n_head
         return 6 * n + 12 * self.n_layer * self.n_head * q * t
+
+
+class GPTOptions(Options):
+    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
+    width: int = Field(128, ge=1, description="Embedding size.")
+    n_head: int = Field(4, ge=1, description="Attention heads; must divide width.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability (embeddings, attention, MLP).")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.width % self.n_head != 0:
+            raise ValueError(f"model.n_head ({self.n_head}) must divide model.width ({self.width})")
+        return self
+
+
+class GPTSpec(ModelSpec):
+    """`model.name: gpt`: the byte-level GPT-2-style decoder above."""
+
+    task = "lm"
+    options = GPTOptions
+
+    @classmethod
+    def build(cls, opts, info, block_size):
+        return GPT(info.vocab_size, opts.n_layer, opts.width, opts.n_head, block_size, opts.dropout)

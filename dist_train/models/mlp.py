@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from dist_train.models.base import EmbedBlocksHead
+from dist_train.models.spec import ModelSpec, StackOptions
 
 
 class MLPBlock(nn.Module):
@@ -37,3 +40,13 @@ class MLP(EmbedBlocksHead):
         self.blocks = nn.ModuleList(MLPBlock(width, dropout) for _ in range(n_layer))
         self.head = nn.Linear(width, num_classes)
 
+
+class MLPSpec(ModelSpec):
+    """`model.name: mlp`: the MLP classifier above, on any image (flattened)."""
+
+    task = "classify"
+    options = StackOptions
+
+    @classmethod
+    def build(cls, opts, info, block_size):
+        return MLP(math.prod(info.input_shape), info.num_classes, opts.n_layer, opts.width, opts.dropout)

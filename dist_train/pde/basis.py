@@ -1,5 +1,5 @@
 """The PDE basis networks f_θ: N basis functions on a space-time grid, for the hard-constraint experts.
-`BASIS_MODELS` maps `model.name` to a builder(grid, n_basis, cfg_model).
+Each is a registered model (`dist_train.registry.MODELS`) whose spec builds it for the PDE task.
 
 - `BasisMLP` (basis_mlp, the config's default): a small MLP applied at every grid point to
   [encode(u0), x, t] (DeepONet-style: the initial condition enters through a learned linear encoding,
@@ -14,7 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from pydantic import Field
 from torch import nn
+
+from dist_train.config.options import Options
+from dist_train.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     from dist_train.pde.grid import PDEGrid
@@ -39,20 +43,30 @@ class BasisMLP(nn.Module):
         return self.head(h)  # [B, nt, nx, N]
 
 
-def _build_mlp(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
-    return BasisMLP(grid, n_basis, cfg_model.width, cfg_model.n_layer)
+class BasisOptions(Options):
+    n_layer: int = Field(4, ge=1, description="Hidden layers (basis_mlp) or Fourier layers (basis_fno).")
+    width: int = Field(128, ge=1, description="Hidden units (basis_mlp) or channels (basis_fno).")
 
 
-def _build_fno(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
-    from dist_train.pde.basis_fno import BasisFNO
+class BasisSpec(ModelSpec):
+    """A basis network f_θ: the PDE task builds the whole model (`PDEModel`) around it, with the
+    moe section's constraint, so the task calls `build_basis`, not `build`."""
 
-    return BasisFNO(grid, n_basis, cfg_model.width, cfg_model.n_layer, modes=cfg_model.modes)
+    task = "pde"
+    options = BasisOptions
+
+    @classmethod
+    def build_basis(cls, opts, grid: "PDEGrid", n_basis: int) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, opts, info, block_size):
+        raise NotImplementedError("a basis network is built by the PDE task (PDESolving.build_model)")
 
 
-# model.name -> builder(grid, n_basis, cfg_model): a new basis network is one class and one line here
-# (plus its name in `tasks/names.py` and the schema's Literal).
-BASIS_MODELS = {"basis_mlp": _build_mlp, "basis_fno": _build_fno}
+class BasisMLPSpec(BasisSpec):
+    """`model.name: basis_mlp`."""
 
-
-def build_basis(grid: "PDEGrid", n_basis: int, cfg_model) -> nn.Module:
-    return BASIS_MODELS[cfg_model.name](grid, n_basis, cfg_model)
+    @classmethod
+    def build_basis(cls, opts, grid, n_basis):
+        return BasisMLP(grid, n_basis, opts.width, opts.n_layer)

@@ -26,7 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
+
+from dist_train.pde.basis import BasisOptions, BasisSpec
 
 if TYPE_CHECKING:
     from dist_train.pde.grid import PDEGrid
@@ -82,3 +85,17 @@ class BasisFNO(nn.Module):
                 v = F.gelu(v)
         v = v[:, :, :nt, :nx].permute(0, 2, 3, 1)  # crop the padding: [B, nt, nx, width]
         return self.head(v)  # [B, nt, nx, N]
+
+
+class FNOOptions(BasisOptions):
+    modes: int = Field(12, ge=1, description="Fourier modes kept per axis in each layer (the lowest in x, the lowest of either sign in t; capped at what the padded grid has).")
+
+
+class BasisFNOSpec(BasisSpec):
+    """`model.name: basis_fno`: the paper's kind of basis."""
+
+    options = FNOOptions
+
+    @classmethod
+    def build_basis(cls, opts, grid, n_basis):
+        return BasisFNO(grid, n_basis, opts.width, opts.n_layer, modes=opts.modes)

@@ -1,6 +1,6 @@
 """The PDE models: a basis network f_θ and the constraint that turns its N basis functions into u.
 
-f_θ is the basis network `model.name` names (`basis.py`: `BASIS_MODELS`), giving b [B, nt, nx, N]
+f_θ is the basis network `model.name` names (`basis.py`, `basis_fno.py`), giving b [B, nt, nx, N]
 from the initial values u0 [B, nx].
 
 - `constraint="hard"`: u = b·ω_k on each expert's block, ω_k solved per sample from the discretised

@@ -16,17 +16,19 @@ class PDESolving(Task):
         are spread over, this rank's expert group (None: every expert in this process); `replicas`:
         every data-parallel rank, over which the solver figures are maximised (default: `group`)."""
         from dist_train.config.schema import MoESection
-        from dist_train.pde.basis import BASIS_MODELS, build_basis
+        from dist_train.pde.basis import BasisSpec
         from dist_train.pde.constraint import LMOptions
         from dist_train.pde.model import PDEModel
+        from dist_train.registry import MODELS
 
-        if cfg_model.name not in BASIS_MODELS or info.grid is None:
-            raise UserError(f"model.name: {cfg_model.name} cannot solve a PDE data set "
-                            f"(use {' or '.join(BASIS_MODELS)})")
+        spec = MODELS.get(cfg_model.name)
+        if not issubclass(spec, BasisSpec) or info.grid is None:
+            bases = [n for n in MODELS if issubclass(MODELS.get(n), BasisSpec)]
+            raise UserError(f"model.name: {cfg_model.name} cannot solve a PDE data set (use {' or '.join(bases)})")
         moe = moe or MoESection()
         options = LMOptions(max_iter=moe.lm_max_iter, tol=moe.lm_tol, ridge=moe.ridge, ftol=moe.lm_ftol,
                             hessian=moe.lm_hessian)
-        return PDEModel(info.grid, build_basis(info.grid, moe.basis, cfg_model), moe.basis, moe.constraint,
+        return PDEModel(info.grid, spec.build_basis(cfg_model.options(), info.grid, moe.basis), moe.basis, moe.constraint,
                         experts=moe.experts, points=moe.points, time_splits=moe.time_splits, loss=moe.loss,
                         options=options, group=group, replicas=replicas, overlap=moe.overlap)
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from dist_train.errors import UserError
+
 if TYPE_CHECKING:
     from dist_train.config.schema import Config, ModelSection
     from dist_train.data.base import DataInfo
@@ -26,9 +28,17 @@ class Task(ABC):
     exportable: bool = True  # `dist-train export` can rebuild the model from model.* and the data sizes
     meta_buildable: bool = True  # `plan` can build the model on the meta device (no memory, no compute)
 
-    @abstractmethod
     def build_model(self, cfg_model: "ModelSection", info: "DataInfo") -> nn.Module:
-        """The model named in the config, sized by the data set's `info`; UserError if it cannot read it."""
+        """The model `model.name` names (its `ModelSpec` builds it), sized by the data set's `info`;
+        UserError if it cannot read this task's data."""
+        from dist_train.registry import MODELS
+        from dist_train.tasks.names import DATA_WORDS
+
+        spec = MODELS.get(cfg_model.name)
+        if spec.task != self.name:
+            raise UserError(f"model.name: {cfg_model.name} cannot read {DATA_WORDS.get(self.name, 'a ' + self.name)} data set "
+                            f"(use {' or '.join(n for n in MODELS if MODELS.get(n).task == self.name)})")
+        return spec.build(cfg_model.options(), info, cfg_model.block_size)
 
     @abstractmethod
     def num_outputs(self, info: "DataInfo") -> int:

@@ -1,13 +1,10 @@
-"""Which task each model belongs to (a plain table, importable from the config schema without
-importing torch), and the check that a model can read the data set's batches. A data set declares
-its own task (`DatasetSpec.task`, see `dist_train.data.base`)."""
+"""The check that a model can read the data set's batches: a data set declares its task
+(`DatasetSpec.task`, see `dist_train.data.base`), a model the task whose data it reads
+(`ModelSpec.task`, see `dist_train.models.spec`)."""
 
 from __future__ import annotations
 
-from dist_train.registry import DATASETS
-
-# model.name -> the task it is built for
-MODEL_TASKS: dict[str, str] = {"gpt": "lm", "mlp": "classify", "cnn": "classify", "basis_mlp": "pde", "basis_fno": "pde"}
+from dist_train.registry import DATASETS, MODELS
 # how an error message names a task's data sets
 DATA_WORDS: dict[str, str] = {"lm": "a token", "classify": "an image", "pde": "a PDE"}
 
@@ -19,7 +16,7 @@ def data_sets_for(task: str) -> list[str]:
 
 def check_pairing(data_task: str, data_name: str, model_name: str) -> None:
     """Raise ValueError (pydantic turns it into the config error) when the model cannot read the data."""
-    wanted = MODEL_TASKS[model_name]
+    wanted = MODELS.get(model_name).task
     if data_task != wanted:
         readers = " or ".join(data_sets_for(wanted))
         raise ValueError(f"model.name: {model_name} needs {DATA_WORDS.get(wanted, 'a ' + wanted)} data set "

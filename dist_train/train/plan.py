@@ -13,7 +13,7 @@ from dist_train.config.layout import check_layout
 from dist_train.config.schema import Config
 from dist_train.data import build_dataset
 from dist_train.models import count_parameters
-from dist_train.registry import BACKENDS, DATASETS, LOCAL_METHODS, OPTIMIZERS
+from dist_train.registry import BACKENDS, DATASETS, LOCAL_METHODS, MODELS, OPTIMIZERS
 from dist_train.runtime.env import discover
 from dist_train.tasks import get_task
 from dist_train.train.checkpoint import resolve_resume
@@ -98,8 +98,8 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     p.set("world", f"{world} ranks ({nnodes} node(s) x {world // nnodes}), device {device}")
     p.set("mesh", (f"stage={stages} x " if stages > 1 else "") + f"dp={dp}")
     p.set("backend", f"{backend.name}{zero}{where}, precision {cfg.parallel.mixed_precision}")
-    p.set("model", f"{cfg.model.name}: {cfg.model.n_layer} layers, width {cfg.model.width}, "
-                   f"{count_parameters(model) / 1e6:.2f} M parameters")
+    shape = MODELS.get(cfg.model.name).describe(cfg.model.options())
+    p.set("model", f"{cfg.model.name}: {shape + ', ' if shape else ''}{count_parameters(model) / 1e6:.2f} M parameters")
     p.set("data", f"{cfg.data.name}: {data.info.train_size:,} train / {data.info.val_size:,} val")
     p.set("batch", f"{cfg.train.batch_size} global = {dp} dp ranks x {cfg.train.grad_accum} micro-batches x {micro}")
     p.set("memory/rank", f"weights {_mb(per_rank * w)}, grads {_mb(per_rank * g)}, optimizer {_mb(optim_bytes / stages)}, "

@@ -80,9 +80,9 @@ class ForwardForward(LocalMethod):
 
     @classmethod
     def check(cls, cfg, world_size: int) -> None:
-        from dist_train.tasks.names import MODEL_TASKS
+        from dist_train.registry import MODELS
 
-        if MODEL_TASKS[cfg.model.name] != "classify":
+        if MODELS.get(cfg.model.name).task != "classify":
             raise UserError(f"local.method: forward_forward needs a classifier (model.name mlp or cnn): its "
                             "prediction embeds each candidate label in the input")
 
