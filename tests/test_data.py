@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,84 @@ def test_token_bin_errors(tmp_path):
         fh.truncate(1024 + 50)
     with pytest.raises(UserError, match="truncated"):
         open_token_bin(tmp_path / "trunc.bin")
+
+
+def test_token_bin_uint32_round_trip(tmp_path):
+    tokens = (np.arange(1000) * 131) % 128_256  # ids above 65,535: Llama 3's vocabulary
+    path = tmp_path / "t.bin"
+    write_token_bin(path, tokens, llmc_header=True, dtype="uint32")
+    header = np.fromfile(path, dtype="<i4", count=3)
+    assert header.tolist() == [20240801, 7, 1000] and path.stat().st_size == 1024 + 4 * 1000
+    arr = open_token_bin(path)
+    assert arr.dtype == np.uint32 and np.array_equal(arr, tokens)
+    with pytest.raises(ValueError, match="llm.c header"):
+        write_token_bin(path, tokens, dtype="uint32")  # a bare file is uint16 by definition
+    with pytest.raises(ValueError, match="fit in uint16"):
+        write_token_bin(path, tokens, llmc_header=True)
+
+
+def test_token_bin_unknown_llmc_version(tmp_path):
+    write_token_bin(tmp_path / "t.bin", np.arange(100), llmc_header=True)
+    with open(tmp_path / "t.bin", "r+b") as fh:
+        fh.seek(4)
+        fh.write(np.array([3], dtype="<i4").tobytes())
+    with pytest.raises(UserError, match="version 3 is not supported"):
+        open_token_bin(tmp_path / "t.bin")
+
+
+def _shards(folder, name, sizes, start=0, dtype="uint16"):
+    """llm.c shards `{name}_00000k.bin` of consecutive ids (shard k begins at 1000 k + start)."""
+    for k, n in enumerate(sizes):
+        write_token_bin(folder / f"{name}_{k:06d}.bin", np.arange(n) + 1000 * k + start, llmc_header=True,
+                        dtype=dtype)
+
+
+def test_token_bin_glob_shards_with_val_siblings(tmp_path):
+    _shards(tmp_path, "fineweb_train", [100, 3, 50])  # the 3-token shard holds no window of 8 + 1
+    _shards(tmp_path, "fineweb_val", [40], start=500)
+    ds = build_dataset(DataSection(name="token_bin", path=str(tmp_path / "fineweb_train_*.bin")), block_size=8)
+    assert (ds.info.train_size, ds.info.val_size) == (153, 40)  # val from fineweb_val_*.bin, not a fraction
+    assert ds.num_samples("train") == (100 - 8) + (50 - 8) and ds.num_samples("val") == 32
+    # Window numbering runs through the shards; no window crosses a boundary.
+    x, y = ds.get_batch("train", torch.tensor([0, 91, 92, 133]))
+    assert x[1].tolist() == list(range(91, 99)) and y[1, -1].item() == 99  # last window of shard 0
+    assert x[2].tolist() == list(range(2000, 2008))  # first window of shard 2 (shard 1 has none)
+    assert y[3, -1].item() == 2049
+    assert ds.info.vocab_size == 2050
+    # A list of files (any order the user gives), with an explicit val list.
+    listed = build_token_bin([str(tmp_path / "fineweb_train_000002.bin"), str(tmp_path / "fineweb_train_000000.bin")],
+                             [str(tmp_path / "fineweb_val_000000.bin")], None, 0.1, 8)
+    assert listed.get_batch("train", torch.tensor([0]))[0][0, 0].item() == 2000
+
+
+def test_token_bin_shards_without_val_use_the_tail(tmp_path):
+    _shards(tmp_path, "part", [100, 100])
+    ds = build_token_bin(str(tmp_path / "part_*.bin"), None, None, 0.25, 8)
+    assert (ds.info.train_size, ds.info.val_size) == (150, 50)
+    assert ds.get_batch("val", torch.tensor([0]))[0][0, 0].item() == 1050
+    with pytest.raises(UserError, match="no file matches.*prepare-data"):
+        build_token_bin(str(tmp_path / "nope_*.bin"), None, None, 0.1, 8)
+    with pytest.raises(UserError, match="each fewer than one block"):
+        build_token_bin(str(tmp_path / "part_*.bin"), None, None, 0.1, 200)
+
+
+def test_token_bin_vocabulary_from_meta_and_checks(tmp_path):
+    _shards(tmp_path, "train", [100], dtype="uint32")
+    _shards(tmp_path, "val", [100])
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 128_256}))
+    ds = build_token_bin(str(tmp_path / "train_*.bin"), None, None, 0.1, 8)
+    # The vocabulary comes from meta.json (the model's output size), not from the ids seen.
+    assert ds.info.vocab_size == 128_256 and ds.tokenizer_path is None
+    with pytest.raises(UserError, match="data.vocab_size: 1000 is smaller than the vocabulary of 128256"):
+        build_token_bin(str(tmp_path / "train_*.bin"), None, 1000, 0.1, 8)
+    # uint16 shards cannot hold a 128k vocabulary's ids: the file or the tokenizer is wrong.
+    _shards(tmp_path, "u16", [100])
+    with pytest.raises(UserError, match="holds uint16 tokens.*vocabulary of 128256"):
+        build_token_bin(str(tmp_path / "u16_*.bin"), None, None, 0.1, 8)
+    # An id outside the vocabulary is bad input, never an index error in the embedding.
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50}))
+    with pytest.raises(UserError, match="token id 99, outside the vocabulary of 50"):
+        build_token_bin(str(tmp_path / "u16_*.bin"), None, None, 0.1, 8)
 
 
 # ---- sampler ------------------------------------------------------------------------------------

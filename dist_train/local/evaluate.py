@@ -95,7 +95,7 @@ def generate_pipeline(cfg, ctx, data, backend, layout) -> str | None:
     model.train()
     if not layout.first:
         return None
-    return decode(ids[prompt_len:].tolist(), data.info.vocab_size)
+    return decode(ids[prompt_len:].tolist(), data)
 
 
 def _send_trip(dst: int, window: torch.Tensor, act: torch.Tensor) -> None:

@@ -30,4 +30,4 @@ def generate(cfg, ctx, data, backend) -> str:
             logits = model(ids[-cfg.model.block_size:].view(1, -1).to(ctx.device))
         ids = torch.cat([ids, next_token(logits, cfg.train.sample_temperature, gen)])
     model.train(was_training)
-    return decode(ids[start:].tolist(), data.info.vocab_size)
+    return decode(ids[start:].tolist(), data)

@@ -150,4 +150,4 @@ def _sample(trainers, independent: bool, cfg, data) -> str:
         for trainer in trainers:
             h = trainer(x=window if trainer.reads_data else None, received=h)
         ids = torch.cat([ids, next_token(h, cfg.train.sample_temperature, gen)])
-    return decode(ids[start:].tolist(), data.info.vocab_size)
+    return decode(ids[start:].tolist(), data)
