@@ -14,6 +14,9 @@ they go to AdamW (Muon's authors do the same). The rules, first match wins:
 5. The weight of any other Linear or Conv layer -> the matrix optimizer (conv kernels flattened to
    out × in·kh·kw by the optimizer).
 6. Anything else with 2 or more dimensions is unrouted: an error that names it, not a silent AdamW.
+
+A parameter shared by two modules (tied input and output embeddings) is routed once, where it first
+appears in module order (the embedding: AdamW).
 """
 
 from __future__ import annotations
@@ -50,11 +53,15 @@ def route_parameters(model: nn.Module, num_outputs: Optional[int] = None,
                      matrix_patterns: Sequence[str] = (), adamw_patterns: Sequence[str] = ()) -> Routes:
     """Sort `model`'s trainable parameters (see the module docstring for the rules)."""
     routes = Routes()
+    seen: set[int] = set()
     for module_name, module in model.named_modules():
         in_embed = any(part == "embed" for part in module_name.split("."))
         for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            # A shared parameter (tied embedding and output head) is routed once, by its first
+            # module in order: the embedding (an optimizer group may hold a tensor only once).
+            if not p.requires_grad or id(p) in seen:
                 continue
+            seen.add(id(p))
             name = f"{module_name}.{pname}" if module_name else pname
             decay_list = routes.adamw_decay
             if any(fnmatch(name, pat) for pat in adamw_patterns):
