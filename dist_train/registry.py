@@ -132,6 +132,7 @@ MODELS = Registry("model.name", "model", {
     "gpt": "dist_train.models.gpt:GPTSpec",
     "mlp": "dist_train.models.mlp:MLPSpec",
     "cnn": "dist_train.models.cnn:CNNSpec",
+    "hf": "dist_train.models.hf:HFSpec",
     "basis_mlp": "dist_train.pde.basis:BasisMLPSpec",
     "basis_fno": "dist_train.pde.basis_fno:BasisFNOSpec",
 })

@@ -48,7 +48,7 @@ def stage_of(cfg: Config, model: nn.Module, data_info, layout: StageLayout,
     ranges = stage_block_ranges(model, layout.num_stages, cuts if cuts is not None else cfg.parallel.cut_points)
     mine = ranges[layout.stage]
     method = get_method(cfg.local.method, cfg.local.options(cfg.local.method))
-    info = StageInfo(index=layout.stage, num_stages=layout.num_stages, task=model.task, width=cfg.model.width,
+    info = StageInfo(index=layout.stage, num_stages=layout.num_stages, task=model.task, width=getattr(model, "width", None) or cfg.model.width,
                      num_classes=get_task(model.task).num_outputs(data_info),
                      later_blocks=tuple(model.blocks[i] for i in range(mine.stop, len(model.blocks))),
                      model_name=cfg.model.name, input_shape=tuple(data_info.input_shape or ()),
