@@ -261,6 +261,12 @@ def build_token_bin(path: PathSpec, val_path: Optional[PathSpec], vocab_size: Op
                         f"({named}): a wrong vocabulary, or a file of another dtype")
     ds = TokenDataset(train, val, vocab_size=limit, block_size=block_size, source="data.path")
     ds.tokenizer_path = str(tok_path) if tok_path is not None else None
+    dtypes = "/".join(sorted({f"uint{8 * a.dtype.itemsize}" for a in [*train, *val]}))
+    origin = ("data.vocab_size" if vocab_size else Path(source).name if source_vocab is not None
+              else "max id + 1")
+    shards = f"{len(train_files)} train shard{'s' if len(train_files) > 1 else ''}"
+    ds.plan_text = (f"{ds.info.train_size:,} train / {ds.info.val_size:,} val tokens ({shards}, {dtypes}), "
+                    f"vocabulary {limit:,} ({origin})" + (f", tokenizer {tok_path}" if tok_path is not None else ""))
     return ds
 
 
@@ -293,6 +299,10 @@ class TokenBin(DatasetSpec):
     def check_config(cls, cfg) -> None:
         if cfg.data.test_fraction:
             raise ValueError("data.test_fraction: token_bin has no test split (hold one out in its own .bin file)")
+
+    @classmethod
+    def plan_rows(cls, cfg, plan) -> None:
+        plan.set("data", f"token_bin: {plan.data.plan_text}")
 
     @classmethod
     def build(cls, cfg_data, block_size: int) -> TokenDataset:
