@@ -74,19 +74,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dist_train.config.layout import check_layout
     from dist_train.runtime import discover, init_distributed
     from dist_train.train.loop import train
+    from dist_train.train.memory_check import check_memory
 
     cfg = load_config(args.config, args.overrides)
     world = discover()
     check_layout(cfg, world.world_size)  # before any collective, so bad input cannot hang a rank
+    # The model (built on meta) against what the features need, and the plan against the rank's memory.
+    data = check_memory(cfg, world.world_size, world.local_world_size, device=_own_gpu(cfg, world)).data
     ctx = init_distributed(cfg, world)
     try:
         command = shlex.split(os.environ.get("DIST_TRAIN_COMMAND", "")) or [sys.argv[0], *sys.argv[1:]]
         if cfg.parallel.stages > 1:
             from dist_train.train.local_loop import train_local
 
-            last = train_local(cfg, ctx, command)
+            last = train_local(cfg, ctx, command, data=data)
         else:
-            last = train(cfg, ctx, command)
+            last = train(cfg, ctx, command, data=data)
     finally:
         ctx.destroy()
     if last.get("stopped"):  # preempted, or a non-finite step under on_nonfinite=stop: saved first
@@ -110,6 +113,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "sample" in last:
             print(f"sample: {cfg.train.sample_prompt}{last['sample']}")
     return 0
+
+
+def _own_gpu(cfg, world):
+    """The GPU this rank will use (as runtime.dist picks it), or None on CPU: the memory check reads
+    only its own device's free memory."""
+    import torch
+
+    if cfg.runtime.device == "cpu" or not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", world.local_rank % torch.cuda.device_count())
 
 
 def cmd_launch(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from dist_train.errors import UserError
 
@@ -30,9 +30,13 @@ from dist_train.errors import UserError
 class Registry:
     """Names -> components, for the config key `key` (used in error messages)."""
 
-    def __init__(self, key: str, what: str, entries: dict[str, Any]):
+    def __init__(self, key: str, what: str, entries: dict[str, Any], import_paths: Optional[str] = None):
+        """`import_paths`: a "module:attr" path of a function `name -> entry` that makes an entry of a
+        name that is itself an import path ("package.module:factory"), so that a config can name a
+        component of its own without registering it (the models). ValueError naming what is wrong."""
         self.key, self.what = key, what
         self._entries: dict[str, Any] = dict(entries)
+        self._import_paths = import_paths
 
     def register(self, name: str, entry: Any, *, replace: bool = False) -> Any:
         """Add `entry` (a class or object, or a "module:attr" path) under `name`; returns it, so it
@@ -44,6 +48,14 @@ class Registry:
             raise ValueError(f"{self.key}: {name!r} is already registered ({_describe(old)})")
         self._entries[name] = entry
         return entry
+
+    def add_import_path(self, name: str) -> None:
+        """Register an entry for `name`, an import path ("module:attr") this registry can make one of;
+        ValueError otherwise (for an unknown name: the choices, without the key)."""
+        if self._import_paths is None or ":" not in name:
+            raise ValueError(self.unknown(name).partition(": ")[2])
+        module, _, attr = self._import_paths.partition(":")
+        self._entries[name] = getattr(importlib.import_module(module), attr)(name)
 
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)
@@ -70,7 +82,7 @@ class Registry:
 
     def unknown(self, name: object) -> str:
         """`key: expected one of 'a', 'b' or 'c', got 'x'`: the same words as a fixed choice's error."""
-        names = [repr(n) for n in self._entries]
+        names = [repr(n) for n in self._entries if ":" not in str(n)]  # import paths are not choices
         choices = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         return f"{self.key}: expected one of {choices}, got {name!r}"
 
@@ -135,7 +147,7 @@ MODELS = Registry("model.name", "model", {
     "hf": "dist_train.models.hf:HFSpec",
     "basis_mlp": "dist_train.pde.basis:BasisMLPSpec",
     "basis_fno": "dist_train.pde.basis_fno:BasisFNOSpec",
-})
+}, import_paths="dist_train.models.factory:spec_for_import_path")
 
 BACKENDS = Registry("parallel.backend", "backend", {
     "ddp": "dist_train.parallel.ddp:DDPBackend",

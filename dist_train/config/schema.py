@@ -36,9 +36,10 @@ class TrainSection(Options):
 
 
 def _in(registry, value: str) -> str:
-    """A name a registry holds (a plugin may have added it); the error lists the choices."""
+    """A name a registry holds (a plugin may have added it), or an import path it makes an entry of
+    (`model.name: "package.module:factory"`); the error lists the choices."""
     if value not in registry:
-        raise ValueError(registry.unknown(value).partition(": ")[2])
+        registry.add_import_path(value)
     return value
 
 
@@ -92,7 +93,7 @@ def _another_sets_default(registry: Registry, name: str, key: str, value) -> boo
 
 
 class ModelSection(_NamedComponentSection):
-    name: str = Field("gpt", description="Model, by registered name (dist_train.registry.MODELS): gpt (byte-level GPT-2-style decoder), mlp, cnn, basis_mlp / basis_fno (PDE basis networks under the moe section's constraint: a pointwise MLP, or a 2-D Fourier neural operator over (t, x), the paper's kind), or a plugin's. Each model owns further model.* keys (its options model: n_layer, width, ...).")
+    name: str = Field("gpt", description="Model, by registered name (dist_train.registry.MODELS): gpt (byte-level GPT-2-style decoder), mlp, cnn, basis_mlp / basis_fno (PDE basis networks under the moe section's constraint: a pointwise MLP, or a 2-D Fourier neural operator over (t, x), the paper's kind), or a plugin's, or an import path package.module:factory (or path/file.py:factory) of a function that returns the model (it receives the data set's sizes and the mapping model.options as keyword arguments; see the README's model protocol). Each model owns further model.* keys (its options model: n_layer, width, ...).")
     block_size: int = Field(64, ge=2, description="Context length in tokens: the windows a token data set cuts and a language model reads (ignored by other tasks).")
 
     _registry = MODELS
@@ -262,6 +263,8 @@ class RuntimeSection(Options):
         "cache", description="Host heap (glibc): 'cache' keeps freed memory in the process for the next step instead "
         "of returning it and faulting it back in (as PyTorch's CUDA allocator does on GPU; the resident set stays at "
         "the step's high-water mark); 'system' leaves glibc's defaults. See dist_train/runtime/malloc.py.")
+    memory_check: bool = Field(True, description="Refuse a run, before anything starts, whose planned memory per rank (dist-train plan's memory/rank row: weights, gradients, optimizer state, activations) exceeds the memory per rank: the device's free memory (GPU), or the node's available RAM divided by its ranks (CPU). false: start anyway.")
+    memory_per_rank_gb: Optional[float] = Field(None, gt=0, description="The memory per rank (GiB) that runtime.memory_check compares the plan with, instead of the measured one (e.g. to leave room for other jobs on the node).")
     start_timeout_s: float = Field(600, gt=0, description="Collective timeout during start-up (rendezvous, model set-up).")
     steady_timeout_s: float = Field(300, gt=0, description="Collective timeout in steady-state training.")
     save_timeout_s: float = Field(1800, gt=0, description="Collective timeout while saving or loading a checkpoint.")

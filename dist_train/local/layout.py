@@ -46,8 +46,9 @@ def check_pipeline(cfg, world_size: int) -> None:
     UserError naming the key. The method's own rules are its `check`."""
     from dist_train.errors import UserError
 
-    stages, n_layer = cfg.parallel.stages, cfg.model.n_layer
-    if stages > n_layer:
+    # A model without an n_layer key (one of one's own) has its blocks counted when it is built.
+    stages, n_layer = cfg.parallel.stages, getattr(cfg.model.options(), "n_layer", None)
+    if n_layer is not None and stages > n_layer:
         raise UserError(f"parallel.stages: {stages} stages but the model has only {n_layer} blocks (model.n_layer)")
     if world_size < stages:
         raise UserError(f"parallel.stages: {stages} stages need at least {stages} ranks, got {world_size} "
@@ -56,8 +57,8 @@ def check_pipeline(cfg, world_size: int) -> None:
         raise UserError(f"parallel.stages: {stages} stages do not divide the world size {world_size} "
                         "(each stage needs the same number of data-parallel ranks)")
     cuts = cfg.parallel.cut_points
-    if cuts is not None and (len(cuts) != stages - 1 or
-                             any(b <= a for a, b in zip([0, *cuts], [*cuts, n_layer]))):
+    if cuts is not None and n_layer is not None and (len(cuts) != stages - 1 or
+                                                     any(b <= a for a, b in zip([0, *cuts], [*cuts, n_layer]))):
         raise UserError(f"parallel.cut_points: {cuts} must be {stages - 1} strictly increasing block "
                         f"indices inside 1..{n_layer - 1}")
 

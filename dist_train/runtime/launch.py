@@ -102,6 +102,17 @@ def _stop_within_grace(grace_s: int) -> None:
     LocalElasticAgent._stop_workers = stop_workers
 
 
+def _check_memory(cfg, world: int, local_ranks: int) -> None:
+    """The memory refusal, once here rather than in N workers, where this process can read the figure
+    without touching a GPU: on CPU (the node's RAM over its ranks). On GPUs each worker checks its own."""
+    import torch
+
+    from dist_train.train.memory_check import check_memory
+
+    if cfg.runtime.device == "cpu" or not torch.cuda.is_available():
+        check_memory(cfg, world, local_ranks)
+
+
 def launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -113,6 +124,7 @@ def launch(args: argparse.Namespace) -> int:
         raise UserError(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
     cfg = load_config(args.config, args.overrides)
     check_layout(cfg, args.nproc * args.nnodes)
+    _check_memory(cfg, args.nproc * args.nnodes, args.nproc)
 
     if args.nnodes > 1:
         if not args.master_addr:

@@ -70,14 +70,48 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -> str:
-    cfg: Config = load_config(config, overrides)
-    world = (nproc * nnodes) if nproc else discover(use_mpi4py=False).world_size
-    check_layout(cfg, world)
-    data = build_dataset(cfg.data, cfg.model.block_size)
+@dataclass
+class Estimate:
+    """What a run of `cfg` on `world` ranks holds per rank, by plan's estimate (bytes), and what the
+    estimate was made from: the model built on the meta device, the data set, the layout."""
+
+    cfg: Config
+    world: int
+    stages: int
+    dp: int
+    data: object
+    task: object
+    model: torch.nn.Module
+    backend: type
+    optimizer: type
+    micro: int
+    weights: float
+    grads: float
+    optimizer_bytes: float
+    optimizer_text: str
+    activations: Optional[float]  # None: the task gives no example input to estimate them from
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer_bytes + (self.activations or 0.0)
+
+    def figures(self) -> str:
+        return (f"weights {_mb(self.weights)}, grads {_mb(self.grads)}, optimizer {_mb(self.optimizer_bytes)}, "
+                + (f"activations ~{_mb(self.activations)} (estimate, fp32)" if self.activations is not None
+                   else "activations not estimated"))
+
+
+def estimate(cfg: Config, world: int, data=None) -> Estimate:
+    """Plan's memory estimate per rank for `cfg` on `world` ranks (layout already checked); the model is
+    built on the meta device (no memory, no compute) and checked against what the config's features
+    need of it. `data`: the data set `cfg.data` names, if already built."""
+    from dist_train.models.protocol import check_model
+
+    data = build_dataset(cfg.data, cfg.model.block_size) if data is None else data
     task = get_task(data.info.task)
     with torch.device("meta" if task.meta_buildable else "cpu"):
         model = task.build_for_run(cfg, data.info, mesh=None)
+    check_model(model, cfg)
     stages, dp = cfg.parallel.stages, world // cfg.parallel.stages
     optimizer = OPTIMIZERS.get(cfg.optim.name)
     micro = optimizer.plan_micro_batch(cfg, cfg.train.batch_size // (dp * cfg.train.grad_accum))
@@ -88,7 +122,23 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     # A pipeline rank holds one stage: about 1/K of the parameters and of the activations.
     per_rank = count_parameters(model) / stages
     optim_bytes, optim_text = optimizer.state_bytes(cfg, model, task.num_outputs(data.info), backend, dp, o)
-    act = (activation_bytes(model, example) if example is not None else 0) / stages
+    act = None
+    if example is not None:
+        try:
+            act = activation_bytes(model, example) / stages
+        except (NotImplementedError, RuntimeError):  # a model of one's own whose forward needs real data
+            pass
+    return Estimate(cfg, world, stages, dp, data, task, model, backend, optimizer, micro, per_rank * w, per_rank * g,
+                    optim_bytes / stages, optim_text, act)
+
+
+def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -> str:
+    cfg: Config = load_config(config, overrides)
+    world = (nproc * nnodes) if nproc else discover(use_mpi4py=False).world_size
+    check_layout(cfg, world)
+    e = estimate(cfg, world)
+    stages, dp, data, task, model, backend, optimizer, micro = (
+        e.stages, e.dp, e.data, e.task, e.model, e.backend, e.optimizer, e.micro)
     device = "cuda (nccl)" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu (gloo)"
     resume = resolve_resume(cfg.checkpoint.resume, Path(cfg.run.dir) / cfg.run.name / "checkpoints")
     zero = f" ZeRO-{cfg.parallel.zero_stage}" if backend.name == "deepspeed" else ""
@@ -102,10 +152,8 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     p.set("model", f"{cfg.model.name}: {shape + ', ' if shape else ''}{count_parameters(model) / 1e6:.2f} M parameters")
     p.set("data", f"{cfg.data.name}: {data.info.train_size:,} train / {data.info.val_size:,} val")
     p.set("batch", f"{cfg.train.batch_size} global = {dp} dp ranks x {cfg.train.grad_accum} micro-batches x {micro}")
-    p.set("memory/rank", f"weights {_mb(per_rank * w)}, grads {_mb(per_rank * g)}, optimizer {_mb(optim_bytes / stages)}, "
-                         + (f"activations ~{_mb(act)} (estimate, fp32)" if example is not None
-                            else "activations not estimated"))
-    p.set("optimizer", f"{optim_text} lr {cfg.optim.lr:g}, {cfg.optim.schedule} after {cfg.optim.warmup_steps} warm-up")
+    p.set("memory/rank", e.figures())
+    p.set("optimizer", f"{e.optimizer_text} lr {cfg.optim.lr:g}, {cfg.optim.schedule} after {cfg.optim.warmup_steps} warm-up")
     p.set("steps", f"{cfg.train.steps}, checkpoint every {cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep}), "
                    f"resume: {resume if resume else 'fresh start'}")
     if stages > 1:
