@@ -268,6 +268,16 @@ def test_flavour_then_overrides():
     assert set(FLAVORS) == {"debug", "1B", "3B", "8B", "70B"}
 
 
+def test_resolved_config_round_trips(tmp_path):
+    """The run directory's config.yaml spells out every key of the flavour and loads back the same."""
+    from dist_train.config.load import dump_config
+
+    cfg = load_config(ROOT / "configs" / "llama3_8b.yaml", [f"data.path={tmp_path / 'train.bin'}", "model.n_layer=2"])
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    again = load_config(tmp_path / "config.yaml")
+    assert again.model.options() == cfg.model.options() and again.model.rope_scaling.factor == 8.0
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["model.flavor=9B"], "model.flavor: expected one of 'debug', '1B', '3B', '8B' or '70B', got '9B'"),
     (["model.n_kv_heads=3"], "model.n_kv_heads (3) must divide model.n_head"),
