@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's trained model as one safetensors file (+ its model config)")
     p.add_argument("run_dir", help="the run directory (runs/<name>)")
     p.add_argument("--step", type=int, default=None, help="the committed checkpoint to export (default: the latest)")
-    p.add_argument("--out", default=None, help="output file (default: <run_dir>/export/<name>-step<N>.safetensors)")
+    p.add_argument("--out", default=None, help="output file, or folder for --format hf "
+                                               "(default: <run_dir>/export/<name>-step<N>.safetensors or ...-hf)")
+    p.add_argument("--format", dest="fmt", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors: dist-train's names + a model config; hf: a folder transformers loads")
 
     p = sub.add_parser("bench", help="run a named benchmark against its baseline")
     p.add_argument("name", help="benchmark name (see `dist-train bench list`)")
@@ -147,8 +150,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from dist_train.export import export
 
-    out = export(Path(args.run_dir), args.step, Path(args.out) if args.out else None)
-    print(f"exported {out} (model config: {out.with_suffix('.yaml')})")
+    out = export(Path(args.run_dir), args.step, Path(args.out) if args.out else None, args.fmt)
+    print(f"exported {out}" if args.fmt == "hf" else f"exported {out} (model config: {out.with_suffix('.yaml')})")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`dist-train export RUN_DIR [--step N] [--out FILE]`: the trained model, out of the framework.
+"""`dist-train export RUN_DIR [--step N] [--out PATH] [--format safetensors|hf]`: the trained model,
+out of the framework.
 
 Writes the plain model's weights as one safetensors file under the model's own parameter names
 (`embed.*`, `blocks.<i>.*`, `head.*`), whatever trained it:
@@ -13,6 +14,9 @@ Writes the plain model's weights as one safetensors file under the model's own p
 
 Beside it, `<out>.yaml` holds what rebuilds the model: the config's `model` section and the data
 set's sizes. `load_exported(path)` builds that model and loads the file with `strict=True`.
+
+`--format hf` writes a folder that Hugging Face `transformers` loads instead (`export_hf.py`), for a
+model that has an HF counterpart; the weights come from the same gathering as above.
 """
 
 from __future__ import annotations
@@ -92,7 +96,11 @@ def _load_into(module: nn.Module, cfg, folder: Path, key: Optional[str], backend
     module.load_state_dict(state)
 
 
-def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None) -> Path:
+FORMATS = ("safetensors", "hf")
+
+
+def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None,
+           fmt: str = "safetensors") -> Path:
     from safetensors.torch import save_file
 
     from dist_train.config import load_config
@@ -101,6 +109,8 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
     from dist_train.tasks import get_task
     from dist_train.train import pickle_scan
 
+    if fmt not in FORMATS:
+        raise UserError(f"export: --format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"export: {run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
@@ -108,12 +118,17 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
     if (unsafe := pickle_scan.unsafe_member(folder)) is not None:
         raise UserError(f"export: checkpoint {folder} refused: {unsafe}, which is not plain data")
     layout = json.loads((folder / MARKER).read_text()).get("layout", {})
-    info = build_dataset(cfg.data, cfg.model.block_size).info
+    data = build_dataset(cfg.data, cfg.model.block_size)
+    info = data.info
     if not get_task(info.task).exportable:  # e.g. the PDE model needs the grid and the moe section too
         raise UserError("export: PDE runs (model.name basis_mlp, basis_fno) are not exported; load the checkpoint with "
                         "dist-train run (checkpoint.resume) instead")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, info)
+    if fmt == "hf":  # refused before any checkpoint is read
+        from dist_train.export_hf import hf_exporter
+
+        hf_exporter(model, f"model.name {cfg.model.name}")
     stages = cfg.parallel.stages
     # The format is the marker's (a one-replica stage saves with DCP whatever the backend).
     backend = "deepspeed" if layout.get("format") == "deepspeed" else "dcp"
@@ -122,6 +137,12 @@ def export(run_dir: Path, step: Optional[int] = None, out: Optional[Path] = None
     else:
         _load_stages(cfg, model, info, folder, backend, layout.get("cut_points") or None)
 
+    if fmt == "hf":
+        from dist_train.export_hf import write_hf_folder
+
+        return write_hf_folder(model, out or run_dir / "export" / f"{cfg.run.name}-step{int(folder.name.split('-')[1])}-hf",
+                               f"model.name {cfg.model.name}", getattr(data, "tokenizer_path", None),
+                               {"run": str(run_dir), "checkpoint": folder.name})
     out = out or run_dir / "export" / f"{cfg.run.name}-step{int(folder.name.split('-')[1])}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     # safetensors stores each tensor once: a tied weight (GPT's head and embedding) is one entry
