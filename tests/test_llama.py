@@ -330,6 +330,22 @@ def test_two_stage_dgl_pipeline_matches_sequential_reference(tmp_path):
     assert ref[1][0] != pytest.approx(ref[1][-1], rel=1e-3)  # the stages really train
 
 
+@pytest.mark.parametrize("method", ["dgl", "mono_forward", "infopro", "auglocal", "tpsgd", "man", "noprop"])
+def test_local_methods_build_and_train_llama_stages(tmp_path, method):
+    """Every local method that reads token data builds its heads for the llama's [B, T, width] stage
+    outputs (the GPT's kind) and trains two steps, stages one after the other in one process."""
+    overrides = [*TINY_LLAMA, "train.steps=2", "train.sample_tokens=0", "parallel.stages=2",
+                 f"local.method={method}", f"run.dir={tmp_path}", "run.name=m"]
+    losses = local_reference(load_config(None, overrides))["losses"]
+    assert len(losses) == 2 and all(len(stage) == 2 and all(map(math.isfinite, stage)) for stage in losses)
+
+
+def test_forward_forward_refuses_a_language_model(tmp_path):
+    overrides = [*TINY_LLAMA, "train.steps=1", "parallel.stages=2", "local.method=forward_forward", f"run.dir={tmp_path}"]
+    with pytest.raises(UserError, match="forward_forward needs a classifier"):
+        local_reference(load_config(None, overrides))
+
+
 def test_plan_8b_on_64_ranks(tmp_path):
     from dist_train.data.token_bin import write_token_bin
 
