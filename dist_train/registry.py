@@ -142,6 +142,7 @@ DATASETS = Registry("data.name", "data set", {
 
 MODELS = Registry("model.name", "model", {
     "gpt": "dist_train.models.gpt:GPTSpec",
+    "llama": "dist_train.models.llama:LlamaSpec",
     "mlp": "dist_train.models.mlp:MLPSpec",
     "cnn": "dist_train.models.cnn:CNNSpec",
     "hf": "dist_train.models.hf:HFSpec",

@@ -303,6 +303,6 @@ class Config(Options):
         if self.train.batch_size % self.train.grad_accum != 0:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum ({self.train.grad_accum})")
         # Each component's own rules that need no world size (dp_sgd: a budget or a noise multiplier).
-        for component in (DATASETS.get(self.data.name), OPTIMIZERS.get(self.optim.name)):
+        for component in (DATASETS.get(self.data.name), MODELS.get(self.model.name), OPTIMIZERS.get(self.optim.name)):
             component.check_config(self)
         return self

@@ -51,7 +51,7 @@ def stage_of(cfg: Config, model: nn.Module, data_info, layout: StageLayout,
     info = StageInfo(index=layout.stage, num_stages=layout.num_stages, task=model.task, width=getattr(model, "width", None) or cfg.model.width,
                      num_classes=get_task(model.task).num_outputs(data_info),
                      later_blocks=tuple(model.blocks[i] for i in range(mine.stop, len(model.blocks))),
-                     model_name=cfg.model.name, input_shape=tuple(data_info.input_shape or ()),
+                     model_name=getattr(model, "local_kind", cfg.model.name), input_shape=tuple(data_info.input_shape or ()),
                      cut_points=tuple(r.start for r in ranges[1:]), image_norm=data_info.image_norm)
     stage = method.build_stage(model, mine, info)
     # The whole model's training FLOPs per token (auxiliary heads left out, as MFU counts the model's
