@@ -149,7 +149,9 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     p.set("mesh", (f"stage={stages} x " if stages > 1 else "") + f"dp={dp}")
     p.set("backend", f"{backend.name}{zero}{where}, precision {cfg.parallel.mixed_precision}")
     shape = MODELS.get(cfg.model.name).describe(cfg.model.options())
-    p.set("model", f"{cfg.model.name}: {shape + ', ' if shape else ''}{count_parameters(model) / 1e6:.2f} M parameters")
+    n = count_parameters(model)
+    count = f"{n / 1e9:.2f} B parameters ({n:,})" if n >= 1e9 else f"{n / 1e6:.2f} M parameters"
+    p.set("model", f"{cfg.model.name}: {shape + ', ' if shape else ''}{count}")
     p.set("data", f"{cfg.data.name}: {data.info.train_size:,} train / {data.info.val_size:,} val")
     p.set("batch", f"{cfg.train.batch_size} global = {dp} dp ranks x {cfg.train.grad_accum} micro-batches x {micro}")
     p.set("memory/rank", e.figures())
