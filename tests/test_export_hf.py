@@ -59,11 +59,12 @@ def _val_batches(n: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tens
     return [data.get_batch("val", sampler.global_indices(i)) for i in range(n)]
 
 
-@pytest.mark.parametrize("layout", fast_first("ddp", *sorted(set(LAYOUTS) - {"ddp"})))
-def test_hf_export_loads_in_transformers_with_the_runs_logits(layout: str, config: Path, tmp_path: Path) -> None:
+def _round_trip(config: Path, tmp_path: Path, overrides: list[str]) -> None:
+    """Train 2 ranks, export both formats; HF's model from the folder gives dist-train's logits and
+    the run's last val_loss."""
     from dist_train.export import load_exported
 
-    forked_run([str(config), f"run.dir={tmp_path}", *LAYOUTS[layout]], tmp_path, nproc=2)
+    forked_run([str(config), f"run.dir={tmp_path}", *overrides], tmp_path, nproc=2)
     run = tmp_path / "x"
     folder, plain = tmp_path / "hf", tmp_path / "model.safetensors"
     for args in (["--format", "hf", "--out", str(folder)], ["--out", str(plain)]):
@@ -81,6 +82,21 @@ def test_hf_export_loads_in_transformers_with_the_runs_logits(layout: str, confi
             assert torch.allclose(logits, ours(x), atol=1e-5, rtol=0)
             losses.append(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())))
     assert sum(losses) / len(losses) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", fast_first("ddp", *sorted(set(LAYOUTS) - {"ddp"})))
+def test_hf_export_loads_in_transformers_with_the_runs_logits(layout: str, config: Path, tmp_path: Path) -> None:
+    _round_trip(config, tmp_path, LAYOUTS[layout])
+
+
+@pytest.mark.slow
+def test_a_llama_run_exports_as_llama_for_causal_lm(config: Path, tmp_path: Path) -> None:
+    llama = ["model.name=llama", "model.flavor=debug", "model.n_layer=2", "model.width=32", "model.n_head=4",
+             "model.n_kv_heads=2", "model.multiple_of=16"]
+    cfg = tmp_path / "llama.yaml"
+    cfg.write_text(config.read_text().replace(config.read_text().split("\n")[1], "model: {name: llama, block_size: 16}"))
+    _round_trip(cfg, tmp_path, llama + LAYOUTS["fsdp"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_a_model_without_an_hf_counterpart_is_refused(tmp_path: Path) -> None:

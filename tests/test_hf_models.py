@@ -132,6 +132,30 @@ def test_the_hf_rms_norm_rule_gives_the_per_example_gradients(tmp_path: Path) ->
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_dp_per_example_norms_equal_one_backward_per_example(family: str, tmp_path: Path) -> None:
+    from dist_train.privacy import per_sample_grad_norms
+
+    folder, _ = hf_folder(tmp_path, family)
+    model = build(folder, block_size=8)
+    with torch.no_grad():  # norm gains away from 1, so that their gradients matter
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+
+    def sum_loss(out, t):
+        return torch.nn.functional.cross_entropy(out.flatten(0, 1), t.flatten(), reduction="sum")
+
+    x, t = torch.randint(0, VOCAB, (3, 8)), torch.randint(0, VOCAB, (3, 8))
+    got = per_sample_grad_norms(model, sum_loss, x, t)
+    want = []
+    for i in range(3):
+        model.zero_grad()
+        sum_loss(model(x[i:i + 1]), t[i:i + 1]).backward()
+        want.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+
+
 # --- weights, remote code and the pickle scan ------------------------------------------------------
 
 def test_weights_load_from_a_file_and_from_a_scanned_bin(tmp_path: Path) -> None:
