@@ -201,6 +201,16 @@ def test_muon_routing_by_role(tie):
     optimizer_spec(cfg.optim, model, num_outputs=V).build()
 
 
+def test_adamw_groups_hold_a_tied_table_once():
+    from dist_train.optim.build import param_groups
+
+    model = Llama(V, L, W, H, KV, HIDDEN, T, tie_embeddings=True)
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert sorted(id(p) for p in decay["params"] + no_decay["params"]) == sorted(id(p) for p in model.parameters())
+    assert any(p is model.embed.tok.weight for p in no_decay["params"])  # an embedding: no decay
+    torch.optim.AdamW([decay, no_decay])
+
+
 def _sum_loss(logits, targets):
     return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
@@ -219,6 +229,13 @@ def test_dp_per_example_grads_match_single_example_backward():
         _sum_loss(model(x[i:i + 1]), t[i:i + 1]).backward()
         ref.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())))
     torch.testing.assert_close(got, torch.stack(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_dp_refuses_tied_embeddings_by_name():
+    model = Llama(V, L, W, H, KV, HIDDEN, 12, tie_embeddings=True)
+    x, t = torch.randint(0, V, (2, 12)), torch.randint(0, V, (2, 12))
+    with pytest.raises(UserError, match=r"head.output.weight is the same tensor as embed.tok.weight"):
+        per_sample_grad_norms(model, _sum_loss, x, t)
 
 
 class _OldStyleScale(torch.autograd.Function):

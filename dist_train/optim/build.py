@@ -42,12 +42,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices of linear/conv layers; exempt biases, norms and embeddings (as nanoGPT/torchtitan)."""
-    decay, no_decay = [], []
+    """Decay matrices of linear/conv layers; exempt biases, norms and embeddings (as nanoGPT/torchtitan).
+    A parameter shared by two modules (a tied embedding and output head) is grouped once, by its first
+    module (the embedding: no decay)."""
+    decay, no_decay, seen = [], [], set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in seen:
                 continue
+            seen.add(id(p))
             is_embedding = isinstance(module, nn.Embedding)
             (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
