@@ -45,6 +45,9 @@ class Backend(ABC):
     owner_computes: ClassVar[bool] = False
     # Runs inside each stage of a local-learning pipeline (over the stage's replicas).
     in_stages: ClassVar[bool] = True
+    # `setup` takes a model still on the meta device, shards it there and materialises each rank's
+    # shard (`parallel/meta_init.py`); the others are handed whole, materialised weights.
+    shards_meta_model: ClassVar[bool] = False
 
     @classmethod
     def check(cls, cfg: Config, world_size: int) -> None:

@@ -19,6 +19,7 @@ class FSDPBackend(Backend):
     name = "fsdp"
     shards_parameters = True
     owner_computes = True
+    shards_meta_model = True
 
     @classmethod
     def bytes_per_param(cls, world: int, cfg) -> tuple[float, float, float]:
@@ -26,6 +27,8 @@ class FSDPBackend(Backend):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from dist_train.parallel.meta_init import is_on_meta, materialize
 
         mp = None
         if self.cfg.parallel.mixed_precision == "bf16":
@@ -39,6 +42,8 @@ class FSDPBackend(Backend):
         for block in units:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        if is_on_meta(model):  # built on meta: each rank allocates and initialises only its shard
+            materialize(model, self.ctx.device, self.cfg.train.seed)
         self.model = self.module = model
         self.optimizer = make_optimizer(model, self.mesh).build()
 

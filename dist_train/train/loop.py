@@ -77,16 +77,36 @@ def train(cfg: Config, ctx: DistContext, command: list[str], data=None, hooks: O
 def _build(cfg: Config, ctx: DistContext, data, task) -> tuple:
     """The model on this rank's device, the backend that wraps it and its optimizer, and the
     gradient transform (clip, or DP-SGD's per-example clip and noise) attached to the backend."""
-    model = task.build_for_run(cfg, data.info, ctx.mesh).to(ctx.device)
+    backend = build_backend(cfg, ctx)
+    model = _build_model(cfg, ctx, data, task, backend)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(model)  # before the backend wraps or shards the blocks
-    backend = build_backend(cfg, ctx)
     transform = build_transform(cfg, data, ctx, model)
     with ctx.phase("start"):
         outputs = task.num_outputs(data.info)
         backend.setup(model, lambda m, mesh: transform.optimizer_spec(m, mesh, num_outputs=outputs))
         transform.attach(backend)
     return model, backend, transform
+
+
+def _build_model(cfg: Config, ctx: DistContext, data, task, backend) -> torch.nn.Module:
+    """The model, on this rank's device unless it is left on meta for the backend to shard first.
+
+    A model with its own `init_weights` is built on the meta device and initialised after sharding
+    (`parallel/meta_init.py`): its weights depend on (train.seed, parameter names) only, not on the
+    world size, and under FSDP each rank only ever allocates its shard. The others (the GPT, the MLP,
+    the CNN, ...) are built eagerly as before, so that what was measured with their init (the
+    benchmarks' figures and targets, the tests' loss thresholds and same-loss comparisons) still holds."""
+    from dist_train.parallel.meta_init import materialize, wants_meta_init
+
+    if task.meta_buildable:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no draw from the run's generator
+            model = task.build_for_run(cfg, data.info, ctx.mesh)
+        if wants_meta_init(model):
+            if not backend.shards_meta_model:  # it needs the whole weights: materialise them now
+                materialize(model, ctx.device, cfg.train.seed)
+            return model
+    return task.build_for_run(cfg, data.info, ctx.mesh).to(ctx.device)
 
 
 def _forward_backward(session: RunSession, data, idx: torch.Tensor, step: int) -> torch.Tensor:
