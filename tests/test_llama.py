@@ -279,6 +279,8 @@ def test_flavour_then_overrides():
     assert LlamaOptions(flavor="1B").tie_embeddings and LlamaOptions(flavor="3B").rope_scaling.factor == 32.0
     assert LlamaOptions(flavor="8B", rope_scaling=None).rope_scaling is None  # explicit null turns it off
     assert LlamaOptions(flavor="debug", n_kv_heads=None).kv_heads == 16
+    partial = LlamaOptions(flavor="1B", rope_scaling={"original_context": 4096})
+    assert (partial.rope_scaling.factor, partial.rope_scaling.original_context) == (32.0, 4096)
     d = LlamaOptions()
     assert (d.flavor, d.width, d.n_layer, d.n_head, d.kv_heads) == ("debug", 256, 6, 16, 4)
     assert set(FLAVORS) == {"debug", "1B", "3B", "8B", "70B"}

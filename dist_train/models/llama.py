@@ -293,7 +293,12 @@ class LlamaOptions(Options):
     @classmethod
     def _flavor_defaults(cls, values: Any) -> Any:
         if isinstance(values, dict) and values.get("flavor", "debug") in FLAVORS:
-            values = {**FLAVORS[values.get("flavor", "debug")], **values}
+            flavor = FLAVORS[values.get("flavor", "debug")]
+            given = values.get("rope_scaling")
+            values = {**flavor, **values}
+            if isinstance(given, dict) and isinstance(flavor["rope_scaling"], dict):
+                # `rope_scaling.factor: 16` changes the flavour's factor and keeps its other fields
+                values["rope_scaling"] = {**flavor["rope_scaling"], **given}
         return values
 
     @model_validator(mode="after")
