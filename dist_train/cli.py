@@ -1,4 +1,4 @@
-"""`dist-train` command line: run, launch, plan, bench.
+"""`dist-train` command line: run, launch, plan, bench, prepare-data.
 
 Bad input (a UserError anywhere) prints one line and exits 2; a collective timeout exits 1 naming
 the rank and phase. Tracebacks are kept for real bugs.
@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: <run_dir>/export/<name>-step<N>.safetensors or ...-hf)")
     p.add_argument("--format", dest="fmt", choices=("safetensors", "hf"), default="safetensors",
                    help="safetensors: dist-train's names + a model config; hf: a folder transformers loads")
+
+    p = sub.add_parser("prepare-data", help="tokenize local text files into token shards (data.name: token_bin)")
+    p.add_argument("text", nargs="+", metavar="TEXT", help="text files, folders (all files below) or globs")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--tokenizer", default=None, help="a local Hugging Face tokenizer.json (never downloaded)")
+    how.add_argument("--train-bpe", type=int, default=None, metavar="VOCAB",
+                     help="train a byte-level BPE of VOCAB ids on the text")
+    p.add_argument("--out", required=True, help="output folder (shards, tokenizer.json, meta.json)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out as val shards")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard at most")
+    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                   help="token dtype (auto: uint16 when the vocabulary fits)")
 
     p = sub.add_parser("bench", help="run a named benchmark against its baseline")
     p.add_argument("name", help="benchmark name (see `dist-train bench list`)")
@@ -161,6 +173,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_benchmark(args.name, quick=args.quick, json_path=args.json_path)
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from dist_train.data.prepare import prepare_data
+
+    meta = prepare_data(args.text, args.out, args.tokenizer, args.train_bpe, args.val_fraction, args.shard_tokens,
+                        args.dtype)
+    print(f"wrote {meta['train_tokens']} train and {meta['val_tokens']} val tokens ({meta['dtype']}, vocabulary "
+          f"{meta['vocab_size']}) to {args.out}; train with data: {{name: token_bin, path: {args.out}/train_*.bin}}")
+    return 0
+
+
 def _report_worker_error(msg: str, prefix: str = "dist-train: error: ", print_here: bool = True) -> None:
     """Under `launch`, leave the message for the launcher (which prints it once for all ranks)."""
     err_dir = os.environ.get(ERROR_DIR_ENV)
@@ -185,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rest:
         args.overrides = [*args.overrides, *rest]
     handler = {"run": cmd_run, "launch": cmd_launch, "plan": cmd_plan, "slurm": cmd_slurm, "export": cmd_export,
-               "bench": cmd_bench}[args.command]
+               "bench": cmd_bench, "prepare-data": cmd_prepare_data}[args.command]
     try:
         return handler(args)
     except UserError as e:
