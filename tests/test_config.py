@@ -180,7 +180,8 @@ def test_literal_choices(overrides: list[str], key: str, got: str) -> None:
 
 
 def test_literal_choices_lists_the_options() -> None:
-    assert _error("model.name=rnn") == "model.name: expected one of 'gpt', 'mlp', 'cnn', 'basis_mlp' or 'basis_fno', got 'rnn'"
+    assert _error("model.name=rnn") == ("model.name: expected one of 'gpt', 'llama', 'mlp', 'cnn', 'hf', 'basis_mlp' or "
+                                        "'basis_fno', got 'rnn'")
 
 
 @pytest.mark.parametrize("value", ["on", "off"])
