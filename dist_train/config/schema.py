@@ -93,7 +93,7 @@ def _another_sets_default(registry: Registry, name: str, key: str, value) -> boo
 
 
 class ModelSection(_NamedComponentSection):
-    name: str = Field("gpt", description="Model, by registered name (dist_train.registry.MODELS): gpt (byte-level GPT-2-style decoder), mlp, cnn, basis_mlp / basis_fno (PDE basis networks under the moe section's constraint: a pointwise MLP, or a 2-D Fourier neural operator over (t, x), the paper's kind), or a plugin's, or an import path package.module:factory (or path/file.py:factory) of a function that returns the model (it receives the data set's sizes and the mapping model.options as keyword arguments; see the README's model protocol). Each model owns further model.* keys (its options model: n_layer, width, ...).")
+    name: str = Field("gpt", description="Model, by registered name (dist_train.registry.MODELS): gpt (byte-level GPT-2-style decoder), llama (Llama 3 decoder: flavours debug, 1B, 3B, 8B, 70B), mlp, cnn, basis_mlp / basis_fno (PDE basis networks under the moe section's constraint: a pointwise MLP, or a 2-D Fourier neural operator over (t, x), the paper's kind), or a plugin's, or an import path package.module:factory (or path/file.py:factory) of a function that returns the model (it receives the data set's sizes and the mapping model.options as keyword arguments; see the README's model protocol). Each model owns further model.* keys (its options model: n_layer, width, ...).")
     block_size: int = Field(64, ge=2, description="Context length in tokens: the windows a token data set cuts and a language model reads (ignored by other tasks).")
 
     _registry = MODELS
