@@ -213,6 +213,27 @@ def test_unsafe_bin_remote_code_and_hub_ids_are_refused(tmp_path: Path) -> None:
     assert "max_position_embeddings (64)" in _errors(lambda: build(folder, block_size=65))
 
 
+def test_remote_code_runs_only_when_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder whose config names its own classes (auto_map): refused by default; with
+    model.hf_trust_remote_code its code is what builds the model."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "configuration_mine.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass MineConfig(LlamaConfig):\n    model_type = 'llama'\n")
+    (folder / "modeling_mine.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_mine import MineConfig\n\n\n"
+        "class MineForCausalLM(LlamaForCausalLM):\n    config_class = MineConfig\n")
+    raw = hf_config("llama").to_dict()
+    raw["auto_map"] = {"AutoConfig": "configuration_mine.MineConfig", "AutoModelForCausalLM": "modeling_mine.MineForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert "hf_trust_remote_code" in _errors(lambda: build(folder))
+    model = build(folder, hf_trust_remote_code=True)
+    assert model.architecture == "MineForCausalLM" and type(model.hf_config).__name__ == "MineConfig"
+
+
 YAML = """\
 run: {{name: h}}
 model: {{name: hf, hf_config: {folder}, block_size: 16}}
