@@ -1,6 +1,7 @@
 """`dist-train export RUN --format hf`: a folder that `transformers` loads as it is
 (`AutoModelForCausalLM.from_pretrained(folder)`): `config.json`, `model.safetensors` under the HF
-parameter names, and the run's `tokenizer.json` when its data set has one.
+parameter names, and the run's `tokenizer.json` when its data set has one (with a
+`tokenizer_config.json` that lets `AutoTokenizer.from_pretrained(folder)` load it).
 
 The model says how it maps to HF, through a capability, not its name: a method
 `hf_export() -> (HF config dict, {HF parameter name: own parameter name})`, or an exporter
@@ -77,4 +78,6 @@ def write_hf_folder(model: nn.Module, folder: Path, what: str, tokenizer: Option
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
     if tokenizer:
         shutil.copyfile(tokenizer, folder / "tokenizer.json")
+        # What makes AutoTokenizer.from_pretrained(folder) read tokenizer.json as it is.
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
     return folder

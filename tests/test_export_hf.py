@@ -143,3 +143,35 @@ def test_the_tokenizer_travels_with_the_model(tmp_path: Path) -> None:
     write_hf_folder(model, tmp_path / "hf", "model.name llama", tokenizer=str(tmp_path / "tokenizer.json"))
     loaded = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
     assert loaded("def f(x)")["input_ids"] == tok.encode("def f(x)").ids
+
+
+@pytest.mark.slow
+def test_a_token_bin_run_exports_its_tokenizer(tmp_path: Path) -> None:
+    """Shards and tokenizer.json from `dist-train prepare-data`; the exported folder loads with
+    AutoTokenizer and encodes as the data's tokenizer does."""
+    from tokenizers import Tokenizer
+
+    words = ["def", "return", "class", "import", "self", "if", "else", "for", "in", "range"]
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=gen).tolist()) for _ in range(1500)]
+    (tmp_path / "text.txt").write_text("\n".join(lines))
+    done = forked_cli(["prepare-data", str(tmp_path / "text.txt"), "--train-bpe", "300", "--out", str(tmp_path / "tok")],
+                      tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=32)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f"run: {{name: t, dir: {tmp_path}}}\nmodel: {{name: hf, hf_config: {tmp_path / 'llama'}, block_size: 16}}\n"
+                    f"data: {{name: token_bin, path: {tmp_path / 'tok'}/train_*.bin}}\n"
+                    "train: {batch_size: 4, steps: 1, eval_batches: 1}\nruntime: {threads: 1}\n"
+                    "telemetry: {progress: \"off\", tensorboard: false}\n")
+    forked_run([str(yaml)], tmp_path)
+    done = forked_cli(["export", str(tmp_path / "t"), "--format", "hf", "--out", str(tmp_path / "hf")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    want = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).encode(lines[0]).ids
+    assert loaded(lines[0])["input_ids"] == want
+    vocab = json.loads((tmp_path / "tok" / "meta.json").read_text())["vocab_size"]  # <= 300: the config's is trimmed
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).config.vocab_size == vocab
