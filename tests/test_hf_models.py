@@ -156,6 +156,19 @@ def test_dp_per_example_norms_equal_one_backward_per_example(family: str, tmp_pa
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
 
 
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None:
+    from dist_train.train.loop import apply_activation_checkpointing
+
+    folder, _ = hf_folder(tmp_path, "mistral")
+    plain, wrapped = build(folder).train(), apply_activation_checkpointing(build(folder).train())
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
+    for m in (plain, wrapped):
+        m.loss(m(x[:, :-1]), x[:, 1:]).backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), wrapped.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())  # checkpoints move between the two
+
+
 # --- weights, remote code and the pickle scan ------------------------------------------------------
 
 def test_weights_load_from_a_file_and_from_a_scanned_bin(tmp_path: Path) -> None:
