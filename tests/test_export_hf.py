@@ -175,3 +175,24 @@ def test_a_token_bin_run_exports_its_tokenizer(tmp_path: Path) -> None:
     assert loaded(lines[0])["input_ids"] == want
     vocab = json.loads((tmp_path / "tok" / "meta.json").read_text())["vocab_size"]  # <= 300: the config's is trimmed
     assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).config.vocab_size == vocab
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral", "qwen2"])
+def test_every_hf_family_writes_back_as_itself(family: str, tmp_path: Path) -> None:
+    """An hf model of each family, its weights changed (as training would), written and loaded by
+    transformers: same class, same logits (GPT-2's Conv1D weights keep their layout)."""
+    from test_hf_models import build, hf_folder
+
+    from dist_train.export_hf import write_hf_folder
+
+    folder, ref = hf_folder(tmp_path, family)
+    model = build(folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    write_hf_folder(model, tmp_path / "out", "model.name hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(hf) is type(ref)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model(x), atol=1e-5, rtol=0)
