@@ -87,6 +87,8 @@ def test_logits_equal_hfs(family: str, tmp_path: Path) -> None:
         for block in model.blocks:
             h = block(h.clone())
         assert torch.allclose(model.head(h), ref(x).logits, atol=1e-5, rtol=0)
+        # HF's eager attention takes the mask each block builds (SDPA's causal path needs none)
+        assert torch.allclose(build(folder, hf_attn_implementation="eager")(x), ref(x).logits, atol=1e-5, rtol=0)
 
 
 def test_the_protocol_and_the_parameter_roles(tmp_path: Path) -> None:
@@ -268,6 +270,7 @@ def qwen_config(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("override, words", [
     ("model.hf_config=Qwen/Qwen3-0.6B", ["model.hf_config", "does not exist locally"]),
     ("model.hf_trust_remote_code=maybe", ["model.hf_trust_remote_code"]),
+    ("model.hf_attn_implementation=flash", ["model.hf_attn_implementation", "'sdpa'", "'flash'"]),
 ])
 def test_bad_input_is_one_line(qwen_config: Path, tmp_path: Path, override: str, words: list[str]) -> None:
     assert_user_error(forked_cli(["plan", str(qwen_config), override], tmp_path), *words)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -38,7 +38,8 @@ class HFOptions(Options):
                                                         "the hf_config folder if any, else a fresh init.")
     hf_trust_remote_code: bool = Field(False, description="Allow a config whose auto_map names code in the "
                                                           "model folder (that code runs in every rank).")
-    hf_attn_implementation: str = Field("sdpa", description="HF attention kernel: sdpa or eager.")
+    hf_attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="HF attention kernel: torch's "
+                                                                                 "SDPA or HF's eager matmuls.")
 
 
 def _config_file(opts: HFOptions) -> Path:
@@ -150,8 +151,6 @@ def build_hf(opts: HFOptions, vocab_size: int, block_size: int) -> HFCausalLM:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and block_size > limit:
         raise UserError(f"model.block_size: {block_size} exceeds the HF config's max_position_embeddings ({limit})")
-    if opts.hf_attn_implementation not in ("sdpa", "eager"):
-        raise UserError(f"model.hf_attn_implementation: expected 'sdpa' or 'eager', got {opts.hf_attn_implementation!r}")
     config._attn_implementation = opts.hf_attn_implementation
     files = _weight_files(opts)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=opts.hf_trust_remote_code,
