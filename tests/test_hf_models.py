@@ -219,6 +219,11 @@ def test_unsafe_bin_remote_code_and_hub_ids_are_refused(tmp_path: Path) -> None:
     assert "remote code" in _errors(lambda: build(remote)) and "hf_trust_remote_code" in _errors(lambda: build(remote))
 
     assert "does not exist locally" in _errors(lambda: build(Path("Qwen/Qwen3-0.6B")))
+    other_shape, _ = hf_folder(tmp_path / "wide", "llama", vocab=VOCAB + 8)
+    assert "does not fit model.hf_config" in _errors(
+        lambda: build(folder, hf_weights=str(other_shape / "model.safetensors")))
+    (tmp_path / "empty").mkdir()
+    assert "holds no model" in _errors(lambda: build(folder, hf_weights=str(tmp_path / "empty")))
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))

@@ -15,6 +15,7 @@ of the embedding and the head are dropped), so the logits cover exactly the toke
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -34,8 +35,9 @@ class HFOptions(Options):
     hf_config: str = Field(description="A local HF model folder (with config.json) or a config.json file; "
                                        "never a hub id: nothing is downloaded.")
     hf_weights: Optional[str] = Field(None, description="Local weights to start from: a .safetensors or .bin "
-                                                        "file or a folder of them; default: the safetensors in "
-                                                        "the hf_config folder if any, else a fresh init.")
+                                                        "file, or a folder of model*.safetensors or "
+                                                        "pytorch_model*.bin; default: those in the hf_config "
+                                                        "folder if any, else a fresh init.")
     hf_trust_remote_code: bool = Field(False, description="Allow a config whose auto_map names code in the "
                                                           "model folder (that code runs in every rank).")
     hf_attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="HF attention kernel: torch's "
@@ -87,9 +89,10 @@ def _weight_files(opts: HFOptions) -> list[Path]:
         folder, key = path, "model.hf_weights"
     else:
         folder, key = _config_file(opts).parent, None
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    # HF's weight file names (shards included): a folder also holds other pickles (training_args.bin).
+    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files and key:
-        raise UserError(f"{key}: {folder} holds no .safetensors or .bin file")
+        raise UserError(f"{key}: {folder} holds no model*.safetensors or pytorch_model*.bin file")
     return files
 
 
@@ -117,12 +120,20 @@ def _load_weights(model: nn.Module, files: list[Path]) -> None:
     own = model.state_dict()
     if not any(k.startswith(prefix) for k in state) and any(k.startswith(prefix) for k in own):
         state = {(k if k.startswith("lm_head.") else prefix + k): v for k, v in state.items()}  # bare base model
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    where = files[0].parent if len(files) > 1 else files[0]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape that does not match the config
+        raise UserError(f"model.hf_weights: {where} does not fit model.hf_config: "
+                        f"{' '.join(str(e).split())[:300]}") from None
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k.startswith("lm_head."))]
+    # Entries the HF class itself ignores on load (old GPT-2 files carry their attention-mask buffers).
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unexpected = [k for k in unexpected if not any(p.search(k) for p in ignored)]
     if missing or unexpected:
         what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which the model does not"
-        raise UserError(f"model.hf_weights: {files[0].parent if len(files) > 1 else files[0]} {what} "
+        raise UserError(f"model.hf_weights: {where} {what} "
                         f"({len(missing)} missing, {len(unexpected)} unexpected)")
 
 
