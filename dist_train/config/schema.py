@@ -30,7 +30,7 @@ class TrainSection(Options):
     eval_every: int = Field(0, ge=0, description="Evaluate on the validation split every this many steps; 0 = only at the end.")
     eval_batches: int = Field(4, ge=1, description="Validation batches per evaluation.")
     sample_tokens: int = Field(0, ge=0, description="Language models: tokens to generate after training (written to <run>/sample.txt); 0 = none.")
-    sample_prompt: str = Field("def ", description="Prompt for the generated sample (UTF-8 bytes on a byte-level corpus).")
+    sample_prompt: str = Field("def ", description="Prompt for the generated sample: encoded with the data set's tokenizer when it has one (token_bin: the tokenizer.json beside the shards), as UTF-8 bytes on a byte-level corpus.")
     sample_temperature: float = Field(0.8, gt=0, description="Softmax temperature for sampling.")
     on_nonfinite: Literal["skip", "stop"] = Field("stop", description="A step whose loss or gradients are not finite is never applied to the weights: skip it (counted in nonfinite_skipped) and go on, or stop: every rank stops, the last good weights are checkpointed and the job exits 1 with a message naming the step.")
 
