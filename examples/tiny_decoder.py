@@ -6,7 +6,8 @@ imports this module (from the working directory, like `python -m`) and calls
     build(vocab_size=<the data set's vocabulary>, block_size=<model.block_size>, **model.options)
 
 It follows the model protocol: `embed -> blocks (nn.ModuleList) -> head`, so FSDP shards it per
-block, activation checkpointing wraps each block and local-learning stages cut between blocks. It
+block, activation checkpointing wraps each block and local-learning stages cut between blocks (their
+auxiliary heads read `width` and `local_kind`). It
 has no `loss`, so training uses the default (mean cross-entropy of the logits against the next
 tokens); `num_flops_per_token` gives the logs an MFU figure.
 """
@@ -48,6 +49,8 @@ class DecoderBlock(nn.Module):
 
 
 class TinyDecoder(nn.Module):
+    local_kind = "gpt"  # blocks output [B, T, width] token features: local methods' heads for those
+
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, width: int, heads: int):
         super().__init__()
         self.embed = Embed(vocab_size, block_size, width)

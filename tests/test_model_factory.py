@@ -37,6 +37,19 @@ def classifier(num_classes, input_shape, hidden=16):
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 '''
 
+# embed -> blocks -> head and a width, but no local_kind (the test appends one)
+STACKED = '''
+import torch.nn as nn
+
+def build(vocab_size, block_size):
+    model = nn.Module()
+    model.embed = nn.Embedding(vocab_size, 8)
+    model.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+    model.head = nn.Linear(8, vocab_size)
+    model.width = 8
+    model.forward = lambda x: model.head(model.blocks[1](model.blocks[0](model.embed(x))))
+'''
+
 SMALL = ["train.steps=2", "train.batch_size=4", "model.block_size=8", "data.max_bytes=20000", "train.eval_batches=1",
          "telemetry.progress=off", "telemetry.tensorboard=false", "runtime.threads=1"]
 
@@ -86,6 +99,11 @@ def test_example_trains_on_two_forked_ranks(tmp_path):
     assert (tmp_path / "tiny_decoder" / "checkpoints").is_dir()
 
 
+def test_example_trains_as_local_learning_stages(tmp_path):
+    out = forked_run([*EXAMPLE, "parallel.stages=2", "parallel.backend=ddp", f"run.dir={tmp_path}"], cwd=REPO, nproc=2)
+    assert "done: step 3" in out
+
+
 @pytest.mark.slow
 def test_example_trains_under_launch(tmp_path):
     import subprocess
@@ -116,3 +134,16 @@ def test_missing_feature_names_attribute_and_feature(tmp_path, module):
     proc = forked_cli(["plan", "quickstart.yaml", f"model.name={module}:build", "parallel.stages=1",
                        "parallel.activation_checkpointing=true"], cwd=tmp_path)
     assert_user_error(proc, "has no `blocks` (nn.ModuleList), which parallel.activation_checkpointing=true needs")
+
+
+def test_stages_need_width_and_local_kind(tmp_path):
+    """The local methods shape their auxiliary heads by the block outputs' width and layout."""
+    path = tmp_path / "stacked.py"
+    path.write_text(STACKED + "    return model\n")
+    proc = forked_cli(["plan", "quickstart.yaml", f"model.name={path}:build", "parallel.stages=2", "--nproc", "2"],
+                      cwd=tmp_path)
+    assert_user_error(proc, "has no `local_kind` ('gpt', 'mlp' or 'cnn'), which parallel.stages=2 needs")
+    path.write_text(STACKED + "    model.local_kind = 'gpt'\n    return model\n")
+    proc = forked_cli(["plan", "quickstart.yaml", f"model.name={path}:build", "parallel.stages=2", "--nproc", "2"],
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr

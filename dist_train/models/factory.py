@@ -63,6 +63,8 @@ class FactorySpec(ModelSpec):
             raise UserError(f"model.name: {cls.label} cannot be called with {_keywords(sizes, given)}: {err}") from None
         if not isinstance(model, nn.Module):
             raise UserError(f"model.name: {cls.label} returned {type(model).__name__}, not a torch.nn.Module")
+        if not isinstance(getattr(model, "task", None), str):
+            model.task = cls.task  # which data it reads, as every built-in model states it
         if not callable(getattr(model, "loss", None)):
             model.loss = cross_entropy  # the protocol's default: mean cross-entropy of logits vs targets
         return model

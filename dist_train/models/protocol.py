@@ -6,8 +6,11 @@ factory without one gets mean cross-entropy). The rest is per feature:
 - `blocks` (an `nn.ModuleList` of the repeated layers): activation checkpointing wraps each block,
   FSDP shards each block as its own unit (without `blocks` it shards the whole model as one unit:
   it runs, with the whole model gathered at once), and local-learning stages are cut between blocks;
-- `embed` and `head` (modules run before and after the blocks): local-learning stages (the first
-  stage runs `embed`, the last `head`);
+- `embed` and `head` (modules run before and after the blocks), `width` (the size of a block's
+  output features) and `local_kind` (their layout: "gpt" for [B, T, width] token features, "mlp"
+  for [B, width], "cnn" for [B, width, H, W] maps): local-learning stages (the first stage runs
+  `embed`, the last `head`; the local methods size and shape their auxiliary heads by `width` and
+  `local_kind`);
 - `num_flops_per_token(seq_len)` (optional): MFU in the logs; without it no MFU is reported.
 """
 
@@ -23,7 +26,8 @@ def _needs(cfg) -> list[tuple[str, str, str]]:
     needs = []
     if cfg.parallel.stages > 1:
         feature = f"parallel.stages={cfg.parallel.stages}"
-        needs += [("embed", "nn.Module", feature), ("blocks", "nn.ModuleList", feature), ("head", "nn.Module", feature)]
+        needs += [("embed", "nn.Module", feature), ("blocks", "nn.ModuleList", feature), ("head", "nn.Module", feature),
+                  ("width", "int", feature), ("local_kind", "'gpt', 'mlp' or 'cnn'", feature)]
     if cfg.parallel.activation_checkpointing:
         needs.append(("blocks", "nn.ModuleList", "parallel.activation_checkpointing=true"))
     return needs
@@ -31,9 +35,14 @@ def _needs(cfg) -> list[tuple[str, str, str]]:
 
 def check_model(model: nn.Module, cfg) -> None:
     """UserError naming the missing attribute and the feature, when `model` lacks what `cfg` uses."""
-    kinds = {"nn.Module": nn.Module, "nn.ModuleList": nn.ModuleList}
+    # as the stage builder reads them: the model's own, else the config's (the built-in models)
+    fallback = {"width": getattr(cfg.model.options(), "width", None), "local_kind": cfg.model.name}
+    checks = {"nn.Module": lambda v: isinstance(v, nn.Module), "nn.ModuleList": lambda v: isinstance(v, nn.ModuleList),
+              "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "'gpt', 'mlp' or 'cnn'": lambda v: v in ("gpt", "mlp", "cnn")}
     for attr, kind, feature in _needs(cfg):
-        if not isinstance(getattr(model, attr, None), kinds[kind]):
+        value = getattr(model, attr, None)
+        if not checks[kind](value if value is not None else fallback.get(attr)):
             raise UserError(f"model: {cfg.model.name} has no `{attr}` ({kind}), which {feature} needs")
     if not callable(getattr(model, "loss", None)):
         raise UserError(f"model: {cfg.model.name} has no `loss(outputs, targets)`, which training needs")
