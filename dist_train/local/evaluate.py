@@ -80,7 +80,7 @@ def generate_pipeline(cfg, ctx, data, backend, layout) -> str | None:
             window = ids[-cfg.model.block_size:].view(1, -1).to(ctx.device)
             received = None
         else:
-            window, received = _recv_trip(layout.prev_rank, ctx.device, cfg.model.width)
+            window, received = _recv_trip(layout.prev_rank, ctx.device, backend.module.info.width)
         with backend.autocast():
             out = model(x=window if (layout.first or independent) else None, received=received)
         if not layout.last:
