@@ -92,11 +92,12 @@ def test_hf_export_loads_in_transformers_with_the_runs_logits(layout: str, confi
 @pytest.mark.slow
 def test_a_llama_run_exports_as_llama_for_causal_lm(config: Path, tmp_path: Path) -> None:
     llama = ["model.name=llama", "model.flavor=debug", "model.n_layer=2", "model.width=32", "model.n_head=4",
-             "model.n_kv_heads=2", "model.multiple_of=16"]
+             "model.n_kv_heads=2", "model.multiple_of=16", "model.tie_embeddings=true"]
     cfg = tmp_path / "llama.yaml"
     cfg.write_text(config.read_text().replace(config.read_text().split("\n")[1], "model: {name: llama, block_size: 16}"))
     _round_trip(cfg, tmp_path, llama + LAYOUTS["fsdp"])
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["tie_word_embeddings"] is True
 
 
 def test_a_model_without_an_hf_counterpart_is_refused(tmp_path: Path) -> None:
