@@ -155,6 +155,8 @@ def _trim_vocab(model: nn.Module, vocab: int) -> None:
 def build_hf(opts: HFOptions, vocab_size: int, block_size: int) -> HFCausalLM:
     from transformers import AutoModelForCausalLM
 
+    from dist_train.models.hf_rules import register_hf_rules
+
     config = hf_config(opts)
     if vocab_size > config.vocab_size:
         raise UserError(f"model.hf_config: the data set's vocabulary ({vocab_size}) is larger than the model's "
@@ -175,8 +177,6 @@ def build_hf(opts: HFOptions, vocab_size: int, block_size: int) -> HFCausalLM:
     model.config.tie_word_embeddings = False
     if vocab_size < config.vocab_size:
         _trim_vocab(model, vocab_size)
-    from dist_train.models.hf_rules import register_hf_rules
-
     register_hf_rules()  # DP-SGD's rule for the families' RMSNorm
     return HFCausalLM(model, FAMILIES[config.model_type], block_size)
 
