@@ -128,13 +128,32 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        group = self.n_head // self.n_kv_heads
-        if group > 1:
-            # Each key/value head serves `group` consecutive query heads. Expanded explicitly rather
-            # than with SDPA's enable_gqa so that every attention kernel (flash included) applies.
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Each key/value head serves n_head / n_kv_heads consecutive query heads. SDPA's enable_gqa
+        # reads them in place (flash and math kernels): expanding k and v by hand would keep the
+        # expanded copies for backward, group x the k/v activation memory.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(a) * b, keeping only a and b for backward (autograd would also keep silu(a), one more
+    [B, T, hidden] tensor per block); backward recomputes silu(a), one elementwise op."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        # aten's fused silu_backward: (grad * b) * sigmoid(a) * (1 + a * (1 - sigmoid(a))) in one pass
+        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b (Shazeer 2020, eq. 6's SwiGLU with the gate a = xW, the value b = xV)."""
+    return _SwiGLU.apply(a, b)
 
 
 class FeedForward(nn.Module):
@@ -147,7 +166,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, width, bias=False)  # down: residual projection (depth-scaled init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class LlamaBlock(nn.Module):
@@ -163,9 +182,17 @@ class LlamaBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(width, eps=norm_eps)
         self.feed_forward = FeedForward(width, hidden)
 
+    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `seq_len` positions, computed once per length, device and rotary setting. A
+        plain attribute, not a buffer: nothing to initialise after a meta build, nothing in the state dict."""
+        key = (seq_len, device, self.rope_theta, self.rope_scaling)
+        if getattr(self, "_rope_key", None) != key:
+            inv_freq = rope_frequencies(self.attention.head_dim, self.rope_theta, self.rope_scaling, device)
+            self._rope_key, self._rope_tables = key, rope_tables(seq_len, inv_freq)
+        return self._rope_tables
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inv_freq = rope_frequencies(self.attention.head_dim, self.rope_theta, self.rope_scaling, x.device)
-        cos, sin = rope_tables(x.size(1), inv_freq)
+        cos, sin = self.rope(x.size(1), x.device)
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.feed_forward(self.ffn_norm(x))
 
