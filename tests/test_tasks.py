@@ -24,14 +24,25 @@ def test_every_config_choice_belongs_to_a_registered_task() -> None:
     assert set(DATA_TASKS.values()) | set(MODEL_TASKS.values()) <= set(TASKS)
 
 
+def _small(name: str, tmp_path) -> dict:
+    """A small instance of each registered model's own options (the hf model reads a config file)."""
+    if name == "hf":
+        import json
+
+        (tmp_path / "config.json").write_text(json.dumps({
+            "model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}))
+        return {"hf_config": str(tmp_path)}
+    own = MODELS.get(name).options.model_fields
+    return {**SMALL, **({"n_head": 2} if "n_head" in own else {}), **({"n_kv_heads": 1} if "n_kv_heads" in own else {})}
+
+
 @pytest.mark.parametrize("model_name", [m for m, t in MODEL_TASKS.items() if get_task(t).meta_buildable])
-def test_task_builds_its_models_and_their_example_runs(model_name: str) -> None:
+def test_task_builds_its_models_and_their_example_runs(model_name: str, tmp_path) -> None:
     task = get_task(MODEL_TASKS[model_name])
     info = DataInfo(task=task.name, vocab_size=50, input_shape=(1, 8, 8), num_classes=10,
                     train_size=100, val_size=10)
-    own = MODELS.get(model_name).options.model_fields
-    cfg = Config.model_validate({"model": {"name": model_name, "block_size": 8, **SMALL,
-                                           **({"n_head": 2} if "n_head" in own else {})},
+    cfg = Config.model_validate({"model": {"name": model_name, "block_size": 8, **_small(model_name, tmp_path)},
                                  "data": {"name": next(d for d, t in DATA_TASKS.items() if t == task.name)}})
     model = task.build_model(cfg.model, info)
     assert model.task == task.name
