@@ -19,6 +19,7 @@ import torch
 
 from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file, forked_run
 from tiers import fast_first
+from layouts import LAYOUTS
 
 YAML = """\
 run: {name: x}
@@ -29,12 +30,6 @@ optim: {name: adamw, lr: 1.0e-2, warmup_steps: 1}
 runtime: {threads: 1}
 telemetry: {progress: "off", tensorboard: false}
 """
-LAYOUTS = {
-    "ddp": ["parallel.backend=ddp"],
-    "fsdp": ["parallel.backend=fsdp"],
-    "deepspeed_zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
-    "pipeline": ["parallel.stages=2", "local.method=dgl"],
-}
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import torch
 
 from cli_helpers import assert_user_error, config_file, forked_cli, forked_run
 from tiers import fast_first
+from layouts import LAYOUTS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -31,12 +32,6 @@ optim: {{name: adamw, lr: 3.0e-3, warmup_steps: 1}}
 runtime: {{threads: 1}}
 telemetry: {{progress: "off", tensorboard: false}}
 """
-LAYOUTS = {
-    "ddp": ["parallel.backend=ddp"],
-    "fsdp": ["parallel.backend=fsdp"],
-    "deepspeed_zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
-    "pipeline": ["parallel.stages=2", "local.method=dgl"],
-}
 
 
 @pytest.fixture(scope="module")
