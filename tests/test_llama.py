@@ -319,10 +319,16 @@ TINY_LLAMA = ["model.name=llama", "model.n_layer=2", "model.width=32", "model.n_
 STEPS = 4
 
 
+DATA_PARALLEL = {"fsdp": ["parallel.backend=fsdp"], "ddp": ["parallel.backend=ddp"],
+                 "deepspeed": ["parallel.backend=deepspeed", "parallel.zero_stage=2"]}
+
+
 @pytest.mark.slow
-def test_fsdp_two_ranks_match_single_process(dt, tmp_path):
+@pytest.mark.parametrize("backend", list(DATA_PARALLEL))
+def test_two_ranks_match_single_process(dt, tmp_path, backend):
     ref = dt.run(tmp_path / "ref", "single", *TINY_LLAMA, steps=STEPS)
-    got = dt.forked(tmp_path / "fsdp", "fsdp", *TINY_LLAMA, "parallel.backend=fsdp", steps=STEPS)
+    got = dt.forked(tmp_path / backend, backend, *TINY_LLAMA, *DATA_PARALLEL[backend], steps=STEPS,
+                    env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")})
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
     for g, r in zip(got, ref):
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-4) and g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
