@@ -184,10 +184,8 @@ def train_bpe(texts: Iterator[str], vocab_size: int, progress: bool = False):
     return tok
 
 
-def prepare_data(inputs: list[str], out: str, tokenizer: Optional[str] = None, train_bpe_vocab: Optional[int] = None,
-                 val_fraction: float = 0.1, shard_tokens: int = 100_000_000, dtype: str = "auto",
-                 progress: Optional[bool] = None) -> dict:
-    """Tokenize the text files `inputs` into llm.c shards in `out`; returns what meta.json holds."""
+def _check_options(tokenizer, train_bpe_vocab, val_fraction, shard_tokens, dtype, out) -> Path:
+    """The command line's own mistakes, before any text is read; returns the output folder."""
     if (tokenizer is None) == (train_bpe_vocab is None):
         raise UserError("prepare-data: give one of --tokenizer FILE or --train-bpe VOCAB")
     if train_bpe_vocab is not None and train_bpe_vocab <= 256:
@@ -208,6 +206,52 @@ def prepare_data(inputs: list[str], out: str, tokenizer: Optional[str] = None, t
         raise UserError(f"--out: {out_dir} exists and is not a folder")
     if out_dir.is_dir() and (list(out_dir.glob("train_*.bin")) or list(out_dir.glob("val_*.bin"))):
         raise UserError(f"--out: {out_dir} already holds token shards; remove them or choose another folder")
+    return out_dir
+
+
+def _write_shards(tok, pieces: Iterator[tuple[int, Piece]], out_dir: Path, np_dtype, shard_tokens: int,
+                  eot_id: Optional[int], val_fraction: float, total_bytes: int, show: bool) -> dict:
+    """Encode `pieces` in batches into train / val shard writers; on any failure no shard is left."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {s: ShardWriter(out_dir, s, np_dtype, shard_tokens) for s in ("train", "val")}
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+               disable=not show)
+    try:
+        batch: list[tuple[int, Piece]] = []
+        size = 0
+        for i, piece in pieces:
+            batch.append((i, piece))
+            size += len(piece.text)
+            if size >= _BATCH_CHARS:
+                _encode(tok, batch, writers, eot_id, val_fraction, bar)
+                batch, size = [], 0
+        _encode(tok, batch, writers, eot_id, val_fraction, bar)
+        if writers["train"].total == 0:
+            raise UserError("prepare-data: the text encoded to no training tokens")
+        if val_fraction > 0 and writers["val"].total == 0:
+            raise UserError(f"--val-fraction {val_fraction}: the text is too short to hold out a validation "
+                            f"split; add text or pass --val-fraction 0")
+    except BaseException:
+        for w in writers.values():  # no partial shard set left behind to be mistaken for data
+            w.close()
+            for path in w.paths:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
+
+    return writers
+
+
+def prepare_data(inputs: list[str], out: str, tokenizer: Optional[str] = None, train_bpe_vocab: Optional[int] = None,
+                 val_fraction: float = 0.1, shard_tokens: int = 100_000_000, dtype: str = "auto",
+                 progress: Optional[bool] = None) -> dict:
+    """Tokenize the text files `inputs` into llm.c shards in `out`; returns what meta.json holds."""
+    out_dir = _check_options(tokenizer, train_bpe_vocab, val_fraction, shard_tokens, dtype, out)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # bad tokenizer: fail before reading text
 
     all_files = collect_files(inputs)
@@ -236,38 +280,7 @@ def prepare_data(inputs: list[str], out: str, tokenizer: Optional[str] = None, t
 
     # A document that contains the text "<|endoftext|>" is encoded as that text, not as a boundary.
     tok.encode_special_tokens = True
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {s: ShardWriter(out_dir, s, np_dtype, shard_tokens) for s in ("train", "val")}
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-               disable=not show)
-    try:
-        batch: list[tuple[int, Piece]] = []
-        size = 0
-        for i, piece in pieces():
-            batch.append((i, piece))
-            size += len(piece.text)
-            if size >= _BATCH_CHARS:
-                _encode(tok, batch, writers, eot_id, val_fraction, bar)
-                batch, size = [], 0
-        _encode(tok, batch, writers, eot_id, val_fraction, bar)
-        if writers["train"].total == 0:
-            raise UserError("prepare-data: the text encoded to no training tokens")
-        if val_fraction > 0 and writers["val"].total == 0:
-            raise UserError(f"--val-fraction {val_fraction}: the text is too short to hold out a validation "
-                            f"split; add text or pass --val-fraction 0")
-    except BaseException:
-        for w in writers.values():  # no partial shard set left behind to be mistaken for data
-            w.close()
-            for path in w.paths:
-                path.unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-        for w in writers.values():
-            w.close()
-
+    writers = _write_shards(tok, pieces(), out_dir, np_dtype, shard_tokens, eot_id, val_fraction, total_bytes, show)
     tok.encode_special_tokens = False
     tok.save(str(out_dir / TOKENIZER_FILE))
     meta = {
