@@ -142,6 +142,7 @@ class ParallelSection(Options):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     deepspeed_config: Optional[str] = Field(None, description="Optional DeepSpeed JSON merged over the generated config.")
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered parameters after forward (ZeRO-3 style).")
+    dp_replicate: int = Field(1, ge=1, description="HSDP: the data-parallel ranks of a stage form dp_replicate groups of dp / dp_replicate neighbouring ranks (dp_shard); a sharding backend (fsdp) shards inside a group and replicates across groups, so its all-gathers stay inside one (a node, when it is the node count) and only the gradient all-reduce crosses groups. 1: shard over every data-parallel rank. Must divide the data-parallel size.")
     activation_checkpointing: bool = Field(False, description="End-to-end backprop: keep only each model block's input and recompute the block in backward (torch checkpoint, non-reentrant): less activation memory for about one more forward per step.")
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from torch import nn
 from dist_train.config.schema import Config
 from dist_train.errors import UserError
 from dist_train.runtime.dist import DistContext
+from dist_train.runtime.mesh import check_replicate
 
 from dist_train.optim.build import OptimizerSpec, set_lr
 
@@ -48,6 +49,8 @@ class Backend(ABC):
     # `setup` takes a model still on the meta device, shards it there and materialises each rank's
     # shard (`parallel/meta_init.py`); the others are handed whole, materialised weights.
     shards_meta_model: ClassVar[bool] = False
+    # Shards over a 2-D ("dp_replicate", "dp_shard") mesh: `parallel.dp_replicate` > 1 (HSDP).
+    hybrid_shards: ClassVar[bool] = False
 
     @classmethod
     def check(cls, cfg: Config, world_size: int) -> None:
@@ -56,6 +59,11 @@ class Backend(ABC):
         if stages > 1 and world_size // stages > 1 and not cls.in_stages:
             raise UserError(f"parallel.backend: {cls.name} is not offered inside local-learning stages; "
                             "use ddp, fsdp or deepspeed")
+        if cfg.parallel.dp_replicate > 1:
+            if not cls.hybrid_shards:
+                raise UserError(f"parallel.dp_replicate: {cfg.parallel.dp_replicate} (HSDP) needs a backend that "
+                                f"shards over a replicate x shard mesh (fsdp); {cls.name} does not")
+            check_replicate(cfg.parallel.dp_replicate, world_size // stages)
     # Bytes per parameter held by each rank as (weights, gradients, optimizer state) for fp32 AdamW,
     # as a function of the data-parallel size: used by `dist-train plan` for the memory estimate.
     @classmethod
@@ -73,6 +81,8 @@ class Backend(ABC):
         self.cfg = cfg
         self.ctx = ctx
         self.mesh = mesh if mesh is not None else ctx.dp_mesh
+        # What a sharding backend shards over: the same ranks, 2-D under HSDP (`DistContext.shard_mesh`).
+        self.shard_mesh = ctx.shard_mesh if self.mesh is ctx.dp_mesh else self.mesh
         self.dp_size = self.mesh.size() if self.mesh is not None else 1
         self.checkpoint_key = checkpoint_key
         self.model: nn.Module  # what forward is called on (may be a wrapper)

@@ -2,6 +2,10 @@
 
 Each block in `model.blocks` is its own FSDP unit (all-gathered just before it runs, freed after),
 then the root, which holds the embedding and head. The model file knows nothing of this.
+
+HSDP (`parallel.dp_replicate` > 1): the same units over the 2-D ("dp_replicate", "dp_shard") mesh:
+FSDP2 shards each parameter along dp_shard and replicates it along dp_replicate; gradients are
+reduce-scattered inside a shard group, then all-reduced across the replicas.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ class FSDPBackend(Backend):
     shards_parameters = True
     owner_computes = True
     shards_meta_model = True
+    hybrid_shards = True
 
     @classmethod
     def bytes_per_param(cls, world: int, cfg) -> tuple[float, float, float]:
-        return 4.0 / world, 4.0 / world, 8.0 / world
+        shard = max(1, world // cfg.parallel.dp_replicate)  # HSDP: sharded over a shard group only
+        return 4.0 / shard, 4.0 / shard, 8.0 / shard
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -34,7 +40,7 @@ class FSDPBackend(Backend):
         if self.cfg.parallel.mixed_precision == "bf16":
             # Compute in bf16, reduce gradients in fp32 so accumulation over ranks loses nothing.
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kwargs = {"mesh": self.mesh, "reshard_after_forward": self.cfg.parallel.reshard_after_forward}
+        kwargs = {"mesh": self.shard_mesh, "reshard_after_forward": self.cfg.parallel.reshard_after_forward}
         if mp is not None:
             kwargs["mp_policy"] = mp
         # A model may name its own sharding units (a pipeline stage does); otherwise its blocks.

@@ -23,7 +23,7 @@ from dist_train.config.schema import Config
 from dist_train.errors import SILENT_PEERS, DistTimeoutError, UserError
 from dist_train.runtime.env import WorldInfo, discover, export_env
 from dist_train.runtime.malloc import configure_cpu_malloc
-from dist_train.runtime.mesh import build_mesh, dp_mesh
+from dist_train.runtime.mesh import build_mesh, dp_mesh, shard_mesh
 
 _TIMEOUT_WORDS = ("timed out", "timeout", "deadline")
 _PEER_LOST_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe")
@@ -49,6 +49,12 @@ class DistContext:
         if "_dp" not in self.__dict__:  # sliced once, so every backend shares the same object
             self.__dict__["_dp"] = dp_mesh(self.mesh)
         return self.__dict__["_dp"]
+
+    @property
+    def shard_mesh(self) -> Optional[object]:
+        """The mesh FSDP2 shards over: `dp_mesh`, or under HSDP its 2-D ("dp_replicate", "dp_shard")
+        view, built with the context (`init_distributed`), since building it is collective."""
+        return self.__dict__.get("_shard", self.dp_mesh)
 
     @property
     def rank(self) -> int:
@@ -254,6 +260,8 @@ def init_distributed(cfg: Config, world: Optional[WorldInfo] = None) -> DistCont
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.runtime.steady_timeout_s))
     ctx = DistContext(world=world, device=device, backend=backend, mesh=mesh, timeouts=timeouts,
                       control_group=control)
+    if cfg.parallel.dp_replicate > 1:
+        ctx.__dict__["_shard"] = shard_mesh(mesh, cfg.parallel.dp_replicate)
     ctx._set_timeout(timeouts["start"])
     return ctx
 

@@ -3,6 +3,12 @@
 - "stage": local-learning stages (size 1 for end-to-end backprop). Ranks [k*dp, (k+1)*dp) hold stage k.
 - "dp": the data-parallel replicas of a stage. DDP, FSDP2, DeepSpeed and FairScale replicate or shard
   over this dimension; Muon's owner ranks are chosen along it.
+- HSDP (`parallel.dp_replicate` = R > 1): the same dp ranks viewed as ("dp_replicate", "dp_shard"),
+  R groups of dp / R neighbouring ranks (with ranks numbered node by node, one shard group per node
+  when R is the node count). FSDP2 shards inside a group and replicates across groups, so a block's
+  all-gather and reduce-scatter stay on a node's links and only the gradient all-reduce between
+  replicas crosses nodes. Like "ep", a view of the dp dimension built with `_unflatten`: every
+  other user keeps the flat "dp" and its group, so gradient means, votes and energy are unchanged.
 - "ep" (the PDE task's hard-constraint experts): the same ranks viewed as ("stage", "edp", "ep"),
   the dp dimension unflattened into `dp / ep` expert groups of `ep` neighbouring ranks
   (`moe.expert_parallel`; default ep = dp). Each expert group holds all K experts and exchanges
@@ -20,6 +26,7 @@ from typing import Optional
 
 MESH_DIMS = ("stage", "dp")
 EXPERT_DIMS = ("stage", "edp", "ep")
+HSDP_DIMS = ("dp_replicate", "dp_shard")
 
 
 def build_mesh(device_type: str, world_size: int, stages: int):
@@ -32,6 +39,26 @@ def build_mesh(device_type: str, world_size: int, stages: int):
 def dp_mesh(mesh) -> Optional[object]:
     """This rank's row of data-parallel replicas (the whole world when there is one stage)."""
     return mesh["dp"] if mesh is not None else None
+
+
+def shard_mesh(mesh, dp_replicate: int = 1) -> Optional[object]:
+    """The mesh a sharding backend shards over: this rank's dp row, or under HSDP its 2-D
+    ("dp_replicate", "dp_shard") view (FSDP2 takes a 2-D mesh as replicate x shard). Collective when
+    `dp_replicate` > 1: every rank calls it (it creates the two dimensions' process groups)."""
+    if mesh is None or dp_replicate == 1:
+        return dp_mesh(mesh)
+    dp = mesh["dp"].size()
+    # `_unflatten` keeps the root's rank layout: shard groups are runs of neighbouring dp ranks.
+    return mesh._unflatten("dp", (dp_replicate, dp // dp_replicate), HSDP_DIMS)[HSDP_DIMS]
+
+
+def check_replicate(dp_replicate: int, dp: int) -> None:
+    """`parallel.dp_replicate` must split the dp ranks of a stage into equal shard groups."""
+    from dist_train.errors import UserError
+
+    if dp % dp_replicate:
+        raise UserError(f"parallel.dp_replicate: {dp_replicate} does not divide the {dp} data-parallel ranks "
+                        f"of a stage; choose a divisor of {dp} (the ranks are dp_replicate x dp_shard)")
 
 
 def replica_group(mesh) -> Optional[object]:
