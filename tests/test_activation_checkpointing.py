@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dist_train.models.gpt import GPT
-from dist_train.train.loop import apply_activation_checkpointing
+from dist_train.parallel.activation_checkpointing import apply_activation_checkpointing
 
 RTOL, ATOL = 1e-6, 1e-7
 

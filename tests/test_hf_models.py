@@ -155,7 +155,7 @@ def test_dp_per_example_norms_equal_one_backward_per_example(family: str, tmp_pa
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None:
-    from dist_train.train.loop import apply_activation_checkpointing
+    from dist_train.parallel.activation_checkpointing import apply_activation_checkpointing
 
     folder, _ = hf_folder(tmp_path, "mistral")
     plain, wrapped = build(folder).train(), apply_activation_checkpointing(build(folder).train())

@@ -99,7 +99,7 @@ def _prewarm(cfg, data, micro_batch: int) -> None:
     from dist_train.models import build_model
     from dist_train.optim import optimizer_spec
     from dist_train.telemetry import collect_provenance
-    from dist_train.train.loop import apply_activation_checkpointing
+    from dist_train.parallel.activation_checkpointing import apply_activation_checkpointing
 
     model = build_model(cfg.model, data.info)
     opt = optimizer_spec(cfg.optim, model).build()

@@ -28,6 +28,7 @@ from dist_train.tasks import get_task
 from dist_train.models import build_model
 from dist_train.parallel import backend_class
 from dist_train.parallel.base import Backend
+from dist_train.parallel.parallelize import apply_model_transforms
 from dist_train.runtime.dist import DistContext
 
 
@@ -35,10 +36,13 @@ def build_stage(cfg: Config, data_info, layout: StageLayout,
                 cuts: Optional[list[int]] = None) -> tuple[nn.Module, StageInfo]:
     """Build the full model from the run's seed (identical on every rank), keep this rank's stage,
     and let the rest go: a rank holds only its own blocks and head. `cuts`: block indices where
-    stages begin (default: `parallel.cut_points`, else balanced by parameter count)."""
+    stages begin (default: `parallel.cut_points`, else balanced by parameter count). The stage's
+    blocks get the run's model transforms (`parallel/parallelize.py`), numbered as in the model."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data_info)
-    return stage_of(cfg, model, data_info, layout, cuts)
+    stage, info = stage_of(cfg, model, data_info, layout, cuts)
+    apply_model_transforms(stage, cfg, first_block=(0, *info.cut_points)[info.index])
+    return stage, info
 
 
 def stage_of(cfg: Config, model: nn.Module, data_info, layout: StageLayout,
