@@ -31,8 +31,9 @@ from dist_train.tasks import get_task
 from dist_train.telemetry import achieved_flops
 from dist_train.train.checkpoint import checkpoint_layout
 from dist_train.train.generate import write_sample
+from dist_train.train.batches import StepBatches
 from dist_train.train.hooks import Hooks
-from dist_train.train.pipeline_step import PipelineStep
+from dist_train.train.pipeline_step import PipelineStep, reads_data
 from dist_train.train.session import Replicas, RunSession
 from dist_train.train.transforms import build_transform
 
@@ -54,8 +55,9 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str], data=None, ho
     session.hooks.on_setup(backend)
     link = StageLink(layout.prev_rank, layout.next_rank, ctx.device, cfg.local.max_in_flight,
                      send_targets=cfg.local.send_targets)
-    sampler = transform.sampler(data)
-    start = session.resume(backend, sampler, transform,
+    batches = StepBatches(data, transform, transform.sampler(data), ctx.device, layout.dp_rank, layout.dp_size,
+                          reads=reads_data(cfg, stage))  # every stage keeps the data position
+    start = session.resume(backend, batches, transform,
                            checkpoint_layout(backend.name, layout.num_stages, info.cut_points))
     pipe = PipelineStep(session, stage, layout, data, link)
     session.track(pipe.channels)  # channels' state (the replay buffer) is part of the checkpoint
@@ -68,12 +70,12 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str], data=None, ho
         (session.dir / BALANCE_FILE).write_text(json.dumps(balance, indent=1))
     stats = StageStats(layout, ctx.device, ctx.distributed)
 
-    with session.running():
+    with session.running(), batches:
         for step in session.steps():
             backend.set_lr(lr := lr_at(step, cfg.optim, cfg.train.steps))
-            idx = sampler.next_indices(layout.dp_rank, layout.dp_size)  # every stage keeps the data position
-            pipe.run(step, idx, session.last_step)
-            session.end_step(step, idx)
+            batch = batches.next(step)
+            pipe.run(step, batch, session.last_step)
+            session.end_step(step, batch.indices)
             if session.logging():
                 _log(session, pipe, stats, lr)
         session.finish()

@@ -21,6 +21,7 @@ from dist_train.parallel import build_backend
 from dist_train.runtime.dist import DistContext
 from dist_train.tasks import get_task
 from dist_train.telemetry import achieved_flops, peak_memory_bytes
+from dist_train.train.batches import StepBatch, StepBatches
 from dist_train.train.checkpoint import checkpoint_layout
 from dist_train.train.evaluate import evaluate
 from dist_train.train.generate import generate, write_sample
@@ -41,22 +42,22 @@ def train(cfg: Config, ctx: DistContext, command: list[str], data=None, hooks: O
     model, backend, transform = _build(cfg, ctx, data, task)
     session.hooks.on_setup(backend)
     torch.manual_seed(cfg.train.seed + 1000 * (ctx.rank + 1))  # per-rank stream for dropout
-    sampler = transform.sampler(data)
-    session.resume(backend, sampler, transform, checkpoint_layout(backend.name, 1))
+    batches = StepBatches(data, transform, transform.sampler(data), ctx.device, ctx.rank, ctx.world_size)
+    session.resume(backend, batches, transform, checkpoint_layout(backend.name, 1))
     session.open(task.tokens_per_sample(cfg), collector=ctx.is_main)
     flops_per_token = model.num_flops_per_token() if hasattr(model, "num_flops_per_token") else None
     control, window = session.control, session.window
 
-    with session.running():
+    with session.running(), batches:
         for step in session.steps():
             with window.working(sync=True):  # on CUDA it synchronizes, as backend.step's grad-norm read does anyway
                 lr = lr_at(step, cfg.optim, cfg.train.steps)
                 backend.set_lr(lr)
-                idx = sampler.next_indices(ctx.rank, ctx.world_size)  # advances the data position
-                step_loss = _forward_backward(session, data, idx, step)
+                batch = batches.next(step)  # the data position advances
+                step_loss = _forward_backward(session, batch, step)
                 grad_norm = backend.step(transform, accept=control.accept(step))  # never a non-finite update
                 window.add(step_loss, control.applied)  # a dropped step's (non-finite) loss stays out of the mean
-            session.end_step(step, idx)
+            session.end_step(step, batch.indices)
             if session.logging():
                 record = _record(session, lr, grad_norm, flops_per_token)
                 record.update(session.run_metrics(), **task.train_metrics(backend.module))
@@ -109,16 +110,15 @@ def _build_model(cfg: Config, ctx: DistContext, data, task, backend) -> torch.nn
     return task.build_for_run(cfg, data.info, ctx.mesh).to(ctx.device)
 
 
-def _forward_backward(session: RunSession, data, idx: torch.Tensor, step: int) -> torch.Tensor:
+def _forward_backward(session: RunSession, batch: StepBatch, step: int) -> torch.Tensor:
     """Forward and backward of the step's micro-batches, gradients accumulating; returns the step's
     mean loss over its non-empty micro-batches, detached on the device (read at log time)."""
     backend, transform, control, device = session.backend, session.transform, session.control, session.ctx.device
-    parts = transform.micro_batches(idx)  # DP-SGD: Poisson-sized, possibly none on this rank
+    parts = batch.parts  # DP-SGD: Poisson-sized, possibly none on this rank
     filled = sum(1 for part in parts if part.numel())
     step_loss = torch.zeros((), device=device)
-    for i, micro in enumerate(parts):
+    for i, (x, y) in enumerate(batch.inputs):
         is_last = i == len(parts) - 1
-        x, y = (t.to(device, non_blocking=True) for t in data.get_batch("train", micro))
         with backend.sync_context(is_last):
             with backend.autocast(), torch.set_grad_enabled(transform.builds_graph):
                 out = backend.model(x)

@@ -14,6 +14,13 @@ import torch
 from dist_train.local.channels import ChannelContext, build_channels
 from dist_train.local.evaluate import replica_mean
 from dist_train.telemetry import peak_memory_bytes
+from dist_train.train.batches import StepBatch
+
+
+def reads_data(cfg, stage) -> bool:
+    """Does this stage read the training data? The stages that need x, and every stage when the
+    targets stay off the wire (or nothing is received)."""
+    return stage.reads_data or not cfg.local.send_targets or not stage.receives_activations
 
 
 class PipelineStep:
@@ -24,8 +31,7 @@ class PipelineStep:
         self.cfg, self.stage, self.layout, self.data, self.link = cfg, stage, layout, data, link
         self.backend, self.transform, self.control = session.backend, session.transform, session.control
         self.window, self.device = session.window, session.ctx.device
-        # Who reads data: the stages that need x, and every stage when targets stay off the wire.
-        self.reads_data = stage.reads_data or not cfg.local.send_targets or not stage.receives_activations
+        self.reads_data = reads_data(cfg, stage)
         self.receives = not layout.first and stage.receives_activations
         self.sends = not layout.last and stage.receives_activations
         # The link's buffers have one shape per tag: micro-batches of varying size (DP-SGD's Poisson
@@ -35,17 +41,18 @@ class PipelineStep:
         self.channels = build_channels(stage, ChannelContext(cfg, layout, link, self.device, session.start,
                                                              self.train_on))
 
-    def run(self, step: int, indices: torch.Tensor, last_step: bool) -> None:
-        """Step `step` on the micro-batches of `indices`; `last_step`: the run's last (nothing to prefetch)."""
+    def run(self, step: int, batch: StepBatch, last_step: bool) -> None:
+        """Step `step` on the micro-batches of `batch`; `last_step`: the run's last (nothing to prefetch)."""
         self.channels.before_step(step)
-        parts = [part for part in self.transform.micro_batches(indices) if part.numel()]
+        inputs = batch.inputs if batch.inputs is not None else [None] * len(batch.parts)
+        parts = [(part, xy) for part, xy in zip(batch.parts, inputs) if part.numel()]
         step_loss = torch.zeros((), device=self.device)
-        for m, part in enumerate(parts):
+        for m, (part, xy) in enumerate(parts):
             msg = (step << 20) + m
             # Post the next receive early unless this is the last message (a varying count only
             # looks ahead within the step).
             ahead = m + 1 < len(parts) or (self.pad_to is None and step + 1 < self.cfg.train.steps and not last_step)
-            x, received, y = self._inputs(step, msg, part, ahead)
+            x, received, y = self._inputs(step, msg, part, xy, ahead)
             with self.window.working():
                 step_loss += self.forward_backward(x, received, y, msg, m == len(parts) - 1, step) / len(parts)
         with self.window.working():
@@ -54,11 +61,12 @@ class PipelineStep:
         self.window.add(step_loss, self.control.applied)  # a dropped step's loss stays out of the mean
         self.channels.after_step(step)
 
-    def _inputs(self, step: int, msg: int, part: torch.Tensor, ahead: bool) -> tuple:
-        """(x for the stage or None, what the previous stage sent or None, the targets)."""
+    def _inputs(self, step: int, msg: int, part: torch.Tensor, xy, ahead: bool) -> tuple:
+        """(x for the stage or None, what the previous stage sent or None, the targets); `xy`: the
+        micro-batch `part` as read from the data (None on a stage that reads no data)."""
         x = received = y = None
         if self.reads_data:
-            x, y = (t.to(self.device) for t in self.data.get_batch("train", part))
+            x, y = xy
         if self.receives:
             self.channels.before_receive()
             received, sent_y = self.link.recv(msg, prefetch=ahead)
