@@ -7,6 +7,9 @@ Two layouts:
   AdamW parameters get the averaged gradient, as DDP's all-reduce would give them.
 - sharded (FSDP2's): every parameter is a Shard(0) DTensor and gets the averaged gradient as a
   DTensor, as FSDP2's reduce-scatter would.
+- hsdp (FSDP2 on a 2 x W/2 replicate x shard mesh, W >= 4): every parameter is a (Replicate(),
+  Shard(0)) DTensor with the averaged gradient, as FSDP2's reduce-scatter + all-reduce would give;
+  its checkpoint is also loaded under FSDP (W ranks) and in one process, and training continues.
 Shapes are chosen so that shards are uneven and empty at W = 4 (5 and 3 rows), one bank holds 3
 matrices (not divisible by 2 or 4), a conv kernel is flattened, one matrix has no gradient on any
 rank at step 2 (skipped) and one has none on rank 0 only at step 3 (zero there).
@@ -81,9 +84,9 @@ def set_grads(params: dict, step: int, rank: int, world: int, layout: str, mesh)
     for name, p in params.items():
         if mesh is None:
             p.grad = mean_grad(name, step, world)
-        elif layout == "sharded":
+        elif layout in SHARDED:
             g = mean_grad(name, step, world)
-            p.grad = None if g is None else distribute_tensor(g, mesh, [Shard(0)])
+            p.grad = None if g is None else distribute_tensor(g, mesh, SHARDED[layout])
         elif name in MATRICES:
             p.grad = local_grad(name, step, rank, world)
         else:
@@ -113,28 +116,34 @@ def snapshot(params: dict, opt) -> dict:
     return {"weights": weights, "states": states, "ns_matrices": opt.ns_matrices}
 
 
-def run(kind: str, layout: str, rank: int, world: int, ckpt_dir=None) -> list[dict]:
+def run(kind: str, layout: str, rank: int, world: int, ckpt_dir=None, resume_from=None) -> list[dict]:
     """STEPS optimizer steps; with `ckpt_dir`, save after SAVE_AFTER steps and continue on a fresh
-    optimizer loaded from that checkpoint. Returns a snapshot per step (with the NS count summed over
-    the ranks). Without a process group: the single-process reference for `world` ranks."""
+    optimizer loaded from that checkpoint. With `resume_from` (a checkpoint path, of any layout):
+    load it, then run the steps after SAVE_AFTER. Returns a snapshot per step run (with the NS count
+    summed over the ranks). Without a process group: the single-process reference for `world` ranks."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
-    mesh = init_device_mesh("cpu", (world,)) if dist.is_initialized() else None
+    mesh = make_mesh(layout, world) if dist.is_initialized() else None
+    # What the trainer hands the optimizer: the flat dp group (a sharded layout takes its own from the mesh).
+    group = (dist.group.WORLD if mesh.ndim > 1 else mesh.get_group()) if mesh is not None else None
 
     def build():
         params = {}
         for n in SHAPES:
             t = initial(n)
-            if layout == "sharded":
-                t = distribute_tensor(t, mesh, [Shard(0)])
+            if layout in SHARDED:
+                t = distribute_tensor(t, mesh, SHARDED[layout])
             params[n] = torch.nn.Parameter(t)
-        return params, make_optimizer(kind, params, process_group=mesh.get_group() if mesh else None)
+        return params, make_optimizer(kind, params, process_group=group)
 
     params, opt = build()
+    first = 1
+    if resume_from is not None:
+        dcp.load({"params": params, "optim": opt.dcp_state_dict()}, checkpoint_id=str(resume_from))
+        first = SAVE_AFTER + 1
     out = []
-    for step in range(1, STEPS + 1):
+    for step in range(first, STEPS + 1):
         set_grads(params, step, rank, world, layout, mesh)
         norm = opt.clip_grad_norm(MAX_NORM)
         before = opt.ns_matrices
@@ -157,13 +166,37 @@ def run(kind: str, layout: str, rank: int, world: int, ckpt_dir=None) -> list[di
     return out
 
 
-CASES = [(k, lay) for k in ("muon", "muon_adamw_scale", "normuon", "normuon_reference")
-         for lay in ("replicated", "sharded")]
+KINDS = ("muon", "muon_adamw_scale", "normuon", "normuon_reference")
+REPLICAS = 2  # the hsdp layout's replica groups
+
+
+def cases(world: int) -> list[tuple[str, str]]:
+    layouts = ("replicated", "sharded", "hsdp") if world >= 2 * REPLICAS else ("replicated", "sharded")
+    return [(k, lay) for k in KINDS for lay in layouts]
+
+
+def make_mesh(layout: str, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if layout == "hsdp":
+        return init_device_mesh("cpu", (REPLICAS, world // REPLICAS), mesh_dim_names=("dp_replicate", "dp_shard"))
+    return init_device_mesh("cpu", (world,))
+
+
+def _placements() -> dict:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return {"sharded": [Shard(0)], "hsdp": [Replicate(), Shard(0)]}
+
+
+SHARDED = _placements()
 
 
 def worker(rank: int, world: int, out_dir: str) -> None:
     dist.init_process_group("gloo")  # env:// variables and one thread from run_on_ranks
-    results = {f"{k}/{lay}": run(k, lay, rank, world, ckpt_dir=out_dir) for k, lay in CASES}
+    results = {f"{k}/{lay}": run(k, lay, rank, world, ckpt_dir=out_dir) for k, lay in cases(world)}
+    for k in KINDS if world >= 2 * REPLICAS else ():  # the HSDP checkpoint, loaded under FSDP
+        results[f"{k}/hsdp->sharded"] = run(k, "sharded", rank, world, resume_from=Path(out_dir) / f"{k}-hsdp")
     if rank == 0:
         torch.save(results, Path(out_dir) / "results.pt")
     dist.barrier()  # leave together; run_on_ranks tears the group down and skips finalization

@@ -15,6 +15,17 @@ A step, per bank of same-shape matrices (see owners.py):
 
 A parameter whose gradient is missing on every rank is skipped (as a single-process torch optimizer
 would); missing on some ranks only, it counts as zero there. Every rank enters every collective.
+
+HSDP (FSDP2 on a 2-D (replicate, shard) mesh, placements (Replicate(), Shard(0))): owners are chosen
+inside each shard group, and every replica group repeats the same orthogonalisations on the same
+rows. FSDP2 has already all-reduced the gradient across the replicas, so each shard group holds a
+whole, identical copy of every matrix's gradient and momentum: the all-to-alls, the norm all-reduce
+and the clipping norm stay inside the group (inside a node when the groups are nodes) and the
+optimizer adds no traffic between groups. Owners across the whole dp would cut each rank's
+Newton–Schulz work by the replica count, but every update would then have to travel from its owner
+to the other replica groups each step, on the slow links HSDP exists to spare (the choice other
+distributed Muon implementations make too: they take the shard sub-mesh under HSDP). The state is
+replicated like the weights, so a DCP checkpoint saves it once and reloads onto any layout.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.adamw import adamw as adamw_fn
 
 from dist_train.optim import owners as ow
@@ -88,12 +99,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: some matrices are DTensors and some are not; "
                              "shard all of them (FSDP2) or none")
         self.sharded = sharded == {True}
-        if self.sharded:
-            p0 = matrices[0][1]
-            if p0.device_mesh.ndim != 1 or any(not (isinstance(pl, Shard) and pl.dim == 0)
-                                               for _, p in matrices for pl in p.placements):
-                raise ValueError(f"{type(self).__name__}: sharded matrices must be Shard(0) on a 1-D mesh")
-            self.group = p0.device_mesh.get_group()
+        # Any DTensor (a matrix, or an AdamW parameter when no matrix is routed) fixes the group: its
+        # shard dimension, over which the row pieces (and the clipping norm's parts) are spread.
+        dtensors = [p for g in self.param_groups for p in g["params"] if isinstance(p, DTensor)]
+        if dtensors:
+            mesh = (matrices[0][1] if self.sharded else dtensors[0]).device_mesh
+            if any(p.device_mesh != mesh or not row_sharded(p.placements) for _, p in matrices if self.sharded):
+                raise ValueError(f"{type(self).__name__}: sharded matrices must be Shard(0) on a 1-D mesh, or "
+                                 "(Replicate(), Shard(0)) on a 2-D replicate x shard (HSDP) mesh, all on one mesh")
+            self.group = mesh.get_group(mesh.ndim - 1)
         else:
             self.group = _resolve_group(self._requested_group)
         self.world = dist.get_world_size(self.group) if self.group is not None else 1
@@ -345,10 +359,18 @@ def sqrt_max_ratio(m: int, n: int) -> float:
     return math.sqrt(max(1.0, m / n))
 
 
+def row_sharded(placements) -> bool:
+    """Rows split over the last mesh dimension, whole on any before it: FSDP2's Shard(0), or HSDP's
+    (Replicate(), Shard(0))."""
+    *outer, last = placements
+    return isinstance(last, Shard) and last.dim == 0 and all(isinstance(pl, Replicate) for pl in outer)
+
+
 def row_state(p) -> torch.Tensor:
-    """A per-row (length m) zero state laid out like `p`'s rows: a Shard(0) DTensor for a sharded p."""
+    """A per-row (length m) zero state laid out like `p`'s rows: a DTensor with p's placements
+    (Shard(0), or (Replicate(), Shard(0)) under HSDP) for a sharded p."""
     if isinstance(p, DTensor):
         local = torch.zeros(_local(p).shape[0], dtype=p.dtype, device=_local(p).device)
-        return DTensor.from_local(local, p.device_mesh, [Shard(0)], run_check=False,
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                                   shape=(p.shape[0],), stride=(1,))
     return torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)

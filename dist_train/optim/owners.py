@@ -12,7 +12,9 @@ Two ways parameters can sit on the ranks, two exchanges:
   as the all-reduce DDP would have run: orthogonalisation adds no communication.
 - row-sharded (FSDP2 `Shard(0)`): `to_owners` is one all-to-all that brings every rank's rows of
   matrix i to its owner, `from_owners` the all-to-all that returns the orthogonalised rows. Shards
-  may be uneven or empty: the split sizes say so, and every rank enters every collective.
+  may be uneven or empty: the split sizes say so, and every rank enters every collective. Under
+  HSDP ((Replicate(), Shard(0))) `group`/`world`/`rank` are those of the shard group: owners are
+  assigned within it, the same way in every replica group.
 """
 
 from __future__ import annotations
