@@ -21,8 +21,8 @@ import torch
 
 from dist_train.errors import UserError
 from dist_train.parallel.base import Backend
-from dist_train.runtime import faults
 from dist_train.train import pickle_scan
+from dist_train.train.checkpoint_writer import SyncWriter
 from dist_train.runtime.dist import DistContext
 
 MARKER = "COMMITTED"
@@ -72,35 +72,50 @@ def _describe_layout(layout: dict) -> str:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, ctx: DistContext, keep: int, layout: Optional[dict] = None):
+    def __init__(self, root: Path, ctx: DistContext, keep: int, layout: Optional[dict] = None, writer=None):
         """`layout` (`checkpoint_layout`): written into each marker and required of a checkpoint
-        to resume, so that a checkpoint of another layout is refused by name, not called corrupt."""
+        to resume, so that a checkpoint of another layout is refused by name, not called corrupt.
+        `writer` (`checkpoint_writer`): how the shards are written; default: in place."""
         self.root = root
         self.ctx = ctx
         self.keep = keep
         self.layout = layout
+        self.writer = writer if writer is not None else SyncWriter(ctx)
 
     def save(self, step: int, backend: Backend, trainer_state: dict) -> Path:
+        """Start the checkpoint of `step`: the folder, this rank's trainer state, then the writer,
+        which commits it once every rank's shards are written (before returning, unless async)."""
         path = self.root / f"step-{step}"
         with self.ctx.phase("save"):
+            self.writer.wait()  # a save still in flight is committed first: one folder at a time
             if self.ctx.is_main:
-                self.root.mkdir(parents=True, exist_ok=True)
                 if path.exists():  # a leftover of an interrupted save of this same step
                     shutil.rmtree(path)
+                path.mkdir(parents=True)
             self.ctx.barrier()
-            backend.save(str(path))
             torch.save(trainer_state, path / f"trainer_rank{self.ctx.rank}.pt")
-            faults.at("save", step)  # the reliability tests' kill between a shard and its commit
-            self.ctx.barrier()  # every rank's shard is on disk before the marker says so
-            if self.ctx.is_main:
-                marker = {"step": step, "world_size": self.ctx.world_size, "time": time.time(),
-                          **({"layout": self.layout} if self.layout else {})}
-                tmp = path / (MARKER + ".tmp")
-                tmp.write_text(json.dumps(marker))
-                os.replace(tmp, path / MARKER)
-                self._prune()
-            self.ctx.barrier()
+            self.writer.write(step, path, backend, self.commit)
         return path
+
+    def commit(self, step: int, path: Path) -> None:
+        """Called by the writer once every rank's part of `path` is on disk (on every rank; rank 0
+        acts): the marker, written last and atomically, then the prune."""
+        if not self.ctx.is_main:
+            return
+        marker = {"step": step, "world_size": self.ctx.world_size, "time": time.time(),
+                  **({"layout": self.layout} if self.layout else {})}
+        tmp = path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker))
+        os.replace(tmp, path / MARKER)
+        self._prune()
+
+    def wait(self) -> None:
+        """Until no save is in flight, the last one committed (the end of a run, or a stop)."""
+        with self.ctx.phase("save"):
+            self.writer.wait()
+
+    def close(self) -> None:
+        self.writer.close()
 
     def _check_layout(self, path: Path) -> None:
         """Refuse a checkpoint written under another layout (stages, cuts, backend family) with a
