@@ -1,5 +1,6 @@
-"""Muon and NorMuon through the real CLI: training runs on 2 (and 4) gloo ranks reproduce the
-single-process run, resume exactly, work inside local-learning stages, and refuse what they cannot do.
+"""Muon and NorMuon through the real CLI: training runs on 2 (and 4, also as HSDP 2 x 2) gloo ranks
+reproduce the single-process run, resume exactly, work inside local-learning stages, and refuse what
+they cannot do.
 
 Tolerances are the float32 ones of test_backends_multiproc.py (loss rel 1e-4, grad norm rel 1e-3:
 reduction order only); the fp64 rtol-1e-10 equality of the optimizer step itself is in
@@ -45,6 +46,15 @@ def test_two_ranks_with_accumulation_match_single_process(dt, tmp_path, referenc
     assert_same_run(got, references[optimizer], steps=STEPS)
     ref = references[optimizer]
     assert ref[0]["loss"] - ref[-1]["loss"] > 0.05, "the reference did not train"
+
+
+@pytest.mark.parametrize("optimizer", fast_first("muon", "normuon"))
+def test_hsdp_2x2_matches_single_process(dt, tmp_path, references, optimizer):
+    """4 ranks as HSDP 2 x 2 (parallel.dp_replicate=2; 2 examples each = the batch of 8): the
+    matrices are (Replicate(), Shard(0)) DTensors, orthogonalised by owners inside each shard group."""
+    got = dt.forked(tmp_path, "hsdp", *dt.TINY_GPT, *NO_CKPT, *OPTIMIZERS[optimizer], "parallel.backend=fsdp",
+                    "parallel.dp_replicate=2", steps=STEPS, nproc=4)
+    assert_same_run(got, references[optimizer], steps=STEPS)
 
 
 def test_muon_differs_from_adamw(dt, tmp_path, references):
