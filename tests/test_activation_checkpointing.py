@@ -1,4 +1,5 @@
-"""`parallel.activation_checkpointing`: every block recomputed in backward, the same arithmetic.
+"""`parallel.activation_checkpointing`: full (every block recomputed in backward) and selective
+(every n-th block; per op, matmul outputs kept), the same arithmetic as none, less memory.
 
 Tolerance: the recomputation runs the same CPU kernels on the same inputs with the RNG state
 replayed, so losses and gradients are expected bit-identical; the checks allow rtol 1e-6 /
@@ -94,9 +95,134 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_local_stages_refuse_it() -> None:
+
+
+# --- modes --------------------------------------------------------------------------------------
+SELECTIVE = {"every_n": {"selective": "every_n", "every_n": 2}, "op": {"selective": "op"},
+             "op_every_second": {"selective": "op", "save_matmuls": "every_second"}}
+
+
+def _section(mode: str, **options):
+    from dist_train.config.schema import ActivationCheckpointingSection
+
+    return ActivationCheckpointingSection(mode=mode, **options)
+
+
+def _wrapped(model: torch.nn.Module, mode: str, **options) -> torch.nn.Module:
+    from dist_train.parallel.activation_checkpointing import checkpoint_mode
+
+    model = copy.deepcopy(model)
+    checkpoint_mode(_section(mode, **options)).apply(model, model.blocks)
+    return model
+
+
+def _tiny_llama() -> torch.nn.Module:
+    from dist_train.models.llama import Llama
+
+    torch.manual_seed(0)
+    model = Llama(vocab_size=64, n_layer=3, width=32, n_head=4, n_kv_heads=2, hidden=64, block_size=16)
+    model.init_weights()
+    return model
+
+
+def _grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(1)
+    loss = model.loss(model(x[:, :-1]), x[:, 1:])
+    loss.backward()
+    # the wrapper's own prefix stripped, as its state dict does
+    return loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_selective_modes_give_the_gradients_of_none(name: str) -> None:
+    """Every selective kind on a GPT with dropout (the RNG replay) and on a Llama (SDPA with grouped
+    k/v heads, rotary tables, its SwiGLU autograd function): the same loss and gradients as no
+    checkpointing, at the tolerance above (recomputation runs the same kernels on the same inputs)."""
+    torch.manual_seed(0)
+    plain = (GPT(vocab_size=64, n_layer=3, width=32, n_head=2, block_size=16, dropout=0.1) if name == "gpt"
+             else _tiny_llama())
+    x = torch.randint(0, 64, (4, 17))
+    loss_ref, ref = _grads(copy.deepcopy(plain), x)
+    for kind, options in SELECTIVE.items():
+        model = _wrapped(plain, "selective", **options)
+        wrapped = [type(b).__name__ == "CheckpointWrapper" for b in model.blocks]
+        assert wrapped == ([True, False, True] if kind == "every_n" else [True] * 3), kind
+        assert list(model.state_dict()) == list(plain.state_dict()), kind  # checkpoints load either way
+        loss, grads = _grads(model, x)
+        torch.testing.assert_close(loss, loss_ref, rtol=RTOL, atol=ATOL, msg=kind)
+        assert grads.keys() == ref.keys()
+        for n in ref:
+            torch.testing.assert_close(grads[n], ref[n], rtol=RTOL, atol=ATOL, msg=f"{kind} {n}")
+
+
+def test_memory_orders_none_selective_full() -> None:
+    """Peak allocated tensor bytes of one forward and backward (the CPU allocator's own events) on a
+    Llama whose activations outweigh its weights: none > selective (either kind) > full, and
+    saving every second matmul keeps less than saving every one."""
+    from dist_train.bench.memory import AllocatedPeak
+    from dist_train.models.llama import Llama
+
+    torch.manual_seed(0)
+    plain = Llama(vocab_size=64, n_layer=4, width=32, n_head=4, n_kv_heads=2, hidden=128, block_size=32)
+    plain.init_weights()
+    x = torch.randint(0, 64, (4, 33))
+    peaks = {}
+    for side, (mode, options) in {"none": ("none", {}), "full": ("full", {}),
+                                  **{k: ("selective", o) for k, o in SELECTIVE.items()}}.items():
+        model = _wrapped(plain, mode, **options)
+        model.loss(model(x[:, :-1]), x[:, 1:]).backward()  # first-call allocations out of the figure
+        model.zero_grad(set_to_none=True)
+        with AllocatedPeak() as probe:
+            model.loss(model(x[:, :-1]), x[:, 1:]).backward()
+        peaks[side] = probe.peak
+    assert peaks["none"] > peaks["every_n"] > peaks["full"], peaks
+    assert peaks["none"] > peaks["op"] > peaks["op_every_second"] > peaks["full"], peaks
+
+
+def test_config_modes_and_older_spellings() -> None:
     from dist_train.config import load_config
+
+    def section(*overrides: str):
+        return load_config(None, list(overrides)).parallel.activation_checkpointing
+
+    assert section().mode == "none"
+    assert section("parallel.activation_checkpointing=true").mode == "full"  # configs saved before the modes
+    assert section("parallel.activation_checkpointing=false").mode == "none"
+    got = section("parallel.activation_checkpointing.mode=selective", "parallel.activation_checkpointing.selective=every_n",
+                  "parallel.activation_checkpointing.every_n=3")
+    assert (got.mode, got.selective, got.every_n) == ("selective", "every_n", 3)
+    assert section("parallel.activation_checkpointing=selective").selective == "op"  # the default kind
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("optim", ["dp_sgd", "diff2"])
+def test_private_optimizers_refuse_every_mode(mode: str, optim: str) -> None:
+    from dist_train.config import load_config
+
     from dist_train.errors import UserError
 
-    with pytest.raises((UserError, ValueError), match="parallel.activation_checkpointing"):
-        load_config(None, ["parallel.stages=2", "parallel.activation_checkpointing=true"])
+    with pytest.raises(UserError, match=f"parallel.activation_checkpointing: {optim}"):
+        load_config(None, [f"optim.name={optim}", "parallel.stages=1", "privacy.noise_multiplier=1.0", "privacy.target_epsilon=null",
+                           "privacy.diff2.sigma1=1.0", "privacy.diff2.sigma2=1.0",
+                           f"parallel.activation_checkpointing={mode}"])
+
+
+def test_local_stage_checkpoints_its_blocks_by_model_index() -> None:
+    """A local-learning stage's blocks are numbered as in the model: with every_n 2 over 4 blocks
+    cut at 1, stage 0 wraps block 0 and stage 1 wraps blocks 2 (its second), not its first."""
+    from dist_train.config import load_config
+    from dist_train.data.base import DataInfo
+    from dist_train.local.build import build_stage
+    from dist_train.local.layout import stage_layout
+
+    cfg = load_config(None, ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_size=16",
+                             "parallel.stages=2", "parallel.cut_points=[1]", "parallel.backend=none",
+                             "parallel.activation_checkpointing.mode=selective",
+                             "parallel.activation_checkpointing.selective=every_n"])
+    info = DataInfo(task="lm", vocab_size=64, input_shape=None, num_classes=None, train_size=0, val_size=0)
+    wrapped = []
+    for k in range(2):
+        stage, _ = build_stage(cfg, info, stage_layout(k, 2, 2))
+        wrapped.append([type(b).__name__ == "CheckpointWrapper" for b in stage.blocks])
+        assert not any("_checkpoint_wrapped_module" in n for n in stage.state_dict())
+    assert wrapped == [[True], [False, True, False]]

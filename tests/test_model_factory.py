@@ -133,7 +133,7 @@ def test_missing_feature_names_attribute_and_feature(tmp_path, module):
     assert_user_error(proc, f"model: {module}:build has no `embed` (nn.Module), which parallel.stages=2 needs")
     proc = forked_cli(["plan", "quickstart.yaml", f"model.name={module}:build", "parallel.stages=1",
                        "parallel.activation_checkpointing=true"], cwd=tmp_path)
-    assert_user_error(proc, "has no `blocks` (nn.ModuleList), which parallel.activation_checkpointing=true needs")
+    assert_user_error(proc, "has no `blocks` (nn.ModuleList), which parallel.activation_checkpointing=full needs")
 
 
 def test_stages_need_width_and_local_kind(tmp_path):

@@ -4,6 +4,7 @@ set's `data.*` keys) derive from it."""
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -19,7 +20,8 @@ class Options(BaseModel):
     def _no_bool_for_numbers(cls, value, info):
         # pydantic's lax mode reads `steps: true` as 1; a bool where a number belongs is a mistake.
         if isinstance(value, bool):
-            annotation = str(cls.model_fields[info.field_name].annotation)
+            # whole words: a section class may be named ...Checkpointing...
+            annotation = set(re.findall(r"\w+", str(cls.model_fields[info.field_name].annotation)))
             if "bool" not in annotation and ("int" in annotation or "float" in annotation):
                 word = "an integer" if "int" in annotation else "a number"
                 raise PydanticCustomError("bool_for_number", "expected {word}, got {value}",

@@ -131,6 +131,24 @@ class MoESection(Options):
     lm_ftol: float = Field(1e-12, ge=0, description="Levenberg-Marquardt stops a sample (counted in lm_stalled) when a step is rejected although the step's model (lm_hessian) predicted a decrease of L of at most lm_ftol * L (MINPACK's ftol test, on rejected steps); 0 turns the test off.")
 
 
+class ActivationCheckpointingSection(Options):
+    mode: Literal["none", "full", "selective"] = Field("none", description="none: keep every activation; full: each block keeps only its input and is recomputed whole in backward (about one more forward per step); selective: as `selective` says, between the two in memory and time.")
+    selective: Literal["op", "every_n"] = Field("op", description="mode selective: op (every block keeps its matmul and attention outputs and recomputes only the cheap ops between them: norms, rotary embeddings, activations; torch's create_selective_checkpoint_contexts) or every_n (blocks i with i % every_n == 0 recomputed whole, the others keep everything).")
+    every_n: int = Field(2, ge=1, description="selective every_n: checkpoint every n-th block (1 = every block, as full).")
+    save_matmuls: Literal["all", "every_second"] = Field("all", description="selective op: keep the output of every matmul (default: no matmul is recomputed, so the step costs about what none costs), or of every second one in each block (torchtitan's variant: less memory, half the matmuls recomputed).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_mode(cls, value):
+        # `activation_checkpointing: full` (or true / false, which configs saved before the modes
+        # existed hold) names the mode alone.
+        if isinstance(value, bool):
+            return {"mode": "full" if value else "none"}
+        if isinstance(value, str):
+            return {"mode": value}
+        return value
+
+
 class ParallelSection(Options):
     backend: str = Field("ddp", description="Data-parallel backend, by registered name (dist_train.registry.BACKENDS): ddp (DDP), fsdp (FSDP2), deepspeed (DeepSpeed ZeRO), fairscale (FairScale OSS), or none (single process).")
     stages: int = Field(1, ge=1, description="Local-learning stages the model is split into; 1 = end-to-end backprop.")
@@ -143,16 +161,8 @@ class ParallelSection(Options):
     deepspeed_config: Optional[str] = Field(None, description="Optional DeepSpeed JSON merged over the generated config.")
     reshard_after_forward: bool = Field(True, description="FSDP2: free gathered parameters after forward (ZeRO-3 style).")
     dp_replicate: int = Field(1, ge=1, description="HSDP: the data-parallel ranks of a stage form dp_replicate groups of dp / dp_replicate neighbouring ranks (dp_shard); a sharding backend (fsdp) shards inside a group and replicates across groups, so its all-gathers stay inside one (a node, when it is the node count) and only the gradient all-reduce crosses groups. 1: shard over every data-parallel rank. Must divide the data-parallel size.")
-    activation_checkpointing: bool = Field(False, description="End-to-end backprop: keep only each model block's input and recompute the block in backward (torch checkpoint, non-reentrant): less activation memory for about one more forward per step.")
-
-    @model_validator(mode="after")
-    def _checkpointing_is_end_to_end(self):
-        # The local-learning stages are built by their own loop, which does not apply it: refuse
-        # rather than silently run without it.
-        if self.activation_checkpointing and self.stages > 1:
-            raise ValueError("parallel.activation_checkpointing: applies to end-to-end backprop (parallel.stages=1); "
-                             "local-learning stages do not support it")
-        return self
+    activation_checkpointing: ActivationCheckpointingSection = Field(default_factory=ActivationCheckpointingSection, description="Recompute block activations in backward instead of keeping them: mode none, full or selective, and selective's kind (see its keys). A bare value sets the mode: none, full, selective, or true / false (= full / none, as older configs spell it).")
+    compile: bool = Field(False, description="torch.compile each model block on its own (in place: parameter and checkpoint names unchanged), after activation checkpointing and before DDP / FSDP2 wrap the model. On CPU inductor builds C++ and needs the system compiler ($CXX, else g++). Compile time is logged as compile_s.")
 
 
 class LocalSection(_ComponentSection):

@@ -4,6 +4,7 @@ Every model maps a batch of inputs to outputs and has `loss(outputs, targets)` (
 factory without one gets mean cross-entropy). The rest is per feature:
 
 - `blocks` (an `nn.ModuleList` of the repeated layers): activation checkpointing wraps each block,
+  `parallel.compile` compiles each block,
   FSDP shards each block as its own unit (without `blocks` it shards the whole model as one unit:
   it runs, with the whole model gathered at once), and local-learning stages are cut between blocks;
 - `embed` and `head` (modules run before and after the blocks), `width` (the size of a block's
@@ -28,8 +29,10 @@ def _needs(cfg) -> list[tuple[str, str, str]]:
         feature = f"parallel.stages={cfg.parallel.stages}"
         needs += [("embed", "nn.Module", feature), ("blocks", "nn.ModuleList", feature), ("head", "nn.Module", feature),
                   ("width", "int", feature), ("local_kind", "'gpt', 'mlp' or 'cnn'", feature)]
-    if cfg.parallel.activation_checkpointing:
-        needs.append(("blocks", "nn.ModuleList", "parallel.activation_checkpointing=true"))
+    if cfg.parallel.activation_checkpointing.mode != "none":
+        needs.append(("blocks", "nn.ModuleList", f"parallel.activation_checkpointing={cfg.parallel.activation_checkpointing.mode}"))
+    if cfg.parallel.compile:
+        needs.append(("blocks", "nn.ModuleList", "parallel.compile=true"))
     return needs
 
 

@@ -51,6 +51,9 @@ class Backend(ABC):
     shards_meta_model: ClassVar[bool] = False
     # Shards over a 2-D ("dp_replicate", "dp_shard") mesh: `parallel.dp_replicate` > 1 (HSDP).
     hybrid_shards: ClassVar[bool] = False
+    # Wraps blocks that `parallel.compile` has compiled in place (its hooks stay outside the compiled
+    # code); a backend that partitions parameters inside the blocks' forward itself does not.
+    compiles_blocks: ClassVar[bool] = True
 
     @classmethod
     def check(cls, cfg: Config, world_size: int) -> None:
@@ -64,6 +67,8 @@ class Backend(ABC):
                 raise UserError(f"parallel.dp_replicate: {cfg.parallel.dp_replicate} (HSDP) needs a backend that "
                                 f"shards over a replicate x shard mesh (fsdp); {cls.name} does not")
             check_replicate(cfg.parallel.dp_replicate, world_size // stages)
+        if cfg.parallel.compile and not cls.compiles_blocks:
+            raise UserError(f"parallel.compile: not offered with parallel.backend={cls.name}; use ddp, fsdp or none")
     # Bytes per parameter held by each rank as (weights, gradients, optimizer state) for fp32 AdamW,
     # as a function of the data-parallel size: used by `dist-train plan` for the memory estimate.
     @classmethod

@@ -131,6 +131,8 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     shards_parameters = True  # ZeRO partitions what the whole-weight consumers (MAN) would need
     flattens_parameters = True
+    compiles_blocks = False  # ZeRO-3 gathers parameters in hooks inside each block; its own engine.compile() is not wired in
+    async_checkpoints = False  # DeepSpeed's own checkpoint format, written by its engine
 
     @classmethod
     def bytes_per_param(cls, world: int, cfg: Config) -> tuple[float, float, float]:

@@ -21,7 +21,9 @@ from dist_train.parallel.base import Backend, OptimizerFactory
 class FairScaleBackend(Backend):
     name = "fairscale"
     flattens_parameters = True
+    compiles_blocks = False  # not tested with compiled blocks: refused rather than assumed
     in_stages = False  # its OSS wrapper over a stage sub-mesh is not offered
+    async_checkpoints = False  # each rank's optimizer shard is a file of its own, beside DCP's
 
     @classmethod
     def bytes_per_param(cls, world: int, cfg: Config) -> tuple[float, float, float]:

@@ -104,7 +104,7 @@ class Diff2Transform(GradientTransform):
             raise ValueError("parallel.stages: diff2 trains end to end (its workers are the data-parallel ranks)")
         if cfg.train.grad_accum != 1:
             raise ValueError("train.grad_accum: diff2 takes each worker's whole data in one pass; leave it at 1")
-        if cfg.parallel.activation_checkpointing:
+        if cfg.parallel.activation_checkpointing.mode != "none":
             raise ValueError("parallel.activation_checkpointing: diff2 computes per-example gradients with "
                              "torch.func; there is no backward pass to checkpoint")
 

@@ -120,7 +120,7 @@ class DPSGD(GradientTransform):
         if p.noise_multiplier == 0 and p.target_epsilon is not None:
             raise ValueError(f"privacy.noise_multiplier: 0 (no noise) gives no finite epsilon, but "
                              f"privacy.target_epsilon is {p.target_epsilon}")
-        if cfg.parallel.activation_checkpointing:
+        if cfg.parallel.activation_checkpointing.mode != "none":
             raise ValueError("parallel.activation_checkpointing: dp_sgd keeps each layer's input for its "
                              "per-example norms already; recomputation would capture every layer twice")
         if cfg.train.grad_accum != 1:

@@ -18,6 +18,7 @@ from dist_train.config.schema import Config
 from dist_train.data import build_dataset
 from dist_train.optim import lr_at
 from dist_train.parallel import build_backend
+from dist_train.parallel.parallelize import apply_model_transforms, transform_figures
 from dist_train.runtime.dist import DistContext
 from dist_train.tasks import get_task
 from dist_train.telemetry import achieved_flops, peak_memory_bytes
@@ -60,7 +61,7 @@ def train(cfg: Config, ctx: DistContext, command: list[str], data=None, hooks: O
             session.end_step(step, batch.indices)
             if session.logging():
                 record = _record(session, lr, grad_norm, flops_per_token)
-                record.update(session.run_metrics(), **task.train_metrics(backend.module))
+                record.update(session.run_metrics(), **task.train_metrics(backend.module), **transform_figures(cfg))
                 if session.evaluating():
                     record.update(evaluate(backend, data, ctx, transform.eval_batch_size(data, ctx.world_size),
                                            cfg.train.eval_batches))
@@ -80,8 +81,7 @@ def _build(cfg: Config, ctx: DistContext, data, task) -> tuple:
     gradient transform (clip, or DP-SGD's per-example clip and noise) attached to the backend."""
     backend = build_backend(cfg, ctx)
     model = _build_model(cfg, ctx, data, task, backend)
-    if cfg.parallel.activation_checkpointing:
-        apply_activation_checkpointing(model)  # before the backend wraps or shards the blocks
+    apply_model_transforms(model, cfg)  # before the backend wraps or shards the blocks
     transform = build_transform(cfg, data, ctx, model)
     with ctx.phase("start"):
         outputs = task.num_outputs(data.info)
@@ -147,18 +147,3 @@ def _record(session: RunSession, lr: float, grad_norm, flops_per_token) -> dict:
             "peak_mem_bytes": ctx.all_reduce_max(peak_memory_bytes(ctx.device)),
             **figures, "energy_total_j": session.totals.add(figures["energy_j"])}
 
-
-def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
-    """Recompute every block's activations in backward instead of keeping them (full activation
-    checkpointing, applied from outside the model as torchtitan does): each `model.blocks[i]` is
-    replaced in place by torch's `checkpoint_wrapper` around it (non-reentrant, RNG state replayed,
-    so dropout masks match). A block then keeps only its input between forward and backward.
-
-    State-dict and DCP names are unchanged (the wrapper strips its prefix), so checkpoints move
-    between runs with and without it; FSDP shards the wrapped blocks as its units.
-    """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-    return model
