@@ -125,6 +125,13 @@ def test_plan_shows_routing_and_optimizer_state():
     assert "normuon" in proc.stdout and "orthogonalised" in proc.stdout, proc.stdout
 
 
+def test_plan_divides_matrix_state_over_a_shard_group_under_hsdp():
+    proc = forked_cli(["plan", "quickstart.yaml", "--nproc", "4", "parallel.stages=1", "parallel.backend=fsdp",
+                       "parallel.dp_replicate=2", "optim.name=muon"], Path.cwd())
+    assert proc.returncode == 0, proc.stderr
+    assert "by one owner rank each of a shard group (2 replica groups)" in proc.stdout, proc.stdout
+
+
 def test_bad_matrix_pattern_is_one_line_exit_2():
     proc = _plan("parallel.stages=1", "optim.name=muon", "optim.matrix.matrix_params=[blocks.0.ln1.weight]")
     assert proc.returncode == 2

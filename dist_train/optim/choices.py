@@ -69,7 +69,7 @@ class Muon(GradientTransform):
     def state_bytes(cls, cfg, model, num_outputs, backend, dp, adamw_bytes):
         """One fp32 momentum per matrix element (NorMuon: plus one value per row); owner-computes
         keeps a matrix's state on its owner only, so under DDP as well as FSDP2 it is divided over
-        the dp ranks. AdamW's moments for the rest."""
+        the dp ranks (under HSDP over a shard group's). AdamW's moments for the rest."""
         return matrix_state_bytes(cfg, cfg.optim.name, model, num_outputs, backend, dp, adamw_bytes)
 
 
@@ -97,9 +97,12 @@ def matrix_state_bytes(cfg, name: str, model, num_outputs: int, backend, dp: int
     n_matrix = sum(p.numel() for _, p in routes.matrix)
     rows = sum(p.shape[0] for _, p in routes.matrix) if name == "normuon" else 0
     n_other = sum(p.numel() for _, p in routes.adamw_decay + routes.adamw_no_decay)
-    owner_share = 1.0 / dp if (backend.owner_computes and cfg.optim.matrix.owner_compute) else 1.0
-    total = (n_matrix + rows) * 4.0 * owner_share + n_other * adamw_bytes
+    # Under HSDP the owners are the ranks of one shard group (each replica group holds a copy).
+    replicas = cfg.parallel.dp_replicate if dp % cfg.parallel.dp_replicate == 0 else 1
+    owners = dp // replicas if (backend.owner_computes and cfg.optim.matrix.owner_compute) else 1
+    total = (n_matrix + rows) * 4.0 / owners + n_other * adamw_bytes
+    where = "on this rank" if owners == 1 else "by one owner rank each" + (
+        f" of a shard group ({replicas} replica groups)" if replicas > 1 else "")
     text = (f"{name} ({len(routes.matrix)} hidden matrices, {n_matrix / 1e6:.2f} M parameters, "
-            f"orthogonalised {'by one owner rank each' if owner_share < 1 else 'on this rank'}; "
-            f"AdamW for {n_other / 1e6:.2f} M)")
+            f"orthogonalised {where}; AdamW for {n_other / 1e6:.2f} M)")
     return total, text
