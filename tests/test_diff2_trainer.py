@@ -137,6 +137,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, overrides, message) ->
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_hsdp_is_refused_by_name() -> None:
+    """DIFF2's workers keep whole models (ddp or none): HSDP is refused by its own option's name (the
+    CLI's one line and exit 2 for such a check are the fsdp case's above)."""
+    from dist_train.config import load_config
+    from dist_train.errors import UserError
+    from dist_train.privacy.diff2_transform import Diff2Transform
+
+    cfg = load_config(str(ROOT / "configs" / "diff2.yaml"), [*SMALL, "parallel.backend=fsdp", "parallel.dp_replicate=2"])
+    with pytest.raises(UserError, match="parallel.dp_replicate: diff2 .* HSDP"):
+        Diff2Transform.check(cfg, 4)
+
+
 def test_the_loops_forward_records_no_graph_for_diff2(tmp_path: Path, monkeypatch) -> None:
     """DIFF2 differentiates through torch.func on its own: the loss the loop hands it is only logged,
     so the forward runs without autograd (no graph kept for nothing), while DP-SGD's still has one."""

@@ -1,5 +1,6 @@
 """DP-SGD end to end: book-keeping against a batch-size-1 autograd loop on a whole model, noise added
-once per coordinate across real gloo ranks, 2 ranks == 1 process at sigma = 0 through the CLI,
+once per coordinate across real gloo ranks (also HSDP 2 x 2), 2 ranks (and HSDP 2 x 2) == 1 process at
+sigma = 0 through the CLI,
 exact resume (noise and accountant), the budget stop, and bad input.
 
 Tolerances: per-example norms and clipped sums are fp32 sums over every layer of a model (~1e-7
@@ -23,7 +24,7 @@ from dist_train.config import load_config
 from dist_train.errors import UserError
 from dist_train.models.gpt import GPT
 from dist_train.privacy.bookkeeping import BookKeeper, fix_batchnorm, per_sample_grad_norms, validate
-from tiers import fast_first
+from tiers import fast_first, slow
 
 DP = ["optim.name=dp_sgd", "optim.lr=0.05", "privacy.max_physical_batch=3", "optim.schedule=constant",
       "checkpoint.every=0"]
@@ -122,39 +123,70 @@ def test_layer_without_batch_dimension_is_refused():
 SIGMA, CLIP, BATCH, STEPS, LR = 1.3, 0.7, 16, 3, 0.5
 
 
-def _noise_worker(rank: int, world: int, out: str) -> None:
+SEED = 3
+
+
+def _noise_worker(rank: int, world: int, out: str, shards: int) -> None:
+    """`shards` > 1: the model is HSDP-sharded, world / shards replica groups of `shards` ranks."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     from dist_train.privacy.dp_sgd import DPSGD
 
     dist.init_process_group("gloo")  # env:// variables from run_on_ranks
     cfg = load_config(None, ["optim.name=dp_sgd", f"privacy.noise_multiplier={SIGMA}", f"privacy.max_grad_norm={CLIP}",
-                             f"train.batch_size={BATCH}", "train.seed=3"])
+                             f"train.batch_size={BATCH}", f"train.seed={SEED}"])
     model = nn.Linear(400, 250)  # d = 100 250 coordinates
     nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
-    transform = DPSGD(cfg, SimpleNamespace(num_samples=lambda split: 100_000), None, model)
     mesh = init_device_mesh("cpu", (world,))
+    if shards > 1:
+        fully_shard(model, mesh=init_device_mesh("cpu", (world // shards, shards),
+                                                 mesh_dim_names=("dp_replicate", "dp_shard")))
+    transform = DPSGD(cfg, SimpleNamespace(num_samples=lambda split: 100_000), None, model)
     transform.attach(SimpleNamespace(module=model, mesh=mesh, dp_size=world))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t
     per_step = []
     for _ in range(STEPS):  # no examples on any rank: the gradient is the noise alone
         transform(None)
-        per_step.append(torch.cat([model.weight.grad.flatten(), model.bias.grad]).clone())
+        per_step.append(torch.cat([full(model.weight.grad).flatten(), full(model.bias.grad)]).clone())
         opt.step()
         opt.zero_grad(set_to_none=True)
-    theta = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    theta = torch.cat([full(model.weight.detach()).flatten(), full(model.bias.detach())])
     torch.save({"grads": per_step, "theta": theta, "epsilon": transform.epsilon()}, f"{out}/rank{rank}.pt")
     dist.barrier()  # leave together; run_on_ranks tears the group down
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_noise_is_added_once_per_coordinate_across_ranks(world, tmp_path):
-    forked_ranks(_noise_worker, world, (str(tmp_path),))
+def _noise_once(step: int, shards: int) -> torch.Tensor:
+    """The reference gradient of a step with no examples: one draw per coordinate, row shard s
+    drawn by rank s (the first replica group) from its stream, divided by the expected batch."""
+    from dist_train.data.sampler import derive_seed
+    from dist_train.privacy.dp_sgd import _NOISE_TAG
+
+    pieces = {"weight": [], "bias": []}
+    for s in range(shards):
+        gen = torch.Generator().manual_seed(derive_seed(SEED, step, s, _NOISE_TAG))
+        for name, rows in (("weight", (250, 400)), ("bias", (250,))):
+            shard = torch.empty(rows).chunk(shards)[s].shape
+            pieces[name].append(torch.randn(shard, generator=gen))
+    noise = torch.cat([torch.cat(pieces["weight"]).flatten(), torch.cat(pieces["bias"])])
+    return noise * SIGMA * CLIP / BATCH
+
+
+@pytest.mark.parametrize("world, shards", [(1, 1), (2, 1), slow(4, 2, id="hsdp-2x2")])
+def test_noise_is_added_once_per_coordinate_across_ranks(world, shards, tmp_path):
+    """Replicated on 1 and 2 ranks, and HSDP 2 x 2 (each row shard's noise from the first replica
+    group's owner, then summed across the replicas): every rank's update equals the reference that
+    draws each coordinate once (rtol 1e-6: only the scaling's rounding), and its spread is sigma C / B."""
+    forked_ranks(_noise_worker, world, (str(tmp_path), shards))
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for r in res[1:]:  # every rank applies the same reduced gradient
         for a, b in zip(r["grads"], res[0]["grads"]):
             assert torch.equal(a, b)
+    for step, g in enumerate(res[0]["grads"]):
+        torch.testing.assert_close(g, _noise_once(step, shards), rtol=1e-6, atol=0, msg=f"step {step}")
     want_std = SIGMA * CLIP / BATCH  # sigma C / B: one draw per coordinate, divided by the expected batch
     for g in res[0]["grads"]:
         assert abs(float(g.std()) / want_std - 1) < 0.05, f"noise std {float(g.std()):.5f} vs {want_std:.5f}"
@@ -170,18 +202,26 @@ def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
     return forked_cli(args, cwd, env=clean_env(OMP_NUM_THREADS="1"), timeout=300, merge_stderr=True)
 
 
-@pytest.mark.parametrize("base, backend", fast_first(("sgd", "ddp"), ("muon", "ddp"), ("sgd", "fsdp"), ("normuon", "fsdp")))
+# HSDP 2 x 2: 4 ranks, FSDP2 over a replicate x shard mesh.
+LAYOUTS = {"ddp": (2, ["parallel.backend=ddp"]), "fsdp": (2, ["parallel.backend=fsdp"]),
+           "hsdp": (4, ["parallel.backend=fsdp", "parallel.dp_replicate=2"])}
+
+
+@pytest.mark.parametrize("base, backend", fast_first(("sgd", "ddp"), ("muon", "ddp"), ("sgd", "fsdp"), ("normuon", "fsdp"),
+                                                     ("sgd", "hsdp")))
 def test_two_ranks_at_sigma_zero_match_one_process(dt, tmp_path, base, backend):
     """Same Poisson logical batches (the union over ranks does not depend on the world size), same
     clipping, no noise: the gradient, and so every step, matches (physical micro-batches of 3 with
     batches of ~16 examples: ranks run different micro-batch counts, some possibly none). With Muon
     as the base, its matrices reach their owner rank unreduced and are averaged there; under FSDP2
     each row shard's sum is reduce-scattered to its owner, and ranks that drew fewer examples run
-    empty micro-batches so every forward's all-gather has all ranks."""
+    empty micro-batches so every forward's all-gather has all ranks. Under HSDP 2 x 2 the sums are
+    reduce-scattered in each shard group and all-reduced across the two replica groups."""
     common = [*dt.TINY_GPT, *DP, "train.batch_size=16", "privacy.noise_multiplier=0", "privacy.max_grad_norm=0.5",
               f"privacy.base_optimizer={base}", *(["optim.lr=0.02", "optim.matrix.adamw_lr=0.003"] if "muon" in base else [])]
     one = dt.run(tmp_path / "one", "one", *common, steps=4)
-    two = dt.forked(tmp_path / "two", "two", *common, f"parallel.backend={backend}", steps=4)
+    nproc, layout = LAYOUTS[backend]
+    two = dt.forked(tmp_path / "two", "two", *common, *layout, steps=4, nproc=nproc)
     assert [r["dp_examples"] for r in one] == [r["dp_examples"] for r in two]
     assert len({r["dp_examples"] for r in one}) > 1, "Poisson batches should vary in size"
     for a, b in zip(one, two):

@@ -111,6 +111,10 @@ class Diff2Transform(GradientTransform):
     @classmethod
     def check(cls, cfg: Config, world_size: int) -> None:
         # No batch-divisibility rule: a round takes the whole training set, split as evenly as it goes.
+        if cfg.parallel.dp_replicate > 1:  # its workers keep whole models: there is nothing to shard
+            raise UserError(f"parallel.dp_replicate: diff2 averages its workers' directions over the flat data-parallel "
+                            f"ranks with whole models (ddp or none); HSDP ({cfg.parallel.dp_replicate} replica groups) "
+                            "is not supported, leave it at 1")
         if cfg.parallel.backend not in ("ddp", "none"):
             raise UserError(f"optim.name: diff2 averages its workers' clipped directions itself; parallel.backend "
                             f"{cfg.parallel.backend} is not supported (use ddp or none)")

@@ -11,7 +11,10 @@ arXiv 2210.00038):
 3. Noise once per coordinate across the world: the data-parallel rank 0 adds N(0, sigma^2 C^2) to its
    sum before the all-reduce (SUM), so the reduced gradient carries exactly one draw; under FSDP2
    each sum is reduce-scattered and the owner of each row shard adds the noise to its rows (the
-   third option, sigma/sqrt(W) from independent streams on every rank, is not used).
+   third option, sigma/sqrt(W) from independent streams on every rank, is not used). Under HSDP
+   (rows sharded inside a shard group, replicated across R groups) the sum is reduce-scattered in
+   each shard group, the row shard's owner in the first replica group alone adds the noise, and an
+   all-reduce across the replicas completes the sum over every dp rank: one draw, on every copy.
 4. Divide by the expected batch size B (never the realised one: the realised size is private).
 5. The base optimizer (privacy.base_optimizer) steps on that gradient. Muon / NorMuon reduce their
    matrices themselves (a mean over ranks, to each matrix's owner): those gradients leave here
@@ -42,6 +45,7 @@ from torch.distributed.tensor import DTensor
 from dist_train.config.schema import Config
 from dist_train.data.sampler import derive_seed
 from dist_train.errors import UserError
+from dist_train.optim.matrix import row_sharded
 from dist_train.optim.transform import GradientTransform
 from dist_train.privacy.accounting import PrivacyLedger, calibrate_noise
 from dist_train.privacy.bookkeeping import BookKeeper, fix_batchnorm
@@ -101,6 +105,22 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 def _sharded(p) -> bool:
     return isinstance(p, DTensor)
+
+
+class _RowShards:
+    """Where a sharded parameter's rows live: its mesh's last dimension shards them (FSDP2's
+    Shard(0)), a first one, if any, replicates them (HSDP's (Replicate(), Shard(0)))."""
+
+    def __init__(self, p):
+        mesh = p.device_mesh
+        if not row_sharded(p.placements) or mesh.ndim > 2:
+            raise UserError(f"optim.name: dp_sgd reduces its noised sums over row shards (FSDP2 Shard(0), or HSDP "
+                            f"(Replicate(), Shard(0))); a parameter placed as {tuple(p.placements)} is not supported")
+        self.group = mesh.get_group(mesh.ndim - 1)
+        self.world = mesh.size(mesh.ndim - 1)
+        self.replicas = mesh.get_group(0) if mesh.ndim == 2 and mesh.size(0) > 1 else None
+        # The first replica group's copy of each row shard carries the noise; the others add none.
+        self.noise = mesh.ndim == 1 or mesh.get_local_rank(0) == 0
 
 
 class DPSGD(GradientTransform):
@@ -208,6 +228,7 @@ class DPSGD(GradientTransform):
         # Seeds differ per rank (FSDP2 shard owners, and local-learning stages: independent noise).
         self.global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.lockstep = self.group is not None and any(_sharded(p) for p in self.keeper.params)
+        self.rows = {p: _RowShards(p) for p in self.keeper.params if _sharded(p) and self.group is not None}
         self.noise_rank = self.rank == 0
         self.delegated = [self.keeper.names[p] in self._delegated for p in self.keeper.params]
 
@@ -242,7 +263,10 @@ class DPSGD(GradientTransform):
         self.keeper.accumulate(examples)
 
     def __call__(self, backend) -> float:
-        grads = self.keeper.take()  # this rank's clipped sums, full shapes
+        # This rank's clipped sums, full shapes (a parameter no example touched: zeros of its full
+        # shape, since zeros_like of a sharded parameter would be a DTensor).
+        grads = [torch.zeros(g.shape, dtype=g.dtype, device=g.to_local().device) if _sharded(g) else g
+                 for g in self.keeper.take()]
         device = grads[0].device if grads else torch.device("cpu")
         stats = torch.tensor([self.keeper.examples, self.keeper.clipped, self.keeper.norm_sum],
                              dtype=torch.float64, device=device)
@@ -262,11 +286,15 @@ class DPSGD(GradientTransform):
                     grads[i] = g
         for i, p in enumerate(self.keeper.params):
             if _sharded(p):  # ... or, for an FSDP2 shard, by the rank that owns it, after the reduce-scatter
-                local = self._reduce_scatter(grads[i], p)
-                if self.sigma > 0:
+                rows = self.rows.get(p)
+                local = self._reduce_scatter(grads[i], p, rows)
+                if self.sigma > 0 and (rows is None or rows.noise):
                     local.add_(self._noise(local.shape, gen), alpha=self.sigma * self.clip)
+                if rows is not None and rows.replicas is not None:  # HSDP: the other replica groups' sums
+                    dist.all_reduce(local, group=rows.replicas)
                 local.div_(self.batch)
-                sq += local.double().pow(2).sum()
+                if rows is None or rows.noise:  # one copy of each row shard counts
+                    sq += local.double().pow(2).sum()
                 p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             elif self.delegated[i]:
                 # This rank's sum (rank 0's with the noise), scaled so that the owner's mean over the
@@ -290,14 +318,17 @@ class DPSGD(GradientTransform):
     def _noise(self, shape, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
 
-    def _reduce_scatter(self, full: torch.Tensor, p) -> torch.Tensor:
-        """This rank's dim-0 shard of the sum over ranks of `full` (FSDP2 shards rows as torch.chunk
-        does: ceil(n / W) rows per rank, the last ones shorter or empty)."""
-        rows = -(-full.shape[0] // self.world)
-        padded = full.new_zeros((rows * self.world, *full.shape[1:]))
+    def _reduce_scatter(self, full: torch.Tensor, p, shards: Optional[_RowShards]) -> torch.Tensor:
+        """This rank's dim-0 shard of the sum over its shard group of `full` (FSDP2 shards rows as
+        torch.chunk does: ceil(n / W) rows per rank, the last ones shorter or empty). One process:
+        `full` itself."""
+        if shards is None:
+            return full[:p.to_local().shape[0]].contiguous()
+        rows = -(-full.shape[0] // shards.world)
+        padded = full.new_zeros((rows * shards.world, *full.shape[1:]))
         padded[:full.shape[0]] = full
         out = full.new_empty((rows, *full.shape[1:]))
-        _reduce_scatter_single(out, padded, group=self.group)
+        _reduce_scatter_single(out, padded, group=shards.group)
         return out[:p.to_local().shape[0]].contiguous()
 
     def _generator(self, device: torch.device) -> torch.Generator:
