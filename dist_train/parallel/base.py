@@ -51,6 +51,9 @@ class Backend(ABC):
     shards_meta_model: ClassVar[bool] = False
     # Shards over a 2-D ("dp_replicate", "dp_shard") mesh: `parallel.dp_replicate` > 1 (HSDP).
     hybrid_shards: ClassVar[bool] = False
+    # Its checkpoint is the DCP state dict of `checkpoint_state`, which `checkpoint.async` can copy to
+    # host memory and write in the background; a backend with its own format writes in place only.
+    async_checkpoints: ClassVar[bool] = True
     # Wraps blocks that `parallel.compile` has compiled in place (its hooks stay outside the compiled
     # code); a backend that partitions parameters inside the blocks' forward itself does not.
     compiles_blocks: ClassVar[bool] = True
@@ -67,6 +70,9 @@ class Backend(ABC):
                 raise UserError(f"parallel.dp_replicate: {cfg.parallel.dp_replicate} (HSDP) needs a backend that "
                                 f"shards over a replicate x shard mesh (fsdp); {cls.name} does not")
             check_replicate(cfg.parallel.dp_replicate, world_size // stages)
+        if cfg.checkpoint.async_ and not cls.async_checkpoints:
+            raise UserError(f"checkpoint.async: not offered with parallel.backend={cls.name}, which writes its own "
+                            "checkpoint format; use checkpoint.async=false, or ddp or fsdp")
         if cfg.parallel.compile and not cls.compiles_blocks:
             raise UserError(f"parallel.compile: not offered with parallel.backend={cls.name}; use ddp, fsdp or none")
     # Bytes per parameter held by each rank as (weights, gradients, optimizer state) for fp32 AdamW,
@@ -173,13 +179,17 @@ class Backend(ABC):
     def _keyed(self, state: dict) -> dict:
         return {self.checkpoint_key: state} if self.checkpoint_key else state
 
+    def checkpoint_state(self) -> dict:
+        """What `save` writes with DCP (and `checkpoint.async` stages): the state under this backend's key."""
+        return self._keyed(self.state_dict())
+
     def save(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
 
         with warnings.catch_warnings():
             # Without a process group DCP warns that it assumes one process: that is backend none.
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-            dcp.save(self._keyed(self.state_dict()), checkpoint_id=path)
+            dcp.save(self.checkpoint_state(), checkpoint_id=path)
 
     def load(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp

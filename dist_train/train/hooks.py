@@ -19,3 +19,6 @@ class Hooks:
     on_step: Callable[[int], None] = _nothing
     # The window ending at step `done` is logged; `record` is this rank's logged figures for it.
     on_window: Callable[[int, dict], None] = _nothing
+    # The checkpoint of step `done` is saved (or, under checkpoint.async, staged and being written);
+    # the float is the training time the save call took (`checkpoint_stall_s`).
+    on_save: Callable[[int, float], None] = _nothing

@@ -29,6 +29,7 @@ A loop's life with a session (`loop.py` and `local_loop.py` are exactly this):
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -40,6 +41,7 @@ from dist_train.telemetry import MetricsWriter, Progress, collect_provenance, wr
 from dist_train.telemetry.energy_log import EnergyLog, per_rank_scalars
 from dist_train.train import state as trainer_state
 from dist_train.train.checkpoint import Checkpointer, resolve_resume, resume
+from dist_train.train.checkpoint_writer import build_writer
 from dist_train.train.control import RunControl
 from dist_train.train.energy import finish_energy, open_energy_log, run_totals
 from dist_train.train.hooks import Hooks
@@ -84,7 +86,9 @@ class RunSession:
         self.energy = open_energy_log(cfg, ctx, ranks, group)
         self.control = RunControl(cfg, ctx, self.dir, ctx.rank, lag=lag, replica_group=group,
                                   replicas=None if replicas is None else len(replicas.ranks))
-        self.ckpt = Checkpointer(self.dir / "checkpoints", ctx, cfg.checkpoint.keep)
+        self.ckpt = Checkpointer(self.dir / "checkpoints", ctx, cfg.checkpoint.keep, writer=build_writer(cfg, ctx))
+        self.stall_s: Optional[float] = None  # training time lost to saves since the last logged row
+        self.window_stall_s: Optional[float] = None  # ... and the part of it the row being logged carries
         self.window = Window(ctx.device)
         self.backend = self.sampler = self.transform = None  # the trainer's, handed over by `resume`
         self.start = self.done = 0
@@ -204,6 +208,8 @@ class RunSession:
         """This rank's figures for the window just closed: to its log (a pipeline stage's own, else the
         run's) with TensorBoard's per-rank curves, and to the hooks."""
         self.stage_writer.log(self.done, record)
+        self.window_stall_s, self.stall_s = self.stall_s, None
+        self._add_stall(record)
         self.stage_writer.scalars(self.done, per_rank_scalars(record, self.energy.group_ranks))
         self.hooks.on_window(self.done, record)
 
@@ -212,6 +218,7 @@ class RunSession:
         `log` wrote it), the progress bar and, after an evaluation, its line; kept as the run's result."""
         if self.writer is not self.stage_writer:
             self.writer.log(self.done, row)
+            self._add_stall(row)
         self.progress.update(row["step"], {"loss": row["loss"]})
         if "val_loss" in row:
             self.progress.evaluation(self.cfg.train.steps, row)
@@ -230,10 +237,22 @@ class RunSession:
         if (extra := self.transform.state_dict()) is not None:
             state["transform"] = extra  # the privacy accountant: what was spent survives a resume
         with self.transform.checkpointing():
+        t0 = time.perf_counter()
             self.ckpt.save(self.done, self.backend, state)
         self.window.restart_clock()  # the save's time is not the window's
+        # The training time the save cost: all of it when written in place; under checkpoint.async
+        # the wait for the previous save and the copy to host memory only.
+        stall = time.perf_counter() - t0
+        self.stall_s = (self.stall_s or 0.0) + stall
+        self.hooks.on_save(self.done, stall)
 
     def finish(self) -> None:
+    def _add_stall(self, record: dict) -> None:
+        """The row after a save carries the training time the saves since the previous row cost (in
+        metrics.jsonl and TensorBoard, like every figure of the row)."""
+        if self.window_stall_s is not None:
+            record["checkpoint_stall_s"] = self.window_stall_s
+
         """After the last step: a run that stopped early (privacy budget spent, preempted, non-finite
         step) keeps its work in a checkpoint, the votes end, and the collector writes the energy
         summary into the run's result."""
@@ -242,6 +261,8 @@ class RunSession:
         if stopped_early and (cfg.checkpoint.at_end or self.control.reason):
             self.save()
         self.control.finish()
+        self.ckpt.wait()  # a save still being written in the background is committed before the run ends
+        self.ckpt.close()
         if self.writer.enabled:
             self.last.update(finish_energy(cfg, self.dir, self.energy, self.totals, done, self.tokens_per_sample))
         self.progress.close()
