@@ -39,7 +39,8 @@ def muon_scale(kind: str, m: int, n: int) -> float:
 
 class Muon(MatrixOptimizer):
     """Muon with an AdamW fallback. In one process it is an ordinary torch optimizer; with a process
-    group (or FSDP2 DTensor parameters) every matrix is orthogonalised by exactly one rank.
+    group (or FSDP2 DTensor parameters) every matrix is orthogonalised by exactly one rank (under
+    HSDP, one rank of each replica group: see matrix.py).
 
     Param groups: `algorithm="muon"` (default) for hidden matrices (2-D or more; conv kernels are
     flattened), `algorithm="adamw"` with `betas`/`eps` for the rest.
