@@ -180,6 +180,10 @@ def bench_config(run_dir: str, name: str, warmup: int, measured: int, extra: tup
         "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=never",
         # "off" quoted: bare off is YAML 1.1 for false, which the progress field rejects.
         "telemetry.tensorboard=false", 'telemetry.progress="off"', "telemetry.energy=none",
+        # The sampler is the clock (and the lock-step baton): its draw must happen when a step starts,
+        # on the loop's thread, not one step ahead on the prefetch thread; the hand-written loop
+        # does not prefetch either.
+        "data.prefetch=false",
         f"run.dir={run_dir}", f"run.name={name}", *extra,
     ])
 

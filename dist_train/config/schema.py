@@ -104,6 +104,7 @@ class DataSection(_NamedComponentSection):
     name: str = Field("stdlib_bytes", description="Data set, by registered name (dist_train.registry.DATASETS): stdlib_bytes (bytes of the Python stdlib source), token_bin (nanoGPT or llm.c token files and shards, e.g. from `dist-train prepare-data`), digits (sklearn digits), shapes32 (generated 32x32 RGB shapes), reaction_diffusion (1D Fisher-KPP solutions), diffusion_sorption (PDEBench's 1D diffusion-sorption problem), or a plugin's. Each data set owns further data.* keys (its options model).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the data held out for validation.")
     test_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Fraction held out as a test split (stdlib_bytes, digits, shapes32, the PDE sets); default 0.1 for shapes32, else 0 (no test split).")
+    prefetch: bool = Field(True, description="Make the next step's batch (sampler draw, micro-batch split, read, copy to the device; pinned memory on CUDA) on a background thread while the current step runs, one step ahead; the batches and results are the same either way. false: each step makes its own batch when it starts. The wait for data is logged as data_wait_s and data_wait_frac.")
 
     _registry = DATASETS
     _name_is_registered = field_validator("name")(classmethod(lambda cls, v: _in(DATASETS, v)))

@@ -20,7 +20,7 @@ from dist_train.local.link import STATS_TAG
 from dist_train.telemetry.energy_log import derived
 
 # What each stage reports for the top-level row (NaN travels for "unknown").
-FIELDS = ("loss", "samples_per_s", "idle_fraction", "peak_mem_bytes", "energy_j", "power_w", "energy_j_counted",
+FIELDS = ("loss", "samples_per_s", "idle_fraction", "data_wait_s", "data_wait_frac", "peak_mem_bytes", "energy_j", "power_w", "energy_j_counted",
           "power_w_counted", "bytes_sent", "gpu_util_pct", "gpu_mem_used_bytes", "gpu_temp_c")
 
 
@@ -64,9 +64,10 @@ class StageStats:
 def top_level_row(step: int, lr: float, rows: list[dict], steps: int, batch_size: int, tokens_per_sample: int,
                   source: Optional[str], extra: dict) -> dict:
     """The run's row for a window of `steps` steps of `batch_size`: the task loss is the last stage's; throughput
-    is the slowest stage's; memory the largest stage's; energy and power the sum over the job, each
-    device counted once (every stage trains every example, so J/sample is the job's energy / samples); GPU
-    utilisation the mean over the stages, GPU memory and temperature the largest (None without NVML)."""
+    is the slowest stage's; memory and the data wait (per step, and its share of the stage's step) the
+    largest stage's; energy and power the sum over the job, each device counted once (every stage trains
+    every example, so J/sample is the job's energy / samples); GPU utilisation the mean over the stages,
+    GPU memory and temperature the largest (None without NVML)."""
     rate = min(r["samples_per_s"] for r in rows)
     energy = [r["energy_j_counted"] for r in rows]
     power = [r["power_w_counted"] for r in rows]
@@ -74,6 +75,8 @@ def top_level_row(step: int, lr: float, rows: list[dict], steps: int, batch_size
            **{f"stage{k}_loss": r["loss"] for k, r in enumerate(rows)},
            "samples_per_s": rate, "tokens_per_s": rate * tokens_per_sample,
            "peak_mem_bytes": max(r["peak_mem_bytes"] or 0 for r in rows),
+           "data_wait_s": _over_stages(rows, "data_wait_s", max),
+           "data_wait_frac": _over_stages(rows, "data_wait_frac", max),
            "bytes_sent": sum(r["bytes_sent"] or 0 for r in rows),
            "energy_j": None if any(e is None for e in energy) else sum(energy),
            "power_w": None if any(p is None for p in power) else sum(power),

@@ -38,6 +38,8 @@ TAGS: dict[str, str] = {
     "val_accuracy": "eval/accuracy",
     "accuracy": "eval/accuracy",
     "step_time_s": "perf/step_time_s",
+    "data_wait_s": "perf/data_wait_s",
+    "data_wait_frac": "perf/data_wait_frac",
     "tokens_per_s": "perf/tokens_per_s",
     "samples_per_s": "perf/samples_per_s",
     "mfu": "perf/mfu",

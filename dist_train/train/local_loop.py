@@ -26,6 +26,7 @@ from dist_train.local.layout import StageLayout, stage_layout
 from dist_train.local.link import StageLink
 from dist_train.local.stats import StageStats, top_level_row
 from dist_train.optim import lr_at
+from dist_train.parallel.parallelize import transform_figures
 from dist_train.runtime.dist import DistContext
 from dist_train.tasks import get_task
 from dist_train.telemetry import achieved_flops
@@ -56,7 +57,7 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str], data=None, ho
     link = StageLink(layout.prev_rank, layout.next_rank, ctx.device, cfg.local.max_in_flight,
                      send_targets=cfg.local.send_targets)
     batches = StepBatches(data, transform, transform.sampler(data), ctx.device, layout.dp_rank, layout.dp_size,
-                          reads=reads_data(cfg, stage))  # every stage keeps the data position
+                          cfg.train.steps, reads=reads_data(cfg, stage), prefetch=cfg.data.prefetch)
     start = session.resume(backend, batches, transform,
                            checkpoint_layout(backend.name, layout.num_stages, info.cut_points))
     pipe = PipelineStep(session, stage, layout, data, link)
@@ -73,7 +74,8 @@ def train_local(cfg: Config, ctx: DistContext, command: list[str], data=None, ho
     with session.running(), batches:
         for step in session.steps():
             backend.set_lr(lr := lr_at(step, cfg.optim, cfg.train.steps))
-            batch = batches.next(step)
+            batch = batches.next(step)  # every stage keeps the data position
+            session.window.waited(batch.wait_s)
             pipe.run(step, batch, session.last_step)
             session.end_step(step, batch.indices)
             if session.logging():
@@ -117,7 +119,7 @@ def _log(session: RunSession, pipe: PipelineStep, stats: StageStats, lr: float) 
     run's row, built from every stage's record."""
     record = pipe.record(session.done, lr)
     record.update(session.energy_window(pipe.window.steps))
-    record.update(session.run_metrics())
+    record.update(session.run_metrics(), **transform_figures(session.cfg))
     if session.evaluating():
         record.update(evaluate_pipeline(session.cfg, session.ctx, pipe.data, pipe.backend, pipe.link, pipe.layout))
     session.log(record)

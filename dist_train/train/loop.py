@@ -43,7 +43,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str], data=None, hooks: O
     model, backend, transform = _build(cfg, ctx, data, task)
     session.hooks.on_setup(backend)
     torch.manual_seed(cfg.train.seed + 1000 * (ctx.rank + 1))  # per-rank stream for dropout
-    batches = StepBatches(data, transform, transform.sampler(data), ctx.device, ctx.rank, ctx.world_size)
+    batches = StepBatches(data, transform, transform.sampler(data), ctx.device, ctx.rank, ctx.world_size,
+                          cfg.train.steps, prefetch=cfg.data.prefetch)
     session.resume(backend, batches, transform, checkpoint_layout(backend.name, 1))
     session.open(task.tokens_per_sample(cfg), collector=ctx.is_main)
     flops_per_token = model.num_flops_per_token() if hasattr(model, "num_flops_per_token") else None
@@ -54,7 +55,8 @@ def train(cfg: Config, ctx: DistContext, command: list[str], data=None, hooks: O
             with window.working(sync=True):  # on CUDA it synchronizes, as backend.step's grad-norm read does anyway
                 lr = lr_at(step, cfg.optim, cfg.train.steps)
                 backend.set_lr(lr)
-                batch = batches.next(step)  # the data position advances
+                batch = batches.next(step)  # the data position advances; with prefetching, step+1's is made now
+                window.waited(batch.wait_s)
                 step_loss = _forward_backward(session, batch, step)
                 grad_norm = backend.step(transform, accept=control.accept(step))  # never a non-finite update
                 window.add(step_loss, control.applied)  # a dropped step's (non-finite) loss stays out of the mean
@@ -141,6 +143,7 @@ def _record(session: RunSession, lr: float, grad_norm, flops_per_token) -> dict:
     loss = window.mean_loss()
     return {"step": session.done, "loss": None if loss is None else ctx.all_reduce_mean(loss), "lr": lr,
             "grad_norm": grad_norm, "step_time_s": window.busy / window.steps,
+            **window.data_figures(window.busy / window.steps),
             "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
             **achieved_flops(flops_per_token, tokens_per_s, ctx.device, session.backend.compute_dtype,
                              ctx.world_size),

@@ -106,12 +106,13 @@ class PipelineStep:
     def record(self, done: int, lr: float) -> dict:
         """This stage's figures for the window ending at step `done`: the loss is the mean over the
         window's applied steps and the stage's replicas (which drop the same steps), None when every
-        step was dropped; `idle_fraction` is the share of the window's wall time spent waiting."""
+        step was dropped; `idle_fraction` is the share of the window's wall time spent waiting (for the
+        stage before, and for data: `data_wait_frac` is the latter's share alone)."""
         w, link = self.window, self.link
         elapsed, loss = w.elapsed(), w.mean_loss()
         return {"step": done, "loss": None if loss is None else replica_mean(self.backend, loss), "lr": lr,
                 "samples_per_s": w.steps * self.cfg.train.batch_size / elapsed,
-                "idle_fraction": max(0.0, 1.0 - w.busy / elapsed),
+                "idle_fraction": max(0.0, 1.0 - w.busy / elapsed), **w.data_figures(elapsed / w.steps),
                 "bytes_sent": link.bytes_sent, "tensors_sent": link.tensors_sent,
                 "sent_requires_grad": link.sent_requires_grad,
                 "peak_mem_bytes": peak_memory_bytes(self.device), "stage": self.layout.stage,

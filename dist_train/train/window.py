@@ -14,14 +14,26 @@ import torch
 class Window:
     """The training loss summed over the window's applied steps (a device tensor, read once at log
     time: a float() per step would sync the GPU), how many steps ran and how many were applied (a
-    dropped non-finite step stays out of the mean), and time: the wall time since the window opened
-    and the part of it spent working (`busy`)."""
+    dropped non-finite step stays out of the mean), and time: the wall time since the window opened,
+    the part of it spent working (`busy`) and the part spent waiting for the steps' batches
+    (`data_wait`: from asking for a step's batch until it is on the device; see `train/batches.py`).
+
+    What the records make of it:
+      end-to-end  `step_time_s` = busy / steps, and busy *includes* the data wait (the batch is taken
+                  inside the timed step), so `tokens_per_s` (batch tokens / step time) counts the time
+                  a step waited for its data; `data_wait_s` = data_wait / steps and `data_wait_frac`
+                  = data_wait / busy, the share of the step time spent waiting for data.
+      a pipeline  the stage's wall time per step is elapsed / steps; the data wait is outside `busy`
+      stage       (it is part of `idle_fraction`, with the wait for the previous stage), and
+                  `data_wait_frac` = data_wait / elapsed.
+    """
 
     device: torch.device
     loss: torch.Tensor = field(init=False)
     applied: int = field(init=False)
     steps: int = field(init=False)
     busy: float = field(init=False)
+    data_wait: float = field(init=False)
     opened: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -30,7 +42,7 @@ class Window:
     def reset(self) -> None:
         """Open the next window."""
         self.loss = torch.zeros((), device=self.device)
-        self.applied, self.steps, self.busy = 0, 0, 0.0
+        self.applied, self.steps, self.busy, self.data_wait = 0, 0, 0.0, 0.0
         self.opened = time.perf_counter()
 
     def restart_clock(self) -> None:
@@ -43,6 +55,16 @@ class Window:
         if applied:
             self.loss = self.loss + step_loss
             self.applied += 1
+
+    def waited(self, seconds: float) -> None:
+        """A step waited `seconds` for its batch."""
+        self.data_wait += seconds
+
+    def data_figures(self, step_time: float) -> dict:
+        """`data_wait_s` (mean per step) and `data_wait_frac` (its share of `step_time`, the window's
+        time per step as the record reports it)."""
+        wait = self.data_wait / self.steps
+        return {"data_wait_s": wait, "data_wait_frac": wait / step_time if step_time > 0 else None}
 
     @contextlib.contextmanager
     def working(self, sync: bool = False) -> Iterator[None]:
