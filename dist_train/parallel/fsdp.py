@@ -31,6 +31,16 @@ class FSDPBackend(Backend):
         shard = max(1, world // cfg.parallel.dp_replicate)  # HSDP: sharded over a shard group only
         return 4.0 / shard, 4.0 / shard, 8.0 / shard
 
+    @classmethod
+    def plan_rows(cls, cfg, plan) -> None:
+        r = cfg.parallel.dp_replicate
+        if r > 1:
+            plan.set("hsdp", f"each parameter sharded over the {plan.dp // r} rank(s) of a shard group (dp_shard) and "
+                             f"replicated over {r} groups (dp_replicate): all-gathers and reduce-scatters inside a "
+                             f"group, one gradient all-reduce across groups; a rank holds 1/{plan.dp // r} of the "
+                             f"weights, gradients and optimizer state (1/{plan.dp} without HSDP)",
+                     before="model")
+
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -15,6 +15,7 @@ class SingleProcess(Backend):
     def check(cls, cfg, world_size: int) -> None:
         if world_size > cfg.parallel.stages:  # a pipeline runs one unwrapped process per stage
             raise UserError(f"parallel.backend: none runs one process, but {world_size} ranks were requested")
+        super().check(cfg, world_size)  # e.g. parallel.dp_replicate, which needs a sharding backend
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.model = self.module = model

@@ -6,6 +6,11 @@ into the run directory (`<run>/slurm/train.sbatch`, next to what the job will wr
 with `sbatch --parsable`. The counts appear once, as `#SBATCH` directives: the tasks read their rank
 and world from Slurm's variables. With `--dry-run` nothing is submitted.
 
+Across nodes, a sharding backend (fsdp) gets HSDP by default: the script appends
+`parallel.dp_replicate=${SLURM_NNODES}` to the run's arguments, so each node's tasks form one shard
+group and only the gradient all-reduce crosses nodes. An explicit `parallel.dp_replicate` (in the
+config or the arguments) wins; ddp, and a local-learning pipeline, are left as they are.
+
 The config and the layout are checked first, for the whole world the job will have (nodes x tasks),
 so a wrong count is one line and exit 2 here rather than a failed job in the queue.
 """
@@ -43,6 +48,9 @@ def render(args: argparse.Namespace) -> tuple[Path, str]:
         raise UserError(f"--time {args.time!r}: not a Slurm time (minutes, H:M:S or D-H:M:S)")
     config = resolve_config_path(args.config)  # a file, or a built-in name such as quickstart.yaml
     cfg = load_config(str(config), args.overrides)
+    hsdp = _replicas_per_node(cfg, args.nodes)
+    if hsdp:
+        cfg = load_config(str(config), [*args.overrides, f"parallel.dp_replicate={args.nodes}"])
     check_layout(cfg, args.nodes * tasks)
 
     run_dir = (Path(cfg.run.dir) / cfg.run.name).resolve()
@@ -64,8 +72,24 @@ def render(args: argparse.Namespace) -> tuple[Path, str]:
     filled = ["# Rendered by: dist-train slurm " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
               f"set -- {' '.join(shlex.quote(a) for a in argv)}",
               f"export DIST_TRAIN_PYTHON=${{DIST_TRAIN_PYTHON:-{shlex.quote(sys.executable)}}}"]
+    if hsdp:
+        filled += ["# HSDP by default for a sharding backend across nodes: one shard group per node, replicated",
+                   "# across nodes (set parallel.dp_replicate in the config or the arguments to choose otherwise).",
+                   'set -- "$@" "parallel.dp_replicate=${SLURM_NNODES}"']
     text = "\n".join([*kept, *directives, *filled, *body]) + "\n"
     return run_dir / "slurm" / template.name, text
+
+
+def _replicas_per_node(cfg, nodes: int) -> bool:
+    """Does the job default to HSDP with one shard group per node (`parallel.dp_replicate` = the node
+    count)? Yes when it spans nodes, trains end to end (a pipeline's stages, not its nodes, split the
+    ranks), its backend shards over a replicate x shard mesh, and neither the config nor the
+    arguments set `parallel.dp_replicate` (an explicit value, 1 included, wins). A backend that does
+    not shard (ddp) replicates over every rank anyway and is left as it is."""
+    from dist_train.registry import BACKENDS
+
+    return (nodes > 1 and cfg.parallel.stages == 1 and BACKENDS.get(cfg.parallel.backend).hybrid_shards
+            and "dp_replicate" not in cfg.parallel.model_fields_set)
 
 
 def submit(args: argparse.Namespace) -> int:

@@ -146,7 +146,9 @@ def plan(config: str, overrides: list[str], nproc: Optional[int], nnodes: int) -
     p = Plan(cfg, world, dp, data, model)
     p.set("run", f"{cfg.run.name} -> {Path(cfg.run.dir) / cfg.run.name}")
     p.set("world", f"{world} ranks ({nnodes} node(s) x {world // nnodes}), device {device}")
-    p.set("mesh", (f"stage={stages} x " if stages > 1 else "") + f"dp={dp}")
+    r = cfg.parallel.dp_replicate  # HSDP: the same dp ranks as replicas x shard groups
+    p.set("mesh", (f"stage={stages} x " if stages > 1 else "") + f"dp={dp}"
+          + (f" (dp_replicate={r} x dp_shard={dp // r})" if r > 1 else ""))
     p.set("backend", f"{backend.name}{zero}{where}, precision {cfg.parallel.mixed_precision}")
     shape = MODELS.get(cfg.model.name).describe(cfg.model.options())
     n = count_parameters(model)
