@@ -11,7 +11,8 @@ BENCHMARKS = {"overhead": "dist_train.bench.overhead", "local-vs-bp": "dist_trai
               "local-methods": "dist_train.bench.local_methods", "muon": "dist_train.bench.muon",
               "dp": "dist_train.bench.dp", "energy": "dist_train.bench.energy",
               "diff2": "dist_train.bench.diff2", "soak": "dist_train.bench.soak",
-              "moe": "dist_train.bench.moe", "models": "dist_train.bench.models"}
+              "moe": "dist_train.bench.moe", "models": "dist_train.bench.models",
+              "scale": "dist_train.bench.scale"}
 
 
 def run_benchmark(name: str, quick: bool, json_path: str | None) -> int:

@@ -107,6 +107,9 @@ class Diff2Transform(GradientTransform):
         if cfg.parallel.activation_checkpointing.mode != "none":
             raise ValueError("parallel.activation_checkpointing: diff2 computes per-example gradients with "
                              "torch.func; there is no backward pass to checkpoint")
+        if cfg.parallel.compile:
+            raise ValueError("parallel.compile: diff2 computes per-example gradients with torch.func over the whole "
+                             "model, which compiled blocks are not offered under; use parallel.compile=false")
 
     @classmethod
     def check(cls, cfg: Config, world_size: int) -> None:

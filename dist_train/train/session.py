@@ -219,7 +219,7 @@ class RunSession:
         if self.writer is not self.stage_writer:
             self.writer.log(self.done, row)
             self._add_stall(row)
-        self.progress.update(row["step"], {"loss": row["loss"]})
+        self.progress.update(row["step"], {"loss": row["loss"], "compile_s": row.get("compile_s")})
         if "val_loss" in row:
             self.progress.evaluation(self.cfg.train.steps, row)
         self.last = row
