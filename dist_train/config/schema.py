@@ -266,10 +266,10 @@ class CheckpointSection(Options):
     keep: int = Field(2, ge=1, description="Keep the newest this many committed checkpoints.")
     resume: str = Field("auto", description="auto (latest committed checkpoint if any), never, or a path to a step-N folder.")
     at_end: bool = Field(True, description="Save a checkpoint after the last step.")
-
     # `async` is a Python keyword: the field is `async_`, spelt `async` in YAML, overrides and the dump.
     model_config = ConfigDict(populate_by_name=True)
     async_: bool = Field(False, alias="async", description="Copy the state to host memory and write it in the background (DCP async_save over a gloo group of its own) while training goes on; the COMMITTED marker is written once every rank's write has finished, and at most one save is in flight (the next waits). Backends that write their own format (deepspeed, fairscale) refuse it.")
+
 
 class RuntimeSection(Options):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (NCCL) when available, else CPU (gloo).")

@@ -27,7 +27,6 @@ from dist_train.local.link import StageLink
 from dist_train.local.stats import StageStats, top_level_row
 from dist_train.optim import lr_at
 from dist_train.parallel.parallelize import transform_figures
-from dist_train.parallel.parallelize import transform_figures
 from dist_train.runtime.dist import DistContext
 from dist_train.tasks import get_task
 from dist_train.telemetry import achieved_flops

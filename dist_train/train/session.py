@@ -14,8 +14,8 @@ A loop builds its model and runs its steps. The session owns the rest of the run
 A loop's life with a session (`loop.py` and `local_loop.py` are exactly this):
 
     session = RunSession(cfg, ctx, command, lag=2)      # energy log and votes: bad input stops here
-    ... build the model, backend, transform, sampler ...
-    session.resume(backend, sampler, transform, layout)  # before the run directory is touched
+    ... build the model, backend, transform, batches (train/batches.py) ...
+    session.resume(backend, batches, transform, layout)  # before the run directory is touched
     session.open(tokens_per_sample, collector)           # run directory, writers, progress
     with session.running():
         for step in session.steps():                     # saves when due; stops on a vote or the budget
@@ -105,7 +105,8 @@ class RunSession:
 
     def resume(self, backend, sampler, transform, layout: dict) -> int:
         """Load the checkpoint `checkpoint.resume` names, if any, into the backend (model, optimizer),
-        the sampler (data position), the RNG and the transform; return the first step to run.
+        the sampler (the data position: the loop's `StepBatches`, whose state is the position the
+        loop consumed, not a prefetched one), the RNG and the transform; return the first step to run.
         Called before the run directory is touched: a bad checkpoint leaves everything as it was.
         `layout` (`checkpoint_layout`) is required of the checkpoint and written into every save."""
         self.backend, self.sampler, self.transform = backend, sampler, transform
@@ -207,9 +208,9 @@ class RunSession:
     def log(self, record: dict) -> None:
         """This rank's figures for the window just closed: to its log (a pipeline stage's own, else the
         run's) with TensorBoard's per-rank curves, and to the hooks."""
-        self.stage_writer.log(self.done, record)
         self.window_stall_s, self.stall_s = self.stall_s, None
         self._add_stall(record)
+        self.stage_writer.log(self.done, record)
         self.stage_writer.scalars(self.done, per_rank_scalars(record, self.energy.group_ranks))
         self.hooks.on_window(self.done, record)
 
@@ -217,8 +218,8 @@ class RunSession:
         """The run's row for the window (the collector's): to metrics.jsonl (a pipeline's; end-to-end,
         `log` wrote it), the progress bar and, after an evaluation, its line; kept as the run's result."""
         if self.writer is not self.stage_writer:
-            self.writer.log(self.done, row)
             self._add_stall(row)
+            self.writer.log(self.done, row)
         self.progress.update(row["step"], {"loss": row["loss"], "compile_s": row.get("compile_s")})
         if "val_loss" in row:
             self.progress.evaluation(self.cfg.train.steps, row)
@@ -236,23 +237,23 @@ class RunSession:
         state.update({obj.name: s for obj in self._named if (s := obj.state_dict()) is not None})
         if (extra := self.transform.state_dict()) is not None:
             state["transform"] = extra  # the privacy accountant: what was spent survives a resume
-        with self.transform.checkpointing():
         t0 = time.perf_counter()
+        with self.transform.checkpointing():
             self.ckpt.save(self.done, self.backend, state)
-        self.window.restart_clock()  # the save's time is not the window's
         # The training time the save cost: all of it when written in place; under checkpoint.async
         # the wait for the previous save and the copy to host memory only.
         stall = time.perf_counter() - t0
         self.stall_s = (self.stall_s or 0.0) + stall
         self.hooks.on_save(self.done, stall)
+        self.window.restart_clock()  # the save's time is not the window's
 
-    def finish(self) -> None:
     def _add_stall(self, record: dict) -> None:
         """The row after a save carries the training time the saves since the previous row cost (in
         metrics.jsonl and TensorBoard, like every figure of the row)."""
         if self.window_stall_s is not None:
             record["checkpoint_stall_s"] = self.window_stall_s
 
+    def finish(self) -> None:
         """After the last step: a run that stopped early (privacy budget spent, preempted, non-finite
         step) keeps its work in a checkpoint, the votes end, and the collector writes the energy
         summary into the run's result."""
@@ -260,9 +261,9 @@ class RunSession:
         stopped_early = self.start < done < cfg.train.steps and not due(done, cfg.checkpoint.every)
         if stopped_early and (cfg.checkpoint.at_end or self.control.reason):
             self.save()
-        self.control.finish()
         self.ckpt.wait()  # a save still being written in the background is committed before the run ends
         self.ckpt.close()
+        self.control.finish()
         if self.writer.enabled:
             self.last.update(finish_energy(cfg, self.dir, self.energy, self.totals, done, self.tokens_per_sample))
         self.progress.close()
