@@ -226,3 +226,23 @@ def test_local_stage_checkpoints_its_blocks_by_model_index() -> None:
         wrapped.append([type(b).__name__ == "CheckpointWrapper" for b in stage.blocks])
         assert not any("_checkpoint_wrapped_module" in n for n in stage.state_dict())
     assert wrapped == [[True], [False, True, False]]
+
+
+def test_meta_init_gives_the_same_weights_with_wrapped_blocks() -> None:
+    """A model built on meta and initialised after the wrappers (as under FSDP2) gets the weights of
+    the unwrapped model: its rows are seeded by the state-dict names, which the wrapper leaves alone."""
+    from dist_train.parallel.meta_init import materialize
+
+    weights = {}
+    for mode, options in {"none": {}, "full": {}, "every_n": SELECTIVE["every_n"]}.items():
+        with torch.device("meta"):
+            from dist_train.models.llama import Llama
+
+            model = Llama(vocab_size=64, n_layer=3, width=32, n_head=4, n_kv_heads=2, hidden=64, block_size=16)
+        model = _wrapped(model, "selective" if options else mode, **options)
+        materialize(model, torch.device("cpu"), seed=3)
+        weights[mode] = model.state_dict()
+    for mode in ("full", "every_n"):
+        assert weights[mode].keys() == weights["none"].keys()
+        for n, w in weights["none"].items():
+            assert torch.equal(weights[mode][n], w), (mode, n)

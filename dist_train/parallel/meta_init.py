@@ -132,8 +132,12 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
     """Allocate a meta-device model (sharded or not) on `device` and initialise it in place, rows
     seeded by (seed, parameter name, row block); `init`: default the model's `init_weights`, else
     `default_init`. Returns the model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
     model.to_empty(device=device)
-    names = {id(p): n for n, p in model.named_parameters()}
+    # Names as the state dict spells them (activation checkpointing's wrapper leaves its prefix out
+    # there): the weights must not depend on which blocks are wrapped.
+    names = {id(p): n.replace(_CHECKPOINT_PREFIX, "") for n, p in model.named_parameters()}
     if init is None:
         init = (lambda m: m.init_weights()) if wants_meta_init(model) else default_init
     with torch.no_grad(), RowSeeded(names, seed):
