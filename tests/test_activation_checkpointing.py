@@ -191,7 +191,7 @@ def test_config_modes_and_older_spellings() -> None:
     got = section("parallel.activation_checkpointing.mode=selective", "parallel.activation_checkpointing.selective=every_n",
                   "parallel.activation_checkpointing.every_n=3")
     assert (got.mode, got.selective, got.every_n) == ("selective", "every_n", 3)
-    assert section("parallel.activation_checkpointing=selective").selective == "op"  # the default kind
+    assert section("parallel.activation_checkpointing=selective").selective == "every_n"  # the default kind
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

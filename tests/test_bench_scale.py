@@ -18,9 +18,10 @@ def test_smoke_run_measures_every_side_and_derives_the_targets(monkeypatch) -> N
     assert BENCHMARKS["scale"] == "dist_train.bench.scale"
     monkeypatch.setenv(SIZE_ENV, "smoke")
     monkeypatch.setattr(scale, "SIDES", {k: v for k, v in scale.SIDES.items() if k != "compile"})
+    monkeypatch.setattr(scale, "SECTIONS", ("compile_and_checkpointing",))  # the stall's own smoke test: test_bench_checkpoint_stall
     doc = scale.run(quick=True)
     rows = doc["results"]
-    assert {r["side"] for r in rows} == {"eager", "full", "selective", "every_n"}
+    assert {r["side"] for r in rows} == {"eager", "full", "selective", "op", "op_half"}
     assert all(r["tokens_s"] > 0 and r["step_bytes"] > 0 for r in rows)
     # the same data, seed and model on every side: checkpointing changes no arithmetic
     losses = {r["side"]: r["loss"] for r in rows}
@@ -34,4 +35,5 @@ def test_smoke_run_measures_every_side_and_derives_the_targets(monkeypatch) -> N
     assert t["memory_selective_vs_none"]["value"] == pytest.approx(med("selective", "step_bytes") / med("eager", "step_bytes"))
     assert t["tokens_s_selective_vs_full"]["value"] == pytest.approx(med("selective", "tokens_s") / med("full", "tokens_s"))
     reported = {x["metric"] for x in doc["reported"]}
-    assert {"compile_s", "memory_full_vs_none", "memory_every_n_vs_none", "tokens_s_every_n_vs_full"} <= reported
+    assert {"compile_s", "memory_full_vs_none", "memory_op_vs_none", "memory_op_half_vs_none",
+            "tokens_s_op_vs_full", "tokens_s_op_half_vs_full"} <= reported

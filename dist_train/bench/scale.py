@@ -1,6 +1,7 @@
 """`dist-train bench scale`: what the scaling features cost and give, each side against its baseline
 in one run: `parallel.compile` against eager, and selective activation checkpointing against none
-and full. (The checkpoint-stall section is added by `stall_section`.)
+and full; and the training time a checkpoint save costs, written in the background (`checkpoint.async`)
+against in place (`stall_section`, `bench/checkpoint_stall.py`, with its own size and runs).
 
 Every side runs `dist_train.train.loop.train` unmodified on the same 2 gloo ranks (one thread each)
 with FSDP2 per block, the same `llama`, byte corpus, global batch, seed, optimizer and steps: only
@@ -11,9 +12,12 @@ with FSDP2 per block, the same `llama`, byte corpus, global batch, seed, optimiz
               tokens/s, which start after the warm-up steps, and reported on its own as compile_s:
               dynamo's own counters, the first repeat's, when the process compiles from cold);
   full        every block recomputed;
-  selective   `selective op` (matmul and attention outputs kept, the rest recomputed): the side
-              the targets read;
-  every_n     `selective every_n=2`, reported beside it.
+  selective   `mode: selective` with its default kind, `every_n: 2` (torchtitan's default: every
+              second block recomputed whole): the side the targets read, chosen before the first
+              full-size run because it is the default a user gets;
+  op          `selective op` (every matmul and attention output kept, the rest recomputed), and
+  op_half     `selective op` with `save_matmuls: every_second` (torchtitan's per-op variant),
+              both reported beside it.
 
 Measured per repeat, sides alternating in order (forward, then reversed, ...):
 - tokens/s: global tokens per step over the mean wall time of the measured steps, on the slower
@@ -40,11 +44,13 @@ SIDES = {
     "eager": (),
     "compile": ("parallel.compile=true",),
     "full": ("parallel.activation_checkpointing.mode=full",),
-    "selective": ("parallel.activation_checkpointing.mode=selective", "parallel.activation_checkpointing.selective=op"),
-    "every_n": ("parallel.activation_checkpointing.mode=selective", "parallel.activation_checkpointing.selective=every_n",
-                "parallel.activation_checkpointing.every_n=2"),
+    "selective": ("parallel.activation_checkpointing.mode=selective",),  # the default kind: every_n 2
+    "op": ("parallel.activation_checkpointing.mode=selective", "parallel.activation_checkpointing.selective=op"),
+    "op_half": ("parallel.activation_checkpointing.mode=selective", "parallel.activation_checkpointing.selective=op",
+                "parallel.activation_checkpointing.save_matmuls=every_second"),
 }
-MEMORY_SIDES = ("eager", "full", "selective", "every_n")
+MEMORY_SIDES = ("eager", "full", "selective", "op", "op_half")
+OTHER_SELECTIVE = {"op": "selective op (all matmuls kept)", "op_half": "selective op (every second matmul kept)"}
 # width 256 / 6 layers is torchtitan's debug model's size class; vocab 256 (the byte corpus). At
 # least 2 warm-up steps: a compiled llama block compiles again at its second call (it caches its
 # rotary tables on itself at the first), so the measured steps start at the third.
@@ -141,39 +147,50 @@ def compile_and_checkpointing_section(size: dict, tmp: str) -> dict[str, Any]:
         make_target("tokens_s_compile_vs_eager", tokens["compile"] / tokens["eager"] if compiled else None, ">=", 0.97,
                     "median tokens/s after warm-up (compile time excluded), parallel.compile over eager (FSDP2, 2 ranks, CPU)"),
         make_target("memory_selective_vs_none", memory["selective"] / memory["eager"], "<=", 0.7,
-                    "median peak allocated bytes per rank in the training steps, selective op over none"),
+                    "median peak allocated bytes per rank in the training steps, selective (every_n 2) over none"),
         make_target("tokens_s_selective_vs_full", tokens["selective"] / tokens["full"], ">=", 1.05,
-                    "median tokens/s, selective op over full"),
+                    "median tokens/s, selective (every_n 2) over full"),
     ]
     reported = [
         {"metric": "compile_s", "value": max(compiled) if compiled else None,
          "description": "seconds compiling (dynamo's counters, slower rank), the first compiled run's"},
         {"metric": "memory_full_vs_none", "value": memory["full"] / memory["eager"],
          "description": "peak allocated bytes, full over none"},
-        {"metric": "memory_every_n_vs_none", "value": memory["every_n"] / memory["eager"],
-         "description": "peak allocated bytes, selective every_n=2 over none"},
-        {"metric": "tokens_s_every_n_vs_full", "value": tokens["every_n"] / tokens["full"],
-         "description": "tokens/s, selective every_n=2 over full"},
+        *({"metric": f"memory_{side}_vs_none", "value": memory[side] / memory["eager"],
+           "description": f"peak allocated bytes, {what} over none"} for side, what in OTHER_SELECTIVE.items()),
+        *({"metric": f"tokens_s_{side}_vs_full", "value": tokens[side] / tokens["full"],
+           "description": f"tokens/s, {what} over full"} for side, what in OTHER_SELECTIVE.items()),
         {"metric": "tokens_s_selective_vs_none", "value": tokens["selective"] / tokens["eager"],
-         "description": "tokens/s, selective op over none (the recomputation's cost)"},
+         "description": "tokens/s, selective (every_n 2) over none (the recomputation's cost)"},
     ]
     return {"rows": rows, "targets": targets, "reported": reported, "threads": out["threads"]}
 
 
-def stall_section(size: dict, tmp: str) -> dict[str, Any]:
-    """The checkpoint-stall section (`stall_async_vs_sync`): added beside the one above. Returns
-    {"rows": [...], "targets": [...], "reported": [...]}; empty until then."""
-    return {"rows": [], "targets": [], "reported": []}
+def stall_section(quick: bool) -> dict[str, Any]:
+    """The checkpoint-stall section (`stall_async_vs_sync`): its own runs at its own size (a model
+    whose checkpoint is large enough for the write to matter), rows tagged with their section."""
+    from dist_train.bench.checkpoint_stall import measure_stall
+
+    out = measure_stall(quick=quick)
+    return {"rows": [{"section": "checkpoint_stall", **r} for r in out["rows"]], "targets": out["targets"],
+            "reported": out["reported"], "setup": out["setup"]}
+
+
+# the section functions `run` calls in turn (a test may leave one out)
+SECTIONS = ("compile_and_checkpointing", "stall")
 
 
 def run(quick: bool) -> dict[str, Any]:
     size_name, size = pick_size(SIZES, quick)
     command, started = command_line(), utc_now()
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-scale-") as tmp:
-        sections = [compile_and_checkpointing_section(size, tmp), stall_section(size, tmp)]
-    setup_doc = {"size": size_name, **size, "world_size": WORLD, "threads_per_rank": sections[0]["threads"],
+        parts = {"compile_and_checkpointing": lambda: compile_and_checkpointing_section(size, tmp),
+                 "stall": lambda: stall_section(quick)}
+        sections = [parts[name]() for name in SECTIONS]
+    setup_doc = {"size": size_name, **size, "world_size": WORLD, "threads_per_rank": sections[0].get("threads"),
                  "backend": "fsdp (FSDP2, per block)", "model": "llama", "data": "stdlib_bytes (vocab 256)",
                  "optimizer": "adamw", "sides": {s: list(o) for s, o in SIDES.items()},
-                 "figure": "medians over repeats; sides alternate in order, then reversed"}
+                 "figure": "medians over repeats; sides alternate in order, then reversed",
+                 **{"checkpoint_stall": s["setup"] for s in sections if "setup" in s}}
     return document("scale", command, started, setup_doc, [r for s in sections for r in s["rows"]],
                     [t for s in sections for t in s["targets"]], [x for s in sections for x in s["reported"]])

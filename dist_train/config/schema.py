@@ -134,7 +134,7 @@ class MoESection(Options):
 
 class ActivationCheckpointingSection(Options):
     mode: Literal["none", "full", "selective"] = Field("none", description="none: keep every activation; full: each block keeps only its input and is recomputed whole in backward (about one more forward per step); selective: as `selective` says, between the two in memory and time.")
-    selective: Literal["op", "every_n"] = Field("op", description="mode selective: op (every block keeps its matmul and attention outputs and recomputes only the cheap ops between them: norms, rotary embeddings, activations; torch's create_selective_checkpoint_contexts) or every_n (blocks i with i % every_n == 0 recomputed whole, the others keep everything).")
+    selective: Literal["every_n", "op"] = Field("every_n", description="mode selective: every_n (blocks i with i % every_n == 0 recomputed whole, the others keep everything; the default, as torchtitan's: at every_n 2 about half of full's memory saving for half its recomputation) or op (every block keeps its matmul and attention outputs and recomputes only the cheap ops between them: norms, rotary embeddings, activations; torch's create_selective_checkpoint_contexts).")
     every_n: int = Field(2, ge=1, description="selective every_n: checkpoint every n-th block (1 = every block, as full).")
     save_matmuls: Literal["all", "every_second"] = Field("all", description="selective op: keep the output of every matmul (default: no matmul is recomputed, so the step costs about what none costs), or of every second one in each block (torchtitan's variant: less memory, half the matmuls recomputed).")
 
