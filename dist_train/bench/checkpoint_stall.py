@@ -24,9 +24,11 @@ from dist_train.bench.report import make_target, pick_size
 WORLD = 2
 SIDES = ("sync", "async")
 TARGET = 0.2
-# width 256: the checkpoint (weights and AdamW's two moments, fp32) is about 10 MB per block.
+# The checkpoint holds the weights and AdamW's two moments in fp32: at width 256 about 10 MB per
+# block, at width 512 about 35 MB, so the full size writes about 280 MB per save (the write, not
+# the fixed cost of a save's barriers and planning, is what a large model's stall is made of).
 SIZES = {
-    "full": {"n_layer": 6, "width": 256, "n_head": 8, "n_kv_heads": 4, "block": 128, "batch": 8,
+    "full": {"n_layer": 8, "width": 512, "n_head": 8, "n_kv_heads": 4, "block": 128, "batch": 8,
              "steps": 12, "every": 3, "repeats": 3},
     "quick": {"n_layer": 4, "width": 256, "n_head": 8, "n_kv_heads": 4, "block": 64, "batch": 8,
               "steps": 9, "every": 3, "repeats": 2},
