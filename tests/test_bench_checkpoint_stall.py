@@ -28,3 +28,6 @@ def test_smoke_measures_each_save_of_both_sides(monkeypatch) -> None:
     assert reported["async_all_committed"] == 1.0
     # one repeat: each side's median over its saves is its row's
     assert reported["stall_sync_s"] == statistics.median(r["stall_s"] for r in rows if r["side"] == "sync")
+    saves = size["steps"] // size["every"]
+    assert reported["async_step_slowdown_s_per_save"] == pytest.approx(
+        (reported["step_s_async"] - reported["step_s_sync"]) * size["steps"] / saves)

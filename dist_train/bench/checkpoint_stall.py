@@ -120,6 +120,9 @@ def measure_stall(size: Optional[dict] = None, quick: bool = False) -> dict[str,
         {"metric": "step_s_sync", "value": step["sync"], "description": "median step time, sync side (s; saves excluded)"},
         {"metric": "step_s_async", "value": step["async"],
          "description": "median step time, async side (s; saves excluded, background writes included)"},
+        {"metric": "async_step_slowdown_s_per_save", "value": (step["async"] - step["sync"]) * size["steps"] / max(1, size["steps"] // size["every"]),
+         "description": "what the background writes cost the steps beside them, per save: (async - sync step "
+                        "time) x steps / saves (s); on this machine the writer shares the ranks' cores"},
         {"metric": "async_all_committed", "value": float(committed),
          "description": "1 when every save of every run was committed (COMMITTED marker present)"},
     ]
