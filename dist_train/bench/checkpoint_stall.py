@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from dist_train.bench.llama_runs import llama_model, run_overrides
 from dist_train.bench.report import make_target, pick_size
 
 WORLD = 2
@@ -39,16 +40,9 @@ SIZES = {
 
 def _overrides(size: dict, run_dir: str, name: str, side: str) -> list[str]:
     saves = size["steps"] // size["every"]
-    return ["model.name=llama", f"model.n_layer={size['n_layer']}", f"model.width={size['width']}",
-            f"model.n_head={size['n_head']}", f"model.n_kv_heads={size['n_kv_heads']}",
-            f"model.block_size={size['block']}", "data.name=stdlib_bytes", "data.max_bytes=2000000",
-            "parallel.backend=fsdp", "parallel.stages=1", "runtime.device=cpu", "runtime.threads=1",
-            f"train.batch_size={size['batch']}", f"train.steps={size['steps']}", f"train.log_every={size['steps']}",
-            "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0", "optim.name=adamw",
-            f"checkpoint.every={size['every']}", f"checkpoint.keep={max(1, saves)}", "checkpoint.at_end=false",
-            "checkpoint.resume=never", f"checkpoint.async={'true' if side == 'async' else 'false'}",
-            "telemetry.tensorboard=false", 'telemetry.progress="off"', "telemetry.energy=none",
-            f"run.dir={run_dir}", f"run.name={name}"]
+    return run_overrides(size, run_dir, name, size["steps"], llama_model(size),
+                         f"checkpoint.every={size['every']}", f"checkpoint.keep={max(1, saves)}",
+                         f"checkpoint.async={'true' if side == 'async' else 'false'}")
 
 
 def _pass(cfg, ctx, inner) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dist_train.bench.llama_runs import llama_model, run_overrides
 from dist_train.bench.overhead import SharedData, step_timing
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
@@ -45,16 +46,8 @@ SIZES = {
 
 
 def _overrides(size: dict, run_dir: str, name: str, steps: int, hf_folder: str, side: str) -> list[str]:
-    model = (["model.name=llama", f"model.n_layer={size['n_layer']}", f"model.width={size['width']}",
-              f"model.n_head={size['n_head']}", f"model.n_kv_heads={size['n_kv_heads']}"]
-             if side == "llama" else ["model.name=hf", f"model.hf_config={hf_folder}"])
-    return [*model, f"model.block_size={size['block']}", "data.name=stdlib_bytes", "data.max_bytes=2000000",
-            "parallel.backend=fsdp", "parallel.stages=1", "runtime.device=cpu", "runtime.threads=1",
-            f"train.batch_size={size['batch']}", f"train.steps={steps}", f"train.log_every={steps}",
-            "train.eval_every=0", "train.eval_batches=1", "train.sample_tokens=0", "optim.name=adamw",
-            "checkpoint.every=0", "checkpoint.at_end=false", "checkpoint.resume=never",
-            "telemetry.tensorboard=false", 'telemetry.progress="off"', "telemetry.energy=none",
-            f"run.dir={run_dir}", f"run.name={name}"]
+    model = llama_model(size) if side == "llama" else ["model.name=hf", f"model.hf_config={hf_folder}"]
+    return run_overrides(size, run_dir, name, steps, model)
 
 
 def write_hf_config(size: dict, folder: Path) -> Path:
