@@ -53,8 +53,8 @@ SIDES = {
 MEMORY_SIDES = ("eager", "full", "selective", "op", "op_half")
 OTHER_SELECTIVE = {"op": "selective op (all matmuls kept)", "op_half": "selective op (every second matmul kept)"}
 # width 256 / 6 layers is torchtitan's debug model's size class; vocab 256 (the byte corpus). At
-# least 2 warm-up steps: a compiled llama block compiles again at its second call (it caches its
-# rotary tables on itself at the first), so the measured steps start at the third.
+# least 2 warm-up steps: the compile side compiles at the first step (until 2026-12-07 a compiled
+# llama block also compiled again at its second call, when it cached its rotary tables on itself).
 SIZES = {
     "full": {"n_layer": 6, "width": 256, "n_head": 8, "n_kv_heads": 4, "block": 256, "batch": 16,
              "warmup": 3, "measured": 20, "memory_steps": 2, "repeats": 5},

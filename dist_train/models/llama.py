@@ -184,7 +184,13 @@ class LlamaBlock(nn.Module):
 
     def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `seq_len` positions, computed once per length, device and rotary setting. A
-        plain attribute, not a buffer: nothing to initialise after a meta build, nothing in the state dict."""
+        plain attribute, not a buffer: nothing to initialise after a meta build, nothing in the state dict.
+        Inside a compiled block (`parallel.compile`) they are computed in the graph at every call, a few
+        elementwise ops on [seq_len, head_dim]: storing them would change the block's attributes after
+        its first call, which dynamo's guards see, and the block would compile a second time."""
+        if torch.compiler.is_compiling():
+            return rope_tables(seq_len, rope_frequencies(self.attention.head_dim, self.rope_theta, self.rope_scaling,
+                                                         device))
         key = (seq_len, device, self.rope_theta, self.rope_scaling)
         if getattr(self, "_rope_key", None) != key:
             inv_freq = rope_frequencies(self.attention.head_dim, self.rope_theta, self.rope_scaling, device)
