@@ -1,5 +1,6 @@
-"""`dist-train bench moe` at the smoke size: every model trains through `dist-train launch` on 2 ranks,
-and each target is the ratio of the rows it names (so a target cannot be met by hand)."""
+"""`dist-train bench moe` at the smoke size: every model trains on the ranks `dist-train launch` starts
+(2, or 1 for the one-rank row), and each target is the ratio of the rows it names (so a target cannot
+be met by hand)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from dist_train.bench.report import SIZE_ENV
 
 @pytest.mark.slow
 def test_smoke_moe_benchmark_measures_every_model(monkeypatch):
+    import dist_train.bench.moe as bench
+    from cli_helpers import forked_run
+
     monkeypatch.setenv(SIZE_ENV, "smoke")
+    # The 9 runs' ranks forked from the fork server (torch imported once) rather than a `dist-train
+    # launch` process per run starting fresh interpreters: the same `dist-train run` on the same
+    # ranks, minus about 10 s of interpreter starts per run on a loaded 2-core machine. The launch
+    # itself is the launcher tests' (test_launch.py).
+    monkeypatch.setattr(bench, "_launch", lambda work, args, nproc, timeout: forked_run(args, work, nproc, timeout=timeout))
     doc = run(quick=True)
     assert doc["name"] == "moe" and doc["provenance"]
     rows = doc["results"]

@@ -133,18 +133,25 @@ COMMON = ["telemetry.progress=off", "telemetry.tensorboard=false", "checkpoint.e
           "train.eval_batches=4"]
 
 
-def _train(work: Path, name: str, size: dict, overrides: list[str], nproc: int = 2) -> dict[str, Any]:
+def _launch(work: Path, args: list[str], nproc: int, timeout: float) -> None:
+    """`dist-train launch ARGS[0] --nproc NPROC --threads 1 ARGS[1:]` in `work`, in a fresh process;
+    raises on a non-zero exit. (The smoke test replaces it with the same ranks forked from its fork
+    server, `tests/cli_helpers.forked_run`, sparing an interpreter start per rank and run.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "DIST_TRAIN_FAULT"))}
     env.update(OMP_NUM_THREADS="1")
-    argv = [sys.executable, "-m", "dist_train", "launch", str(_config(size)), "--nproc", str(nproc), "--threads", "1",
-            f"run.dir={work}", f"run.name={name}", f"train.steps={size['steps']}",
+    argv = [sys.executable, "-m", "dist_train", "launch", args[0], "--nproc", str(nproc), "--threads", "1", *args[1:]]
+    proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench moe: run {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+
+
+def _train(work: Path, name: str, size: dict, overrides: list[str], nproc: int = 2) -> dict[str, Any]:
+    args = [str(_config(size)), f"run.dir={work}", f"run.name={name}", f"train.steps={size['steps']}",
             f"train.log_every={size['log_every']}", f"train.eval_every={size.get('eval_every', size['steps'])}", *COMMON,
             *size["extra"], *overrides]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=size["limit_s"])
+    _launch(work, args, nproc, size["limit_s"])
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench moe: run {name} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in rows[1:]] or [rows[0]["step_time_s"]]
     last = rows[-1]
