@@ -1,4 +1,6 @@
-"""The bad-input contract, through the real CLI in a subprocess.
+"""The bad-input contract, through the real CLI in a subprocess (at least one case per command; the
+others in a process forked from the fork server, `cli_helpers.forked_cli`: the same exit status,
+stdout and stderr, without an interpreter start and torch's import each).
 
 Bad input (unknown key, wrong type, impossible layout, missing file, corrupt checkpoint) must exit
 with status 2 and print exactly ONE line on stderr, `dist-train: error: <what is wrong>`, with no
@@ -16,7 +18,7 @@ import pytest
 
 from dist_train.runtime.env import routable_address
 
-from cli_helpers import assert_user_error, clean_env, cli, free_port, snapshot  # tests/ is on sys.path
+from cli_helpers import assert_user_error, clean_env, cli, forked_cli, forked_run, free_port, snapshot  # tests/ is on sys.path
 
 
 
@@ -71,11 +73,20 @@ EXTRA = {
 }
 
 JOBS = [f"{command}-{case}" for command in COMMANDS for case in sorted(CASES)] + sorted(EXTRA)
+# These jobs run as real `dist-train` processes: the process-level contract (nothing else on stderr from
+# the interpreter's start to its exit) for each command. Both `run` cases in a (fake) 2-rank world
+# are here: a forked process is always a world of one. The others run in a process forked from the
+# fork server (`forked_cli`), where the claim is the message, the exit status and the untouched run
+# directory: the same code from `main(argv)` on.
+REAL = {"run-backend_none_two_ranks", "run-batch_not_divisible", "plan-malformed_override",
+        "launch-master_port_in_use", "bench-unknown"}
+assert REAL <= set(JOBS) and {job.split("-")[0] for job in REAL} == {*COMMANDS, "bench"}
 
 
 @pytest.fixture(scope="module")
 def bad_input_results(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run every bad-input invocation once, a few at a time (each is mostly interpreter start-up).
+    """Run every bad-input invocation once: the REAL ones a few at a time (each is mostly interpreter
+    start-up) while the others run forked, one after the other.
 
     Returns job id -> (CompletedProcess, run dir that must not exist afterwards, needles).
     """
@@ -102,11 +113,15 @@ def bad_input_results(tiny_config: Path, tmp_path_factory: pytest.TempPathFactor
             argv, env = _command(command, config, [*overrides, f"run.dir={run_dir}"], two_ranks)
         specs[job] = (argv, env, work, run_dir, needles)
     with busy, ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {job: pool.submit(cli, argv, work, env, 150) for job, (argv, env, work, _, _) in specs.items()}
-        return {job: (f.result(), specs[job][3], specs[job][4]) for job, f in futures.items()}
+        futures = {job: pool.submit(cli, argv, work, env, 150) for job, (argv, env, work, _, _) in specs.items()
+                   if job in REAL}
+        procs = {job: forked_cli(argv, work, env, 150) for job, (argv, env, work, _, _) in specs.items()
+                 if job not in REAL}
+        procs.update({job: f.result() for job, f in futures.items()})
+    return {job: (procs[job], specs[job][3], specs[job][4]) for job in JOBS}
 
 
-@pytest.mark.slow  # its fixture starts ~25 CLI processes
+@pytest.mark.slow  # its fixture runs ~25 CLI commands (5 as processes of their own)
 @pytest.mark.parametrize("job", JOBS)
 def test_bad_input_exits_2_with_one_line(job: str, bad_input_results: dict) -> None:
     proc, run_dir, needles = bad_input_results[job]
@@ -147,12 +162,15 @@ def _train_args(command: str, config: Path, run_dir: Path, steps: int) -> list[s
 
 @pytest.fixture(scope="module")
 def trained(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One finished 4-step run per command (checkpoint at the end), trained once and copied per test."""
+    """One finished 4-step run per command (checkpoint at the end), trained once and copied per test.
+    The ranks are forked from the fork server (what `launch --nproc 2` starts, without the agent):
+    these runs only make the checkpoints the tests corrupt; `forked_run` fails on a non-zero exit."""
     out = {}
     for command in ("run", "launch"):
         base = tmp_path_factory.mktemp(f"trained-{command}")
-        proc = cli(_train_args(command, tiny_config, base / "runs", 4), cwd=base, timeout=180)
-        assert proc.returncode == 0, f"{command} failed:\n{proc.stderr}\n{proc.stdout}"
+        backend, nproc = ("none", 1) if command == "run" else ("ddp", 2)  # as _train_args has them
+        forked_run([str(tiny_config), f"parallel.backend={backend}", f"run.dir={base / 'runs'}", "train.steps=4"],
+                   base, nproc=nproc, timeout=180)
         out[command] = base / "runs"
     return out
 
@@ -191,7 +209,10 @@ def test_corrupt_checkpoint(command: str, what: str, trained: dict[str, Path], t
     before = snapshot(run_dir)
     assert "config.yaml" in before and "provenance.json" in before
 
-    proc = cli(_train_args(command, tiny_config, runs, 8), cwd=tmp_path, timeout=180)
+    # A real process for run-shards (the fast tier's case) and every launch (the launcher's one line
+    # for its workers' error); run-trainer forked: the same `main(argv)`, its message and exit status.
+    call = forked_cli if (command, what) == ("run", "trainer") else cli
+    proc = call(_train_args(command, tiny_config, runs, 8), tmp_path, timeout=180)
 
     line = assert_user_error(proc, "step-4")
     assert "corrupt" in line or "unreadable" in line, line
@@ -204,7 +225,8 @@ def test_resume_from_nonexistent_path_leaves_run_untouched(trained: dict[str, Pa
     runs = tmp_path / "runs"
     shutil.copytree(trained["run"], runs)
     before = snapshot(runs)
-    proc = cli([*_train_args("run", tiny_config, runs, 8), "checkpoint.resume=/nonexistent"], cwd=tmp_path)
+    # forked: the message, the exit status and the untouched folder (run-shards above is a real process)
+    proc = forked_cli([*_train_args("run", tiny_config, runs, 8), "checkpoint.resume=/nonexistent"], tmp_path)
     assert_user_error(proc, "checkpoint.resume", "/nonexistent")
     assert snapshot(runs) == before
 
@@ -216,9 +238,10 @@ def test_running_a_finished_run_again_says_so_in_one_line(tmp_path) -> None:
             "parallel.stages=1", "model.n_layer=1", "model.width=16", "model.n_head=2", "model.block_size=8",
             "data.max_bytes=50000", "train.steps=2", "train.batch_size=4", "train.eval_batches=1",
             "train.sample_tokens=0", "telemetry.tensorboard=false", "checkpoint.at_end=true"]
-    first = cli(args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    again = cli(args, cwd=tmp_path)
+    # Both forked from the fork server (`forked_run` fails on a non-zero exit): the claim is what the
+    # second run prints and returns, not the interpreter's start.
+    forked_run(args[1:], tmp_path, nproc=1)
+    again = forked_cli(args, tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Traceback" not in again.stderr
     assert "had already reached train.steps=2; nothing was trained" in again.stdout
