@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 
-from cli_helpers import CLI, TORCHRUN, assert_user_error, clean_env, cli, config_file
+from cli_helpers import CLI, TORCHRUN, assert_user_error, clean_env, cli, config_file, forked_cli, forked_run
 from tiers import fast_first
 
 STEPS = 30
@@ -62,6 +62,20 @@ def _launch(config: Path, work: Path, *overrides: str, fault: str = "", restarts
     return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _forked(config: Path, work: Path, *overrides: str, nproc: int = 2, fault: str = "",
+            run_dir: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The ranks `_launch` starts (`nproc` gloo workers, one thread each; nproc 1: a plain `dist-train
+    run`), forked from the fork server, without the agent and an interpreter start per rank: for the
+    runs whose part in a test is what the ranks compute, not what the launcher does. Answers as
+    `_launch` does, so that `_ok` judges it: exit 0 with rank 0's output, or 1 with every rank's."""
+    argv = [str(config), f"run.dir={run_dir or work / 'runs'}", *overrides]
+    try:
+        out = forked_run(argv, work, nproc=nproc, env={"DIST_TRAIN_FAULT": fault} if fault else None, timeout=timeout)
+    except pytest.fail.Exception as e:
+        return subprocess.CompletedProcess(argv, 1, "", str(e))
+    return subprocess.CompletedProcess(argv, 0, out, "")
+
+
 def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
 
@@ -94,14 +108,15 @@ def _close(a: float, b: float) -> bool:
 
 @pytest.fixture(scope="module", params=["ddp", "pipeline"])
 def killed(request, config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same run twice: uninterrupted, and with rank 1 SIGKILLed right after step 16's update
-    (checkpoint at 10) under --max-restarts 1."""
+    """The same run twice: uninterrupted (its 2 ranks forked: the reference is what the ranks compute),
+    and with rank 1 SIGKILLed right after step 16's update (checkpoint at 10) under `launch
+    --max-restarts 1`."""
     layout = PIPELINE if request.param == "pipeline" else []
     work = tmp_path_factory.mktemp(f"kill-{request.param}")
-    with ThreadPoolExecutor(2) as pool:  # 2 x 2 ranks on 2 cores: slower, never wrong
-        straight = pool.submit(_launch, config, work / "straight", *layout)
+    with ThreadPoolExecutor(1) as pool:  # 2 x 2 ranks on 2 cores: slower, never wrong
         faulted = pool.submit(_launch, config, work / "killed", *layout, fault="kill@step=16,rank=1", restarts=1)
-        straight, faulted = straight.result(), faulted.result()
+        straight = _forked(config, work / "straight", *layout)
+        faulted = faulted.result()
     _ok(straight)
     _ok(faulted)
     return {"layout": request.param, "straight": work / "straight" / "runs" / "r",
@@ -198,7 +213,9 @@ def test_sigterm_to_launcher_commits_a_checkpoint_and_the_next_launch_resumes(co
     stopped = int(last.split("stopped after step ")[1].split(":")[0])
     assert (run / "checkpoints" / f"step-{stopped}" / "COMMITTED").is_file()
 
-    again = _launch(config, tmp_path, f"train.steps={stopped + 3}")
+    # The next run's ranks forked (what `launch` would start): resuming is theirs, the launcher's part
+    # (SIGTERM to the workers, the commit, the exit status and line) is the launch above.
+    again = _forked(config, tmp_path, f"train.steps={stopped + 3}")
     _ok(again)
     prov = json.loads((run / "provenance.json").read_text())
     assert str(prov["extra"]["resumed_from"]).endswith(f"step-{stopped}")
@@ -240,7 +257,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(config: Path, tmp_path: 
     assert (ckpts / "step-10" / "COMMITTED").is_file(), "keep=1 must never delete the only good checkpoint"
     assert (ckpts / "step-20").is_dir() and not (ckpts / "step-20" / "COMMITTED").exists()
 
-    again = _launch(config, tmp_path, "checkpoint.keep=1")
+    again = _forked(config, tmp_path, "checkpoint.keep=1")  # the resume is the ranks' (forked, as above)
     _ok(again)
     run = tmp_path / "runs" / "r"
     assert str(json.loads((run / "provenance.json").read_text())["extra"]["resumed_from"]).endswith("step-10")
@@ -272,29 +289,29 @@ def test_hung_peer_fails_the_job_within_the_timeout_naming_phase_and_peer(config
 @pytest.fixture(scope="module")
 def nonfinite(config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Step 5's loss made NaN: under skip on rank 1 of 2, under skip in one process (the reference),
-    under stop on rank 1 of 2; and one process without a fault."""
+    under stop on rank 1 of 2; and one process without a fault. The stop goes through `launch`, whose
+    exit status and last line its test reads; the other runs are judged by what their ranks log, so
+    their ranks are forked (`_forked`)."""
     work = tmp_path_factory.mktemp("nonfinite")
     single = ["parallel.backend=none", "train.steps=12", "checkpoint.every=0"]
 
     def run(name: str, *overrides: str, fault: str = "") -> subprocess.CompletedProcess:
-        env = clean_env(OMP_NUM_THREADS="1", **({"DIST_TRAIN_FAULT": fault} if fault else {}))
-        return subprocess.run([*CLI, "run", str(config), f"run.dir={work / name}", *overrides], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=120)
+        return _forked(config, work, *overrides, nproc=1, fault=fault, run_dir=work / name, timeout=120)
 
-    with ThreadPoolExecutor(2) as pool:
-        jobs = {
-            "ddp_skip": pool.submit(_launch, config, work / "ddp_skip", "train.steps=12", "checkpoint.every=0",
-                                    "train.on_nonfinite=skip", fault="nan@step=5,rank=1"),
-            "ddp_stop": pool.submit(_launch, config, work / "ddp_stop", "train.steps=12", "checkpoint.every=0",
-                                    fault="nan@step=5,rank=1"),
-            "single_skip": pool.submit(run, "single_skip", *single, "train.on_nonfinite=skip", fault="nan@step=5"),
-            "single_clean": pool.submit(run, "single_clean", *single),
-            "ds_skip": pool.submit(_launch, config, work / "ds_skip", "train.steps=12", "checkpoint.every=0",
-                                   "train.on_nonfinite=skip", "parallel.backend=deepspeed", fault="nan@step=5,rank=1"),
-            "pipe_skip": pool.submit(_launch, config, work / "pipe_skip", *PIPELINE, "train.steps=12",
-                                     "checkpoint.every=0", "train.on_nonfinite=skip", fault="nan@step=5,rank=0"),
+    with ThreadPoolExecutor(1) as pool:
+        stop = pool.submit(_launch, config, work / "ddp_stop", "train.steps=12", "checkpoint.every=0",
+                           fault="nan@step=5,rank=1")
+        procs = {
+            "ddp_skip": _forked(config, work / "ddp_skip", "train.steps=12", "checkpoint.every=0",
+                                "train.on_nonfinite=skip", fault="nan@step=5,rank=1"),
+            "single_skip": run("single_skip", *single, "train.on_nonfinite=skip", fault="nan@step=5"),
+            "single_clean": run("single_clean", *single),
+            "ds_skip": _forked(config, work / "ds_skip", "train.steps=12", "checkpoint.every=0",
+                               "train.on_nonfinite=skip", "parallel.backend=deepspeed", fault="nan@step=5,rank=1"),
+            "pipe_skip": _forked(config, work / "pipe_skip", *PIPELINE, "train.steps=12",
+                                 "checkpoint.every=0", "train.on_nonfinite=skip", fault="nan@step=5,rank=0"),
         }
-        procs = {k: f.result() for k, f in jobs.items()}
+        procs["ddp_stop"] = stop.result()
     runs = {k: work / k / ("runs" if k.startswith(("ddp", "ds", "pipe")) else "") / "r" for k in procs}
     return {"procs": procs, "runs": runs}
 
@@ -405,15 +422,20 @@ def bad_data(config: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     paths = {k: str(v) for k, v in _write_bins(work / "bins").items()}
     gpt = ["model.name=gpt", "model.n_layer=1", "model.width=16", "model.n_head=2", "model.block_size=8"]
 
-    def one(case: str) -> subprocess.CompletedProcess:
+    def one(case: str, call=forked_cli) -> subprocess.CompletedProcess:
         overrides, _ = BAD_DATA[case]
         lm = gpt if any(o.startswith("data.name=token_bin") for o in overrides) else []
         args = ["run", str(config), "parallel.backend=none", f"run.dir={work / case}", *lm,
                 *(o.format(**paths) for o in overrides)]
-        return cli(args, work, env=clean_env(OMP_NUM_THREADS="1"))
+        return call(args, work, env=clean_env(OMP_NUM_THREADS="1"))
 
-    with ThreadPoolExecutor(3) as pool:
-        return {"work": work, "procs": dict(zip(BAD_DATA, pool.map(one, BAD_DATA)))}
+    # One case as a real process (the whole process's stderr); the others forked from the fork server
+    # (`forked_cli`: the same `main(argv)`, its exit status, stdout and stderr), one after the other.
+    with ThreadPoolExecutor(1) as pool:
+        real = pool.submit(one, "truncated", cli)
+        procs = {case: one(case) for case in BAD_DATA if case != "truncated"}
+        procs["truncated"] = real.result()
+    return {"work": work, "procs": procs}
 
 
 @pytest.mark.slow  # its module fixture starts a process per case
@@ -440,9 +462,7 @@ class _Payload:
 @pytest.fixture(scope="module")
 def good_checkpoint(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("ckpt")
-    proc = subprocess.run([*CLI, "run", str(config), "parallel.backend=none", f"run.dir={work}", "train.steps=2"],
-                          cwd=work, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
-    _ok(proc)
+    _ok(_forked(config, work, "parallel.backend=none", "train.steps=2", nproc=1, run_dir=work, timeout=120))
     return work / "r" / "checkpoints" / "step-2"
 
 
@@ -459,8 +479,9 @@ def test_checkpoint_with_a_code_running_pickle_is_refused(target: str, good_chec
         (crafted / target).write_bytes(pickle.dumps([original, _Payload(marker)]))
     else:
         torch.save({"step": 2, "payload": _Payload(marker)}, crafted / target)
-    proc = cli(["run", str(config), "parallel.backend=none", f"run.dir={tmp_path / 'runs'}",
-                f"checkpoint.resume={crafted}"], tmp_path, env=clean_env(OMP_NUM_THREADS="1"))
+    # forked from the fork server: a code-running pickle there creates the marker all the same
+    proc = forked_cli(["run", str(config), "parallel.backend=none", f"run.dir={tmp_path / 'runs'}",
+                       f"checkpoint.resume={crafted}"], tmp_path, env=clean_env(OMP_NUM_THREADS="1"))
     assert_user_error(proc, str(crafted), target, "system")
     assert not marker.exists(), "the pickle's code ran"
     assert not (tmp_path / "runs").exists()
