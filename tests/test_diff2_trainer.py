@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import CLI, clean_env
+from cli_helpers import CLI, clean_env, forked_cli, forked_run
 from dist_train.config import load_config
 from dist_train.data import build_dataset
 from dist_train.data.sampler import derive_seed
@@ -36,6 +36,13 @@ def _launch(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.Compl
     return subprocess.run([*CLI, "launch", str(ROOT / "configs" / "diff2.yaml"), "--nproc", str(nproc),
                            f"run.dir={tmp_path}", "run.name=d2", *SMALL, *overrides],
                           capture_output=True, text=True, timeout=300, env=clean_env())
+
+
+def _forked(tmp_path: Path, *overrides: str, nproc: int = 2) -> None:
+    """The ranks `_launch` starts (gloo, one thread each), forked from the fork server without the
+    agent: for the runs judged by what the ranks log (`forked_run` fails the test on a non-zero exit)."""
+    forked_run([str(ROOT / "configs" / "diff2.yaml"), f"run.dir={tmp_path}", "run.name=d2", *SMALL, *overrides],
+               tmp_path, nproc=nproc)
 
 
 def _rows(tmp_path: Path) -> list[dict]:
@@ -91,8 +98,7 @@ def _reference_losses(sigma1: float, sigma2: float, workers: int = 2) -> list[fl
 
 @pytest.mark.slow
 def test_two_ranks_follow_the_papers_rounds_and_resume_continues_them(tmp_path: Path) -> None:
-    proc = _launch(tmp_path, "checkpoint.every=3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _forked(tmp_path, "checkpoint.every=3")  # exit 0, or forked_run fails the test
     rows = _rows(tmp_path)
     n, workers, delta = 1617 // 2, 2, 0.1 / 1617
     s1, s2 = calibrated_sigmas(5.0, delta, n, workers, STEPS, PERIOD)
@@ -107,13 +113,13 @@ def test_two_ranks_follow_the_papers_rounds_and_resume_continues_them(tmp_path: 
 
     # Resume from step 3 (the last checkpoint dropped): rounds 4..6 are the same rounds.
     shutil.rmtree(tmp_path / "d2" / "checkpoints" / f"step-{STEPS}")
-    proc = _launch(tmp_path, "checkpoint.every=3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _forked(tmp_path, "checkpoint.every=3")
     resumed = _rows(tmp_path)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
 
-    # A resume that would change R (and so the noise) is refused.
+    # A resume that would change R (and so the noise) is refused: through `launch`, whose exit status
+    # and stderr carry the workers' one line.
     shutil.rmtree(tmp_path / "d2" / "checkpoints" / f"step-{STEPS}")
     proc = _launch(tmp_path, "checkpoint.every=3", f"train.steps={STEPS + 4}")
     assert proc.returncode == 2 and "would change the privacy guarantee" in proc.stderr, proc.stderr[-2000:]
@@ -131,7 +137,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, overrides, message) ->
         args = ["plan", config, "--nproc", "2", *SMALL, *overrides]
     else:
         args = ["run", config, f"run.dir={tmp_path}", *SMALL, "parallel.backend=none", *overrides]
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, env=clean_env())
+    # forked from the fork server: the same `main(argv)`, its exit status and stderr, without an
+    # interpreter start (the whole process's stderr is test_cli_errors.py's, in real processes)
+    proc = forked_cli(args, tmp_path, env=clean_env())
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
