@@ -78,9 +78,10 @@ LR, CLIP, SIGMA, SEED = 0.05, 1.0, 1.0, 0
 MIB = 2 ** 20
 
 SIZES = {
-    # Tests only: a tiny model and a couple of steps; proves it runs, measures nothing.
+    # Tests only: a tiny model and a couple of steps; proves it runs, measures nothing. The search's
+    # grid is 8, 12 (a step up the grid, each B a fresh model and a profiled step; 16 and 24 added nothing).
     "smoke": {"layers": 1, "width": 32, "heads": 2, "block": 16, "batch": 4, "warmup": 1, "steps": 2,
-              "repeats": 1, "budget_mib": 512, "max_batch_cap": 24, "max_batch_steps": 1, "mem_steps": 1,
+              "repeats": 1, "budget_mib": 512, "max_batch_cap": 12, "max_batch_steps": 1, "mem_steps": 1,
               "max_bytes": 200_000},
     "quick": {"layers": 2, "width": 128, "heads": 4, "block": 64, "batch": 32, "warmup": 1, "steps": 5,
               "repeats": 3, "budget_mib": 512, "max_batch_cap": 1024, "max_batch_steps": 2, "mem_steps": 2,
