@@ -50,6 +50,9 @@ SIZES = {
     "smoke": {"rounds": 6, "n_per_worker": 64, "seeds": 1, "eval_seeds": 2, "dpgd": [(1.0, 0.3), (1.0, 1.0)],
               "diff2": [(0.3, 3, 0.3), (0.3, 3, 1.0)]},
 }
+# What the fork server the workers are forked from imports once (torch's import is then paid once,
+# not by each of the 2 x 4 workers).
+PRELOAD = ("torch", "torch.distributed", "dist_train.privacy.diff2", "dist_train.bench.diff2")
 C1 = 2.0  # DIFF2's restart clipping norm: the C at which DP-GD did best in the first run
 FEATURES, HIDDEN = 8, 32
 EVAL_SEED0 = 100  # held-out seeds: 100, 101, ... (selection uses 0, 1, 2)
@@ -102,23 +105,29 @@ def _grid(size: dict) -> list[tuple[float, str, dict, list[int]]]:
     return [(eps, method, s, seeds) for eps in EPSILONS for method, s in settings]
 
 
-def _worker(rank: int, world: int, size: dict, jobs: list[tuple[float, str, dict, list[int]]]) -> dict:
-    """Train every (epsilon, method, setting) of `jobs` on each of its seeds; one row per run."""
+def _sigmas(size: dict, jobs: list[tuple[float, str, dict, list[int]]]) -> dict:
+    """(sigma1, sigma2) per (epsilon, period) of `jobs`, calibrated once here for every worker (the
+    accountant's bisection takes seconds per pair, the same on every rank)."""
+    from dist_train.privacy.diff2 import calibrated_sigmas
+
+    return {(eps, s["period"]): calibrated_sigmas(eps, DELTA, size["n_per_worker"], WORKERS, size["rounds"], s["period"])
+            for eps, _, s, _ in jobs}
+
+
+def _worker(rank: int, world: int, size: dict, jobs: list[tuple[float, str, dict, list[int]]], sigmas: dict) -> dict:
+    """Train every (epsilon, method, setting) of `jobs` on each of its seeds, with the (sigma1, sigma2)
+    `sigmas` holds for its (epsilon, period); one row per run."""
     import torch.distributed as dist
 
-    from dist_train.privacy.diff2 import Diff2, calibrated_sigmas
+    from dist_train.privacy.diff2 import Diff2
 
     dist.init_process_group("gloo")  # the env:// variables come from the spawn helper
     n, rounds = size["n_per_worker"], size["rounds"]
     x_all, y_all = regression_data(n * world)
     x, y = x_all[rank * n:(rank + 1) * n], y_all[rank * n:(rank + 1) * n]
-    sigmas: dict = {}
     runs = []
     for eps, method, s, seeds in jobs:
-        key = (eps, s["period"])
-        if key not in sigmas:
-            sigmas[key] = calibrated_sigmas(eps, DELTA, n, world, rounds, s["period"])
-        s1, s2 = sigmas[key]
+        s1, s2 = sigmas[(eps, s["period"])]
         for seed in seeds:
             model = _model(seed)
             opt = Diff2(model, _loss, s["lr"], s["period"], s["c1"], s["c2"], s1, s2, seed=1000 + seed,
@@ -153,12 +162,14 @@ def run(quick: bool) -> dict[str, Any]:
 
     size_name, size = pick_size(SIZES, quick)
     command, started = command_line(), utc_now()
-    runs = run_on_ranks(_worker, nprocs=WORKERS, args=(size, _grid(size)), threads=1)["runs"]
+    grid = _grid(size)
+    sigmas = _sigmas(size, grid)  # the held-out runs' settings are among the grid's
+    runs = run_on_ranks(_worker, nprocs=WORKERS, args=(size, grid, sigmas), threads=1, preload=PRELOAD)["runs"]
     chosen = {(eps, method): _pick(runs, eps, method) for eps in EPSILONS for method in ("dp-gd", "diff2")}
     held_out = list(range(EVAL_SEED0, EVAL_SEED0 + size["eval_seeds"]))
     keys = ("c1", "c2", "period", "lr")
     jobs = [(eps, method, {k: head[k] for k in keys}, held_out) for (eps, method), (head, _) in chosen.items()]
-    evals = run_on_ranks(_worker, nprocs=WORKERS, args=(size, jobs), threads=1)["runs"]
+    evals = run_on_ranks(_worker, nprocs=WORKERS, args=(size, jobs, sigmas), threads=1, preload=PRELOAD)["runs"]
     rows, targets, reported = [], [], []
     for eps in EPSILONS:
         best = {}
