@@ -21,9 +21,9 @@ other), which tests/test_local_pipeline.py proves equal step for step to the mul
 BP is the same code path with `parallel.stages=1` (one stage, no auxiliary head: the task loss
 back-propagated through the whole model); tests/test_bench_methods.py proves it equal step for
 step to the framework's BP loop `dist_train.train.loop.train` with backend none. Runs go two at a
-time in a spawn process pool, one thread each. A method that cannot run a configuration (its
-config error, or a crash while the methods are being rewritten) gets a row with `error` set and
-no figures.
+time in a process pool (workers forked from a server that imported torch once), one thread each.
+A method that cannot run a configuration (its config error, or a crash while the methods are being
+rewritten) gets a row with `error` set and no figures.
 
   gap_pts   BP test accuracy - the method's, in percentage points (classifiers; mean over seeds)
   loss_x    the method's test loss / BP's (GPT)
@@ -76,6 +76,10 @@ KS = (2, 4)
 TARGET_TASK = "digits-cnn"
 TARGETS = {2: ("<=", 1.0), 4: ("<=", 3.0)}  # gap in points: BP test acc - the method's, by K
 WORKERS = 2  # one per core of the 2-core reference machine; one thread each
+# What the fork server every worker (sweep pool, pipeline ranks) is forked from imports once: torch's
+# import is then paid once per benchmark, not by every worker's fresh interpreter.
+PRELOAD = ("torch", "torch.distributed", "dist_train.local.methods", "dist_train.train.local_reference",
+           "dist_train.train.local_loop")
 
 # Every run: CPU, one thread, nothing written that the figures do not need.
 _COMMON = ["runtime.device=cpu", "runtime.threads=1", "train.eval_every=0", "train.sample_tokens=0",
@@ -259,7 +263,8 @@ def _sweep(size: dict[str, Any], run_dir: str) -> list[dict[str, Any]]:
     order = {t: i for i, t in enumerate(("gpt-bytes", "shapes32-cnn", "digits-cnn", "digits-mlp"))}
     jobs.sort(key=lambda j: (order.get(j["task"], 9), -j["k"]))
     runs = []
-    with _one_thread_env(), ProcessPoolExecutor(max_workers=WORKERS, mp_context=multiprocessing.get_context("spawn"),
+    multiprocessing.set_forkserver_preload(list(PRELOAD))
+    with _one_thread_env(), ProcessPoolExecutor(max_workers=WORKERS, mp_context=multiprocessing.get_context("forkserver"),
                                                 initializer=_warm_worker) as pool:
         for i, run in enumerate(pool.map(_sweep_job, jobs, chunksize=1)):
             runs.append(run)
@@ -362,7 +367,7 @@ def _on_ranks(jobs: list[dict[str, Any]], run_dir: str) -> list[dict[str, Any]]:
     from dist_train.bench._spawn import run_on_ranks
 
     try:
-        return run_on_ranks(_pipeline_worker, nprocs=2, args=(jobs, run_dir), threads=1)
+        return run_on_ranks(_pipeline_worker, nprocs=2, args=(jobs, run_dir), threads=1, preload=PRELOAD)
     except Exception as e:  # a worker died: every job of this group is reported as failed
         lines = [ln.strip() for ln in f"{type(e).__name__}: {e}".splitlines() if ln.strip()]
         raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
