@@ -47,3 +47,22 @@ def fit(params, loss_at, steps: int = 20, lr: float = 1e-2) -> float:
         opt.step()
     with torch.no_grad():
         return loss_at(7).item()
+
+
+def assert_stages_match_reference(run_dir, cfg, rel: float = 1e-5) -> None:
+    """Each stage's logged losses in a pipeline run (`run_dir/stages/stage<k>/metrics.jsonl`) equal
+    the sequential single-process reference of `cfg` (`local_reference`) at `rel`, and the last stage
+    really trains (its first and last losses differ)."""
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from dist_train.train.local_reference import local_reference
+
+    ref = local_reference(cfg)["losses"]
+    for k, expected in enumerate(ref):
+        lines = (Path(run_dir) / "stages" / f"stage{k}" / "metrics.jsonl").read_text().splitlines()
+        got = [json.loads(line)["loss"] for line in lines if line.strip()]
+        assert got == pytest.approx(expected, rel=rel), f"stage {k}"
+    assert ref[-1][0] != pytest.approx(ref[-1][-1], rel=1e-3)  # the stages really train
