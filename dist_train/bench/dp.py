@@ -138,8 +138,6 @@ def _contiguous_input(module, args):
 def build_side(side: str, cfg, data, device, batch: int):
     """Model, optimizer and privacy machinery of one side; returns `step(x, y) -> loss`, and the
     model (for tests). The private sides take sigma and C from `cfg.privacy`."""
-    import warnings
-
     import torch
     import torch.nn.functional as F
 
@@ -155,32 +153,46 @@ def build_side(side: str, cfg, data, device, batch: int):
         return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
 
     if side == "nonprivate":
-        def step(x, y):
-            loss = mean_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step, model
-
+        return _nonprivate_step(model, opt, mean_loss), model
     if side == "dist-train":
-        from types import SimpleNamespace
+        return _dist_train_step(model, opt, mean_loss, cfg, data), model
+    return _opacus_step(side, model, opt, mean_loss, cfg, batch, vocab), model
 
-        from dist_train.privacy.dp_sgd import DPSGD
 
-        backend = SimpleNamespace(module=model, mesh=None, dp_size=1)
-        transform = DPSGD(cfg, data, None, model)
-        transform.attach(backend)
+def _nonprivate_step(model, opt, mean_loss):
+    def step(x, y):
+        loss = mean_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
 
-        def step(x, y):
-            loss = mean_loss(model(x), y)
-            transform.backward(backend, loss, x.size(0), True)  # (loss * B).backward(); keeper.accumulate(B)
-            transform(backend)  # noise, division by B, accountant
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step, model
 
+def _dist_train_step(model, opt, mean_loss, cfg, data):
+    from types import SimpleNamespace
+
+    from dist_train.privacy.dp_sgd import DPSGD
+
+    backend = SimpleNamespace(module=model, mesh=None, dp_size=1)
+    transform = DPSGD(cfg, data, None, model)
+    transform.attach(backend)
+
+    def step(x, y):
+        loss = mean_loss(model(x), y)
+        transform.backward(backend, loss, x.size(0), True)  # (loss * B).backward(); keeper.accumulate(B)
+        transform(backend)  # noise, division by B, accountant
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def _opacus_step(side: str, model, opt, mean_loss, cfg, batch: int, vocab: int):
+    """Opacus's per-sample hooks or its ghost clipping (`grad_sample_mode`) around the same model."""
+    import warnings
+
+    import torch
     from opacus import PrivacyEngine
 
     mode = {"opacus-hooks": "hooks", "opacus-ghost": "ghost"}[side]
@@ -204,7 +216,7 @@ def build_side(side: str, cfg, data, device, batch: int):
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
             return loss.detach()
-        return step, model
+        return step
 
     criterion = out[2]
 
@@ -215,7 +227,7 @@ def build_side(side: str, cfg, data, device, batch: int):
         dp_opt.step()
         dp_opt.zero_grad(set_to_none=True)
         return loss.detach()
-    return step, model
+    return step
 
 
 def _device():
@@ -347,84 +359,18 @@ def run(quick: bool) -> dict[str, Any]:
     size_name, size = pick_size(SIZES, quick)
     command, started = command_line(), utc_now()
     t0 = time.perf_counter()
-
-    # (a) step: every side in a fresh process, order alternating over repeats
-    per_side: dict[str, list[dict]] = {s: [] for s in SIDES}
-    for rep in range(size["repeats"]):
-        for side in (SIDES if rep % 2 == 0 else tuple(reversed(SIDES))):
-            per_side[side].append(_spawn(step_worker, size, side))
+    per_side = _step_part(size)  # (a)
     t_step = time.perf_counter() - t0
     device = per_side["nonprivate"][0]["device"]
-    batch = size["batch"]
-
-    def sps(r: dict) -> float:
-        return batch / statistics.median(r["times"])
-
-    def median_ratio(num: str, den: str, key) -> float:
-        return statistics.median(key(a) / key(b) for a, b in zip(per_side[num], per_side[den]))
-
-    thr = {s: statistics.median(sps(r) for r in per_side[s]) for s in SIDES}
-    inc = {s: statistics.median(r["increase"] for r in per_side[s]) for s in SIDES}
-    mem_ratio = {s: median_ratio(s, "nonprivate", lambda r: r["increase"]) for s in SIDES}
-    rss_inc = {s: statistics.median(r["rss_increase"] for r in per_side[s]) for s in SIDES}
-    rss_ratio = {s: median_ratio(s, "nonprivate", lambda r: r["rss_increase"]) for s in SIDES}
-    thr_ratio = {s: median_ratio(s, "nonprivate", sps) for s in SIDES}
-    dp_vs_ghost = median_ratio("dist-train", "opacus-ghost", sps)
-    rows = [{"part": "a: step", "side": s, "batch": batch, "samples_per_s": thr[s],
-             "step_ms_median": 1e3 * statistics.median(t for r in per_side[s] for t in r["times"]),
-             "throughput_vs_nonprivate": thr_ratio[s],
-             "mem_increase_mib": inc[s] / MIB, "mem_increase_vs_nonprivate": mem_ratio[s],
-             **({"rss_increase_mib": rss_inc[s] / MIB, "rss_increase_vs_nonprivate": rss_ratio[s]} if device == "cpu" else {}),
-             "repeats": len(per_side[s])} for s in SIDES]
-
-    # (b) maximum batch under the memory budget
+    fig = _step_figures(per_side, size["batch"], device)
     t1 = time.perf_counter()
-    searches = {s: _spawn(max_batch_worker, size, s) for s in MAX_BATCH_SIDES}
+    searches = {s: _spawn(max_batch_worker, size, s) for s in MAX_BATCH_SIDES}  # (b)
     t_max = time.perf_counter() - t1
-    for s in MAX_BATCH_SIDES:
-        res = searches[s]
-        at_max = next((t for t in res["tried"] if t["batch"] == res["max_batch"]), None)
-        over = res["tried"][-1] if not res["capped"] else None
-        rows.append({"part": "b: max batch", "side": s, "max_batch": res["max_batch"],
-                     "budget_mib": res["budget"] / MIB, "capped_at_grid_end": res["capped"],
-                     "increase_at_max_mib": at_max["increase"] / MIB if at_max and at_max["increase"] is not None else None,
-                     "first_over_budget": over["batch"] if over else None,
-                     "increase_first_over_mib": over["increase"] / MIB if over and over["increase"] is not None else None})
+    rows = fig["rows"] + _max_batch_rows(searches)
     max_b = {s: searches[s]["max_batch"] for s in MAX_BATCH_SIDES}
-
     budget_words = (f"a {size['budget_mib']} MiB increase of allocated bytes" if device == "cpu"
                     else "the device memory (out-of-memory)")
-    targets = [
-        make_target("dp_mem_ratio", mem_ratio["dist-train"], "<=", 1.1,
-                    description=f"dist-train DP-SGD / non-private peak increase of allocated tensor bytes over "
-                                f"the built model (median of per-repeat ratios), batch {batch}"),
-        make_target("dp_throughput_ratio", thr_ratio["dist-train"], ">=", 0.75,
-                    description=f"dist-train DP-SGD / non-private samples/s (median of per-repeat ratios), batch {batch}"),
-        make_target("dp_vs_opacus_ghost", dp_vs_ghost, ">=", 1.3,
-                    description=f"dist-train DP-SGD / Opacus ghost clipping samples/s (median of per-repeat ratios), batch {batch}"),
-        make_target("dp_max_batch_vs_opacus_hooks", _ratio(max_b["dist-train"], max_b["opacus-hooks"]), ">=", 1.01,
-                    description=f"dist-train / Opacus hooks maximum batch within {budget_words} "
-                                f"(grid {batch_grid(size['max_batch_cap'])[:4]}..{size['max_batch_cap']}); >= 1.01 = strictly larger"),
-    ]
-    reported = [
-        {"metric": "opacus_hooks_mem_ratio", "value": mem_ratio["opacus-hooks"],
-         "description": "Opacus hooks / non-private memory increase"},
-        {"metric": "opacus_ghost_mem_ratio", "value": mem_ratio["opacus-ghost"],
-         "description": "Opacus ghost clipping / non-private memory increase"},
-        *({"metric": f"rss_ratio_{s.replace('-', '_')}", "value": rss_ratio[s],
-           "description": f"{s} / non-private peak-RSS increase (what malloc keeps resident included; no target)"}
-          for s in SIDES if s != "nonprivate" and device == "cpu"),
-        {"metric": "opacus_hooks_throughput_ratio", "value": thr_ratio["opacus-hooks"],
-         "description": "Opacus hooks / non-private samples/s"},
-        {"metric": "opacus_ghost_throughput_ratio", "value": thr_ratio["opacus-ghost"],
-         "description": "Opacus ghost clipping / non-private samples/s"},
-        {"metric": "dp_vs_opacus_hooks_throughput", "value": median_ratio("dist-train", "opacus-hooks", sps),
-         "description": "dist-train / Opacus hooks samples/s"},
-        {"metric": "dp_max_batch_vs_nonprivate", "value": _ratio(max_b["dist-train"], max_b["nonprivate"]),
-         "description": "dist-train / non-private maximum batch"},
-        *({"metric": f"max_batch_{s.replace('-', '_')}", "value": max_b[s],
-           "description": f"{s}: largest batch within {budget_words}"} for s in MAX_BATCH_SIDES),
-    ]
+    targets, reported = _targets_and_reported(fig, max_b, size, device, budget_words)
     setup = {"size": size_name, **size, "device": device, "threads_per_side": 1, "dtype": "float32",
              "optimizer": f"SGD lr {LR}, no momentum", "max_grad_norm": CLIP, "noise_multiplier": SIGMA,
              "sampling": "fixed batch (no Poisson)", "opacus": opacus.__version__, "torch": torch.__version__,
@@ -442,3 +388,88 @@ def run(quick: bool) -> dict[str, Any]:
              "max_batch_tried": {s: searches[s]["tried"] for s in MAX_BATCH_SIDES},
              "seconds": {"step": t_step, "max_batch": t_max, "total": time.perf_counter() - t0}}
     return document("dp", command, started, setup, rows, targets, reported)
+
+
+def _step_part(size: dict) -> dict[str, list[dict]]:
+    """(a) step: every side in a fresh process, order alternating over repeats."""
+    per_side: dict[str, list[dict]] = {s: [] for s in SIDES}
+    for rep in range(size["repeats"]):
+        for side in (SIDES if rep % 2 == 0 else tuple(reversed(SIDES))):
+            per_side[side].append(_spawn(step_worker, size, side))
+    return per_side
+
+
+def _step_figures(per_side: dict[str, list[dict]], batch: int, device: str) -> dict[str, Any]:
+    """Part (a)'s medians and per-repeat ratios against the non-private side, and its rows."""
+    def sps(r: dict) -> float:
+        return batch / statistics.median(r["times"])
+
+    def median_ratio(num: str, den: str, key) -> float:
+        return statistics.median(key(a) / key(b) for a, b in zip(per_side[num], per_side[den]))
+
+    thr = {s: statistics.median(sps(r) for r in per_side[s]) for s in SIDES}
+    inc = {s: statistics.median(r["increase"] for r in per_side[s]) for s in SIDES}
+    mem_ratio = {s: median_ratio(s, "nonprivate", lambda r: r["increase"]) for s in SIDES}
+    rss_inc = {s: statistics.median(r["rss_increase"] for r in per_side[s]) for s in SIDES}
+    rss_ratio = {s: median_ratio(s, "nonprivate", lambda r: r["rss_increase"]) for s in SIDES}
+    thr_ratio = {s: median_ratio(s, "nonprivate", sps) for s in SIDES}
+    rows = [{"part": "a: step", "side": s, "batch": batch, "samples_per_s": thr[s],
+             "step_ms_median": 1e3 * statistics.median(t for r in per_side[s] for t in r["times"]),
+             "throughput_vs_nonprivate": thr_ratio[s],
+             "mem_increase_mib": inc[s] / MIB, "mem_increase_vs_nonprivate": mem_ratio[s],
+             **({"rss_increase_mib": rss_inc[s] / MIB, "rss_increase_vs_nonprivate": rss_ratio[s]} if device == "cpu" else {}),
+             "repeats": len(per_side[s])} for s in SIDES]
+    return {"rows": rows, "mem_ratio": mem_ratio, "rss_ratio": rss_ratio, "thr_ratio": thr_ratio,
+            "dp_vs_ghost": median_ratio("dist-train", "opacus-ghost", sps),
+            "dp_vs_hooks": median_ratio("dist-train", "opacus-hooks", sps)}
+
+
+def _max_batch_rows(searches: dict[str, dict]) -> list[dict]:
+    """(b) the largest batch under the memory budget, and the first batch over it, per side."""
+    rows = []
+    for s in MAX_BATCH_SIDES:
+        res = searches[s]
+        at_max = next((t for t in res["tried"] if t["batch"] == res["max_batch"]), None)
+        over = res["tried"][-1] if not res["capped"] else None
+        rows.append({"part": "b: max batch", "side": s, "max_batch": res["max_batch"],
+                     "budget_mib": res["budget"] / MIB, "capped_at_grid_end": res["capped"],
+                     "increase_at_max_mib": at_max["increase"] / MIB if at_max and at_max["increase"] is not None else None,
+                     "first_over_budget": over["batch"] if over else None,
+                     "increase_first_over_mib": over["increase"] / MIB if over and over["increase"] is not None else None})
+    return rows
+
+
+def _targets_and_reported(fig: dict, max_b: dict, size: dict, device: str, budget_words: str) -> tuple[list, list]:
+    batch, mem_ratio, rss_ratio, thr_ratio = size["batch"], fig["mem_ratio"], fig["rss_ratio"], fig["thr_ratio"]
+    targets = [
+        make_target("dp_mem_ratio", mem_ratio["dist-train"], "<=", 1.1,
+                    description=f"dist-train DP-SGD / non-private peak increase of allocated tensor bytes over "
+                                f"the built model (median of per-repeat ratios), batch {batch}"),
+        make_target("dp_throughput_ratio", thr_ratio["dist-train"], ">=", 0.75,
+                    description=f"dist-train DP-SGD / non-private samples/s (median of per-repeat ratios), batch {batch}"),
+        make_target("dp_vs_opacus_ghost", fig["dp_vs_ghost"], ">=", 1.3,
+                    description=f"dist-train DP-SGD / Opacus ghost clipping samples/s (median of per-repeat ratios), batch {batch}"),
+        make_target("dp_max_batch_vs_opacus_hooks", _ratio(max_b["dist-train"], max_b["opacus-hooks"]), ">=", 1.01,
+                    description=f"dist-train / Opacus hooks maximum batch within {budget_words} "
+                                f"(grid {batch_grid(size['max_batch_cap'])[:4]}..{size['max_batch_cap']}); >= 1.01 = strictly larger"),
+    ]
+    reported = [
+        {"metric": "opacus_hooks_mem_ratio", "value": mem_ratio["opacus-hooks"],
+         "description": "Opacus hooks / non-private memory increase"},
+        {"metric": "opacus_ghost_mem_ratio", "value": mem_ratio["opacus-ghost"],
+         "description": "Opacus ghost clipping / non-private memory increase"},
+        *({"metric": f"rss_ratio_{s.replace('-', '_')}", "value": rss_ratio[s],
+           "description": f"{s} / non-private peak-RSS increase (what malloc keeps resident included; no target)"}
+          for s in SIDES if s != "nonprivate" and device == "cpu"),
+        {"metric": "opacus_hooks_throughput_ratio", "value": thr_ratio["opacus-hooks"],
+         "description": "Opacus hooks / non-private samples/s"},
+        {"metric": "opacus_ghost_throughput_ratio", "value": thr_ratio["opacus-ghost"],
+         "description": "Opacus ghost clipping / non-private samples/s"},
+        {"metric": "dp_vs_opacus_hooks_throughput", "value": fig["dp_vs_hooks"],
+         "description": "dist-train / Opacus hooks samples/s"},
+        {"metric": "dp_max_batch_vs_nonprivate", "value": _ratio(max_b["dist-train"], max_b["nonprivate"]),
+         "description": "dist-train / non-private maximum batch"},
+        *({"metric": f"max_batch_{s.replace('-', '_')}", "value": max_b[s],
+           "description": f"{s}: largest batch within {budget_words}"} for s in MAX_BATCH_SIDES),
+    ]
+    return targets, reported
