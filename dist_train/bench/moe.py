@@ -244,13 +244,8 @@ def _models(size: dict) -> list[dict[str, Any]]:
     return [spec for spec in models if spec["kind"] in kinds]
 
 
-def run(quick: bool) -> dict[str, Any]:
-    size_name, size = pick_size(SIZES, quick)
-    command, started = command_line(), utc_now()
-    overlap = size.get("overlap")
-    # Sizes with `lrs` train every model at every lr and report each at its best (lowest final
-    # validation error): the same sweep for every model. Without, the config's lr.
-    lrs, config_lr = size.get("lrs") or [None], _config_lr(size)
+def _train_rows(size: dict, lrs: list, config_lr: float) -> list[dict]:
+    """Every model of the size at every lr (`_repeated`), each marked whether its lr was its best."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-moe-") as tmp:
         work = Path(tmp)
@@ -266,42 +261,48 @@ def run(quick: bool) -> dict[str, Any]:
                 tried.append({**spec, "lr": lr if lr is not None else config_lr, **fig})
             chosen = min(tried, key=lambda r: r["rel_l2"])
             rows += [{**r, "best_lr": r is chosen} for r in tried]
+    return rows
 
-    def at(k, m, overlap: int = 0, ranks: int = 2) -> Optional[dict]:
-        """The best-lr row of that model, None if the size does not train it."""
-        return next((r for r in rows if r["best_lr"] and r["experts"] == k and r["points"] == m
-                     and r["ranks"] == ranks and r["overlap"] == overlap), None)
 
-    def ratio(top: Optional[dict], bottom: Optional[dict], key: str) -> Optional[float]:
-        return None if top is None or bottom is None else top[key] / bottom[key]
+def _at(rows: list[dict], k, m, overlap: Optional[int] = 0, ranks: int = 2) -> Optional[dict]:
+    """The best-lr row of that model, None if the size does not train it."""
+    return next((r for r in rows if r["best_lr"] and r["experts"] == k and r["points"] == m
+                 and r["ranks"] == ranks and r["overlap"] == overlap), None)
 
-    soft = at(None, None, None)
+
+def _ratio(top: Optional[dict], bottom: Optional[dict], key: str) -> Optional[float]:
+    return None if top is None or bottom is None else top[key] / bottom[key]
+
+
+def _headline_figures(rows: list[dict], size: dict) -> tuple[list[tuple], list[dict]]:
+    """The targets' (metric, value, op, goal, text), and the equal-device and growth figures beside them."""
+    soft = _at(rows, None, None, None)
     small, large, best = size["points"][0], size["points"][-1], max(size["experts"])
-    glob = at(1, large)
+    glob = _at(rows, 1, large)
     # A target is only set where the size trains both rows it divides (see `rows`).
-    wanted = [(f"rel_l2_{k}_experts_vs_global", ratio(at(k, large), glob, "rel_l2"), "<=", 1.0,
+    wanted = [(f"rel_l2_{k}_experts_vs_global", _ratio(_at(rows, k, large), glob, "rel_l2"), "<=", 1.0,
                f"held-out relative L2 error, {k} experts / one global hard constraint, m = {large} "
                "(below 1: experts more accurate)") for k in size["experts"]]
     # The step-time target compares against the paper's placement (the global constraint on one
     # device for the whole batch): at equal devices the data-parallel global constraint and the
     # experts solve the same LM rows per rank by construction, so that ratio is reported beside it
     # with no target (the project's ruling, recorded in BENCHMARKS.md).
-    one_rank_row = at(1, large, ranks=1)
+    one_rank_row = _at(rows, 1, large, ranks=1)
     shorter = one_rank_row is not None and one_rank_row["steps"] != size["steps"]
-    wanted += [("rel_l2_experts_vs_soft", ratio(at(best, large), soft, "rel_l2"), "<=", 0.5,
+    wanted += [("rel_l2_experts_vs_soft", _ratio(_at(rows, best, large), soft, "rel_l2"), "<=", 0.5,
                 f"held-out relative L2 error, {best} experts (m = {large}) / soft constraint"),
-               ("step_time_global_1rank_vs_experts", ratio(one_rank_row, at(best, large), "step_time_s"), ">=", 1.5,
+               ("step_time_global_1rank_vs_experts", _ratio(one_rank_row, _at(rows, best, large), "step_time_s"), ">=", 1.5,
                 f"median step time, global hard constraint on ONE rank for the whole batch (the paper's placement) "
                 f"/ {best} experts on 2 ranks, m = {large}" + (f"; the one-rank row timed over its "
                 f"{one_rank_row['steps']} steps only (early training)" if shorter else ""))]
-    equal = ratio(glob, at(best, large), "step_time_s")
+    equal = _ratio(glob, _at(rows, best, large), "step_time_s")
     reported = [] if equal is None else [{
         "metric": "step_time_global_vs_experts", "value": equal,
         "description": f"median step time, global hard constraint / {best} experts, m = {large}, 2 ranks each "
                        "(equal devices do equal work by construction: reported beside the target, no target)"}]
     if small != large:  # a growth with m needs two m's
-        growth_global = ratio(glob, at(1, small), "step_time_s")
-        growth_experts = ratio(at(best, large), at(best, small), "step_time_s")
+        growth_global = _ratio(glob, _at(rows, 1, small), "step_time_s")
+        growth_experts = _ratio(_at(rows, best, large), _at(rows, best, small), "step_time_s")
         if growth_global is not None and growth_experts is not None:
             wanted.append(("step_time_growth_experts_vs_global", growth_experts / growth_global, "<=", 1.0,
                            f"(experts' step time m={large} / m={small}) / (the global constraint's): below 1 when "
@@ -309,15 +310,21 @@ def run(quick: bool) -> dict[str, Any]:
             reported += [{"metric": f"step_time_growth_{name}", "value": value,
                           "description": f"median step time at m = {large} / at m = {small}"}
                          for name, value in (("global", growth_global), (f"{best}_experts", growth_experts))]
-    targets = [make_target(metric, value, op, goal, description=text)
-               for metric, value, op, goal, text in wanted if value is not None]
+    return wanted, reported
+
+
+def _per_model_figures(rows: list[dict], size: dict, overlap: Optional[int]) -> list[dict]:
+    """Each expert count against the global constraint (paired per repeat), and the overlapping experts'."""
+    large, best = size["points"][-1], max(size["experts"])
+    glob = _at(rows, 1, large)
+    reported = []
     for k in size["experts"] if glob else []:
-        reported += _paired(f"rel_l2_{k}_experts_vs_global", at(k, large), glob, "rel_l2",
+        reported += _paired(f"rel_l2_{k}_experts_vs_global", _at(rows, k, large), glob, "rel_l2",
                             f"(error, {k} experts) / (error, global constraint), m = {large}")
-        reported += _paired(f"step_time_global_vs_{k}_experts", glob, at(k, large), "step_time_s",
+        reported += _paired(f"step_time_global_vs_{k}_experts", glob, _at(rows, k, large), "step_time_s",
                             f"(median step time, global constraint) / ({k} experts), m = {large}", below=False)
     for k in size["experts"] if overlap and glob else []:
-        mine = at(k, large, overlap)
+        mine = _at(rows, k, large, overlap)
         if mine is None:
             continue
         reported.append({"metric": f"rel_l2_{k}_experts_overlap_vs_global", "value": mine["rel_l2"] / glob["rel_l2"],
@@ -325,11 +332,26 @@ def run(quick: bool) -> dict[str, Any]:
                          f"/ one global hard constraint, m = {large} (an extension beyond the paper, no target)"})
         reported += _paired(f"rel_l2_{k}_experts_overlap_vs_global", mine, glob, "rel_l2",
                             f"(error, {k} experts with overlap {overlap}) / (error, global constraint)")
-    step_overlap = ratio(glob, at(best, large, overlap), "step_time_s") if overlap else None
+    step_overlap = _ratio(glob, _at(rows, best, large, overlap), "step_time_s") if overlap else None
     if step_overlap is not None:
         reported.append({"metric": "step_time_global_vs_experts_overlap", "value": step_overlap,
                          "description": f"median step time, global hard constraint / {best} experts with {overlap} "
                          f"columns of overlap, m = {large} (2 ranks each, no target)"})
+    return reported
+
+
+def run(quick: bool) -> dict[str, Any]:
+    size_name, size = pick_size(SIZES, quick)
+    command, started = command_line(), utc_now()
+    overlap = size.get("overlap")
+    # Sizes with `lrs` train every model at every lr and report each at its best (lowest final
+    # validation error): the same sweep for every model. Without, the config's lr.
+    lrs, config_lr = size.get("lrs") or [None], _config_lr(size)
+    rows = _train_rows(size, lrs, config_lr)
+    wanted, reported = _headline_figures(rows, size)
+    targets = [make_target(metric, value, op, goal, description=text)
+               for metric, value, op, goal, text in wanted if value is not None]
+    reported += _per_model_figures(rows, size, overlap)
     setup = {"size": size_name, "steps": size["steps"], "repeats": size["repeats"], "world_size": 2, "threads_per_rank": 1,
              "config": f"configs/{_config(size).name}", "overrides": [*COMMON, *size["extra"]], "points": size["points"],
              "experts": size["experts"], "overlap": overlap or 0, "rows": list(size.get("rows", ROW_KINDS)),
