@@ -4,6 +4,15 @@ are the same run and a change to the common set reaches all of them."""
 
 from __future__ import annotations
 
+# width 256 / 6 layers is torchtitan's debug model's size class; vocab 256 (the byte corpus). Each
+# benchmark adds its own smoke size (what its test runs).
+SIZES = {
+    "full": {"n_layer": 6, "width": 256, "n_head": 8, "n_kv_heads": 4, "block": 256, "batch": 16,
+             "warmup": 3, "measured": 20, "memory_steps": 2, "repeats": 5},
+    "quick": {"n_layer": 4, "width": 128, "n_head": 4, "n_kv_heads": 2, "block": 128, "batch": 8,
+              "warmup": 2, "measured": 8, "memory_steps": 2, "repeats": 3},
+}
+
 
 def llama_model(size: dict) -> list[str]:
     """The `llama` of a benchmark size (keys n_layer, width, n_head, n_kv_heads)."""

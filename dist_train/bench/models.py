@@ -28,18 +28,15 @@ from typing import Any
 
 import torch
 
-from dist_train.bench.llama_runs import llama_model, run_overrides
+from dist_train.bench.llama_runs import SIZES as LLAMA_SIZES, llama_model, run_overrides
 from dist_train.bench.overhead import SharedData, step_timing
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
 WORLD = 2
 SIDES = ("llama", "hf")
-# width 256 / 6 layers is torchtitan's debug model's size class; vocab 256 (the byte corpus)
+# full and quick: the llama benchmarks' shared sizes (bench/llama_runs.py)
 SIZES = {
-    "full": {"n_layer": 6, "width": 256, "n_head": 8, "n_kv_heads": 4, "block": 256, "batch": 16,
-             "warmup": 3, "measured": 20, "memory_steps": 2, "repeats": 5},
-    "quick": {"n_layer": 4, "width": 128, "n_head": 4, "n_kv_heads": 2, "block": 128, "batch": 8,
-              "warmup": 2, "measured": 8, "memory_steps": 2, "repeats": 3},
+    **LLAMA_SIZES,
     "smoke": {"n_layer": 2, "width": 64, "n_head": 4, "n_kv_heads": 2, "block": 32, "batch": 4,
               "warmup": 1, "measured": 2, "memory_steps": 1, "repeats": 1},
 }

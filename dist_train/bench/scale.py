@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from dist_train.bench.llama_runs import llama_model, run_overrides
+from dist_train.bench.llama_runs import SIZES as LLAMA_SIZES, llama_model, run_overrides
 from dist_train.bench.overhead import SharedData, step_timing
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
@@ -52,14 +52,11 @@ SIDES = {
 }
 MEMORY_SIDES = ("eager", "full", "selective", "op", "op_half")
 OTHER_SELECTIVE = {"op": "selective op (all matmuls kept)", "op_half": "selective op (every second matmul kept)"}
-# width 256 / 6 layers is torchtitan's debug model's size class; vocab 256 (the byte corpus). At
-# least 2 warm-up steps: the compile side compiles at the first step (until 2026-12-07 a compiled
+# full and quick: the llama benchmarks' shared sizes (bench/llama_runs.py), whose at
+# least 2 warm-up steps this bench needs: the compile side compiles at the first step (until 2026-12-07 a compiled
 # llama block also compiled again at its second call, when it cached its rotary tables on itself).
 SIZES = {
-    "full": {"n_layer": 6, "width": 256, "n_head": 8, "n_kv_heads": 4, "block": 256, "batch": 16,
-             "warmup": 3, "measured": 20, "memory_steps": 2, "repeats": 5},
-    "quick": {"n_layer": 4, "width": 128, "n_head": 4, "n_kv_heads": 2, "block": 128, "batch": 8,
-              "warmup": 2, "measured": 8, "memory_steps": 2, "repeats": 3},
+    **LLAMA_SIZES,
     "smoke": {"n_layer": 2, "width": 32, "n_head": 2, "n_kv_heads": 1, "block": 16, "batch": 4,
               "warmup": 2, "measured": 2, "memory_steps": 1, "repeats": 1},
 }
