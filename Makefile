@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" "setuptools>=68" wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[deepspeed,fairscale,mpi,dev,hf]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[deepspeed,fairscale,mpi,dev,hf,plot]"
 	touch $(STAMP)
 
 demo: $(STAMP)
