@@ -81,6 +81,25 @@ FORK_PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "torch.distri
                 "dist_train.runtime", "dist_train.train.loop", "dist_train.train.local_loop", "cli_helpers")
 
 
+def _python_path_first() -> None:
+    """What a fresh interpreter started with this environment's PYTHONPATH would import: its folders
+    (those not on the fork server's path already) go first on sys.path, and a module the server
+    imported that one of them provides is forgotten (torch imports pynvml when it is imported), so
+    the rank imports it from there: a test's stand-in module, say."""
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    if not entries:
+        return
+    import importlib
+
+    sys.path[:0] = entries
+    tops = {name.split(".")[0] for name in sys.modules}
+    provided = {top for top in tops for entry in entries
+                if Path(entry, top + ".py").exists() or Path(entry, top).is_dir()}
+    for name in [name for name in sys.modules if name.split(".")[0] in provided]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+
+
 def _cli_rank(rank: int, world: int, argv: list[str], cwd: str, log: str) -> None:
     # A forked rank writes to the fork server's descriptors (whatever they were when the server
     # started, another test's capture perhaps): give each rank a file of its own instead.
@@ -92,6 +111,7 @@ def _cli_rank(rank: int, world: int, argv: list[str], cwd: str, log: str) -> Non
     if world == 1:  # one process with no launcher around it, as a plain `dist-train run`
         for k in _WORLD_VARS:
             os.environ.pop(k, None)
+    _python_path_first()
     from dist_train.cli import main
 
     code = main(argv)
@@ -114,7 +134,9 @@ def forked_run(args: list[str], cwd: Path, nproc: int = 1, env: Optional[dict[st
     that imported torch once; returns rank 0's output. The same ranks `dist-train launch --nproc
     NPROC --threads 1` starts, minus the elastic agent and an interpreter start with torch's import
     per rank (seconds each on a loaded machine): for tests of what the ranks compute, not of the
-    launcher. A rank that fails or exits non-zero fails the test with every rank's output."""
+    launcher. A rank that fails or exits non-zero fails the test with every rank's output. `env`
+    is added to this environment; a PYTHONPATH in it is honoured as a fresh interpreter would
+    (`_python_path_first`)."""
     from dist_train.bench._spawn import run_on_ranks
 
     cwd.mkdir(parents=True, exist_ok=True)
