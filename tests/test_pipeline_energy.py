@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from cli_helpers import forked_run
 
 WATTS = 50.0
 
@@ -40,6 +40,14 @@ TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size
         "checkpoint.at_end=false", "parallel.stages=2", "telemetry.energy=nvml"]
 
 
+def _run(tmp_path: Path, name: str, pynvml_dir: Path) -> None:
+    """The 2 ranks `dist-train launch --nproc 2 --threads 1` would start, forked from the fork server,
+    with the pynvml of `pynvml_dir` in place of the installed one."""
+    env = {"PYTHONPATH": os.pathsep.join([str(pynvml_dir), os.environ.get("PYTHONPATH", "")])}
+    forked_run(["quickstart.yaml", f"run.dir={tmp_path}", f"run.name={name}", *TINY], tmp_path, nproc=2, env=env,
+               timeout=240)
+
+
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -49,11 +57,7 @@ def test_pipeline_meters_energy_per_stage_and_counts_a_shared_gpu_once(tmp_path)
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "pynvml.py").write_text(FAKE_PYNVML)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "dist_train", "launch", "quickstart.yaml", "--nproc", "2",
-                           "--threads", "1", f"run.dir={tmp_path}", "run.name=energy", *TINY],
-                          capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run(tmp_path, "energy", fake)
     run = tmp_path / "energy"
     stages = [_records(run / "stages" / f"stage{k}" / "metrics.jsonl") for k in range(2)]
     main = _records(run / "metrics.jsonl")
@@ -89,11 +93,7 @@ def test_pipeline_row_has_gpu_stats_and_the_whole_models_flops(tmp_path):
     from dist_train.models import build_model
 
     stand_in = Path(__file__).parent / "stand_in"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_in), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "dist_train", "launch", "quickstart.yaml", "--nproc", "2",
-                           "--threads", "1", f"run.dir={tmp_path}", "run.name=stats", *TINY],
-                          capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run(tmp_path, "stats", stand_in)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", TINY)
     model = build_model(cfg.model, build_dataset(cfg.data, cfg.model.block_size).info)
     flops = model.num_flops_per_token()
