@@ -11,13 +11,12 @@ in one process).
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import CLI, assert_user_error, clean_env, cli, config_file, forked_run
+from cli_helpers import assert_user_error, clean_env, config_file, forked_cli, forked_run
 from tiers import fast_first
 from layouts import LAYOUTS
 
@@ -61,8 +60,7 @@ def test_export_loads_strict_and_gives_the_runs_val_loss(layout: str, config: Pa
     forked_run([str(config), f"run.dir={tmp_path}", *LAYOUTS[layout]], tmp_path, nproc=2)
     run = tmp_path / "x"
     out = tmp_path / "model.safetensors"
-    exported = subprocess.run([*CLI, "export", str(run), "--out", str(out)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
+    exported = forked_cli(["export", str(run), "--out", str(out)], tmp_path, env=env)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert out.is_file() and out.with_suffix(".yaml").is_file()
 
@@ -80,6 +78,6 @@ def test_export_refuses_a_run_without_a_committed_checkpoint(tmp_path: Path) -> 
     run = tmp_path / "r"
     run.mkdir()
     (run / "config.yaml").write_text("run: {name: r}\n")
-    assert_user_error(cli(["export", str(run)], tmp_path), "no committed checkpoint")
-    assert_user_error(cli(["export", str(tmp_path / "nothing")], tmp_path), "not a run directory")
+    assert_user_error(forked_cli(["export", str(run)], tmp_path), "no committed checkpoint")
+    assert_user_error(forked_cli(["export", str(tmp_path / "nothing")], tmp_path), "not a run directory")
     assert not (run / "export").exists()
