@@ -102,13 +102,18 @@ def runs(tmp_path_factory) -> dict:
     no backend, its blocks fed [4, 16, 32]): the 6 compiled ranks then load them (about 5 s each)
     rather than two ranks building them cold at once (about 30 s of CPU each on 2 cores).
 
+    Each process would check the C++ compiler's vector ISAs again (a dry build per ISA in a fresh
+    cache, then a child process that loads each: about 2 s per process); TORCHINDUCTOR_VEC_ISA_OK
+    takes the CPU's own list instead, which picks the same ISA here: the generated C++ kernels and
+    their compiler flags are the same (the same kernel files in the cache either way).
+
     The llama's blocks hold a custom autograd function (its SwiGLU), for which torch leaves the
     AOTAutograd cache off by default (the function's code is not in the cache key); in this fresh,
     test-only cache the function cannot change between runs, so it is turned on, and a rank skips
     the joint graph's tracing and partitioning too."""
     root = tmp_path_factory.mktemp("compile")
     env = {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TORCHINDUCTOR_COMPILE_THREADS": "1",
-           "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
+           "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1", "TORCHINDUCTOR_VEC_ISA_OK": "1"}
     forked_run(["quickstart.yaml", f"run.dir={root}", "run.name=warm", *TINY, "train.batch_size=4",
                 "parallel.backend=none", "parallel.stages=1", "parallel.compile=true"], root, nproc=1, env=env,
                timeout=900)
