@@ -13,6 +13,7 @@ save of the async side was committed.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 from typing import Any, Optional
@@ -23,6 +24,9 @@ from dist_train.bench.llama_runs import llama_model, run_overrides
 from dist_train.bench.report import make_target, pick_size
 
 WORLD = 2
+# What the fork server the ranks are forked from imports once (torch's import, seconds on a loaded
+# machine, is then paid once rather than by each rank).
+PRELOAD = ("torch", "torch.distributed", "dist_train.train.loop", "dist_train.bench.checkpoint_stall")
 SIDES = ("sync", "async")
 TARGET = 0.2
 # The checkpoint holds the weights and AdamW's two moments in fp32: at width 256 about 10 MB per
@@ -98,7 +102,7 @@ def measure_stall(size: Optional[dict] = None, quick: bool = False) -> dict[str,
     size_name, picked = pick_size(SIZES, quick)
     size = {**picked, **(size or {})}
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-stall-") as tmp:
-        out = run_on_ranks(_worker, nprocs=WORLD, args=(size, tmp), threads=1)
+        out = run_on_ranks(_worker, nprocs=WORLD, args=(size, tmp), threads=1, preload=PRELOAD, env=dict(os.environ))
         ckpt_bytes = _checkpoint_bytes(tmp)
     rows = [{"side": r["side"], "repeat": r["repeat"], "stall_s": statistics.median(r["stalls_s"]),
              "saves": len(r["stalls_s"]), "step_s": r["step_s"], "committed": r["committed"]} for r in out["rows"]]

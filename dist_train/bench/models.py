@@ -21,6 +21,7 @@ Set-up memory of the `llama` is also measured on 1 rank: sharded initialisation 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -33,6 +34,10 @@ from dist_train.bench.overhead import SharedData, step_timing
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
 WORLD = 2
+# What the fork server the ranks are forked from imports once (torch's import, seconds on a loaded
+# machine, is then paid once rather than by each rank).
+PRELOAD = ("torch", "torch.distributed", "dist_train.train.loop", "transformers.models.llama.modeling_llama",
+           "dist_train.bench.models")
 SIDES = ("llama", "hf")
 # full and quick: the llama benchmarks' shared sizes (bench/llama_runs.py)
 SIZES = {
@@ -130,8 +135,10 @@ def run(quick: bool) -> dict[str, Any]:
     command, started = command_line(), utc_now()
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-models-") as tmp:
         hf_folder = str(write_hf_config(size, Path(tmp) / "hf"))
-        two = run_on_ranks(_worker, nprocs=WORLD, args=(size, tmp, hf_folder, True), threads=1)
-        one = run_on_ranks(_worker, nprocs=1, args=(size, tmp, hf_folder, False), threads=1)
+        two = run_on_ranks(_worker, nprocs=WORLD, args=(size, tmp, hf_folder, True), threads=1,
+                           preload=PRELOAD, env=dict(os.environ))
+        one = run_on_ranks(_worker, nprocs=1, args=(size, tmp, hf_folder, False), threads=1,
+                           preload=PRELOAD, env=dict(os.environ))
     rows = two["rows"] + one["rows"]
     tokens = {s: _median(rows, s, "tokens_s") for s in SIDES}
     step_mem = {s: _median(rows, s, "step_bytes") for s in SIDES}

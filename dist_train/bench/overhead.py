@@ -40,6 +40,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import statistics
 import tempfile
 import threading
@@ -56,6 +57,9 @@ from dist_train.data.sampler import StepSampler
 TARGET_RATIO = 1.05
 METRIC = "framework_step_time / handwritten_step_time (median)"
 WORLD = 2
+# What the fork server the ranks are forked from imports once (torch's import, seconds on a loaded
+# machine, is then paid once rather than by each rank).
+PRELOAD = ("torch", "torch.distributed", "dist_train.train.loop", "dist_train.bench.overhead")
 LOG_EVERY = 10  # the quickstart's own logging frequency
 
 # lockstep / sequential: number of A/B pairs in each mode; warmup: untimed steps per run;
@@ -350,7 +354,8 @@ def run(quick: bool) -> dict[str, Any]:
     size_name, size = pick_size(SIZES, quick)
     command, started = command_line(), utc_now()
     with tempfile.TemporaryDirectory(prefix="dist-train-bench-overhead-") as run_dir:
-        out = run_on_ranks(_worker, nprocs=WORLD, args=(size, run_dir), threads=1)
+        out = run_on_ranks(_worker, nprocs=WORLD, args=(size, run_dir), threads=1,
+                           preload=PRELOAD, env=dict(os.environ))
 
     rows = _rows(out["runs"], out["batch_size"])
     lockstep_median = next(r for r in rows if r["mode"] == "lockstep" and r["repeat"] == "median")

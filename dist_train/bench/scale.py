@@ -29,6 +29,7 @@ Measured per repeat, sides alternating in order (forward, then reversed, ...):
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 from typing import Any
@@ -40,6 +41,9 @@ from dist_train.bench.overhead import SharedData, step_timing
 from dist_train.bench.report import command_line, document, make_target, pick_size, utc_now
 
 WORLD = 2
+# What the fork server the ranks are forked from imports once (torch's import, seconds on a loaded
+# machine, is then paid once rather than by each rank).
+PRELOAD = ("torch", "torch.distributed", "dist_train.train.loop", "dist_train.bench.scale")
 # side -> its overrides over the common ones
 SIDES = {
     "eager": (),
@@ -128,7 +132,8 @@ def compile_and_checkpointing_section(size: dict, tmp: str) -> dict[str, Any]:
     """The rows, targets and reported figures of the compile and activation-checkpointing sides."""
     from dist_train.bench._spawn import run_on_ranks
 
-    out = run_on_ranks(_worker, nprocs=WORLD, args=(size, tmp, tuple(SIDES)), threads=1)
+    out = run_on_ranks(_worker, nprocs=WORLD, args=(size, tmp, tuple(SIDES)), threads=1,
+                       preload=PRELOAD, env=dict(os.environ))
     rows = out["rows"]
     compiled = [r["compile_s"] for r in rows if r["side"] == "compile"]  # none when SIDES leaves it out
     tokens = {s: _median(rows, s, "tokens_s") for s in SIDES if s != "compile" or compiled}
