@@ -20,6 +20,7 @@ from cli_helpers import TINY_YAML, clean_env, forked_run  # tests/ is on sys.pat
 TINY_GPT = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16",
             "data.max_bytes=200000", "train.batch_size=8", "train.log_every=1", "optim.warmup_steps=2",
             "train.eval_batches=1", "telemetry.tensorboard=false",
+            "train.sample_tokens=0",  # the quickstart generates 200 tokens after training: seconds per run
             "parallel.stages=1"]  # end-to-end backprop (the quickstart itself is a 2-stage pipeline)
 
 class DistTrain:
