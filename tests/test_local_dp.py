@@ -20,7 +20,8 @@ from tiers import fast_first
 
 TINY = ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=5", "train.log_every=1", "train.eval_batches=2",
-        "optim.warmup_steps=2", "optim.schedule=constant", "checkpoint.at_end=true", "parallel.stages=2"]
+        "optim.warmup_steps=2", "optim.schedule=constant", "checkpoint.at_end=true", "parallel.stages=2",
+        "train.sample_tokens=0"]  # the quickstart generates 200 tokens through the stages after training
 
 
 def _records(path: Path) -> list[dict]:
