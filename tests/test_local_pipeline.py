@@ -16,6 +16,7 @@ from dist_train.train.local_reference import local_reference
 TINY = ["model.n_layer=4", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_batches=2",
         "optim.warmup_steps=2", "checkpoint.at_end=false", "parallel.stages=2",
+        "train.sample_tokens=0",  # the quickstart generates 200 tokens through the stages after training
         "local.send_targets=true"]  # the general contract (the quickstart keeps targets off the wire)
 
 
