@@ -13,7 +13,8 @@ from tiers import fast_first
 
 TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=6", "train.log_every=1", "train.eval_batches=1",
-        "optim.warmup_steps=2", "checkpoint.at_end=false", "parallel.stages=1"]
+        "optim.warmup_steps=2", "checkpoint.at_end=false", "parallel.stages=1",
+        "train.sample_tokens=0"]  # the quickstart generates 200 tokens after training
 
 
 def _launch(tmp: Path, name: str, *extra: str) -> list[float]:
