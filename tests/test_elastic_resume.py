@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_user_error, clean_env, cli, config_file, forked_run
+from cli_helpers import assert_user_error, clean_env, config_file, forked_cli, forked_run
 from tiers import fast_first
 
 YAML = """\
@@ -76,8 +76,8 @@ def test_checkpoint_of_another_layout_is_refused_by_name(config: Path, tmp_path:
     pipe = tmp_path / "pipe"
     _launch(config, pipe, 2, "parallel.stages=2", "model.n_layer=4", "train.steps=3")
     step3 = pipe / "e" / "checkpoints" / "step-3"
-    proc = cli(["run", str(config), "parallel.backend=none", "model.n_layer=4", f"run.dir={tmp_path / 'bp'}",
-                f"checkpoint.resume={step3}"], tmp_path, env=clean_env(OMP_NUM_THREADS="1"))
+    proc = forked_cli(["run", str(config), "parallel.backend=none", "model.n_layer=4", f"run.dir={tmp_path / 'bp'}",
+                       f"checkpoint.resume={step3}"], tmp_path, env=clean_env(OMP_NUM_THREADS="1"))
     assert_user_error(proc, str(step3), "parallel.stages=2 cut at blocks [2], dcp format",
                       "parallel.stages=1, dcp format", "checkpoint.resume=never")
     assert not (tmp_path / "bp").exists()
