@@ -37,7 +37,8 @@ def nvmlDeviceGetPowerUsage(h): return int({WATTS} * 1000)
 
 TINY = ["model.n_layer=2", "model.width=32", "model.n_head=2", "model.block_size=16", "data.max_bytes=200000",
         "train.batch_size=8", "train.steps=6", "train.log_every=2", "train.eval_batches=1",
-        "checkpoint.at_end=false", "parallel.stages=2", "telemetry.energy=nvml"]
+        "checkpoint.at_end=false", "parallel.stages=2", "telemetry.energy=nvml",
+        "train.sample_tokens=0"]  # the quickstart generates 200 tokens through the stages after training
 
 
 def _run(tmp_path: Path, name: str, pynvml_dir: Path) -> None:
