@@ -80,6 +80,15 @@ def test_speedups_are_read_off_own_schedule_runs_and_every_target_is_named() -> 
             assert f"speedup_steps_{arm}_{tag}" in names or f"speedup_steps_{arm}_{tag}" in by
 
 
+def test_settings_at_a_ladder_end_are_flagged() -> None:
+    from dist_train.bench.optimizers import at_ladder_end
+
+    assert at_ladder_end("muon", {**space.start("muon"), "momentum": 0.8, "warmup": 0.0}) == "momentum=0.8 (bottom)"
+    top = space.axes("adamw")[0].values[-1]
+    assert at_ladder_end("adamw", {**space.start("adamw"), "lr": top}) == f"lr={top:g} (top)"
+    assert at_ladder_end("normuon", space.start("normuon")) == ""
+
+
 def test_ladder_runs_use_the_setting_of_the_nearer_tuned_horizon() -> None:
     tuned = _tuned("normuon")
     lr = {steps: setting_for(tuned, SIZE, "small", steps)["lr"] for steps in budgets(SIZE, "normuon")}

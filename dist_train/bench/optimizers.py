@@ -27,7 +27,7 @@ over AdamW is at least 1.3 at the smaller size, both horizons (`speedup_steps_no
 kept from `bench muon`, it reaches AdamW's loss in at most 0.8x the steps at the smaller size's short
 horizon (`normuon_steps_to_adamw_loss_ratio`).
 
-Sizes: `full` (the recorded figures; about an hour on 2 cores), `quick` (smaller models, 20 / 80 steps,
+Sizes: `full` (the recorded figures; about 70 minutes on 2 cores), `quick` (smaller models, 20 / 80 steps,
 all of it in minutes), `smoke` (tests: tiny models, the lrs only, a few steps; measures nothing).
 """
 
@@ -109,7 +109,8 @@ def summarize(size: dict, tuned: dict, runs: list[dict], step_s: dict) -> list[d
                                        "arm": arm, **_final(runs, arm, model, steps, descent.best),
                                        "step_s": step_s[arm, model], "setting": space.describe(descent.best),
                                        "tuning_val_loss": descent.value, "evaluations": descent.evaluations,
-                                       "converged": descent.converged}
+                                       "converged": descent.converged,
+                                       "at_ladder_end": at_ladder_end(arm, descent.best)}
                 if arm in space.MATRIX_ARMS and base["test_loss"] is not None:
                     ladder = _ladder(size, tuned, runs, arm, model)
                     reach = budget_to_reach(ladder, base["test_loss"])
@@ -169,6 +170,17 @@ def targets_and_reported(size: dict, rows: list[dict]) -> tuple[list[dict], list
 
 
 # ------------------------------------------------------------------------------------ the run
+
+
+def at_ladder_end(arm: str, setting: dict) -> str:
+    """The hyperparameters a descent left at an end of its ladder (a zero warm-up or weight decay
+    excepted: nothing lies below it): there the best value may lie beyond the ladder."""
+    ends = []
+    for axis in space.axes(arm):
+        value = setting[axis.name]
+        if value in (axis.values[0], axis.values[-1]) and value != 0:
+            ends.append(f"{axis.name}={value:g} ({'top' if value == axis.values[-1] else 'bottom'})")
+    return ", ".join(ends)
 
 
 def _tuning_record(tuned: dict) -> dict[str, Any]:

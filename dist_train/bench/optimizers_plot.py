@@ -27,17 +27,17 @@ def plot_speedups(result: dict[str, Any], path: Path) -> Optional[Path]:
     models = setup["models"]
     rows = [r for r in result["results"] if r.get("part") == "b: final" and r.get("arm") in TARGET_ARMS]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in TARGET_ARMS:
+    for colour, arm in zip(("tab:blue", "tab:green"), TARGET_ARMS):  # a colour per optimizer, a dash per horizon
         for horizon in setup["horizons"]:
             mine = sorted((models[r["size"]]["non_embedding_params"], r) for r in rows
                           if r["arm"] == arm and r["horizon"] == horizon and r.get("speedup_steps") is not None)
             if not mine:
                 continue
             xs, ys = [x for x, _ in mine], [r["speedup_steps"] for _, r in mine]
-            line, = ax.plot(xs, ys, _STYLE.get(horizon, ":"), marker="o", label=f"{arm}, {horizon} horizon")
+            ax.plot(xs, ys, _STYLE.get(horizon, ":"), color=colour, marker="o", label=f"{arm}, {horizon} horizon")
             for x, r in mine:
                 if r.get("speedup_bound") == "at_least":
-                    ax.plot([x], [r["speedup_steps"]], marker="o", mfc="white", color=line.get_color())
+                    ax.plot([x], [r["speedup_steps"]], marker="o", mfc="white", color=colour)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
