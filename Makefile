@@ -26,13 +26,14 @@ demo: $(STAMP)
 	@echo
 	@echo "TensorBoard logs: runs/quickstart/tb  ->  $(VENV)/bin/tensorboard --logdir runs/"
 
-# Three pytest workers keep two cores busy: most tests wait on subprocesses, rendezvous or a
-# launcher part of the time (with two workers the cores sat idle ~45% of the suite). Each test file
+# Four pytest workers keep two cores busy: most tests wait on subprocesses, rendezvous or a
+# launcher part of the time (with three workers the cores still sat idle about a third of the suite;
+# on 2026-12-07 four finished its non-serial part in 13:51 where three took 14:25-15:20). Each test file
 # stays on one worker so its module fixtures run once. Tests marked `serial` (wall-clock
 # assertions, a Slurm cluster, network namespaces) then run alone. The slowest tests are listed at
-# the end of each part, so a suite creeping towards the 20-minute budget shows where.
+# the end of each part, so a suite creeping towards its 15-minute budget shows where.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 3 --dist loadfile -m "not serial" --durations=15
+	$(PY) -m pytest -q -n 4 --dist loadfile -m "not serial" --durations=15
 	$(PY) -m pytest -q -m serial --durations=5
 
 # The fast tier, for the edit-test loop: every package is exercised, but not by the tests marked

@@ -25,6 +25,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "normuon_paper": ("normuon", ["optim.matrix.nesterov=false"]),
 }
 MATRIX_ARMS = ("muon", "normuon", "normuon_paper")
+TARGET_ARMS = ("muon", "normuon")  # the arms whose speed-ups the plot draws and the targets name
 
 # Starting points: AdamW's and the matrix lrs where the earlier 3-lr sweeps of `bench muon` found
 # them on the quickstart GPT (adamw 3e-3, muon 0.025, normuon 1e-2), the AdamW groups of the matrix

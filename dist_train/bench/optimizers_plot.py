@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from dist_train.bench.optimizers import TARGET_ARMS
+from dist_train.bench.optimizer_space import TARGET_ARMS
 
 _STYLE = {"short": "-", "long": "--"}
 
