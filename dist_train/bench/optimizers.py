@@ -22,7 +22,8 @@ it by AdamW's step time over the optimizer's, measured in the same command on 2 
 owner-computes (`optimizer_timing.py`).
 
 Targets: NorMuon (with Nesterov, the arm `normuon`) ends at or below Muon at every (size, horizon)
-(`normuon_minus_muon_final_val_loss_*`, and the worst of them under the old name); its step speed-up
+(`normuon_minus_muon_final_val_loss_*`, and the worst of them under the old name; the name is kept
+from `bench muon`, the loss is the held-out test split's); its step speed-up
 over AdamW is at least 1.3 at the smaller size, both horizons (`speedup_steps_normuon_small_*`); and,
 kept from `bench muon`, it reaches AdamW's loss in at most 0.8x the steps at the smaller size's short
 horizon (`normuon_steps_to_adamw_loss_ratio`).
