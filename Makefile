@@ -27,8 +27,9 @@ demo: $(STAMP)
 	@echo "TensorBoard logs: runs/quickstart/tb  ->  $(VENV)/bin/tensorboard --logdir runs/"
 
 # Four pytest workers keep two cores busy: most tests wait on subprocesses, rendezvous or a
-# launcher part of the time (with three workers the cores still sat idle about a third of the suite;
-# on 2026-12-07 four finished its non-serial part in 13:51 where three took 14:25-15:20). Each test file
+# launcher part of the time (with three workers the cores still sat idle about a third of the suite).
+# Measured on fresh clones on 2026-12-07, a host whose speed varied by ~20% through the day: the
+# non-serial part took 13:51 and 15:09 with four workers, 15:20 with three: a small gain at most. Each test file
 # stays on one worker so its module fixtures run once. Tests marked `serial` (wall-clock
 # assertions, a Slurm cluster, network namespaces) then run alone. The slowest tests are listed at
 # the end of each part, so a suite creeping towards its 15-minute budget shows where.
