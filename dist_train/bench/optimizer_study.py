@@ -142,9 +142,6 @@ class Runner:
         print(f"  optimizers: {done}/{total} runs ({job['arm']} {job['model']} {job['steps']} steps seed "
               f"{job['seed']} {space.describe(job['setting'])}: {figure})", file=sys.stderr, flush=True)
 
-    def result(self, arm: str, model: str, steps: int, setting: Setting, seed: int) -> dict[str, Any]:
-        return self.submit(arm, model, steps, setting, seed).result()
-
     def val_losses(self, arm: str, model: str, steps: int):
         """The objective of a descent: seed-0 validation loss at `steps` steps, a batch of settings at once."""
         def evaluate_many(settings: list[Setting]) -> list[float]:

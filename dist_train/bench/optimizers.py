@@ -83,10 +83,12 @@ def non_embedding_params(size: dict[str, Any], model: str) -> int:
 def _final(runs: list[dict], arm: str, model: str, steps: int, setting: dict) -> dict[str, Any]:
     """Mean and sd over seeds of the final runs of (arm, model, steps) at `setting`."""
     mine = [r for r in runs if (r["arm"], r["model"], r["steps"]) == (arm, model, steps) and r["setting"] == setting]
-    ok = [r for r in mine if "error" not in r]
-    test, test_sd = mean_sd([r["test_loss"] for r in ok]) if len(ok) == len(mine) else (None, None)
-    val, _ = mean_sd([r["val_loss"] for r in ok]) if len(ok) == len(mine) else (None, None)
-    return {"test_loss": test, "test_sd": test_sd, "val_loss": val, "seeds": len(mine), "failed": len(mine) - len(ok)}
+    failed = sum("error" in r for r in mine)
+    if failed:  # a mean over fewer seeds would not compare with the others
+        return {"test_loss": None, "test_sd": None, "val_loss": None, "seeds": len(mine), "failed": failed}
+    test, test_sd = mean_sd([r["test_loss"] for r in mine])
+    return {"test_loss": test, "test_sd": test_sd, "val_loss": mean_sd([r["val_loss"] for r in mine])[0],
+            "seeds": len(mine), "failed": 0}
 
 
 def _ladder(size: dict, tuned: dict, runs: list[dict], arm: str, model: str) -> list[tuple[int, float]]:

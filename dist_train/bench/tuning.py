@@ -18,7 +18,6 @@ rule, which is what the paper prescribes and what its comparison's fairness rest
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Sequence
 
@@ -90,7 +89,6 @@ class CoordinateDescent:
         self.axes, self.start, self.evaluate_many, self.max_passes = list(axes), dict(start), evaluate_many, max_passes
         self._seen: dict[Hashable, float] = {}
         self._trials: list[Trial] = []
-        self._lock = threading.Lock()
         self._pass = 0
 
     def _values(self, settings: list[Setting]) -> list[float]:
@@ -100,9 +98,8 @@ class CoordinateDescent:
             results = self.evaluate_many(unique)
             for s, v in zip(unique, results):
                 v = float(v) if v is not None and math.isfinite(float(v)) else math.inf
-                with self._lock:
-                    self._seen[_key(s)] = v
-                    self._trials.append(Trial(dict(s), v, self._pass))
+                self._seen[_key(s)] = v
+                self._trials.append(Trial(dict(s), v, self._pass))
         return [self._seen[_key(s)] for s in settings]
 
     def _neighbour(self, setting: Setting, axis: Axis, step: int) -> Optional[Setting]:
